@@ -1,0 +1,158 @@
+"""Run configuration: frozen dataclasses, config files, and type-checked `--set` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import typing
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config file or override the user must fix; the message says how."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50257  # real tokens; the embedding is padded (see padded_vocab_size)
+    make_vocab_size_divisible_by: int = 128  # times the model degree, as Megatron-LM pads
+    seq_len: int = 1024  # context length; also the number of learned positions
+    num_layers: int = 12
+    hidden: int = 768
+    num_heads: int = 12
+    mlp_ratio: int = 4  # fc1 width = mlp_ratio * hidden
+    dropout: float = 0.1  # on embeddings, attention probabilities and residual branches
+    init_std: float = 0.02  # N(0, init_std); residual output projections / sqrt(2 * layers)
+    layernorm_eps: float = 1e-5
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    compute_dtype: str = "float32"  # "bfloat16": bf16 matmuls over fp32 master weights
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_ratio * self.hidden
+
+    def padded_vocab_size(self, model_degree: int) -> int:
+        """Vocabulary rounded up to a multiple of make_vocab_size_divisible_by * model_degree."""
+        multiple = self.make_vocab_size_divisible_by * model_degree
+        return math.ceil(self.vocab_size / multiple) * multiple
+
+    def num_params(self, model_degree: int = 1) -> int:
+        """Parameters of the GPT model (tied LM head), counting the padded vocabulary."""
+        h, f, n = self.hidden, self.mlp_hidden, self.num_layers
+        per_layer = 2 * 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+        embed = self.padded_vocab_size(model_degree) * h + self.seq_len * h
+        return embed + n * per_layer + 2 * h
+
+    def flops_per_token(self) -> float:
+        """Model FLOPs of one token's forward and backward pass, counted as Megatron-LM does."""
+        h, n, s = self.hidden, self.num_layers, self.seq_len
+        # 24 h^2 (dense) + 4 s h (attention scores and values) per layer, 2 V h for the LM head;
+        # times 3 for forward + backward.
+        return 3 * (n * (24 * h * h + 4 * s * h) + 2 * self.vocab_size * h)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 6e-4  # peak learning rate
+    min_lr: float = 6e-5  # reached at decay_steps and kept after
+    warmup_steps: int = 100  # linear warmup from 0
+    decay_steps: int = 10000  # end of the cosine decay (Megatron-LM's --lr-decay-iters)
+    schedule: str = "cosine"  # "cosine", "linear" or "constant" after warmup
+    beta1: float = 0.9
+    beta2: float = 0.999  # Megatron-LM's default
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # not applied to biases, layer norms
+    clip_norm: float = 1.0  # global gradient norm; 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "data/shakespeare/input.txt"  # a UTF-8 text file
+    tokenizer: str = "gpt2"  # "gpt2" (byte-level BPE) or "char"
+    vocab_dir: str = "data/gpt2"  # vocab.json and merges.txt for "gpt2"
+    val_fraction: float = 0.1  # the tail of the text held out for val_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # where this invocation stops (the LR schedule has its own length)
+    batch_size: int = 8  # global sequences per optimizer step
+    micro_batches: int = 1  # gradient accumulation: batch_size is split into this many
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # steps between val_loss measurements; 0 disables
+    eval_batches: int = 4  # batches of batch_size averaged for one val_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def load(path: str | Path) -> Config:
+    """Load `get_config()` from a Python config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (see configs/ for the shipped ones)")
+    spec = importlib.util.spec_from_file_location(f"megajax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config() returning a megajax Config")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not Config")
+    return cfg
+
+
+def _parse(text: str, typ, key: str):
+    if typ is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--set {key}={text}: expected true or false")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ConfigError(f"--set {key}={text}: expected a value of type {typ.__name__}") from None
+
+
+def override(cfg: Config, assignments: typing.Iterable[str]) -> Config:
+    """Apply `section.field=value` strings, checking each key and value type."""
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        section_name, _, field_name = key.partition(".")
+        if not sep or not field_name:
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. train.steps=50")
+        sections = {f.name for f in dataclasses.fields(cfg)}
+        if section_name not in sections:
+            raise ConfigError(f"unknown config key {key!r}: sections are {sorted(sections)}")
+        section = getattr(cfg, section_name)
+        hints = typing.get_type_hints(type(section))
+        if field_name not in hints:
+            raise ConfigError(f"unknown config key {key!r}: {section_name} has {sorted(hints)}")
+        value = _parse(text, hints[field_name], key)
+        section = dataclasses.replace(section, **{field_name: value})
+        cfg = dataclasses.replace(cfg, **{section_name: section})
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg, **sections) -> Config:
+    """A copy with some fields changed: `replace(cfg, model=dict(num_layers=2))`."""
+    changed = {
+        name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()
+    }
+    return dataclasses.replace(cfg, **changed)

@@ -1,0 +1,175 @@
+"""Read the collectives of a compiled program from its optimized HLO text.
+
+Each collective is attributed to the mesh axes its replica groups span and counted as many
+times as it runs: a collective inside a `while` body runs once per trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+}
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_SHAPE = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")
+_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str  # "all-reduce", "all-gather", ...
+    axes: tuple[str, ...]  # mesh axes the replica groups span, e.g. ("model",)
+    shapes: tuple[tuple[int, ...], ...]  # result shapes (a tuple all-reduce has several)
+    bytes: int  # bytes of the result
+    computation: str  # the HLO computation holding it
+    runs: int  # executions per step (product of the trip counts of enclosing loops)
+
+    @property
+    def elements(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+    ids = np.arange(math.prod(int(x) for x in dims.split(","))).reshape(
+        [int(x) for x in dims.split(",")]
+    )
+    return ids.transpose([int(x) for x in perm.split(",")]) if perm else ids
+
+
+def _groups(text: str) -> list[list[int]]:
+    """Replica groups in any of XLA's printed forms: explicit {{0,1},{2,3}}, iota
+    [G,S]<=[dims]T(p), or mesh['a'=2,'b'=4] {'a'} (with optional device_ids=(...))."""
+    named = re.search(
+        r"replica_groups=mesh\[([^\]]*)\]"
+        r"(?:, device_ids=\((\[[\d,]+\](?:T\([\d,]+\))?|[\d,\s]+)\))? \{([^}]*)\}",
+        text,
+    )
+    if named:
+        axes = re.findall(r"'([^']+)'=(\d+)", named.group(1))
+        sizes = [int(n) for _, n in axes]
+        if named.group(2):
+            iota = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", named.group(2).strip())
+            ids = (
+                _iota(iota.group(1), iota.group(2))
+                if iota
+                else np.array([int(x) for x in re.findall(r"\d+", named.group(2))])
+            )
+        else:
+            ids = np.arange(math.prod(sizes))
+        ids = ids.reshape(sizes)
+        reduced = [i for i, (name, _) in enumerate(axes) if f"'{name}'" in named.group(3)]
+        kept = [i for i in range(len(axes)) if i not in reduced]
+        ids = ids.transpose(kept + reduced).reshape(-1, math.prod(sizes[i] for i in reduced))
+        return ids.tolist()
+    iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+    if iota:
+        shape = [int(x) for x in iota.group(1).split(",")]
+        return _iota(iota.group(2), iota.group(3)).reshape(shape).tolist()
+    explicit = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", text)
+    if explicit:
+        return [
+            [int(x) for x in g.split(",") if x]
+            for g in re.findall(r"\{([\d,]*)\}", explicit.group(1))
+        ]
+    pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", text)
+    if pairs:
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", pairs.group(1))]
+    return []
+
+
+def _axes(groups: list[list[int]], mesh_shape: dict[str, int]) -> tuple[str, ...]:
+    """Mesh axes along which the members of the first replica group differ."""
+    names = list(mesh_shape)
+    if not groups or len(groups[0]) <= 1:
+        return ()
+    coords = np.array(np.unravel_index(groups[0], [mesh_shape[n] for n in names])).T
+    return tuple(n for i, n in enumerate(names) if len(set(coords[:, i])) > 1)
+
+
+def _split_computations(hlo: str) -> dict[str, list[str]]:
+    comps, current = {}, None
+    for line in hlo.splitlines():
+        match = _COMPUTATION.match(line) if not line[:1].isspace() else None
+        if match:
+            current = match.group(1)
+            comps[current] = []
+        elif current is not None:
+            comps[current].append(line)
+    return comps
+
+
+def _runs_per_computation(comps: dict[str, list[str]]) -> dict[str, int]:
+    """How often each computation runs per program execution, from while trip counts."""
+    entry = next((n for n in comps if n.startswith("main")), next(iter(comps)))
+    calls: dict[str, list[tuple[str, int]]] = {n: [] for n in comps}
+    for name, lines in comps.items():
+        for line in lines:
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            for key in ("body", "condition", "to_apply", "calls"):
+                for callee in re.findall(key + r"=%?([\w.\-]+)", line):
+                    n = int(trips.group(1)) if trips and key in ("body", "condition") else 1
+                    calls[name].append((callee, n))
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                calls[name] += [(c.strip().lstrip("%"), 1) for c in group.split(",")]
+    runs = {n: 0 for n in comps}
+
+    def visit(name, times):
+        if name not in runs:
+            return
+        runs[name] += times
+        for callee, n in calls[name]:
+            visit(callee, times * n)
+
+    visit(entry, 1)
+    return runs
+
+
+def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[Collective]:
+    """Every collective in optimized HLO text, with its mesh axes and executions per step."""
+    comps = _split_computations(hlo)
+    runs = _runs_per_computation(comps)
+    found = []
+    for name, lines in comps.items():
+        for line in lines:
+            op = _OP.search(line)
+            if not op or "-done(" in line:
+                continue
+            result = op.group(1)
+            shapes = tuple(
+                tuple(int(d) for d in dims.split(",") if d) for _, dims in _SHAPE.findall(result)
+            )
+            nbytes = sum(
+                _DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                for dt, dims in _SHAPE.findall(result)
+            )
+            if op.group(2) in ("all-gather", "reduce-scatter") and "-start(" in line:
+                shapes, nbytes = shapes[-1:], nbytes  # async start: (operand, result) pair
+            found.append(
+                Collective(
+                    kind=op.group(2),
+                    axes=_axes(_groups(line), mesh_shape),
+                    shapes=shapes,
+                    bytes=nbytes,
+                    computation=name,
+                    runs=runs.get(name, 0),
+                )
+            )
+    return found

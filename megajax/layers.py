@@ -1,0 +1,170 @@
+"""Transformer layers whose parameters carry logical axis names (mapped to the mesh in parallel.py).
+
+The math is written for one device; `parallel.constrain` pins activation layouts so that
+`jax.jit` compiles Megatron's column/row splits: QKV and fc1 are column-parallel (no
+communication), the attention output and fc2 are row-parallel (one all-reduce each).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from megajax import parallel
+from megajax.parallel import constrain
+
+
+def _normal(std: float, *axes: str | None):
+    return nnx.with_partitioning(nnx.initializers.normal(std), axes)
+
+
+def _zeros(*axes: str | None):
+    return nnx.with_partitioning(nnx.initializers.zeros_init(), axes)
+
+
+def _ones(*axes: str | None):
+    return nnx.with_partitioning(nnx.initializers.ones_init(), axes)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; `key=None` (evaluation) or rate 0 leaves x unchanged."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Layer norm computed in float32 whatever the compute dtype; replicated on model shards."""
+
+    def __init__(self, dim: int, *, eps: float):
+        self.scale = nnx.Param(_ones("embed")(None, (dim,)))
+        self.bias = nnx.Param(_zeros("embed")(None, (dim,)))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, with logical axes (in_axis, out_axis) on the kernel."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, std: float, rngs):
+        key = rngs.params()
+        self.kernel = nnx.Param(_normal(std, *axes)(key, (d_in, d_out)))
+        self.bias = nnx.Param(_zeros(axes[1])(None, (d_out,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(x.dtype)
+        return jnp.einsum("...i,io->...o", x, kernel) + self.bias[...].astype(x.dtype)
+
+
+def padded_normal(std: float, real_rows: int):
+    """N(0, std) rows for the real vocabulary, zeros for the padding rows after them.
+
+    The real rows do not depend on how far the table is padded, so the same seed gives the same
+    model on every model degree; padded rows get no gradient (their logits are masked) and stay 0.
+    """
+    normal = nnx.initializers.normal(std)
+
+    def init(key, shape, dtype=jnp.float32):
+        real = normal(key, (real_rows, *shape[1:]), dtype)
+        return jnp.pad(real, ((0, shape[0] - real_rows), (0, 0)))
+
+    return init
+
+
+class VocabEmbedding(nnx.Module):
+    """Word embedding split by vocabulary rows over `model` (Megatron's VocabParallelEmbedding).
+
+    Each model shard looks up the ids in its own row range, writes zeros for the others, and
+    one all-reduce over `model` sums the pieces: the table is never gathered.
+    """
+
+    def __init__(self, vocab: int, padded_vocab: int, dim: int, *, std: float, rngs):
+        init = nnx.with_partitioning(padded_normal(std, vocab), ("vocab", "embed"))
+        self.embedding = nnx.Param(init(rngs.params(), (padded_vocab, dim)))
+
+    def __call__(self, ids: jax.Array, dtype) -> jax.Array:
+        table = self.embedding[...].astype(dtype)
+
+        def lookup(table, ids):  # table: (vocab / T, embed); ids: (batch / D, length)
+            start = jax.lax.axis_index(parallel.MODEL) * table.shape[0]
+            local = ids - start
+            inside = (local >= 0) & (local < table.shape[0])
+            rows = jnp.take(table, jnp.where(inside, local, 0), axis=0)
+            return jax.lax.psum(jnp.where(inside[..., None], rows, 0), parallel.MODEL)
+
+        return jax.shard_map(
+            lookup,
+            in_specs=(parallel.spec("vocab", "embed"), parallel.spec("batch", "length")),
+            out_specs=parallel.spec("batch", "length", "embed"),
+        )(table, ids)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused, head-interleaved QKV projection.
+
+    QKV columns are laid out (head, {q, k, v}, head_dim), so splitting them over `model` gives
+    each shard whole heads and their q, k and v: the heads run locally and the only
+    communication is the all-reduce after the row-parallel output projection.
+    """
+
+    def __init__(self, cfg, *, out_std: float, rngs):
+        h = cfg.hidden
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.dropout_rate = cfg.dropout
+        self.qkv = Dense(h, 3 * h, ("embed", "heads"), std=cfg.init_std, rngs=rngs)
+        self.proj = Dense(h, h, ("heads", "embed"), std=out_std, rngs=rngs)
+
+    def __call__(self, x, *, mask, key) -> jax.Array:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).reshape(b, s, self.num_heads, 3, self.head_dim)
+        qkv = constrain(qkv, "batch", "length", "heads", None, None)
+        q, k, v = (
+            qkv[:, :, :, 0],
+            qkv[:, :, :, 1],
+            qkv[:, :, :, 2],
+        )  # (batch, length, heads, head_dim)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores / jnp.sqrt(self.head_dim).astype(jnp.float32)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = dropout(probs, self.dropout_rate, key).astype(x.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
+        out = constrain(out, "batch", "length", "heads")
+        return constrain(self.proj(out), "batch", "length", "embed")
+
+
+class MLP(nnx.Module):
+    """fc1 split by columns (GeLU stays local), fc2 split by rows (one all-reduce)."""
+
+    def __init__(self, cfg, *, out_std: float, rngs):
+        self.fc1 = Dense(cfg.hidden, cfg.mlp_hidden, ("embed", "mlp"), std=cfg.init_std, rngs=rngs)
+        self.fc2 = Dense(cfg.mlp_hidden, cfg.hidden, ("mlp", "embed"), std=out_std, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = constrain(jax.nn.gelu(self.fc1(x), approximate=True), "batch", "length", "mlp")
+        return constrain(self.fc2(y), "batch", "length", "embed")
+
+
+class Block(nnx.Module):
+    """A pre-LN transformer layer: x + attn(ln1(x)), then + mlp(ln2(x))."""
+
+    def __init__(self, cfg, *, rngs):
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5  # GPT-2's residual-branch scaling
+        self.ln_1 = LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.attn = Attention(cfg, out_std=out_std, rngs=rngs)
+        self.ln_2 = LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.mlp = MLP(cfg, out_std=out_std, rngs=rngs)
+        self.dropout_rate = cfg.dropout
+
+    def __call__(self, x, *, mask, key) -> jax.Array:
+        keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+        x = x + dropout(self.attn(self.ln_1(x), mask=mask, key=keys[0]), self.dropout_rate, keys[1])
+        return x + dropout(self.mlp(self.ln_2(x)), self.dropout_rate, keys[2])

@@ -1,0 +1,99 @@
+"""The one place that builds the (data, model) device mesh and checks it against the model."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from megajax import parallel
+from megajax.config import ConfigError, ModelConfig
+
+AXES = (parallel.DATA, parallel.MODEL)
+
+
+def fake_cpu_devices(count: int) -> None:
+    """Run on `count` faked CPU devices. Must run before JAX initialises its backend; adds to,
+    rather than replaces, any XLA_FLAGS already set."""
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    flags.append(f"--xla_force_host_platform_device_count={count}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def parse(text: str) -> dict[str, int]:
+    """'data=2,model=4' -> {'data': 2, 'model': 4}; a missing axis is 1, -1 means 'the rest'."""
+    degrees = {axis: 1 for axis in AXES}
+    for part in filter(None, text.replace(" ", "").split(",")):
+        name, sep, value = part.partition("=")
+        if not sep or name not in AXES:
+            raise ConfigError(f"--mesh {text!r}: expected data=D,model=M (got {part!r})")
+        try:
+            degrees[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"--mesh {text!r}: {name} must be an integer or -1") from None
+        if degrees[name] == 0 or degrees[name] < -1:
+            raise ConfigError(f"--mesh {text!r}: {name} must be positive or -1")
+    return degrees
+
+
+def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int]:
+    """Fill in a -1 degree and check that data * model equals the device count."""
+    free = [axis for axis, d in degrees.items() if d == -1]
+    if len(free) > 1:
+        raise ConfigError("--mesh: at most one axis may be -1")
+    fixed = math.prod(d for d in degrees.values() if d != -1)
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"--mesh: {num_devices} devices do not divide by the fixed degrees ({fixed})"
+            )
+        degrees = {**degrees, free[0]: num_devices // fixed}
+    data, model = degrees[parallel.DATA], degrees[parallel.MODEL]
+    if data * model != num_devices:
+        raise ConfigError(
+            f"--mesh data={data},model={model} needs {data * model} devices but "
+            f"{num_devices} are present: change the degrees (or use -1 for one of them), "
+            f"or pass --cpu_devices {data * model} to fake them"
+        )
+    return data, model
+
+
+def check_model(cfg: ModelConfig, model_degree: int) -> None:
+    """Refuse a model that the `model` degree cannot split the way the plan says."""
+    for what, size in (("num_heads", cfg.num_heads), ("mlp_hidden", cfg.mlp_hidden)):
+        if size % model_degree:
+            raise ConfigError(
+                f"model.{what}={size} is not divisible by the model degree {model_degree}: "
+                f"choose a model degree that divides it"
+            )
+    if cfg.hidden % cfg.num_heads:
+        raise ConfigError(
+            f"model.hidden={cfg.hidden} is not divisible by num_heads={cfg.num_heads}"
+        )
+
+
+def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
+    if batch_size % micro_batches:
+        raise ConfigError(
+            f"train.batch_size={batch_size} does not divide into {micro_batches} micro-batches"
+        )
+    if (batch_size // micro_batches) % data_degree:
+        raise ConfigError(
+            f"micro-batch size {batch_size // micro_batches} is not divisible by the data degree "
+            f"{data_degree}: make train.batch_size / train.micro_batches a multiple of it"
+        )
+
+
+def make(text: str, devices=None):
+    """Build the (data, model) mesh from a --mesh string over all (or the given) devices."""
+    import jax
+
+    devices = jax.devices() if devices is None else devices
+    data, model = resolve(parse(text), len(devices))
+    return jax.make_mesh(
+        (data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices
+    )

@@ -1,0 +1,56 @@
+"""AdamW with Megatron-LM's schedule, global-norm clipping and a weight-decay mask."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from megajax.config import OptimConfig
+
+# Parameters with these names are decayed; biases and layer-norm scales are not.
+DECAYED = ("kernel", "embedding", "wpe")
+
+
+def schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warmup from 0 to lr, then decay to min_lr at decay_steps, then min_lr."""
+
+    def lr(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = cfg.lr * step / max(cfg.warmup_steps, 1)
+        frac = jnp.clip(
+            (step - cfg.warmup_steps) / max(cfg.decay_steps - cfg.warmup_steps, 1), 0, 1
+        )
+        if cfg.schedule == "cosine":
+            decayed = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + jnp.cos(jnp.pi * frac))
+        elif cfg.schedule == "linear":
+            decayed = cfg.lr + (cfg.min_lr - cfg.lr) * frac
+        elif cfg.schedule == "constant":
+            decayed = jnp.asarray(cfg.lr, jnp.float32)
+        else:
+            raise ValueError(f"optim.schedule={cfg.schedule!r}: use cosine, linear or constant")
+        return jnp.where(step < cfg.warmup_steps, warm, decayed)
+
+    return lr
+
+
+def decay_mask(params):
+    """True for the parameters weight decay applies to (matrices and embeddings)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in DECAYED, params
+    )
+
+
+def make(cfg: OptimConfig) -> optax.GradientTransformation:
+    if cfg.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"optim.schedule={cfg.schedule!r}: use cosine, linear or constant")
+    clip = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    adamw = optax.adamw(
+        schedule(cfg),
+        b1=cfg.beta1,
+        b2=cfg.beta2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
+    return optax.chain(*clip, adamw)

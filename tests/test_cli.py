@@ -1,0 +1,83 @@
+"""train.py end to end, and bad input ending in one clear line and a non-zero exit."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(*args, cwd=ROOT, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_trains_on_real_text_and_logs_every_metric(tmp_path):
+    run = _train(
+        "--config",
+        "configs/gpt2_tiny.py",
+        "--mesh",
+        "data=2,model=4",
+        "--cpu_devices",
+        "8",
+        "--workdir",
+        str(tmp_path),
+        "--set",
+        "train.steps=30",
+        "--set",
+        "model.seq_len=64",
+        "--set",
+        "train.eval_every=15",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    for row in rows:
+        assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"} <= set(row)
+        assert row["tokens_per_sec"] > 0 and 0 < row["mfu"] < 1
+    assert "val_loss" in rows[2] and "val_loss" in rows[5]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.5  # real text: the loss falls clearly
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert "step 30/30" in run.stdout and "tok/s" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config", "configs/nope.py"], "config file not found: configs/nope.py"),
+        (
+            ["--config", "configs/gpt2_tiny.py", "--set", "train.stepz=3"],
+            "unknown config key 'train.stepz'",
+        ),
+        (
+            ["--config", "configs/gpt2_tiny.py", "--set", "train.steps=many"],
+            "expected a value of type int",
+        ),
+        (
+            ["--config", "configs/gpt2_tiny.py", "--cpu_devices", "4", "--mesh", "data=2,model=4"],
+            "needs 8 devices but 4 are present",
+        ),
+        (
+            ["--config", "configs/gpt2_tiny.py", "--cpu_devices", "3", "--mesh", "model=3"],
+            "num_heads=8 is not divisible by the model degree 3",
+        ),
+        (["--config", "configs/gpt2_tiny.py", "--mesh", "pipeline=2"], "expected data=D,model=M"),
+    ],
+    ids=["missing-config", "unknown-key", "bad-value", "mesh-mismatch", "heads", "bad-axis"],
+)
+def test_bad_input_ends_in_one_clear_line(tmp_path, args, message):
+    run = _train(*args, "--workdir", str(tmp_path), timeout=120)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], run.stderr

@@ -1,0 +1,92 @@
+"""The compiled train step communicates exactly as the paper's section 3 says, and no more.
+
+Read from the optimized HLO of a 2 x 4 (data x model) mesh: per transformer layer, two
+all-reduces over `model` forward (after the attention output and fc2) and two backward (before
+QKV and fc1), each of (batch / data) x length x hidden elements.
+"""
+
+import math
+
+import jax
+import pytest
+from conftest import device_mesh, tiny_config
+
+from megajax import hlo
+from megajax.trainer import Trainer
+
+DATA, MODEL = 2, 4
+
+
+def _collectives(cfg):
+    trainer = Trainer(cfg, device_mesh(DATA, MODEL))
+    compiled, _ = trainer.compile_train_step()
+    return trainer, hlo.collectives(compiled.as_text(), {"data": DATA, "model": MODEL})
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-layers", "3-layers"])
+def audit(request):
+    cfg = tiny_config(num_layers=request.param, dropout=0.1)
+    return cfg, *_collectives(cfg)
+
+
+def _activation_allreduces(cfg, found):
+    b, s, h = cfg.train.batch_size // DATA, cfg.model.seq_len, cfg.model.hidden
+    return [
+        c
+        for c in found
+        if c.kind == "all-reduce" and c.axes == ("model",) and c.shapes == ((b, s, h),)
+    ]
+
+
+def test_two_allreduces_per_layer_forward_and_two_backward(audit):
+    cfg, _, found = audit
+    layers = cfg.model.num_layers
+    acts = _activation_allreduces(cfg, found)
+    in_layer_loops = [c for c in acts if c.runs == layers]
+    by_loop = {}
+    for c in in_layer_loops:
+        by_loop.setdefault(c.computation, []).append(c)
+    # One loop is the forward scan, the other the backward scan: two each, once per layer.
+    assert sorted(len(v) for v in by_loop.values()) == [2, 2], by_loop
+    # Outside the layers: the vocabulary-parallel embedding (forward) and the tied head (backward).
+    outside = [c for c in acts if c.runs == 1]
+    assert len(outside) == 2
+    assert sum(c.runs for c in acts) == 4 * layers + 2
+
+
+def test_cross_entropy_reduces_only_token_sized_tensors(audit):
+    cfg, _, found = audit
+    b, s = cfg.train.batch_size // DATA, cfg.model.seq_len
+    token_sized = [c for c in found if c.axes == ("model",) and c.shapes == ((b, s),)]
+    assert len(token_sized) == 3  # max, sum of exponentials, target logit
+    b_s_h = b * s * cfg.model.hidden
+    for c in found:
+        if c.axes == ("model",):
+            assert c.shapes in (((b, s),), ((b, s, cfg.model.hidden),)) or all(
+                math.prod(x) == 1 for x in c.shapes
+            ), c  # else only the scalar pieces of the global gradient norm
+            assert c.elements <= b_s_h
+
+
+def test_no_gather_and_no_logits_sized_collective(audit):
+    cfg, trainer, found = audit
+    assert {c.kind for c in found} == {"all-reduce"}, {c.kind for c in found}
+    logits_local = (
+        (cfg.train.batch_size // DATA) * cfg.model.seq_len * trainer.padded_vocab // MODEL
+    )
+    largest = max(math.prod(shape) for c in found for shape in c.shapes)
+    assert largest < logits_local, largest
+
+
+def test_gradient_allreduce_only_over_data_with_parameter_shapes(audit):
+    _, trainer, found = audit
+    shard_shapes = set()
+    for arr in jax.tree.leaves(trainer.abstract_state()["params"]):
+        local = arr.sharding.shard_shape(arr.shape)
+        shard_shapes |= {tuple(local), tuple(local[1:])}  # stacked layers: per-layer slices too
+    data_reduces = [c for c in found if "data" in c.axes]
+    assert data_reduces
+    for c in data_reduces:
+        assert c.axes == ("data",), c
+        for shape in c.shapes:
+            assert shape == () or shape in shard_shapes or shape[::-1] in shard_shapes, shape

@@ -1,0 +1,40 @@
+"""Mesh flags: degrees, -1, device checks, and XLA_FLAGS kept."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megajax import mesh
+from megajax.config import ConfigError
+
+
+def test_minus_one_takes_the_remaining_devices():
+    assert mesh.resolve(mesh.parse("data=-1,model=4"), 8) == (2, 4)
+    assert mesh.resolve(mesh.parse("model=-1"), 8) == (1, 8)
+    assert mesh.resolve(mesh.parse(""), 1) == (1, 1)
+
+
+def test_mesh_that_does_not_match_the_devices_is_refused():
+    with pytest.raises(ConfigError, match="needs 8 devices but 6"):
+        mesh.resolve(mesh.parse("data=2,model=4"), 6)
+    with pytest.raises(ConfigError, match="do not divide"):
+        mesh.resolve(mesh.parse("data=-1,model=3"), 8)
+    with pytest.raises(ConfigError, match="at most one axis"):
+        mesh.resolve(mesh.parse("data=-1,model=-1"), 8)
+
+
+def test_cpu_devices_adds_to_existing_xla_flags():
+    code = (
+        "import os; os.environ['XLA_FLAGS'] = '--xla_dump_to=/tmp/x "
+        "--xla_force_host_platform_device_count=2'\n"
+        "from megajax import mesh; mesh.fake_cpu_devices(4)\n"
+        "import jax; print(jax.device_count(), os.environ['XLA_FLAGS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
+    assert out[0] == "4"
+    assert "--xla_dump_to=/tmp/x" in out and "--xla_force_host_platform_device_count=4" in out

@@ -1,0 +1,86 @@
+"""GPT-2 computes what it claims: causal, Megatron's init, remat and bf16 as pure options."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import device_mesh, tiny_config
+
+from megajax import config
+from megajax.trainer import Trainer
+
+
+def _trainer(cfg, data=1, model=1):
+    return Trainer(cfg, device_mesh(data, model))
+
+
+def test_future_tokens_never_change_earlier_positions():
+    trainer = _trainer(tiny_config(), 2, 4)
+    state = trainer.init_state()
+    ids = np.arange(8 * 32).reshape(8, 32) % 1100
+    changed = ids.copy()
+    changed[:, 20:] = (changed[:, 20:] + 7) % 1100
+    with trainer.context():
+        hidden = jax.jit(lambda p, x: trainer.model(p)(x))
+        a, b = (
+            np.asarray(hidden(state["params"], trainer.put_eval_batch(x, x)[0]))
+            for x in (ids, changed)
+        )
+    np.testing.assert_allclose(a[:, :20], b[:, :20], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_init_scales_residual_outputs_and_zeroes_padding():
+    cfg = tiny_config(num_layers=8, hidden=128, seq_len=64)
+    params = jax.device_get(_trainer(cfg).init_state()["params"])
+    std = cfg.model.init_std
+    out_std = std / np.sqrt(2 * cfg.model.num_layers)
+    np.testing.assert_allclose(params["h"]["attn"]["qkv"]["kernel"].std(), std, rtol=0.05)
+    np.testing.assert_allclose(params["h"]["mlp"]["fc1"]["kernel"].std(), std, rtol=0.05)
+    np.testing.assert_allclose(params["h"]["attn"]["proj"]["kernel"].std(), out_std, rtol=0.05)
+    np.testing.assert_allclose(params["h"]["mlp"]["fc2"]["kernel"].std(), out_std, rtol=0.05)
+    wte = params["wte"]["embedding"]
+    assert wte.shape[0] % 128 == 0 and wte.shape[0] >= cfg.model.vocab_size
+    assert np.all(wte[cfg.model.vocab_size :] == 0)
+    np.testing.assert_allclose(wte[: cfg.model.vocab_size].std(), std, rtol=0.05)
+    assert np.all(params["h"]["attn"]["qkv"]["bias"] == 0)
+
+
+def _grads(cfg, data=2, model=4):
+    trainer = _trainer(cfg, data, model)
+    state = trainer.init_state()
+    ids = np.arange(8 * 32).reshape(8, 32) * 37 % 1100
+    with trainer.context():
+        x, y = trainer.put_eval_batch(ids, np.roll(ids, -1, axis=1))
+        return jax.device_get(
+            jax.jit(jax.value_and_grad(trainer.loss))(state["params"], x, y, jax.random.key(3))
+        )
+
+
+def test_remat_changes_memory_not_results():
+    cfg = tiny_config()
+    loss, grads = _grads(cfg)
+    loss_r, grads_r = _grads(config.replace(cfg, model=dict(remat=True)))
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_r, grads
+    )
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_close_loss():
+    cfg = tiny_config()
+    loss, _ = _grads(cfg)
+    loss_bf16, grads_bf16 = _grads(config.replace(cfg, model=dict(compute_dtype="bfloat16")))
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads_bf16))
+    np.testing.assert_allclose(loss_bf16, loss, rtol=2e-2)
+    assert loss_bf16 != loss  # the matmuls really ran in bf16
+
+
+def test_config_is_frozen():
+    cfg = tiny_config()
+    try:
+        cfg.model.hidden = 3
+    except dataclasses.FrozenInstanceError:
+        return
+    raise AssertionError("configs must be immutable")
