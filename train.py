@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except run.Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

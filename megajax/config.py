@@ -87,6 +87,14 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200  # steps between val_loss measurements; 0 disables
     eval_batches: int = 4  # batches of batch_size averaged for one val_loss
+    on_nonfinite: str = "skip"  # a non-finite loss or gradient: "skip" the update, or "stop"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints; 0 saves only when the run ends or is signalled
+    keep: int = 3  # newest checkpoints kept
+    async_save: bool = True  # write in the background while training goes on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +103,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
 
 def load(path: str | Path) -> Config:
@@ -148,6 +157,19 @@ def override(cfg: Config, assignments: typing.Iterable[str]) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """The inverse of to_dict; unknown keys are an error, missing ones take their defaults."""
+    sections = {}
+    for field in dataclasses.fields(Config):
+        cls = field.default_factory if field.default is dataclasses.MISSING else type(field.default)
+        values = data.get(field.name, {})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config keys in {field.name}: {sorted(unknown)}")
+        sections[field.name] = cls(**values)
+    return Config(**sections)
 
 
 def replace(cfg, **sections) -> Config:

@@ -1,8 +1,10 @@
-"""The training loop: data, steps, periodic validation, metrics and progress."""
+"""The training loop: resume, steps, validation, metrics, checkpoints and signals."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -11,9 +13,18 @@ import numpy as np
 
 from megajax import config as config_lib
 from megajax import metrics, parallel
+from megajax.checkpoint import Checkpointer
 from megajax.config import Config, ConfigError
 from megajax.data import text
 from megajax.trainer import Trainer
+
+
+class Stopped(Exception):
+    """The run stopped early and saved what it could; the message says why and what to do."""
+
+    def __init__(self, message: str, *, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def evaluate(trainer: Trainer, eval_fn, params, tokens: np.ndarray) -> float:
@@ -33,10 +44,43 @@ def evaluate(trainer: Trainer, eval_fn, params, tokens: np.ndarray) -> float:
     return float(np.mean(jax.device_get(losses)))
 
 
+@contextlib.contextmanager
+def _signals_caught():
+    """Record SIGTERM/SIGINT instead of dying, so the loop can finish its step and save."""
+    caught: list[int] = []
+    handler = lambda signum, frame: caught.append(signum)  # noqa: E731
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _restore_or_init(trainer: Trainer, ckpt: Checkpointer, log):
+    latest = ckpt.latest_step()
+    if latest is None:
+        return trainer.init_state()
+    start = time.perf_counter()
+    state, meta = ckpt.restore(latest, trainer.abstract_state())
+    saved_mesh = meta.get("mesh", {})
+    log(
+        f"resumed from step {latest} in {ckpt.directory} ({time.perf_counter() - start:.1f}s; "
+        f"saved on mesh data={saved_mesh.get('data')} model={saved_mesh.get('model')})"
+    )
+    return state
+
+
 def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
-    """Train from step 0 to train.steps; returns the logged scalars, one dict per logged step."""
+    """Train from the newest checkpoint in workdir (or from scratch) up to train.steps.
+
+    Returns the logged scalars, one dict per logged step. Raises Stopped on a signal (after
+    saving) or on a non-finite step when train.on_nonfinite is "stop".
+    """
     workdir = Path(workdir)
     lead = jax.process_index() == 0
+    if cfg.train.on_nonfinite not in ("skip", "stop"):
+        raise ConfigError(f"train.on_nonfinite={cfg.train.on_nonfinite!r}: use skip or stop")
     tokenizer, train_ids, val_ids = text.load_tokens(cfg.data)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -48,53 +92,103 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
-    data_deg, model_deg = mesh.shape[parallel.DATA], mesh.shape[parallel.MODEL]
+    mesh_degrees = {axis: int(mesh.shape[axis]) for axis in (parallel.DATA, parallel.MODEL)}
     log(
         f"model {trainer.num_params:,} parameters (vocabulary {cfg.model.vocab_size} padded to "
-        f"{trainer.padded_vocab}) | mesh data={data_deg} model={model_deg} on "
-        f"{jax.device_count()} {jax.devices()[0].platform} devices | "
-        f"{len(train_ids):,} train / {len(val_ids):,} val tokens"
+        f"{trainer.padded_vocab}) | mesh data={mesh_degrees['data']} "
+        f"model={mesh_degrees['model']} on {jax.device_count()} {jax.devices()[0].platform} "
+        f"devices | {len(train_ids):,} train / {len(val_ids):,} val tokens"
     )
-    state = trainer.init_state()
+    ckpt = Checkpointer(
+        workdir / "checkpoints",
+        every=cfg.checkpoint.every,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
+    state = _restore_or_init(trainer, ckpt, log)
+    start = int(jax.device_get(state["step"]))
+    if start >= cfg.train.steps:
+        log(f"nothing to do: the checkpoint is at step {start} >= train.steps={cfg.train.steps}")
+        ckpt.close()
+        return []
     step_fn, compile_s = trainer.compile_train_step()
     eval_fn = trainer.compile_eval_step()
     log(f"compiled the train step in {compile_s:.1f}s")
+
+    def meta(step: int) -> dict:
+        """The checkpoint's JSON record; batches are a function of the step, so the data
+        position is the step."""
+        model = config_lib.to_dict(cfg)["model"]
+        return {"step": step, "data": {"step": step}, "mesh": mesh_degrees, "model": model}
 
     writer = metrics.Writer(workdir, enabled=lead)
     peak = metrics.peak_flops_per_device(jax.devices()[0]) * jax.device_count()
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
     flops_per_token = cfg.model.flops_per_token()
     history, began = [], time.perf_counter()
-    start = int(jax.device_get(state["step"]))
-    clock, steps_timed = time.perf_counter(), 0
-    try:
-        for step in range(start, cfg.train.steps):
-            x, y = text.batch(
-                train_ids,
-                seed=cfg.train.seed,
-                step=step,
-                rows=slice(None),
-                batch_size=cfg.train.batch_size,
-                seq_len=cfg.model.seq_len,
-            )
-            state, step_metrics = step_fn(state, *trainer.put_batch(x, y))
-            steps_timed += 1
-            done = step + 1
-            evaluate_now = cfg.train.eval_every and (
-                done % cfg.train.eval_every == 0 or done == cfg.train.steps
-            )
-            if not (done % cfg.train.log_every == 0 or done == cfg.train.steps or evaluate_now):
-                continue
-            scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            seconds = time.perf_counter() - clock
-            scalars["tokens_per_sec"] = steps_timed * tokens_per_step / seconds
-            scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / peak
-            if evaluate_now:
-                scalars["val_loss"] = evaluate(trainer, eval_fn, state["params"], val_ids)
-            writer.write(done, scalars)
-            history.append({"step": done, **scalars})
-            log(metrics.progress_line(done, cfg.train.steps, scalars, time.perf_counter() - began))
-            clock, steps_timed = time.perf_counter(), 0
-    finally:
-        writer.close()
+    clock, steps_timed, unchecked = time.perf_counter(), 0, []
+
+    def check_finite():
+        """Report steps whose update was skipped; stop the run if so configured."""
+        for step, finite in unchecked:
+            if not bool(finite):
+                why = f"step {step}: non-finite loss or gradient norm; the update was skipped"
+                if cfg.train.on_nonfinite == "stop":
+                    raise Stopped(
+                        f"{why} and the run stops (train.on_nonfinite=stop); the newest "
+                        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}",
+                        exit_code=3,
+                    )
+                log(why)
+        unchecked.clear()
+
+    with _signals_caught() as caught:
+        try:
+            for step in range(start, cfg.train.steps):
+                x, y = text.batch(
+                    train_ids,
+                    seed=cfg.train.seed,
+                    step=step,
+                    rows=slice(None),
+                    batch_size=cfg.train.batch_size,
+                    seq_len=cfg.model.seq_len,
+                )
+                state, step_metrics = step_fn(state, *trainer.put_batch(x, y))
+                done, steps_timed = step + 1, steps_timed + 1
+                unchecked.append((done, step_metrics["finite"]))
+                if cfg.train.on_nonfinite == "stop":
+                    check_finite()
+                evaluate_now = cfg.train.eval_every and (
+                    done % cfg.train.eval_every == 0 or done == cfg.train.steps
+                )
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps or evaluate_now:
+                    check_finite()
+                    scalars = jax.device_get(step_metrics)
+                    scalars = {k: float(v) for k, v in scalars.items() if k != "finite"}
+                    scalars["skipped_steps"] = int(jax.device_get(state["skipped"]))
+                    seconds = time.perf_counter() - clock
+                    scalars["tokens_per_sec"] = steps_timed * tokens_per_step / seconds
+                    scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / peak
+                    if evaluate_now:
+                        scalars["val_loss"] = evaluate(trainer, eval_fn, state["params"], val_ids)
+                    writer.write(done, scalars)
+                    history.append({"step": done, **scalars})
+                    elapsed = time.perf_counter() - began
+                    log(metrics.progress_line(done, cfg.train.steps, scalars, elapsed))
+                    clock, steps_timed = time.perf_counter(), 0
+                if caught:
+                    check_finite()
+                    ckpt.save(done, state, meta(done), force=True)
+                    name = signal.Signals(caught[0]).name
+                    raise Stopped(
+                        f"received {name}: saved a checkpoint at step {done} in "
+                        f"{ckpt.directory}; run the same command to resume",
+                        exit_code=128 + caught[0],
+                    )
+                ckpt.save(done, state, meta(done))
+            check_finite()
+            ckpt.save(cfg.train.steps, state, meta(cfg.train.steps), force=True)
+        finally:
+            writer.close()
+            ckpt.close()
     return history

@@ -47,7 +47,7 @@ class Trainer:
                 transform_non_params=lambda _: P(),
                 is_leaf=_is_spec,
             )
-        specs = {"params": param_specs, "opt_state": opt_specs, "step": P()}
+        specs = {"params": param_specs, "opt_state": opt_specs, "step": P(), "skipped": P()}
         self.state_sharding = jax.tree.map(self._named, specs, is_leaf=_is_spec)
         micro = (cfg.train.micro_batches, cfg.train.batch_size // cfg.train.micro_batches)
         self.micro_shape = micro
@@ -69,7 +69,12 @@ class Trainer:
 
     def _init(self):
         params = nnx.to_pure_dict(nnx.split(self._new_model(self.cfg.train.seed))[1])
-        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
+        return {
+            "params": params,
+            "opt_state": self.tx.init(params),
+            "step": jnp.int32(0),
+            "skipped": jnp.int32(0),  # updates skipped for a non-finite loss or gradient
+        }
 
     def init_state(self):
         """A fresh state, created shard by shard on the devices that own it."""
@@ -115,16 +120,22 @@ class Trainer:
             accumulate, (jnp.float32(0), zeros), (jnp.arange(micro), inputs, targets)
         )
         grads = jax.tree.map(lambda g: g / micro, grad_sum)
+        loss, grad_norm = loss_sum / micro, optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        # A non-finite loss or gradient leaves parameters and moments as they were.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         new_state = {
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
+            "params": jax.tree.map(keep_if_bad, optax.apply_updates(params, updates), params),
+            "opt_state": jax.tree.map(keep_if_bad, opt_state, state["opt_state"]),
             "step": state["step"] + 1,
+            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
         }
         metrics = {
-            "loss": loss_sum / micro,
-            "grad_norm": optax.tree.norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "learning_rate": self.lr(state["step"]),
+            "finite": finite,
         }
         return new_state, metrics
 
