@@ -165,13 +165,11 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_pat
         cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     checkpoints = workdir / "checkpoints"
-    in_save = lambda: (
-        checkpoints.exists()
-        and any(  # noqa: E731
-            "tmp" in p.name for p in checkpoints.iterdir()
-        )
-        and len(_metrics(workdir)) >= 3
-    )
+
+    def in_save():
+        saving = checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
+        return saving and len(_metrics(workdir)) >= 3
+
     assert _wait_for(in_save), "no save was seen in progress"
     proc.kill()
     proc.wait()
