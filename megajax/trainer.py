@@ -94,13 +94,17 @@ class Trainer:
     def model(self, params) -> GPT:
         return nnx.merge(self.graphdef, params)
 
-    def loss(self, params, inputs, targets, key):
-        """Mean next-token cross-entropy of (batch, length) inputs; `key=None` disables dropout."""
-        hidden = self.model(params)(inputs, key=key)
-        per_token = loss.cross_entropy(
-            hidden, self.model(params).lm_head, targets, vocab_size=self.cfg.model.vocab_size
+    def token_losses(self, params, inputs, targets, key=None):
+        """Next-token cross-entropy per position, (batch, length); `key=None` disables dropout."""
+        model = self.model(params)
+        hidden = model(inputs, key=key)
+        return loss.cross_entropy(
+            hidden, model.lm_head, targets, vocab_size=self.cfg.model.vocab_size
         )
-        return per_token.mean()
+
+    def loss(self, params, inputs, targets, key):
+        """Mean next-token cross-entropy of (batch, length) inputs."""
+        return self.token_losses(params, inputs, targets, key).mean()
 
     def _train_step(self, state, inputs, targets):
         """One optimizer step over micro-batches (micro, batch / micro, length)."""
