@@ -13,40 +13,34 @@ import json
 import sys
 from pathlib import Path
 
-from megajax import config, mesh
+from megajax import cli, config, mesh
 from megajax.config import ConfigError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    cli.add_flags(parser, config_required=False)
     parser.add_argument("--workdir", required=True, help="the run's work directory")
-    parser.add_argument("--config", help="config file (default: the run's config.json)")
-    parser.add_argument("--mesh", default="data=-1,model=1", help="e.g. data=2,model=4")
-    parser.add_argument("--cpu_devices", type=int, default=0, help="fake this many CPU devices")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser.parse_args(argv)
 
 
 def _load_config(args) -> config.Config:
     if args.config:
-        cfg = config.load(args.config)
-    else:
-        saved = Path(args.workdir) / "config.json"
-        if not saved.is_file():
-            raise ConfigError(
-                f"{saved} not found: pass --config, or a --workdir that train.py wrote"
-            )
-        cfg = config.from_dict(json.loads(saved.read_text()))
-    return config.override(cfg, args.set)
+        return cli.load_config(args)
+    saved = Path(args.workdir) / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"{saved} not found: pass --config, or a --workdir that train.py wrote")
+    return config.override(config.from_dict(json.loads(saved.read_text())), args.set)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.cpu_devices:
-        mesh.fake_cpu_devices(args.cpu_devices)
     try:
         cfg = _load_config(args)
+        cli.start(args)
+        import jax
+
         from megajax.checkpoint import Checkpointer
         from megajax.data import text
         from megajax.evals import perplexity
@@ -68,11 +62,12 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(
+    cli.lead_print(
         f"step {step}: validation loss {result['loss']:.4f}, perplexity {result['ppl']:.2f} "
         f"over {result['tokens']:,} tokens of {cfg.data.source}"
     )
-    (Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=2))
+    if jax.process_index() == 0:
+        (Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

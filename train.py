@@ -2,6 +2,8 @@
 
     python train.py --config configs/gpt2_tiny.py --mesh data=2,model=4 --cpu_devices 8 \
         --workdir runs/tiny --set train.steps=50
+
+Resumes from the newest checkpoint in --workdir. See README.md for multi-process launches.
 """
 
 from __future__ import annotations
@@ -10,43 +12,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from megajax import config, mesh
+from megajax import cli, mesh
 from megajax.config import ConfigError
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="a Python file in configs/")
-    parser.add_argument(
-        "--mesh",
-        default="data=-1,model=1",
-        help="degrees of the (data, model) mesh, e.g. data=2,model=4; -1 = all remaining devices",
-    )
-    parser.add_argument(
-        "--cpu_devices", type=int, default=0, help="run on this many faked CPU devices"
-    )
-    parser.add_argument("--workdir", help="metrics and TensorBoard files (default runs/CONFIG)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.steps=50 (repeatable)",
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.cpu_devices:
-        mesh.fake_cpu_devices(args.cpu_devices)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    cli.add_flags(parser, config_required=True)
+    parser.add_argument("--workdir", help="checkpoints and metrics (default runs/CONFIG)")
+    args = parser.parse_args(argv)
     try:
-        cfg = config.override(config.load(args.config), args.set)
+        cfg = cli.load_config(args)
+        cli.start(args)
         from megajax import run  # imports JAX's backend: after the device flags are set
 
-        device_mesh = mesh.make(args.mesh)
         workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-        run.train(cfg, device_mesh, workdir)
+        run.train(cfg, mesh.make(args.mesh), workdir, log=cli.lead_print)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

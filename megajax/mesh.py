@@ -89,11 +89,17 @@ def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
 
 
 def make(text: str, devices=None):
-    """Build the (data, model) mesh from a --mesh string over all (or the given) devices."""
+    """Build the (data, model) mesh from a --mesh string over all (or the given) devices.
+
+    Devices are laid out process by process, so a model group lies inside one process (one
+    host) whenever the model degree divides its device count: the per-layer all-reduces then
+    stay on the fast intra-node links and only `data` crosses hosts.
+    """
     import jax
+    import numpy as np
 
     devices = jax.devices() if devices is None else devices
     data, model = resolve(parse(text), len(devices))
-    return jax.make_mesh(
-        (data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices
-    )
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    grid = np.array(ordered, dtype=object).reshape(data, model)
+    return jax.sharding.Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)

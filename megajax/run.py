@@ -36,7 +36,7 @@ def evaluate(trainer: Trainer, eval_fn, params, tokens: np.ndarray) -> float:
             tokens,
             seed=cfg.train.seed + 1,
             step=i,
-            rows=slice(None),
+            rows=trainer.eval_rows,
             batch_size=cfg.train.batch_size,
             seq_len=cfg.model.seq_len,
         )
@@ -149,7 +149,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
                     train_ids,
                     seed=cfg.train.seed,
                     step=step,
-                    rows=slice(None),
+                    rows=trainer.train_rows,
                     batch_size=cfg.train.batch_size,
                     seq_len=cfg.model.seq_len,
                 )

@@ -53,6 +53,11 @@ class Trainer:
         self.micro_shape = micro
         self.batch_sharding = self._named(P(None, parallel.DATA, None))
         self.eval_sharding = self._named(P(parallel.DATA, None))
+        # Rows of the global (batch, length) batch that this process feeds to its devices; the
+        # global row of micro-batch m, row j is m * micro_size + j.
+        local = _process_rows(mesh, micro[1])
+        self.train_rows = (np.arange(micro[0])[:, None] * micro[1] + local).ravel()
+        self.eval_rows = _process_rows(mesh, cfg.train.batch_size)
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
 
     def _named(self, spec: P) -> NamedSharding:
@@ -169,15 +174,35 @@ class Trainer:
             return jitted.lower(self.abstract_state()["params"], tokens, tokens).compile()
 
     def put_batch(self, inputs: np.ndarray, targets: np.ndarray):
-        """Global (batch, length) host arrays -> (micro, batch / micro, length) device arrays."""
+        """This process's rows (train_rows) of the global batch -> global device arrays of
+        shape (micro, batch / micro, length)."""
+        local = (self.micro_shape[0], -1, inputs.shape[-1])
         shape = (*self.micro_shape, inputs.shape[-1])
         return tuple(
-            jax.device_put(a.reshape(shape), self.batch_sharding) for a in (inputs, targets)
+            jax.make_array_from_process_local_data(self.batch_sharding, a.reshape(local), shape)
+            for a in (inputs, targets)
         )
 
     def put_eval_batch(self, inputs: np.ndarray, targets: np.ndarray):
-        return tuple(jax.device_put(a, self.eval_sharding) for a in (inputs, targets))
+        """This process's rows (eval_rows) of a (batch, length) batch -> global device arrays."""
+        shape = (self.cfg.train.batch_size, inputs.shape[-1])
+        return tuple(
+            jax.make_array_from_process_local_data(self.eval_sharding, a, shape)
+            for a in (inputs, targets)
+        )
 
 
 def _is_spec(x) -> bool:
     return isinstance(x, P)
+
+
+def _process_rows(mesh, batch: int) -> np.ndarray:
+    """Indices of the rows of a (batch, ...) array split over `data` that live on this
+    process's devices: a contiguous range, as make_array_from_process_local_data needs."""
+    per_shard = batch // mesh.shape[parallel.DATA]
+    me = jax.process_index()
+    shards = [i for i, row in enumerate(mesh.devices) if any(d.process_index == me for d in row)]
+    rows = np.concatenate([np.arange(i * per_shard, (i + 1) * per_shard) for i in shards])
+    if np.any(np.diff(rows) != 1):
+        raise ValueError(f"process {me} holds non-adjacent data shards {shards} of the mesh")
+    return rows

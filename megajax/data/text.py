@@ -38,8 +38,9 @@ def load_tokens(cfg: DataConfig):
     return tokenizer, train, val
 
 
-def batch(tokens: np.ndarray, *, seed: int, step: int, rows: slice, batch_size: int, seq_len: int):
-    """Rows `rows` of the global batch of `step`: (inputs, targets), each (len(rows), seq_len)."""
+def batch(tokens: np.ndarray, *, seed: int, step: int, rows, batch_size: int, seq_len: int):
+    """Rows `rows` (a slice or indices) of the global batch of `step`: (inputs, targets), each
+    (number of rows, seq_len). Only the requested windows are read."""
     if len(tokens) <= seq_len + 1:
         raise ConfigError(
             f"the text has {len(tokens)} tokens, too few for windows of {seq_len + 1}: "

@@ -39,7 +39,11 @@ def score(trainer: Trainer, params, tokens: np.ndarray) -> dict[str, float]:
             if len(x) < batch:  # pad the last batch with copies that weigh nothing
                 weight[len(x) :] = 0
                 x, y = (np.concatenate([a, np.repeat(a[:1], batch - len(a), 0)]) for a in (x, y))
-            weight = jax.device_put(weight, weights_sharding)
+            rows = trainer.eval_rows  # this process's share of the batch
+            weight = jax.make_array_from_process_local_data(
+                weights_sharding, weight[rows], (batch,)
+            )
+            x, y = x[rows], y[rows]
             total += float(summed(params, *trainer.put_eval_batch(x, y), weight))
     count = targets.size
     return {"tokens": count, "nll": total, "loss": total / count, "ppl": math.exp(total / count)}

@@ -1,0 +1,158 @@
+"""Flags shared by train.py and eval.py: config, mesh, faked devices, and multi-process start-up.
+
+A run joins a multi-process job in one of two ways: explicit --coordinator/--num_processes/
+--process_id flags (on one machine or many), or, with no flags, a cluster that
+`jax.distributed.initialize()` recognises by itself (SLURM, Open MPI) when it has several tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+from megajax import config, mesh
+from megajax.config import ConfigError
+
+CLUSTER_TASK_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def add_flags(parser: argparse.ArgumentParser, *, config_required: bool) -> None:
+    parser.add_argument("--config", required=config_required, help="a Python file in configs/")
+    parser.add_argument(
+        "--mesh",
+        default="data=-1,model=1",
+        help="degrees of the (data, model) mesh, e.g. data=2,model=4; -1 = all remaining devices",
+    )
+    parser.add_argument(
+        "--cpu_devices", type=int, default=0, help="fake this many CPU devices (per process)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=50 (repeatable)",
+    )
+    group = parser.add_argument_group("multi-process runs")
+    group.add_argument("--coordinator", help="HOST:PORT of process 0's coordination service")
+    group.add_argument("--num_processes", type=int, help="processes in the job")
+    group.add_argument("--process_id", type=int, help="this process's index, 0 .. N-1")
+    group.add_argument(
+        "--init_timeout", type=int, default=300, help="seconds to wait for every process to join"
+    )
+    group.add_argument(
+        "--heartbeat_timeout",
+        type=int,
+        default=100,
+        help="seconds of silence after which a process is declared dead and the job stops",
+    )
+
+
+def start(args: argparse.Namespace) -> None:
+    """Fake devices and join the multi-process job, before anything else touches JAX."""
+    if args.cpu_devices:
+        mesh.fake_cpu_devices(args.cpu_devices)
+    explicit = [args.coordinator, args.num_processes, args.process_id]
+    if any(x is not None for x in explicit):
+        if any(x is None for x in explicit):
+            raise ConfigError(
+                "--coordinator, --num_processes and --process_id go together: pass all three"
+            )
+        if not 0 <= args.process_id < args.num_processes:
+            raise ConfigError(
+                f"--process_id {args.process_id} is outside 0..{args.num_processes - 1}"
+            )
+        _initialize(args, args.coordinator, args.num_processes, args.process_id)
+    elif any(int(os.environ.get(v, "1")) > 1 for v in CLUSTER_TASK_COUNTS):
+        _initialize(args, None, None, None)  # JAX reads the cluster's own variables
+
+
+def _initialize(args, coordinator, num_processes, process_id) -> None:
+    import jax
+
+    if coordinator:
+        print(
+            f"process {process_id} joining a {num_processes}-process job at {coordinator} "
+            f"(waiting up to {args.init_timeout}s for the others)",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=args.init_timeout,
+            heartbeat_timeout_seconds=args.heartbeat_timeout,
+        )
+    except Exception as e:  # the coordination service reports failures as several types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"could not join the {num_processes or 'cluster'}-process job at "
+            f"{coordinator or 'the cluster coordinator'} within {args.init_timeout}s: {first}"
+        ) from None
+    if jax.process_count() > 1:
+        timeout = max(2, args.heartbeat_timeout // 2)
+        threading.Thread(target=_watch_peers, args=(timeout,), daemon=True).start()
+
+
+def _watch_peers(timeout: int) -> None:
+    """Stop this process with a clear message when a peer stops beating for `timeout` seconds.
+
+    Every process bumps its own counter in the coordination service's key-value store each
+    second and watches the others'. JAX's own heartbeat would abort the survivors too, but
+    later and with a C++ stack trace; this says which process went silent and what to do.
+    """
+    import jax
+    from jax._src import distributed  # the client jax.distributed.initialize connected
+
+    client, me, count = distributed.global_state.client, jax.process_index(), jax.process_count()
+    seen = {p: (None, time.monotonic()) for p in range(count) if p != me}
+    last_contact, beat = time.monotonic(), 0
+    while True:
+        now = time.monotonic()
+        try:
+            client.key_value_set(f"megajax/alive/{me}", str(beat), allow_overwrite=True)
+            last_contact = now
+            for peer, (value, since) in seen.items():
+                try:
+                    current = client.key_value_try_get(f"megajax/alive/{peer}")
+                except Exception:  # the peer has not beaten yet
+                    current = None
+                if current != value:
+                    seen[peer] = (current, now)
+                elif now - since > timeout:
+                    _fatal(
+                        f"process {peer} of {count} has been silent for {timeout}s "
+                        f"(it died, hung or lost the network)"
+                    )
+        except Exception:  # the coordination service itself is unreachable
+            if now - last_contact > timeout:
+                _fatal(f"lost contact with the coordinator (process 0) for {timeout}s")
+        beat += 1
+        time.sleep(1)
+
+
+def _fatal(why: str) -> None:
+    print(
+        f"error: {why}; stopping this process too. Restart the whole job to resume from the "
+        f"newest complete checkpoint.",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(3)
+
+
+def load_config(args: argparse.Namespace) -> config.Config:
+    return config.override(config.load(args.config), args.set)
+
+
+def lead_print(*values) -> None:
+    """print on process 0 only: one copy of each line in a multi-process job."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(*values, flush=True)

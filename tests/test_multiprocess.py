@@ -1,0 +1,105 @@
+"""Multi-process runs for real: two processes of 4 faked CPU devices joined into one mesh."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import device_mesh
+
+from megajax import config, run
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = [
+    "model.seq_len=32", "model.num_layers=2", "model.hidden=64", "model.num_heads=8",
+    "train.batch_size=8", "train.log_every=1", "train.eval_every=0", "checkpoint.every=2",
+]  # fmt: skip
+
+
+def _cfg(steps):
+    cfg = config.override(config.load("configs/shakespeare_char.py"), SETTINGS)
+    return config.replace(cfg, train=dict(steps=steps))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir, steps, *extra, heartbeat=30):
+    """Start process 0 and 1 of a two-process job; returns the Popen objects."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    sets = [a for s in [*SETTINGS, f"train.steps={steps}"] for a in ("--set", s)]
+    procs = []
+    for pid in (0, 1):
+        cmd = [
+            sys.executable, str(ROOT / "train.py"), "--config", "configs/shakespeare_char.py",
+            "--mesh", "data=2,model=4", "--cpu_devices", "4", "--workdir", str(workdir),
+            "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid),
+            "--heartbeat_timeout", str(heartbeat), *sets, *extra,
+        ]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    return procs
+
+
+def _finish(procs, timeout=400):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Six steps in this one process on the same 2 x 4 mesh of 8 devices."""
+    history = run.train(_cfg(6), device_mesh(2, 4), tmp_path_factory.mktemp("single"),
+                        log=lambda _: None)  # fmt: skip
+    return {h["step"]: h["loss"] for h in history}
+
+
+def test_two_processes_train_like_one_and_hand_over_checkpoints(reference, tmp_path):
+    outs = _finish(_launch(tmp_path, 4))
+    two = _losses(tmp_path)
+    np.testing.assert_allclose([two[s] for s in (1, 2, 3, 4)], [reference[s] for s in (1, 2, 3, 4)],
+                               rtol=2e-6)  # fmt: skip
+    assert "step 4/4" in outs[0][0] and "step" not in outs[1][0]  # process 0 alone reports
+    # The two-process checkpoint of step 4 continues in one process, on one device.
+    resumed = run.train(_cfg(6), device_mesh(1, 1), tmp_path, log=lambda _: None)
+    np.testing.assert_allclose([h["loss"] for h in resumed], [reference[5], reference[6]],
+                               rtol=2e-6)  # fmt: skip
+
+
+def test_one_process_checkpoint_resumes_in_two(reference, tmp_path):
+    run.train(_cfg(2), device_mesh(1, 8), tmp_path, log=lambda _: None)
+    _finish(_launch(tmp_path, 4))
+    losses = _losses(tmp_path)
+    np.testing.assert_allclose([losses[3], losses[4]], [reference[3], reference[4]], rtol=2e-6)
+
+
+def test_a_dead_process_stops_the_other_with_a_clear_message(tmp_path):
+    procs = _launch(tmp_path, 100_000, heartbeat=20)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(_losses(tmp_path)) >= 2):
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    _, err = procs[0].communicate(timeout=120)
+    procs[1].communicate()
+    assert procs[0].returncode != 0
+    assert time.time() - killed_at < 60
+    assert "error: process 1 of 2 has been silent" in err, err[-2000:]
