@@ -12,24 +12,16 @@ import numpy as np
 from megajax import config as config_lib
 from megajax import metrics, parallel
 from megajax.config import Config, ConfigError
-from megajax.data import text
+from megajax.data import loader
 from megajax.trainer import Trainer
 
 
-def evaluate(trainer: Trainer, eval_fn, params, tokens: np.ndarray) -> float:
+def evaluate(trainer: Trainer, eval_fn, params, val_data: loader.Loader) -> float:
     """Mean loss over train.eval_batches fixed batches of held-out tokens, without dropout."""
-    cfg = trainer.cfg
     losses = []
-    for i in range(cfg.train.eval_batches):
-        x, y = text.batch(
-            tokens,
-            seed=cfg.train.seed + 1,
-            step=i,
-            rows=slice(None),
-            batch_size=cfg.train.batch_size,
-            seq_len=cfg.model.seq_len,
-        )
-        losses.append(eval_fn(params, *trainer.put_eval_batch(x, y)))
+    for i in range(trainer.cfg.train.eval_batches):
+        b = val_data.batch(i)
+        losses.append(eval_fn(params, *trainer.put_eval_batch(b["inputs"], b["targets"])))
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -37,7 +29,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
     """Train from step 0 to train.steps; returns the logged scalars, one dict per logged step."""
     workdir = Path(workdir)
     lead = jax.process_index() == 0
-    tokenizer, train_ids, val_ids = text.load_tokens(cfg.data)
+    tokenizer, train_data, val_data = loader.gpt_loaders(cfg, workdir=workdir, log=log)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the {cfg.data.tokenizer} tokenizer has {tokenizer.vocab_size} tokens but "
@@ -53,7 +45,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
         f"model {trainer.num_params:,} parameters (vocabulary {cfg.model.vocab_size} padded to "
         f"{trainer.padded_vocab}) | mesh data={data_deg} model={model_deg} on "
         f"{jax.device_count()} {jax.devices()[0].platform} devices | "
-        f"{len(train_ids):,} train / {len(val_ids):,} val tokens"
+        f"{train_data.num_tokens:,} train / {val_data.num_tokens:,} val tokens"
     )
     state = trainer.init_state()
     step_fn, compile_s = trainer.compile_train_step()
@@ -69,15 +61,8 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
     clock, steps_timed = time.perf_counter(), 0
     try:
         for step in range(start, cfg.train.steps):
-            x, y = text.batch(
-                train_ids,
-                seed=cfg.train.seed,
-                step=step,
-                rows=slice(None),
-                batch_size=cfg.train.batch_size,
-                seq_len=cfg.model.seq_len,
-            )
-            state, step_metrics = step_fn(state, *trainer.put_batch(x, y))
+            b = train_data.batch(step)
+            state, step_metrics = step_fn(state, *trainer.put_batch(b["inputs"], b["targets"]))
             steps_timed += 1
             done = step + 1
             evaluate_now = cfg.train.eval_every and (
@@ -90,7 +75,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
             scalars["tokens_per_sec"] = steps_timed * tokens_per_step / seconds
             scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / peak
             if evaluate_now:
-                scalars["val_loss"] = evaluate(trainer, eval_fn, state["params"], val_ids)
+                scalars["val_loss"] = evaluate(trainer, eval_fn, state["params"], val_data)
             writer.write(done, scalars)
             history.append({"step": done, **scalars})
             log(metrics.progress_line(done, cfg.train.steps, scalars, time.perf_counter() - began))
