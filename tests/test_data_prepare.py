@@ -164,3 +164,16 @@ def test_a_text_source_is_prepared_once_and_then_reused(tmp_path):
     assert prepare.cached(str(first), log=lines.append, **kw) == first  # a dataset is itself
     char = prepare.cached(str(WIKI), log=lines.append, **{**kw, "tokenizer": "char"})
     assert char != first and Dataset(char).tokenizer().vocab_size < 200
+
+
+def test_a_pool_of_workers_writes_the_same_rows_as_one_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "POOL_CHARS", {"gpt2": 0, "bert": 0, "char": 0})
+    kw = dict(fmt="wikitext", tokenizer="bert", vocab_dir="data/bert", log=lambda _: None)
+    one = Dataset(prepare.prepare([WIKI], out=tmp_path / "one", workers=1, **kw))
+    two = Dataset(prepare.prepare([WIKI], out=tmp_path / "two", workers=2, **kw))
+    for split in ("train", "validation"):
+        a, b = one.source(split), two.source(split)
+        assert len(a) == len(b) > 0
+        for i in range(len(a)):
+            for key in ("tokens", "sentence_lengths"):
+                np.testing.assert_array_equal(a[i][key], b[i][key])

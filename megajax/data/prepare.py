@@ -29,14 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from megajax.config import ConfigError
-from megajax.data import builders
 from megajax.data.tokenizer import BertTokenizer, CharTokenizer, GPT2Tokenizer
 
 FORMATS = ("text", "blocks", "jsonl", "lambada", "wikitext", "race")
 TOKENIZERS = ("gpt2", "bert", "char")
 MANIFEST = "megajax.json"
 ROW_TOKENS = 2048  # long documents are stored as consecutive rows of at most this many tokens
-POOL_BYTES = 4 << 20  # below this, a process pool costs more to start than it saves
+# Characters below which a process pool costs more to start than it saves (tiktoken encodes
+# about 5 M characters/s per core, the pure-Python WordPiece about 0.5 M).
+POOL_CHARS = {"gpt2": 32_000_000, "char": 32_000_000, "bert": 2_000_000}
+VERSION = "1.0.0"  # of the dataset layout; part of a cached dataset's name
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 
@@ -268,7 +270,7 @@ def _tokenize_all(parts, *, spec, files, workers, log):
     total = sum(len(t) for docs in parts.values() for t, _ in docs)
     progress = _Progress(total, log)
     pool = None
-    if workers > 1 and total >= POOL_BYTES:
+    if workers > 1 and total >= POOL_CHARS[spec["name"]]:
         pool = multiprocessing.get_context("spawn").Pool(
             workers, initializer=_init_worker, initargs=(spec, str(files))
         )
@@ -339,6 +341,8 @@ def prepare(
     nbytes = sum(p.stat().st_size for p in _files(inputs))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.incomplete-{uuid.uuid4().hex[:12]}"
+    from megajax.data import builders  # here: tokenizing workers import this module, not TFDS
+
     try:
         manifest = {"format": fmt, "inputs": [str(p) for p in inputs], "bytes": nbytes}
         if fmt == "race":
@@ -358,7 +362,7 @@ def prepare(
                 )
             )
         seconds = time.perf_counter() - began
-        manifest.update(seconds=round(seconds, 3), version=builders.VERSION)
+        manifest.update(seconds=round(seconds, 3), version=VERSION)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: marks completion
         tmp.rename(out)
     finally:
@@ -393,6 +397,8 @@ def _prepare_tokens(docs, *, tmp, tokenizer, vocab_dir, val_fraction, workers, l
             "documents": sum(e for _, e in docs_of_split),
             "tokens": int(index["row_tokens"].sum()),
         }
+    from megajax.data import builders
+
     kind = "sentences" if tokenizer == "bert" else "tokens"
     builders.build(kind, data_dir=str(tmp / "tfds"), splits=rows)
     return {"tokenizer": spec, "splits": splits}
@@ -406,7 +412,7 @@ def cached(source: str, *, tokenizer: str, vocab_dir: str, val_fraction: float, 
         return path
     if path.is_dir():
         raise ConfigError(f"data.source: {path} is not a prepared dataset (no {MANIFEST})")
-    options = dict(tokenizer=tokenizer, val_fraction=val_fraction, version=builders.VERSION)
+    options = dict(tokenizer=tokenizer, val_fraction=val_fraction, version=VERSION)
     vocab = [Path(vocab_dir)] if tokenizer != "char" else []
     out = Path(cache_dir) / f"{path.stem}-{tokenizer}-{fingerprint([path, *vocab], **options)}"
     if (out / MANIFEST).is_file():
