@@ -59,9 +59,14 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
     history, began = [], time.perf_counter()
     start = int(jax.device_get(state["step"]))
     clock, steps_timed = time.perf_counter(), 0
+    if train_data.step != start:
+        raise ConfigError(
+            f"the data loader is at step {train_data.step} but training resumes at step {start}: "
+            f"restore the loader's state from the same checkpoint (train_data.restore)"
+        )
     try:
         for step in range(start, cfg.train.steps):
-            b = train_data.batch(step)
+            b = next(train_data)  # batch `step`; train_data.state() is what a checkpoint keeps
             state, step_metrics = step_fn(state, *trainer.put_batch(b["inputs"], b["targets"]))
             steps_timed += 1
             done = step + 1

@@ -164,6 +164,11 @@ def test_a_text_source_is_prepared_once_and_then_reused(tmp_path):
     assert prepare.cached(str(first), log=lines.append, **kw) == first  # a dataset is itself
     char = prepare.cached(str(WIKI), log=lines.append, **{**kw, "tokenizer": "char"})
     assert char != first and Dataset(char).tokenizer().vocab_size < 200
+    with pytest.raises(ConfigError, match="data.source: .*nope.txt not found"):
+        prepare.cached(str(tmp_path / "nope.txt"), log=lines.append, **kw)
+    (tmp_path / "made_by_hand").mkdir()
+    with pytest.raises(ConfigError, match="made_by_hand is not a prepared dataset"):
+        prepare.cached(str(tmp_path / "made_by_hand"), log=lines.append, **kw)
 
 
 def test_a_pool_of_workers_writes_the_same_rows_as_one_process(tmp_path, monkeypatch):

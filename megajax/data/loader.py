@@ -61,7 +61,7 @@ class Loader:
             if len(d) == 0:
                 raise ConfigError(f"{getattr(d, 'name', d)} has no samples")
         self.datasets = list(datasets)
-        self.weights = list(weights) if weights is not None else [1.0] * len(self.datasets)
+        self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(datasets)
         if len(self.weights) != len(self.datasets):
             raise ConfigError(f"{len(self.weights)} weights for {len(self.datasets)} datasets")
         self.pattern = blend_pattern(self.weights)

@@ -412,6 +412,8 @@ def cached(source: str, *, tokenizer: str, vocab_dir: str, val_fraction: float, 
         return path
     if path.is_dir():
         raise ConfigError(f"data.source: {path} is not a prepared dataset (no {MANIFEST})")
+    if not path.is_file():
+        raise ConfigError(f"data.source: {path} not found (a text file or a prepared dataset)")
     options = dict(tokenizer=tokenizer, val_fraction=val_fraction, version=VERSION)
     vocab = [Path(vocab_dir)] if tokenizer != "char" else []
     out = Path(cache_dir) / f"{path.stem}-{tokenizer}-{fingerprint([path, *vocab], **options)}"
