@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from megajax.config import ConfigError
-from megajax.data import prepare
+from megajax.data import corpora, prepare
 from megajax.data.samples import Dataset
 from megajax.data.tokenizer import GPT2Tokenizer
 
@@ -48,7 +48,7 @@ def test_long_documents_are_stored_in_consecutive_rows_and_the_tail_is_held_out(
     tok = ds.tokenizer()
     train, val = (np.concatenate(_rows(ds, s)) for s in ("train", "validation"))
     assert max(len(r) for r in _rows(ds, "train")) == 100
-    articles = prepare.read_documents([WIKI], fmt="wikitext")
+    articles = corpora.read_documents([WIKI], fmt="wikitext")
     assert len(articles) == 6 and articles[1].startswith(" = Frank Headlam = ")
     assert (train == EOT).sum() + (val == EOT).sum() == 6  # the cut article ends in validation
     text = tok.decode(np.concatenate([train, val]).tolist()).replace("<|endoftext|>", "")
@@ -61,13 +61,13 @@ def test_long_documents_are_stored_in_consecutive_rows_and_the_tail_is_held_out(
 
 def test_jsonl_lambada_and_blank_line_blocks_give_one_document_each(tmp_path):
     lambada = ROOT / "data/lambada/lambada_sample.jsonl"
-    assert len(prepare.read_documents([lambada], fmt="lambada")) == 1000
+    assert len(corpora.read_documents([lambada], fmt="lambada")) == 1000
     blocks = tmp_path / "blocks.txt"
     blocks.write_text("one\nstill one\n\ntwo\n \n\nthree", encoding="utf-8")
-    assert prepare.read_documents([blocks], fmt="blocks") == ["one\nstill one", "two", "three"]
+    assert corpora.read_documents([blocks], fmt="blocks") == ["one\nstill one", "two", "three"]
     custom = tmp_path / "c.jsonl"
     custom.write_text('{"body": "x y"}\n\n{"body": "z"}\n', encoding="utf-8")
-    assert prepare.read_documents([custom], fmt="jsonl", field="body") == ["x y", "z"]
+    assert corpora.read_documents([custom], fmt="jsonl", field="body") == ["x y", "z"]
 
 
 def test_race_keeps_article_question_options_and_answer_as_text(tmp_path):
