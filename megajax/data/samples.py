@@ -82,8 +82,8 @@ class GPTWindows:
         stop = start + self.seq_len + 1
         first = int(np.searchsorted(self.offsets, start, side="right")) - 1
         last = int(np.searchsorted(self.offsets, stop, side="left"))
-        rows = self.source.__getitems__(list(range(first, last)))
-        tokens = np.concatenate([r["tokens"] for r in rows])
+        # One read per row: a window spans one or two, and __getitems__ starts a thread pool.
+        tokens = np.concatenate([self.source[r]["tokens"] for r in range(first, last)])
         begin = start - self.offsets[first]
         return tokens[begin : begin + self.seq_len + 1]
 
