@@ -190,21 +190,20 @@ class BertPairs:
         """mask_prob of the non-special positions (whole words if whole_word) are predicted:
         80% become [MASK], 10% a random piece, 10% stay. Returns (ids, labels)."""
         candidates = np.flatnonzero((ids != self.cls) & (ids != self.sep))
-        # Word starts: every candidate, or only those not continuing a word ('##' pieces).
-        starts = [
-            p
-            for k, p in enumerate(candidates)
-            if not (self.whole_word and k and candidates[k - 1] == p - 1 and self.continues[ids[p]])
-        ]
-        words = np.split(candidates, np.searchsorted(candidates, starts[1:]))
+        # A candidate starts a word unless whole_word and it is a '##' piece right after one.
+        starts = np.ones(len(candidates), bool)
+        if self.whole_word:
+            starts[1:] = ~((np.diff(candidates) == 1) & self.continues[ids[candidates[1:]]])
+        word = np.cumsum(starts) - 1  # (candidates,) the word of each candidate
+        sizes = np.bincount(word).tolist()
         goal = max(1, round(len(candidates) * self.mask_prob))
-        chosen = []
-        for w in rng.permutation(len(words)):
-            if len(chosen) + len(words[w]) <= goal:
-                chosen += list(words[w])
-            if len(chosen) == goal:
+        take, total = np.zeros(len(sizes), bool), 0
+        for w in rng.permutation(len(sizes)).tolist():  # words in random order, as BERT
+            if total + sizes[w] <= goal:
+                take[w], total = True, total + sizes[w]
+            if total == goal:
                 break
-        chosen = np.sort(np.array(chosen, np.int64))
+        chosen = candidates[take[word]]
         labels = np.full(len(ids), IGNORE, np.int32)
         labels[chosen] = ids[chosen]
         out = ids.copy()
