@@ -6,15 +6,16 @@ import json
 import numpy as np
 import pytest
 
+from megajax import config
 from megajax.config import ConfigError
 from megajax.data import prepare
-from megajax.data.loader import PERIOD, Loader
+from megajax.data.loader import PERIOD, Loader, gpt_loaders
 from megajax.data.samples import Dataset, GPTWindows
 
 
 @pytest.fixture(scope="module")
-def windows(tmp_path_factory):
-    """GPT windows of LAMBADA and of WikiText: two real datasets to blend."""
+def prepared(tmp_path_factory):
+    """LAMBADA and WikiText prepared with the GPT-2 BPE: two real datasets to blend."""
     root = tmp_path_factory.mktemp("loader")
     lambada = prepare.prepare(
         ["data/lambada/lambada_sample.jsonl"], out=root / "l", fmt="lambada", log=lambda _: None
@@ -22,7 +23,12 @@ def windows(tmp_path_factory):
     wiki = prepare.prepare(
         ["data/wikitext103/wiki.valid.head429.tokens"], out=root / "w", log=lambda _: None
     )
-    return [GPTWindows(Dataset(p), "train", seq_len=32) for p in (lambada, wiki)]
+    return lambada, wiki
+
+
+@pytest.fixture(scope="module")
+def windows(prepared):
+    return [GPTWindows(Dataset(p), "train", seq_len=32) for p in prepared]
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -95,3 +101,18 @@ def test_blending_weights_hold_in_every_stretch(windows):
     for row, j in enumerate(range(11 * 16, 12 * 16)):  # each row comes from its dataset
         d, _, i = loader.locate(j)
         np.testing.assert_array_equal(batch["inputs"][row], windows[d][i]["inputs"])
+
+
+def test_train_sources_blend_prepared_datasets_and_text_files(prepared, windows, tmp_path):
+    source = f"1:{prepared[0]},3:data/wikitext103/wiki.valid.head429.tokens"
+    cfg = config.replace(
+        config.load("configs/gpt2_tiny.py"), model=dict(seq_len=32), data=dict(source=source)
+    )
+    tok, train, val = gpt_loaders(cfg, workdir=tmp_path, log=lambda _: None)
+    assert tok.vocab_size == 50257 and train.weights == [1.0, 3.0]
+    assert [len(d) for d in train.datasets] == [len(w) for w in windows]
+    assert len(list((tmp_path / "data").iterdir())) == 1  # the text file, prepared in workdir
+    assert 0 < val.num_tokens < train.num_tokens / 5 and next(train)["inputs"].shape == (8, 32)
+    char = config.replace(cfg, data=dict(tokenizer="char"))
+    with pytest.raises(ConfigError, match="prepared with the gpt2 tokenizer"):
+        gpt_loaders(char, workdir=tmp_path / "c", log=lambda _: None)

@@ -176,14 +176,13 @@ def gpt_loaders(cfg, *, workdir, log=print):
         )
         for p in paths
     ]
-    specs = {json.dumps(d.manifest["tokenizer"], sort_keys=True) for d in datasets}
-    names = {d.manifest["tokenizer"]["name"] for d in datasets}
-    if names != {cfg.data.tokenizer}:
-        raise ConfigError(
-            f"data.source was prepared with the {'/'.join(sorted(names))} tokenizer but "
-            f"data.tokenizer is {cfg.data.tokenizer!r}: set data.tokenizer to match"
-        )
-    if len(specs) > 1:
+    for d in datasets:
+        if d.manifest["tokenizer"]["name"] != cfg.data.tokenizer:
+            raise ConfigError(
+                f"data.source: {d.path} was prepared with the {d.manifest['tokenizer']['name']} "
+                f"tokenizer but data.tokenizer is {cfg.data.tokenizer!r}: set it to match"
+            )
+    if len({json.dumps(d.manifest["tokenizer"], sort_keys=True) for d in datasets}) > 1:
         raise ConfigError("data.source: the blended datasets have different character sets")
     seq_len = cfg.model.seq_len
     loaders = [
