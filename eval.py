@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         import jax
 
         from megajax.checkpoint import Checkpointer
-        from megajax.data import text
+        from megajax.data import loader
         from megajax.evals import perplexity
         from megajax.trainer import Trainer
 
@@ -53,11 +53,12 @@ def main(argv=None) -> int:
             raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
         state, _ = ckpt.restore(step, trainer.abstract_state())
         ckpt.close()
-        _, _, val_ids = text.load_tokens(cfg.data)
+        _, _, val_data = loader.gpt_loaders(cfg, workdir=args.workdir, log=cli.lead_print)
+        windows = [d[i] for d in val_data.datasets for i in range(len(d))]
         result = {
             "step": step,
             "data": cfg.data.source,
-            **perplexity.score(trainer, state["params"], val_ids),
+            **perplexity.score(trainer, state["params"], windows),
         }
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -72,7 +72,9 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "data/shakespeare/input.txt"  # a UTF-8 text file
+    # A UTF-8 text file (prepared once into the workdir), a dataset prepared by
+    # `python -m megajax.data.prepare`, or several blended: "0.7:a.txt,0.3:prepared/b".
+    source: str = "data/shakespeare/input.txt"
     tokenizer: str = "gpt2"  # "gpt2" (byte-level BPE) or "char"
     vocab_dir: str = "data/gpt2"  # vocab.json and merges.txt for "gpt2"
     val_fraction: float = 0.1  # the tail of the text held out for val_loss

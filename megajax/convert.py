@@ -278,7 +278,7 @@ def import_hf(hf_dir: str, out: str, cfg: config.Config, device_mesh) -> config.
     if ckpt.latest_step() is not None:
         ckpt.close()
         raise ConfigError(f"{out} already holds checkpoints: choose an empty --out")
-    ckpt.save(0, state, {"step": 0, "data": {"step": 0}, "source": str(hf_dir)}, force=True)
+    ckpt.save(0, state, {"step": 0, "source": str(hf_dir)}, force=True)
     ckpt.close()
     return cfg
 

@@ -15,7 +15,7 @@ from megajax import config as config_lib
 from megajax import metrics, parallel
 from megajax.checkpoint import Checkpointer
 from megajax.config import Config, ConfigError
-from megajax.data import text
+from megajax.data import loader
 from megajax.trainer import Trainer
 
 
@@ -27,20 +27,12 @@ class Stopped(Exception):
         self.exit_code = exit_code
 
 
-def evaluate(trainer: Trainer, eval_fn, params, tokens: np.ndarray) -> float:
+def evaluate(trainer: Trainer, eval_fn, params, val_data: loader.Loader) -> float:
     """Mean loss over train.eval_batches fixed batches of held-out tokens, without dropout."""
-    cfg = trainer.cfg
     losses = []
-    for i in range(cfg.train.eval_batches):
-        x, y = text.batch(
-            tokens,
-            seed=cfg.train.seed + 1,
-            step=i,
-            rows=trainer.eval_rows,
-            batch_size=cfg.train.batch_size,
-            seq_len=cfg.model.seq_len,
-        )
-        losses.append(eval_fn(params, *trainer.put_eval_batch(x, y)))
+    for i in range(trainer.cfg.train.eval_batches):
+        b = val_data.batch(i)
+        losses.append(eval_fn(params, *trainer.put_eval_batch(b["inputs"], b["targets"])))
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -57,12 +49,15 @@ def _signals_caught():
             signal.signal(s, h)
 
 
-def _restore_or_init(trainer: Trainer, ckpt: Checkpointer, log):
+def _restore_or_init(trainer: Trainer, ckpt: Checkpointer, train_data: loader.Loader, log):
+    """The newest checkpoint's state, with the loader moved to its position; or a new state."""
     latest = ckpt.latest_step()
     if latest is None:
         return trainer.init_state()
     start = time.perf_counter()
     state, meta = ckpt.restore(latest, trainer.abstract_state())
+    if "data" in meta:  # an imported checkpoint (step 0) has no data position yet
+        train_data.restore(meta["data"])
     saved_mesh = meta.get("mesh", {})
     log(
         f"resumed from step {latest} in {ckpt.directory} ({time.perf_counter() - start:.1f}s; "
@@ -81,14 +76,16 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
     lead = jax.process_index() == 0
     if cfg.train.on_nonfinite not in ("skip", "stop"):
         raise ConfigError(f"train.on_nonfinite={cfg.train.on_nonfinite!r}: use skip or stop")
-    tokenizer, train_ids, val_ids = text.load_tokens(cfg.data)
+    trainer = Trainer(cfg, mesh)
+    tokenizer, train_data, val_data = loader.gpt_loaders(
+        cfg, workdir=workdir, log=log, train_rows=trainer.train_rows, eval_rows=trainer.eval_rows
+    )
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the {cfg.data.tokenizer} tokenizer has {tokenizer.vocab_size} tokens but "
             f"model.vocab_size is {cfg.model.vocab_size}: "
             f"set model.vocab_size={tokenizer.vocab_size}"
         )
-    trainer = Trainer(cfg, mesh)
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
@@ -97,7 +94,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
         f"model {trainer.num_params:,} parameters (vocabulary {cfg.model.vocab_size} padded to "
         f"{trainer.padded_vocab}) | mesh data={mesh_degrees['data']} "
         f"model={mesh_degrees['model']} on {jax.device_count()} {jax.devices()[0].platform} "
-        f"devices | {len(train_ids):,} train / {len(val_ids):,} val tokens"
+        f"devices | {train_data.num_tokens:,} train / {val_data.num_tokens:,} val tokens"
     )
     ckpt = Checkpointer(
         workdir / "checkpoints",
@@ -105,21 +102,25 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
     )
-    state = _restore_or_init(trainer, ckpt, log)
+    state = _restore_or_init(trainer, ckpt, train_data, log)
     start = int(jax.device_get(state["step"]))
     if start >= cfg.train.steps:
         log(f"nothing to do: the checkpoint is at step {start} >= train.steps={cfg.train.steps}")
         ckpt.close()
         return []
+    if train_data.step != start:
+        raise ConfigError(
+            f"checkpoint step {start} holds no data position for its step: the loader is at "
+            f"step {train_data.step}; resume from a checkpoint train.py wrote"
+        )
     step_fn, compile_s = trainer.compile_train_step()
     eval_fn = trainer.compile_eval_step()
     log(f"compiled the train step in {compile_s:.1f}s")
 
     def meta(step: int) -> dict:
-        """The checkpoint's JSON record; batches are a function of the step, so the data
-        position is the step."""
+        """The checkpoint's JSON record: the loader's position, the mesh, the model."""
         model = config_lib.to_dict(cfg)["model"]
-        return {"step": step, "data": {"step": step}, "mesh": mesh_degrees, "model": model}
+        return {"step": step, "data": train_data.state(), "mesh": mesh_degrees, "model": model}
 
     writer = metrics.Writer(workdir, enabled=lead)
     peak = metrics.peak_flops_per_device(jax.devices()[0]) * jax.device_count()
@@ -145,15 +146,8 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
     with _signals_caught() as caught:
         try:
             for step in range(start, cfg.train.steps):
-                x, y = text.batch(
-                    train_ids,
-                    seed=cfg.train.seed,
-                    step=step,
-                    rows=trainer.train_rows,
-                    batch_size=cfg.train.batch_size,
-                    seq_len=cfg.model.seq_len,
-                )
-                state, step_metrics = step_fn(state, *trainer.put_batch(x, y))
+                b = next(train_data)  # this process's rows of global batch `step`
+                state, step_metrics = step_fn(state, *trainer.put_batch(b["inputs"], b["targets"]))
                 done, steps_timed = step + 1, steps_timed + 1
                 unchecked.append((done, step_metrics["finite"]))
                 if cfg.train.on_nonfinite == "stop":
@@ -170,7 +164,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
                     scalars["tokens_per_sec"] = steps_timed * tokens_per_step / seconds
                     scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / peak
                     if evaluate_now:
-                        scalars["val_loss"] = evaluate(trainer, eval_fn, state["params"], val_ids)
+                        scalars["val_loss"] = evaluate(trainer, eval_fn, state["params"], val_data)
                     writer.write(done, scalars)
                     history.append({"step": done, **scalars})
                     elapsed = time.perf_counter() - began

@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from megajax import config  # noqa: E402
-from megajax.data import text  # noqa: E402
+from megajax.data.tokenizer import GPT2Tokenizer  # noqa: E402
 
 
 def device_mesh(data: int, model: int):
@@ -29,14 +29,13 @@ def tiny_config(**model):
 
 @pytest.fixture(scope="session")
 def shakespeare_tokens():
-    """GPT-2 token ids of the shipped tiny Shakespeare (training split)."""
-    _, train, _ = text.load_tokens(config.DataConfig())
-    return train
+    """GPT-2 token ids of the shipped tiny Shakespeare (its first 90%, the training split)."""
+    text = open(config.DataConfig().source, encoding="utf-8").read()
+    return np.asarray(GPT2Tokenizer("data/gpt2").encode(text[: int(0.9 * len(text))]), np.int32)
 
 
 def real_batch(tokens: np.ndarray, *, step: int, batch_size: int, seq_len: int, vocab_size: int):
-    """A batch of real text, with ids folded into a smaller test vocabulary."""
-    x, y = text.batch(
-        tokens, seed=0, step=step, rows=slice(None), batch_size=batch_size, seq_len=seq_len
-    )
-    return x % vocab_size, y % vocab_size
+    """Windows of real text at seeded random offsets, ids folded into a small test vocabulary."""
+    starts = np.random.default_rng(step).integers(0, len(tokens) - seq_len - 1, batch_size)
+    windows = np.stack([tokens[i : i + seq_len + 1] for i in starts]) % vocab_size
+    return windows[:, :-1], windows[:, 1:]

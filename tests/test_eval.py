@@ -12,16 +12,27 @@ from conftest import device_mesh, tiny_config
 
 from megajax import config, run
 from megajax.evals import perplexity
+from megajax.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_windows_score_every_target_exactly_once():
-    tokens = np.arange(103)
-    inputs, targets = perplexity.windows(tokens, 10)
-    assert inputs.shape == targets.shape == (10, 10)
-    np.testing.assert_array_equal(targets.ravel(), tokens[1:101])
-    np.testing.assert_array_equal(inputs.ravel(), tokens[:100])
+def test_perplexity_scores_every_window_once_whatever_the_batch(shakespeare_tokens):
+    cfg = tiny_config()
+    tokens = shakespeare_tokens[: 11 * 32 + 1] % cfg.model.vocab_size
+    windows = [{"inputs": tokens[i : i + 32], "targets": tokens[i + 1 : i + 33]}
+               for i in range(0, 11 * 32, 32)]  # fmt: skip
+    scores = []
+    for mesh_shape, batch in (((2, 4), 8), ((1, 1), 1)):
+        trainer = Trainer(
+            config.replace(cfg, train=dict(batch_size=batch)), device_mesh(*mesh_shape)
+        )
+        scores.append(perplexity.score(trainer, trainer.init_state()["params"], windows))
+    assert (
+        scores[0]["tokens"] == scores[1]["tokens"] == 11 * 32
+    )  # 8 + 3: the padding is not counted
+    assert scores[0]["nll"] == pytest.approx(scores[1]["nll"], rel=1e-5)
+    assert scores[0]["ppl"] == pytest.approx(np.exp(scores[0]["nll"] / (11 * 32)))
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,5 @@
 """Tokenizers from local files: GPT-2's ids, lossless round trips, and a batch from the step."""
 
-import numpy as np
-
-from megajax import config
-from megajax.data import text
 from megajax.data.tokenizer import CharTokenizer, GPT2Tokenizer
 
 
@@ -28,14 +24,3 @@ def test_char_tokenizer_matches_nanogpt_vocabulary():
     tok = CharTokenizer(corpus)
     assert tok.vocab_size == 65
     assert tok.decode(tok.encode(corpus[:1000])) == corpus[:1000]
-
-
-def test_batches_are_a_function_of_seed_and_step():
-    _, train, _ = text.load_tokens(config.DataConfig())
-    kw = dict(batch_size=8, seq_len=16)
-    a = text.batch(train, seed=0, step=3, rows=slice(None), **kw)
-    b = text.batch(train, seed=0, step=3, rows=slice(2, 4), **kw)
-    c = text.batch(train, seed=0, step=4, rows=slice(None), **kw)
-    np.testing.assert_array_equal(a[0][2:4], b[0])
-    np.testing.assert_array_equal(a[0][:, 1:], a[1][:, :-1])  # targets are inputs shifted by one
-    assert not np.array_equal(a[0], c[0])

@@ -1,9 +1,10 @@
-"""Tokenizers loaded from local files only: GPT-2 byte-level BPE and characters."""
+"""Tokenizers loaded from local files only: GPT-2 byte-level BPE, BERT WordPiece, characters."""
 
 from __future__ import annotations
 
 import functools
 import json
+import unicodedata
 from pathlib import Path
 
 import tiktoken
@@ -85,3 +86,118 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
+
+
+def _is_punctuation(ch: str) -> bool:
+    """BERT's punctuation: every non-letter/number ASCII symbol, and Unicode class P*."""
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def _is_cjk(cp: int) -> bool:
+    """CJK ideographs, which BERT splits into one token each."""
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0x20000 <= cp <= 0x2A6DF
+        or 0x2A700 <= cp <= 0x2B73F
+        or 0x2B740 <= cp <= 0x2B81F
+        or 0x2B820 <= cp <= 0x2CEAF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x2F800 <= cp <= 0x2FA1F
+    )
+
+
+class BertTokenizer:
+    """BERT's uncased WordPiece from vocab.txt (id = line number), as google-research/bert does it.
+
+    Normalize (drop control characters, whitespace to spaces, space out CJK ideographs,
+    lowercase, strip accents), split on whitespace and punctuation, then split each word greedily
+    into the longest vocabulary pieces, continuation pieces prefixed with '##'.
+    """
+
+    max_word_chars = 100  # longer words become [UNK], as in BERT
+
+    def __init__(self, vocab_file: str | Path, *, lowercase: bool = True):
+        vocab_file = Path(vocab_file)
+        if not vocab_file.is_file():
+            raise ConfigError(f"BERT tokenizer: {vocab_file} not found (a WordPiece vocab.txt)")
+        tokens = vocab_file.read_text(encoding="utf-8").split("\n")
+        if tokens and tokens[-1] == "":
+            tokens.pop()
+        self.tokens = tokens
+        self.vocab = {t: i for i, t in enumerate(tokens)}
+        for name in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"):
+            if name not in self.vocab:
+                raise ConfigError(f"{vocab_file}: no {name} token; not a BERT vocabulary")
+        self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
+        self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
+        self.mask_id = self.vocab["[MASK]"]
+        self.vocab_size = len(tokens)
+        self.eot_id = None
+        self.lowercase = lowercase
+
+    def _normalize(self, text: str) -> str:
+        out = []
+        for ch in text:
+            cp = ord(ch)
+            if ch in "\t\n\r" or unicodedata.category(ch) == "Zs" or ch.isspace():
+                out.append(" ")
+            elif cp == 0 or cp == 0xFFFD or unicodedata.category(ch).startswith("C"):
+                continue
+            elif _is_cjk(cp):
+                out.append(f" {ch} ")
+            else:
+                out.append(ch)
+        text = "".join(out)
+        if self.lowercase:
+            text = unicodedata.normalize("NFD", text.lower())
+            text = "".join(c for c in text if unicodedata.category(c) != "Mn")
+        return text
+
+    def words(self, text: str) -> list[str]:
+        """Normalized text split on whitespace and around each punctuation character."""
+        words = []
+        for chunk in self._normalize(text).split():
+            start = 0
+            for i, ch in enumerate(chunk):
+                if _is_punctuation(ch):
+                    if i > start:
+                        words.append(chunk[start:i])
+                    words.append(ch)
+                    start = i + 1
+            if start < len(chunk):
+                words.append(chunk[start:])
+        return words
+
+    def _wordpiece(self, word: str) -> list[int]:
+        if len(word) > self.max_word_chars:
+            return [self.unk_id]
+        ids, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start:
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    ids.append(self.vocab[piece])
+                    break
+                end -= 1
+            else:
+                return [self.unk_id]  # a word with an unknown piece is one [UNK], as in BERT
+            start = end
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return [i for word in self.words(text) for i in self._wordpiece(word)]
+
+    def decode(self, ids) -> str:
+        text = " ".join(self.tokens[i] for i in ids)
+        return text.replace(" ##", "")
+
+    def continuation_mask(self):
+        """(vocab,) bool: True for '##' pieces, which continue the word before them."""
+        import numpy as np
+
+        return np.array([t.startswith("##") for t in self.tokens])

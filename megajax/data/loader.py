@@ -1,0 +1,195 @@
+"""Global batches as a pure function of (seed, step): shuffled, blended, sharded by process.
+
+Position j of the global sample stream (batch k holds j = k * batch_size ... + batch_size - 1)
+is given to a dataset by a fixed blending pattern, and the dataset's c-th sample is element
+c mod N of that dataset's permutation for epoch c // N, drawn from (seed, dataset, epoch). No
+state is carried from batch to batch, so `state()` is the next step and `restore()` sets it: a
+resumed run, on any number of processes, sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from megajax.config import ConfigError
+
+PERIOD = 4096  # length of the blending pattern; realized weights are within 1/PERIOD
+
+
+def blend_pattern(weights: Sequence[float], period: int = PERIOD) -> np.ndarray:
+    """(period,) dataset of each position: each next position goes to the dataset furthest
+    behind its share (Megatron-LM's blending), so every prefix tracks the weights."""
+    w = np.asarray(weights, np.float64)
+    if len(w) == 0 or np.any(w < 0) or w.sum() <= 0:
+        raise ConfigError(f"blending weights {list(weights)}: need non-negative, not all zero")
+    w = w / w.sum()
+    counts = np.zeros(len(w))
+    pattern = np.empty(period, np.int64)
+    for j in range(period):
+        d = int(np.argmax(w * (j + 1) - counts))
+        pattern[j] = d
+        counts[d] += 1
+    return pattern
+
+
+class Loader:
+    """Batches of samples from one or more datasets (each with __len__ and __getitem__ giving a
+    dict of arrays). `batch(step)` is this process's `rows` of global batch `step` (all rows
+    by default), each field (len(rows), ...). Which rows a process feeds follows from where
+    its devices sit in the mesh: Trainer.train_rows and Trainer.eval_rows."""
+
+    def __init__(
+        self,
+        datasets: Sequence,
+        *,
+        batch_size: int,
+        seed: int,
+        weights: Sequence[float] | None = None,
+        shuffle: bool = True,
+        rows: Sequence[int] | None = None,
+    ):
+        rows = range(batch_size) if rows is None else [int(r) for r in rows]
+        if not all(0 <= r < batch_size for r in rows):
+            raise ConfigError(f"rows {list(rows)} are not all rows of a batch of {batch_size}")
+        for d in datasets:
+            if len(d) == 0:
+                raise ConfigError(f"{getattr(d, 'name', d)} has no samples")
+        self.datasets = list(datasets)
+        self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(datasets)
+        if len(self.weights) != len(self.datasets):
+            raise ConfigError(f"{len(self.weights)} weights for {len(self.datasets)} datasets")
+        self.pattern = blend_pattern(self.weights)
+        # Samples of each dataset before each pattern position, and in a whole period.
+        self._before = np.stack([np.cumsum(self.pattern == d) for d in range(len(datasets))])
+        self._before -= np.stack([self.pattern == d for d in range(len(datasets))])
+        self._per_period = self._before[:, -1] + (self.pattern[-1] == np.arange(len(datasets)))
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rows = rows
+        self.step = 0
+        self._perms = {}
+
+    def _permutation(self, d: int, epoch: int) -> np.ndarray:
+        key = (d, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 2 * len(self.datasets):
+                self._perms.clear()  # only the current (and maybe next) epochs are in use
+            n = len(self.datasets[d])
+            rng = np.random.default_rng([self.seed, d, epoch])
+            self._perms[key] = rng.permutation(n) if self.shuffle else np.arange(n)
+        return self._perms[key]
+
+    def locate(self, position: int) -> tuple[int, int, int]:
+        """(dataset, epoch, sample index) of global stream position `position`."""
+        period, offset = divmod(position, PERIOD)
+        d = int(self.pattern[offset])
+        count = period * int(self._per_period[d]) + int(self._before[d, offset])
+        epoch, c = divmod(count, len(self.datasets[d]))
+        return d, epoch, int(self._permutation(d, epoch)[c])
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        samples = []
+        for r in self.rows:
+            d, _, i = self.locate(step * self.batch_size + r)
+            samples.append(self.datasets[d][i])
+        return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the datasets that count them (GPT windows), for the log."""
+        return sum(getattr(d, "num_tokens", 0) for d in self.datasets)
+
+    def epoch(self, step: int | None = None) -> float:
+        """Epochs of the first dataset completed before `step` (default: the next step)."""
+        step = self.step if step is None else step
+        share = self._per_period[0] / PERIOD
+        return step * self.batch_size * share / len(self.datasets[0])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        out = self.batch(self.step)
+        self.step += 1
+        return out
+
+    def state(self) -> dict:
+        """A small JSON-serializable dict: the next step, and what it is a step of."""
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "sizes": [len(d) for d in self.datasets],
+            "weights": self.weights,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state()`; refuses one taken over other data, seed or batch size."""
+        mine = self.state()
+        changed = [k for k in mine if k != "step" and state.get(k) != mine[k]]
+        if changed:
+            raise ConfigError(
+                f"the data loader's saved state does not match this run ({', '.join(changed)} "
+                f"changed: saved {[state.get(k) for k in changed]}, now "
+                f"{[mine[k] for k in changed]})"
+            )
+        self.step = int(state["step"])
+
+
+def _sources(source: str) -> tuple[list[str], list[float]]:
+    """'PATH' or 'W1:PATH1,W2:PATH2' (blending weights, as Megatron-LM's --data-path)."""
+    paths, weights = [], []
+    for item in source.split(","):
+        weight, sep, path = item.partition(":")
+        try:
+            w = float(weight) if sep else 1.0
+        except ValueError:
+            w, path = 1.0, item  # a colon inside a path, not a weight
+        paths.append(path if sep else item)
+        weights.append(w)
+    return paths, weights
+
+
+def gpt_loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
+    """(tokenizer, train Loader, validation Loader) for cfg.data.source: prepared datasets or
+    text files (prepared once into workdir/data), blended by their weights. Each loader yields
+    the given rows (default all) of each global batch ({'inputs', 'targets'}, (rows, seq_len)
+    int32 each)."""
+    from megajax.data import prepare, samples  # here: samples imports TFDS, the Loader does not
+
+    paths, weights = _sources(cfg.data.source)
+    datasets = [
+        samples.Dataset(
+            prepare.cached(
+                p,
+                tokenizer=cfg.data.tokenizer,
+                vocab_dir=cfg.data.vocab_dir,
+                val_fraction=cfg.data.val_fraction,
+                cache_dir=f"{workdir}/data",
+                log=log,
+            )
+        )
+        for p in paths
+    ]
+    for d in datasets:
+        if d.manifest["tokenizer"]["name"] != cfg.data.tokenizer:
+            raise ConfigError(
+                f"data.source: {d.path} was prepared with the {d.manifest['tokenizer']['name']} "
+                f"tokenizer but data.tokenizer is {cfg.data.tokenizer!r}: set it to match"
+            )
+    if len({json.dumps(d.manifest["tokenizer"], sort_keys=True) for d in datasets}) > 1:
+        raise ConfigError("data.source: the blended datasets have different character sets")
+    seq_len = cfg.model.seq_len
+    loaders = [
+        Loader(
+            [samples.GPTWindows(d, split, seq_len=seq_len) for d in datasets],
+            weights=weights,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed + offset,
+            rows=rows,
+        )
+        for split, offset, rows in (("train", 0, train_rows), ("validation", 1, eval_rows))
+    ]
+    return datasets[0].tokenizer(), *loaders

@@ -1,0 +1,226 @@
+"""Training samples read with random access from a prepared dataset.
+
+GPTWindows: the split's documents joined end to end (each followed by the end-of-text token,
+written at preparation), cut into windows of seq_len + 1 tokens advanced by seq_len, so every
+token is a target exactly once (Megatron-LM's GPT dataset). BertPairs: sentence pairs with
+sentence-order prediction and masked positions (Megatron-LM's BERT dataset, ALBERT's SOP).
+Sample i is a pure function of i (and the seed): any process can build any sample.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from megajax.config import ConfigError
+from megajax.data import builders
+from megajax.data.prepare import MANIFEST, load_tokenizer
+
+IGNORE = -1  # label of positions that are not predicted
+
+
+class Dataset:
+    """A directory written by `python -m megajax.data.prepare`: manifest, splits, tokenizer."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not (self.path / MANIFEST).is_file():
+            raise ConfigError(
+                f"{self.path} is not a prepared dataset (no {MANIFEST}; prepare it with "
+                f"python -m megajax.data.prepare, or its preparation was interrupted)"
+            )
+        self.manifest = json.loads((self.path / MANIFEST).read_text())
+        (self._tfds_dir,) = (self.path / "tfds").glob(f"*/{builders.VERSION}")
+        self._sources = None
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def tokenizer(self):
+        return load_tokenizer(self.path)
+
+    def source(self, split: str):
+        """Random-access rows of a split (TFDS ArrayRecordDataSource)."""
+        if split not in self.manifest["splits"]:
+            raise ConfigError(f"{self.path} has no {split!r} split (it has {self.splits})")
+        if self._sources is None:
+            self._sources = builders.data_sources(str(self._tfds_dir))
+        return self._sources[split]
+
+    def index(self, split: str) -> dict[str, np.ndarray]:
+        """Row lengths (and BERT sentence lengths) of a split, without reading its rows."""
+        self.source(split)
+        with np.load(self.path / "index" / f"{split}.npz") as f:
+            return dict(f)
+
+
+class GPTWindows:
+    """Sample i = tokens [i * seq_len, i * seq_len + seq_len + 1) of the joined split, as
+    {'inputs', 'targets'}: (seq_len,) int32 each, targets = inputs shifted by one."""
+
+    def __init__(self, dataset: Dataset, split: str, *, seq_len: int):
+        self.source = dataset.source(split)
+        self.seq_len = seq_len
+        self.offsets = np.concatenate([[0], np.cumsum(dataset.index(split)["row_tokens"])])
+        self.num_tokens = int(self.offsets[-1])
+        self.name = f"{dataset.path.name}/{split}"
+        if self.num_tokens < seq_len + 1:
+            raise ConfigError(
+                f"{self.name} has {self.num_tokens} tokens, too few for windows of "
+                f"{seq_len + 1}: use more text or a smaller model.seq_len"
+            )
+
+    def __len__(self) -> int:
+        return (self.num_tokens - 1) // self.seq_len
+
+    def window(self, i: int) -> np.ndarray:
+        """(seq_len + 1,) tokens of window i, read from the one or few rows it spans."""
+        start = i * self.seq_len
+        stop = start + self.seq_len + 1
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        last = int(np.searchsorted(self.offsets, stop, side="left"))
+        # One read per row: a window spans one or two, and __getitems__ starts a thread pool.
+        tokens = np.concatenate([self.source[r]["tokens"] for r in range(first, last)])
+        begin = start - self.offsets[first]
+        return tokens[begin : begin + self.seq_len + 1]
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        w = self.window(i)
+        return {"inputs": w[:-1], "targets": w[1:]}
+
+
+class BertPairs:
+    """BERT samples: [CLS] A [SEP] B [SEP] from consecutive sentences of one row, padded to
+    max_len. Outputs, each (max_len,) int32 unless noted: tokens, token_types (0 for A, 1 for
+    B), padding_mask (1 on real tokens), labels (the original token at masked positions, else
+    IGNORE), and sop_label () (1 if A and B were swapped)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: str,
+        *,
+        max_len: int = 512,
+        short_prob: float = 0.1,
+        mask_prob: float = 0.15,
+        whole_word: bool = False,
+        seed: int = 0,
+    ):
+        tok = dataset.tokenizer()
+        if not hasattr(tok, "mask_id"):
+            raise ConfigError(f"{dataset.path} was not prepared with the bert tokenizer")
+        self.source = dataset.source(split)
+        self.max_len, self.mask_prob, self.whole_word, self.seed = (
+            max_len,
+            mask_prob,
+            whole_word,
+            seed,
+        )
+        self.cls, self.sep, self.mask, self.pad = tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id
+        self.continues = tok.continuation_mask()
+        # Random replacements are real word pieces, never [PAD], [CLS], [unused..] and the like.
+        self.replacements = np.array(
+            [i for i, t in enumerate(tok.tokens) if not (t.startswith("[") and t.endswith("]"))]
+        )
+        self.samples = self._map(dataset.index(split), short_prob)
+        self.name = f"{dataset.path.name}/{split}"
+        if not len(self.samples):
+            raise ConfigError(f"{self.name} has no two-token stretch of text for a BERT pair")
+
+    def _map(self, index, short_prob) -> np.ndarray:
+        """(samples, 4) rows of (row, first sentence, end sentence, target length): sentences
+        are gathered until they reach the target, max_len - 3 or, short_prob of the time, a
+        random shorter one (BERT's short sequences)."""
+        rng = np.random.default_rng([self.seed, 1])
+        longest = self.max_len - 3  # room for [CLS], [SEP], [SEP]
+        lengths = index["sentence_lengths"]
+        starts = np.concatenate([[0], np.cumsum(index["row_sentences"])])
+        out = []
+        for row in range(len(starts) - 1):
+            first, total = 0, 0
+            target = self._target(rng, longest, short_prob)
+            row_lengths = lengths[starts[row] : starts[row + 1]]
+            for s, n in enumerate(row_lengths):
+                total += n
+                if total >= target or s == len(row_lengths) - 1:
+                    if total >= 2:
+                        out.append((row, first, s + 1, target))
+                    first, total = s + 1, 0
+                    target = self._target(rng, longest, short_prob)
+        return np.array(out, np.int64).reshape(-1, 4)
+
+    @staticmethod
+    def _target(rng, longest, short_prob) -> int:
+        return int(rng.integers(2, longest + 1)) if rng.random() < short_prob else longest
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        row, first, end, target = (int(v) for v in self.samples[i])
+        rng = np.random.default_rng([self.seed, 2, i])
+        item = self.source[row]
+        bounds = np.concatenate([[0], np.cumsum(item["sentence_lengths"])])
+        tokens = item["tokens"][bounds[first] : bounds[end]]
+        # Split between sentences if there are several, else inside the one sentence.
+        cuts = bounds[first + 1 : end] - bounds[first]
+        cut = int(rng.choice(cuts)) if len(cuts) else int(rng.integers(1, len(tokens)))
+        a, b = _truncate_pair(list(tokens[:cut]), list(tokens[cut:]), target, rng)
+        swapped = rng.random() < 0.5
+        if swapped:
+            a, b = b, a
+        ids = np.array([self.cls, *a, self.sep, *b, self.sep], np.int32)
+        types = np.array([0] * (len(a) + 2) + [1] * (len(b) + 1), np.int32)
+        ids, labels = self._mask(ids, rng)
+        pad = self.max_len - len(ids)
+        return {
+            "tokens": np.pad(ids, (0, pad), constant_values=self.pad),
+            "token_types": np.pad(types, (0, pad)),
+            "padding_mask": np.pad(np.ones(len(ids), np.int32), (0, pad)),
+            "labels": np.pad(labels, (0, pad), constant_values=IGNORE),
+            "sop_label": np.int32(swapped),
+        }
+
+    def _mask(self, ids: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+        """mask_prob of the non-special positions (whole words if whole_word) are predicted:
+        80% become [MASK], 10% a random piece, 10% stay. Returns (ids, labels)."""
+        candidates = np.flatnonzero((ids != self.cls) & (ids != self.sep))
+        # A candidate starts a word unless whole_word and it is a '##' piece right after one.
+        starts = np.ones(len(candidates), bool)
+        if self.whole_word:
+            starts[1:] = ~((np.diff(candidates) == 1) & self.continues[ids[candidates[1:]]])
+        word = np.cumsum(starts) - 1  # (candidates,) the word of each candidate
+        sizes = np.bincount(word).tolist()
+        goal = max(1, round(len(candidates) * self.mask_prob))
+        take, total = np.zeros(len(sizes), bool), 0
+        for w in rng.permutation(len(sizes)).tolist():  # words in random order, as BERT
+            if total + sizes[w] <= goal:
+                take[w], total = True, total + sizes[w]
+            if total == goal:
+                break
+        chosen = candidates[take[word]]
+        labels = np.full(len(ids), IGNORE, np.int32)
+        labels[chosen] = ids[chosen]
+        out = ids.copy()
+        r = rng.random(len(chosen))
+        out[chosen[r < 0.8]] = self.mask
+        randomized = chosen[(r >= 0.8) & (r < 0.9)]
+        out[randomized] = rng.choice(self.replacements, size=len(randomized))
+        return out, labels
+
+
+def _truncate_pair(a: list, b: list, target: int, rng) -> tuple[list, list]:
+    """Drop tokens from the longer segment, at its front or back at random, until the pair fits
+    in target tokens (BERT's truncate_seq_pair); each keeps at least one token."""
+    while len(a) + len(b) > target:
+        longer = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
+    return a, b

@@ -1,0 +1,184 @@
+"""`python -m megajax.data.prepare`: each corpus format becomes a TFDS dataset that reads back
+the text it was made from; bad input ends in one clear line and leaves no dataset behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megajax.config import ConfigError
+from megajax.data import corpora, prepare
+from megajax.data.samples import Dataset
+from megajax.data.tokenizer import GPT2Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKI = ROOT / "data/wikitext103/wiki.valid.head429.tokens"
+EOT = 50256
+
+
+def _rows(dataset: Dataset, split: str) -> list[np.ndarray]:
+    source = dataset.source(split)
+    return [source[i]["tokens"] for i in range(len(source))]
+
+
+def test_text_files_read_back_as_their_documents_joined_by_end_of_text(tmp_path):
+    a = tmp_path / "a.txt"
+    b = tmp_path / "b.txt"
+    a.write_text("The first document.\nIt has two lines.\n", encoding="utf-8")
+    b.write_text("Second doc, with ünïcode — and more words.", encoding="utf-8")
+    out = prepare.prepare([a, b], out=tmp_path / "ds", val_fraction=0, log=lambda _: None)
+    tok = GPT2Tokenizer("data/gpt2")
+    stored = np.concatenate(_rows(Dataset(out), "train")).tolist()
+    assert stored == tok.encode(a.read_text()) + [EOT] + tok.encode(b.read_text()) + [EOT]
+    assert Dataset(out).splits == ["train"]
+
+
+def test_long_documents_are_stored_in_consecutive_rows_and_the_tail_is_held_out(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(prepare, "ROW_TOKENS", 100)
+    out = prepare.prepare([WIKI], out=tmp_path / "ds", fmt="wikitext", log=lambda _: None)
+    ds = Dataset(out)
+    tok = ds.tokenizer()
+    train, val = (np.concatenate(_rows(ds, s)) for s in ("train", "validation"))
+    assert max(len(r) for r in _rows(ds, "train")) == 100
+    articles = corpora.read_documents([WIKI], fmt="wikitext")
+    assert len(articles) == 6 and articles[1].startswith(" = Frank Headlam = ")
+    assert (train == EOT).sum() + (val == EOT).sum() == 6  # the cut article ends in validation
+    text = tok.decode(np.concatenate([train, val]).tolist()).replace("<|endoftext|>", "")
+    assert text == "".join(articles)
+    held_out = len(tok.decode(val.tolist()).replace("<|endoftext|>", ""))
+    assert held_out == pytest.approx(0.1 * len(text), abs=1)
+    manifest = ds.manifest["splits"]
+    assert manifest["train"]["tokens"] + manifest["validation"]["tokens"] == len(train) + len(val)
+
+
+def test_jsonl_lambada_and_blank_line_blocks_give_one_document_each(tmp_path):
+    lambada = ROOT / "data/lambada/lambada_sample.jsonl"
+    assert len(corpora.read_documents([lambada], fmt="lambada")) == 1000
+    blocks = tmp_path / "blocks.txt"
+    blocks.write_text("one\nstill one\n\ntwo\n \n\nthree", encoding="utf-8")
+    assert corpora.read_documents([blocks], fmt="blocks") == ["one\nstill one", "two", "three"]
+    custom = tmp_path / "c.jsonl"
+    custom.write_text('{"body": "x y"}\n\n{"body": "z"}\n', encoding="utf-8")
+    assert corpora.read_documents([custom], fmt="jsonl", field="body") == ["x y", "z"]
+
+
+def test_race_keeps_article_question_options_and_answer_as_text(tmp_path):
+    out = prepare.prepare(
+        [ROOT / "data/race"], out=tmp_path / "race", fmt="race", log=lambda _: None
+    )
+    source = Dataset(out).source("test")
+    originals = [json.loads(p.read_text()) for p in sorted((ROOT / "data/race").rglob("*.txt"))]
+    assert len(source) == sum(len(o["questions"]) for o in originals)
+    row, first = source[0], originals[0]
+    assert row["article"].decode() == first["article"]
+    assert row["question"].decode() == first["questions"][0]
+    assert [o.decode() for o in row["options"]] == first["options"][0]
+    assert row["answer"] == "ABCD".index(first["answers"][0])
+
+
+def _prepare_cli(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "megajax.data.prepare", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_bad_input_fails_in_one_line_and_leaves_nothing(tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
+    cases = [
+        ([tmp_path / "missing.txt"], "missing.txt not found"),
+        ([latin1], "latin1.txt is not UTF-8 text (invalid continuation byte at byte 3)"),
+        ([empty], "(an empty corpus)"),
+        ([bad_json, "--format", "jsonl"], "bad.jsonl line 2: not JSON"),
+    ]
+    for args, message in cases:
+        run = _prepare_cli(*args, "--out", tmp_path / "out")
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2, run.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "bad.jsonl",
+            "empty.txt",
+            "latin1.txt",
+        ]
+
+
+def test_a_failure_after_writing_began_removes_the_partial_dataset(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("A sentence here." + " " * 40, encoding="utf-8")  # the held-out tail: spaces
+    with pytest.raises(ConfigError, match="the validation split has no tokens"):
+        prepare.prepare(
+            [text], out=tmp_path / "ds", tokenizer="bert", vocab_dir="data/bert", val_fraction=0.5
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+def test_a_killed_preparation_is_never_read_as_a_dataset(tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text(WIKI.read_text(encoding="utf-8") * 40, encoding="utf-8")  # ~4.5 MB
+    out = tmp_path / "ds"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megajax.data.prepare", str(big), "--out", str(out)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".ds.incomplete-*/tokenizer")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-way: tokenizing has begun, nothing is written yet
+    proc.wait()
+    (partial,) = tmp_path.glob(".ds.incomplete-*")
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="preparation was interrupted"):
+        Dataset(partial)
+    small = tmp_path / "small.txt"
+    small.write_text("Enough text for a dataset.", encoding="utf-8")
+    prepare.prepare([small], out=out, val_fraction=0, log=lambda _: None)  # not in the way
+    assert Dataset(out).manifest["splits"]["train"]["documents"] == 1
+
+
+def test_a_text_source_is_prepared_once_and_then_reused(tmp_path):
+    lines = []
+    kw = dict(tokenizer="gpt2", vocab_dir="data/gpt2", val_fraction=0.1, cache_dir=tmp_path)
+    first = prepare.cached(str(WIKI), log=lines.append, **kw)
+    again = prepare.cached(str(WIKI), log=lines.append, **kw)
+    assert first == again and sum("prepared" in line for line in lines) == 1
+    assert prepare.cached(str(first), log=lines.append, **kw) == first  # a dataset is itself
+    char = prepare.cached(str(WIKI), log=lines.append, **{**kw, "tokenizer": "char"})
+    assert char != first and Dataset(char).tokenizer().vocab_size < 200
+    with pytest.raises(ConfigError, match="data.source: .*nope.txt not found"):
+        prepare.cached(str(tmp_path / "nope.txt"), log=lines.append, **kw)
+    (tmp_path / "made_by_hand").mkdir()
+    with pytest.raises(ConfigError, match="made_by_hand is not a prepared dataset"):
+        prepare.cached(str(tmp_path / "made_by_hand"), log=lines.append, **kw)
+
+
+def test_a_pool_of_workers_writes_the_same_rows_as_one_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "POOL_CHARS", {"gpt2": 0, "bert": 0, "char": 0})
+    kw = dict(fmt="wikitext", tokenizer="bert", vocab_dir="data/bert", log=lambda _: None)
+    one = Dataset(prepare.prepare([WIKI], out=tmp_path / "one", workers=1, **kw))
+    two = Dataset(prepare.prepare([WIKI], out=tmp_path / "two", workers=2, **kw))
+    for split in ("train", "validation"):
+        a, b = one.source(split), two.source(split)
+        assert len(a) == len(b) > 0
+        for i in range(len(a)):
+            for key in ("tokens", "sentence_lengths"):
+                np.testing.assert_array_equal(a[i][key], b[i][key])

