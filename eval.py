@@ -4,6 +4,7 @@
 
 Scores the held-out tail of the run's data.source (every token once, non-overlapping windows)
 and writes the result to WORKDIR/eval.json. The mesh may differ from the training mesh.
+`--hf_checkpoint DIR` evaluates a Hugging Face GPT-2 directory instead of a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_flags(parser, config_required=False)
     parser.add_argument("--workdir", required=True, help="the run's work directory")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    parser.add_argument(
+        "--hf_checkpoint", help="evaluate a Hugging Face GPT-2 directory instead of a checkpoint"
+    )
     return parser.parse_args(argv)
 
 
@@ -29,6 +33,8 @@ def _load_config(args) -> config.Config:
     if args.config:
         return cli.load_config(args)
     saved = Path(args.workdir) / "config.json"
+    if not saved.is_file() and args.hf_checkpoint:
+        return config.override(config.Config(), args.set)
     if not saved.is_file():
         raise ConfigError(f"{saved} not found: pass --config, or a --workdir that train.py wrote")
     return config.override(config.from_dict(json.loads(saved.read_text())), args.set)
@@ -46,19 +52,27 @@ def main(argv=None) -> int:
         from megajax.evals import perplexity
         from megajax.trainer import Trainer
 
-        trainer = Trainer(cfg, mesh.make(args.mesh))
-        ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
-        step = args.step if args.step is not None else ckpt.latest_step()
-        if step is None:
-            raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
-        state, _ = ckpt.restore(step, trainer.abstract_state())
-        ckpt.close()
+        if args.hf_checkpoint:
+            from megajax import convert
+
+            weights = convert.HFWeights(args.hf_checkpoint)
+            trainer = Trainer(convert.with_hf_model(cfg, weights), mesh.make(args.mesh))
+            params, step = convert.load_params(trainer, weights), args.hf_checkpoint
+        else:
+            trainer = Trainer(cfg, mesh.make(args.mesh))
+            ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
+            step = args.step if args.step is not None else ckpt.latest_step()
+            if step is None:
+                raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
+            params = ckpt.restore(step, trainer.abstract_state())[0]["params"]
+            ckpt.close()
+        cfg = trainer.cfg
         _, _, val_data = loader.gpt_loaders(cfg, workdir=args.workdir, log=cli.lead_print)
         windows = [d[i] for d in val_data.datasets for i in range(len(d))]
         result = {
             "step": step,
             "data": cfg.data.source,
-            **perplexity.score(trainer, state["params"], windows),
+            **perplexity.score(trainer, params, windows),
         }
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -68,6 +82,7 @@ def main(argv=None) -> int:
         f"over {result['tokens']:,} tokens of {cfg.data.source}"
     )
     if jax.process_index() == 0:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
         (Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=2))
     return 0
 

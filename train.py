@@ -20,6 +20,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cli.add_flags(parser, config_required=True)
     parser.add_argument("--workdir", help="checkpoints and metrics (default runs/CONFIG)")
+    parser.add_argument(
+        "--hf_checkpoint", help="start from a Hugging Face GPT-2 directory (its model shape wins)"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = cli.load_config(args)
@@ -27,7 +30,16 @@ def main(argv=None) -> int:
         from megajax import run  # imports JAX's backend: after the device flags are set
 
         workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-        run.train(cfg, mesh.make(args.mesh), workdir, log=cli.lead_print)
+        init = None
+        if args.hf_checkpoint:
+            from megajax import convert
+
+            weights = convert.HFWeights(args.hf_checkpoint)
+            cfg = convert.with_hf_model(cfg, weights)
+            init = lambda trainer: trainer.state_from_params(  # noqa: E731
+                convert.load_params(trainer, weights)
+            )
+        run.train(cfg, mesh.make(args.mesh), workdir, log=cli.lead_print, init=init)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

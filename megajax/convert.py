@@ -250,27 +250,21 @@ def hf_tensors(trainer, params):
     return [("transformer." + n, s, p) for n, s, p in out]  # lm_head is tied to wte
 
 
-def import_hf(hf_dir: str, out: str, cfg: config.Config, device_mesh) -> config.Config:
-    import jax
-    import jax.numpy as jnp
+def with_hf_model(cfg: config.Config, weights: HFWeights) -> config.Config:
+    """`cfg` with the model shape of the Hugging Face checkpoint (compute options kept)."""
+    keep = ("remat", "compute_dtype", "make_vocab_size_divisible_by")
+    hf = config.to_dict(config.Config(model=model_config(weights.config)))["model"]
+    return config.replace(cfg, model={**hf, **{k: getattr(cfg.model, k) for k in keep}})
 
+
+def import_hf(hf_dir: str, out: str, cfg: config.Config, device_mesh) -> config.Config:
     from megajax.checkpoint import Checkpointer
     from megajax.trainer import Trainer
 
     weights = HFWeights(hf_dir)
-    cfg = config.Config(**{**vars(cfg), "model": model_config(weights.config)})
+    cfg = with_hf_model(cfg, weights)
     trainer = Trainer(cfg, device_mesh)
-    params = load_params(trainer, weights)
-    with trainer.context():
-        opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_sharding["opt_state"])(
-            params
-        )
-    state = {
-        "params": params,
-        "opt_state": opt_state,
-        "step": jnp.int32(0),
-        "skipped": jnp.int32(0),
-    }
+    state = trainer.state_from_params(load_params(trainer, weights))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))

@@ -49,11 +49,11 @@ def _signals_caught():
             signal.signal(s, h)
 
 
-def _restore_or_init(trainer: Trainer, ckpt: Checkpointer, train_data: loader.Loader, log):
+def _restore_or_init(trainer: Trainer, ckpt: Checkpointer, train_data: loader.Loader, log, init):
     """The newest checkpoint's state, with the loader moved to its position; or a new state."""
     latest = ckpt.latest_step()
     if latest is None:
-        return trainer.init_state()
+        return init(trainer) if init else trainer.init_state()
     start = time.perf_counter()
     state, meta = ckpt.restore(latest, trainer.abstract_state())
     if "data" in meta:  # an imported checkpoint (step 0) has no data position yet
@@ -66,8 +66,9 @@ def _restore_or_init(trainer: Trainer, ckpt: Checkpointer, train_data: loader.Lo
     return state
 
 
-def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
-    """Train from the newest checkpoint in workdir (or from scratch) up to train.steps.
+def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> list[dict]:
+    """Train from the newest checkpoint in workdir (else from `init(trainer)`, a state, or from
+    scratch) up to train.steps.
 
     Returns the logged scalars, one dict per logged step. Raises Stopped on a signal (after
     saving) or on a non-finite step when train.on_nonfinite is "stop".
@@ -102,7 +103,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print) -> list[dict]:
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
     )
-    state = _restore_or_init(trainer, ckpt, train_data, log)
+    state = _restore_or_init(trainer, ckpt, train_data, log, init)
     start = int(jax.device_get(state["step"]))
     if start >= cfg.train.steps:
         log(f"nothing to do: the checkpoint is at step {start} >= train.steps={cfg.train.steps}")

@@ -73,13 +73,22 @@ class Trainer:
         return GPT(self.cfg.model, padded_vocab=self.padded_vocab, rngs=nnx.Rngs(seed))
 
     def _init(self):
-        params = nnx.to_pure_dict(nnx.split(self._new_model(self.cfg.train.seed))[1])
+        return self._state_at_step_0(
+            nnx.to_pure_dict(nnx.split(self._new_model(self.cfg.train.seed))[1])
+        )
+
+    def _state_at_step_0(self, params):
         return {
             "params": params,
             "opt_state": self.tx.init(params),
             "step": jnp.int32(0),
             "skipped": jnp.int32(0),  # updates skipped for a non-finite loss or gradient
         }
+
+    def state_from_params(self, params):
+        """A state at step 0 around given (sharded) parameters, e.g. imported weights."""
+        with self.context():
+            return jax.jit(self._state_at_step_0, out_shardings=self.state_sharding)(params)
 
     def init_state(self):
         """A fresh state, created shard by shard on the devices that own it."""

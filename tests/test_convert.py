@@ -1,0 +1,112 @@
+"""Hugging Face interoperability, proven against transformers itself."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import device_mesh
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from megajax import config, convert
+from megajax.checkpoint import Checkpointer
+from megajax.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # odd vocabularies, so megajax pads them differently on each model degree
+    "vocab1003-h64-l2": dict(vocab_size=1003, n_embd=64, n_layer=2, n_head=4, n_positions=32),
+    "vocab517-h96-l3": dict(vocab_size=517, n_embd=96, n_layer=3, n_head=8, n_positions=16),
+}
+
+
+def _save_hf(shape: str, path: Path) -> Path:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**SHAPES[shape], eos_token_id=0, bos_token_id=0))
+    with torch.no_grad():  # transformers zeroes biases at init: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def hf_dir(request, tmp_path_factory):
+    return _save_hf(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def _hf_logits(path, ids):
+    model = GPT2LMHeadModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def _megajax_logits(trainer, params, ids):
+    vocab = trainer.cfg.model.vocab_size
+    with trainer.context():
+        f = jax.jit(lambda p, x: (lambda m: m(x) @ m.lm_head.T)(trainer.model(p)))
+        return np.asarray(f(params, trainer.put_eval_batch(ids, ids)[0]))[..., :vocab]
+
+
+def _ids(path, batch=8):
+    hf = json.loads((Path(path) / "config.json").read_text())
+    rng = np.random.default_rng(0)
+    return rng.integers(0, hf["vocab_size"], (batch, hf["n_positions"]))
+
+
+@pytest.mark.parametrize("data,model", [(1, 1), (2, 4)])
+def test_imported_gpt2_gives_transformers_logits(hf_dir, tmp_path, data, model):
+    cfg = convert.import_hf(str(hf_dir), str(tmp_path), config.Config(), device_mesh(data, model))
+    trainer = Trainer(cfg, device_mesh(data, model))
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=0, keep=1)
+    state, _ = ckpt.restore(0, trainer.abstract_state())
+    ckpt.close()
+    ids = _ids(hf_dir)
+    ours, theirs = _megajax_logits(trainer, state["params"], ids), _hf_logits(hf_dir, ids)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_export_then_transformers_loads_identical_outputs(hf_dir, tmp_path):
+    convert.import_hf(str(hf_dir), str(tmp_path / "mj"), config.Config(), device_mesh(2, 4))
+    convert.export_hf(str(tmp_path / "mj"), str(tmp_path / "back"), device_mesh(4, 2))
+    ids = _ids(hf_dir)
+    np.testing.assert_array_equal(_hf_logits(tmp_path / "back", ids), _hf_logits(hf_dir, ids))
+
+
+def test_pytorch_bin_checkpoints_import_too(tmp_path):
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(GPT2Config(**SHAPES["vocab1003-h64-l2"], eos_token_id=0))
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    if not (tmp_path / "bin" / "pytorch_model.bin").exists():
+        pytest.skip("this transformers writes only safetensors")
+    weights = convert.HFWeights(tmp_path / "bin")
+    state = dict(model.transformer.named_parameters())
+    np.testing.assert_array_equal(weights.get("h.1.attn.c_attn.weight"),
+                                  state["h.1.attn.c_attn.weight"].detach().numpy())  # fmt: skip
+
+
+def test_train_and_eval_start_from_a_hugging_face_directory(tmp_path):
+    hf_dir = _save_hf("vocab1003-h64-l2", tmp_path / "hf")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    common = ["--cpu_devices", "2", "--mesh", "data=2", "--hf_checkpoint", str(hf_dir),
+              "--set", "data.tokenizer=char", "--workdir", str(tmp_path)]  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "eval.py", *common], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    before = json.loads((tmp_path / "eval.json").read_text())["loss"]
+    out = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/shakespeare_char.py", *common,
+         "--set", "train.steps=3", "--set", "train.eval_every=0"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    hf_vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    saved = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert saved["vocab_size"] == hf_vocab  # the Hugging Face shape, not the config file's
+    assert before == pytest.approx(np.log(hf_vocab), rel=0.1)  # a random model: near uniform
