@@ -33,6 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.steps=50 (repeatable)",
     )
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="compile one step from abstract parameters, report its cost, write plan.json",
+    )
+    parser.add_argument(
+        "--target", default="h100", help="accelerator of the dry run: h100, a100 or v100"
+    )
     return parser.parse_args(argv)
 
 
@@ -46,7 +54,12 @@ def main(argv=None) -> int:
 
         device_mesh = mesh.make(args.mesh)
         workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-        run.train(cfg, device_mesh, workdir)
+        if args.dry_run:
+            from megajax import plan
+
+            plan.dry_run(cfg, device_mesh, workdir, target_name=args.target)
+        else:
+            run.train(cfg, device_mesh, workdir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
