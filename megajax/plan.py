@@ -118,7 +118,7 @@ def head_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> f
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
     weights: float  # float32 master weights
-    optimizer: float  # Adam's two float32 moments
+    optimizer: float  # Adam's two float32 moments (and its int32 step counts)
     inputs: float  # the step's int32 input and target tokens (and its step counter)
     gradients: float  # float32; a second buffer accumulates micro-batches
     update: float  # the float32 update tree optax builds before adding it to the weights
@@ -148,7 +148,7 @@ def estimate_memory(cfg: Config, *, data_degree: int, model_degree: int) -> Memo
     layer_input = batch * m.seq_len * m.hidden * jnp.dtype(m.compute_dtype).itemsize
     return MemoryEstimate(
         weights=4 * p,
-        optimizer=8 * p,
+        optimizer=8 * p + 2 * 4,  # + the counts of scale_by_adam and scale_by_schedule
         inputs=2 * 4 * tr.batch_size // data_degree * m.seq_len + 4,
         gradients=4 * p * (2 if tr.micro_batches > 1 else 1),
         update=4 * p,
