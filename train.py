@@ -23,6 +23,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--hf_checkpoint", help="start from a Hugging Face GPT-2 directory (its model shape wins)"
     )
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="compile one step from abstract parameters, report its cost, write plan.json",
+    )
+    parser.add_argument(
+        "--target", default="h100", help="accelerator of the dry run: h100, a100 or v100"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = cli.load_config(args)
@@ -39,7 +47,12 @@ def main(argv=None) -> int:
             init = lambda trainer: trainer.state_from_params(  # noqa: E731
                 convert.load_params(trainer, weights)
             )
-        run.train(cfg, mesh.make(args.mesh), workdir, log=cli.lead_print, init=init)
+        if args.dry_run:
+            from megajax import plan
+
+            plan.dry_run(cfg, mesh.make(args.mesh), workdir, target_name=args.target)
+        else:
+            run.train(cfg, mesh.make(args.mesh), workdir, log=cli.lead_print, init=init)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

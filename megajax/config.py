@@ -27,6 +27,9 @@ class ModelConfig:
     layernorm_eps: float = 1e-5
     remat: bool = False  # recompute each layer's activations in the backward pass
     compute_dtype: str = "float32"  # "bfloat16": bf16 matmuls over fp32 master weights
+    # "einsum": softmax(q k^T) v written out, fp32 scores (any device, any dropout);
+    # "xla" or "cudnn": jax.nn.dot_product_attention (cudnn: fused GPU kernel, no dropout).
+    attention: str = "einsum"
 
     @property
     def head_dim(self) -> int:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from megajax import parallel
+from megajax.config import ConfigError
 from megajax.parallel import constrain
 
 
@@ -119,6 +120,14 @@ class Attention(nnx.Module):
         h = cfg.hidden
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.dropout_rate = cfg.dropout
+        self.implementation = cfg.attention
+        if cfg.attention not in ("einsum", "xla", "cudnn"):
+            raise ConfigError(f"model.attention={cfg.attention!r}: use einsum, xla or cudnn")
+        if cfg.attention != "einsum" and cfg.dropout > 0:
+            raise ConfigError(
+                f"model.attention={cfg.attention} has no attention dropout: set model.dropout=0 "
+                "or model.attention=einsum"
+            )
         self.qkv = Dense(h, 3 * h, ("embed", "heads"), std=cfg.init_std, rngs=rngs)
         self.proj = Dense(h, h, ("heads", "embed"), std=out_std, rngs=rngs)
 
@@ -131,14 +140,23 @@ class Attention(nnx.Module):
             qkv[:, :, :, 1],
             qkv[:, :, :, 2],
         )  # (batch, length, heads, head_dim)
+        if self.implementation != "einsum":
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask[None, None], implementation=self.implementation
+            ).reshape(b, s, -1)
+        else:
+            out = self._einsum_attention(q, k, v, mask, key).reshape(b, s, -1)
+        out = constrain(out, "batch", "length", "heads")
+        return constrain(self.proj(out), "batch", "length", "embed")
+
+    def _einsum_attention(self, q, k, v, mask, key):
+        """softmax(q k^T / sqrt(d)) v with float32 scores, (batch, length, heads, head_dim)."""
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(self.head_dim).astype(jnp.float32)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        probs = dropout(probs, self.dropout_rate, key).astype(x.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
-        out = constrain(out, "batch", "length", "heads")
-        return constrain(self.proj(out), "batch", "length", "embed")
+        probs = dropout(probs, self.dropout_rate, key).astype(q.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 class MLP(nnx.Module):

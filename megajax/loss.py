@@ -18,6 +18,8 @@ def _local_logits(hidden, table, vocab_size):
         "bsh,vh->bsv", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32
     )
     start = jax.lax.axis_index(parallel.MODEL) * table.shape[0]
+    if table.shape[0] * jax.lax.axis_size(parallel.MODEL) == vocab_size:
+        return logits, start  # no padding rows anywhere: skip a (b, s, V / T) select
     ids = start + jnp.arange(table.shape[0])
     return jnp.where(ids < vocab_size, logits, -jnp.inf), start
 
@@ -27,10 +29,12 @@ def _cross_entropy_shard(hidden, table, targets, vocab_size):
     row_max = jax.lax.pmax(jax.lax.stop_gradient(logits.max(-1)), parallel.MODEL)
     shifted = logits - row_max[..., None]
     sum_exp = jax.lax.psum(jnp.exp(shifted).sum(-1), parallel.MODEL)
-    local = targets - start
-    inside = (local >= 0) & (local < table.shape[0])
-    picked = jnp.take_along_axis(shifted, jnp.where(inside, local, 0)[..., None], -1)[..., 0]
-    target_logit = jax.lax.psum(jnp.where(inside, picked, 0.0), parallel.MODEL)
+    # The target's logit by comparison with the local ids, not by indexing: the backward pass is
+    # then an elementwise select that fuses, where take_along_axis's is a scatter into zeros.
+    # Targets of other shards match no local id and contribute 0.
+    hit = (targets - start)[..., None] == jnp.arange(table.shape[0])
+    picked = jnp.where(hit, shifted, 0.0).sum(-1)
+    target_logit = jax.lax.psum(picked, parallel.MODEL)
     return jnp.log(sum_exp) - target_logit
 
 

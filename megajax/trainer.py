@@ -139,13 +139,20 @@ class Trainer:
         )
         grads = jax.tree.map(lambda g: g / micro, grad_sum)
         loss, grad_norm = loss_sum / micro, optax.tree.norm(grads)
-        updates, opt_state = self.tx.update(grads, state["opt_state"], params)
-        # A non-finite loss or gradient leaves parameters and moments as they were.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+
+        def update(params, opt_state):
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A non-finite loss or gradient leaves parameters and moments as they were. A cond
+        # (not a select) keeps the update in place: no second copy of the state.
+        params, opt_state = jax.lax.cond(
+            finite, update, lambda p, o: (p, o), params, state["opt_state"]
+        )
         new_state = {
-            "params": jax.tree.map(keep_if_bad, optax.apply_updates(params, updates), params),
-            "opt_state": jax.tree.map(keep_if_bad, opt_state, state["opt_state"]),
+            "params": params,
+            "opt_state": opt_state,
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~finite).astype(jnp.int32),
         }

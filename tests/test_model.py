@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import device_mesh, tiny_config
 
 from megajax import config
@@ -84,3 +85,18 @@ def test_config_is_frozen():
     except dataclasses.FrozenInstanceError:
         return
     raise AssertionError("configs must be immutable")
+
+
+def test_attention_implementations_agree():
+    cfg = tiny_config(dropout=0.0)
+    loss, grads = _grads(cfg)
+    loss_xla, grads_xla = _grads(config.replace(cfg, model=dict(attention="xla")))
+    np.testing.assert_allclose(loss_xla, loss, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_xla, grads
+    )
+
+
+def test_fused_attention_refuses_dropout():
+    with pytest.raises(config.ConfigError, match="no attention dropout"):
+        _trainer(tiny_config(dropout=0.1, attention="cudnn"))

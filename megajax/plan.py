@@ -1,0 +1,496 @@
+"""Dry run: what one train step costs on a mesh, before any accelerator is touched.
+
+The step is compiled ahead of time from abstract parameters (nothing of model size is
+allocated). The plan sets beside each other:
+- parameters in total and per device (from the shards' shapes);
+- per-device memory: the compiled program's own figures and an analytic estimate (weights,
+  gradients, Adam moments, activations with and without recomputation), and whether that
+  fits a target accelerator;
+- model FLOPs (Megatron-LM's count) and hardware FLOPs (plus the recomputed forward);
+- the collectives of the optimized HLO (megajax.hlo) beside the counts the paper predicts;
+- a roofline step time, MFU and weak-scaling efficiency on the target.
+
+The formulas use only transformer sizes (hidden, MLP width, heads, layers, length, vocabulary),
+so an encoder (BERT) plugs in by its own parameter count and FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from megajax import hlo, parallel
+from megajax.config import Config, ConfigError, ModelConfig
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One accelerator of a training cluster: what the roofline needs to know."""
+
+    name: str
+    memory_bytes: float
+    peak_flops: float  # dense bf16 (V100: fp16) tensor-core FLOP/s
+    intra_node_bw: float  # bytes/s per accelerator, one direction (NVLink / NVSwitch)
+    inter_node_bw: float  # bytes/s per accelerator, one direction (InfiniBand share)
+    node_size: int  # accelerators sharing the intra-node fabric
+
+
+# Vendor data sheets. Inter-node: one 400 Gb/s NDR port per H100 (DGX H100), one 200 Gb/s HDR
+# port per A100 (DGX A100); the paper's DGX-2H has 8 x 100 Gb/s for 16 V100s.
+TARGETS = {
+    "h100": Target("H100 SXM 80GB", 80 * GB, 989e12, 450 * GB, 50 * GB, 8),
+    "a100": Target("A100 SXM 80GB", 80 * GB, 312e12, 300 * GB, 25 * GB, 8),
+    "v100": Target("V100 SXM3 32GB (DGX-2H)", 32 * GB, 125e12, 150 * GB, 6.25 * GB, 16),
+}
+
+# Measured by the paper (section 5.1) for comparison with the roofline.
+PAPER_WEAK_SCALING = {"8-way model parallel": 0.77, "512 GPUs (8-way model x 64-way data)": 0.74}
+
+
+def target(name: str) -> Target:
+    if name not in TARGETS:
+        raise ConfigError(f"--target {name!r}: choose one of {sorted(TARGETS)}")
+    return TARGETS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+def params_per_device(m: ModelConfig, model_degree: int) -> int:
+    """Parameters one device holds under the Megatron plan: QKV, fc1 (and their biases), the
+    attention output and fc2 weights and the word embedding are split T ways; layer norms,
+    row-parallel biases and position embeddings are replicated."""
+    h, f, t = m.hidden, m.mlp_hidden, model_degree
+    split = 3 * h * h + 3 * h + h * h + h * f + f + f * h
+    replicated = 2 * 2 * h + h + h
+    embed = m.padded_vocab_size(t) * h // t + m.seq_len * h
+    return embed + m.num_layers * (split // t + replicated) + 2 * h
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
+    """Bytes one transformer layer keeps for its backward pass, per device, as this code saves
+    them (read off jax's saved residuals): per layer norm three float32 (b, s, h) tensors; in
+    the compute dtype the QKV and fc1 inputs, q, k, v, the attention output, and six
+    (b, s, 4h / T) MLP tensors (fc1 output and GeLU's tanh intermediates); float32 attention
+    probabilities (b, heads / T, s, s); with dropout also 1-byte masks and dropped
+    probabilities. Bias-free of any framework rounding: the compiled figure is the check."""
+    e = jnp.dtype(m.compute_dtype).itemsize
+    t = model_degree
+    n = batch * m.seq_len * m.hidden  # one (b, s, h) tensor
+    scores = batch * (m.num_heads // t) * m.seq_len**2  # one (b, heads / T, s, s) tensor
+    mlp = m.mlp_hidden / m.hidden  # (b, s, 4h) / (b, s, h)
+    total = 2 * 3 * 4 * n  # two layer norms
+    total += e * n * (2 + 4 / t + 6 * mlp / t)
+    total += 4 * scores
+    if m.dropout > 0:
+        total += 2 * n + scores + e * scores  # residual masks, probability mask, dropped probs
+    else:
+        total += e * scores  # probabilities cast for the values matmul
+    if e != 4:
+        total += (
+            e * (3 * m.hidden * m.hidden + m.hidden * m.hidden + 2 * m.hidden * m.mlp_hidden) / t
+        )
+    return total
+
+
+def head_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
+    """The vocabulary-sharded logits (float32 shifted logits, exponentials, padding mask) and
+    the embedding output and final layer norm around the stack."""
+    e = jnp.dtype(m.compute_dtype).itemsize
+    logits = batch * m.seq_len * m.padded_vocab_size(model_degree) // model_degree
+    n = batch * m.seq_len * m.hidden
+    return 9 * logits + n * (e + 3 * 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    weights: float  # float32 master weights
+    optimizer: float  # Adam's two float32 moments (and its int32 step counts)
+    inputs: float  # the step's int32 input and target tokens (and its step, skip counters)
+    gradients: float  # float32; a second buffer accumulates micro-batches
+    update: float  # the float32 update tree optax builds before adding it to the weights
+    activations: float  # saved for the backward pass of one micro-batch, without remat
+    activations_remat: float  # with each layer recomputed: layer inputs + one layer's working set
+
+    @property
+    def arguments(self) -> float:
+        """What the compiled step takes as arguments: the train state and the batch."""
+        return self.weights + self.optimizer + self.inputs
+
+    def temporaries(self, *, remat: bool) -> float:
+        """What the step allocates while it runs."""
+        acts = self.activations_remat if remat else self.activations
+        return self.gradients + self.update + acts
+
+    def total(self, *, remat: bool) -> float:
+        return self.arguments + self.temporaries(remat=remat)
+
+
+def estimate_memory(cfg: Config, *, data_degree: int, model_degree: int) -> MemoryEstimate:
+    m, tr = cfg.model, cfg.train
+    p = params_per_device(m, model_degree)
+    batch = tr.batch_size // tr.micro_batches // data_degree  # one micro-batch on one device
+    layer = layer_activation_bytes(m, batch=batch, model_degree=model_degree)
+    head = head_activation_bytes(m, batch=batch, model_degree=model_degree)
+    layer_input = batch * m.seq_len * m.hidden * jnp.dtype(m.compute_dtype).itemsize
+    return MemoryEstimate(
+        weights=4 * p,
+        optimizer=8 * p + 2 * 4,  # + the counts of scale_by_adam and scale_by_schedule
+        inputs=2 * 4 * tr.batch_size // data_degree * m.seq_len + 2 * 4,
+        gradients=4 * p * (2 if tr.micro_batches > 1 else 1),
+        update=4 * p,
+        activations=m.num_layers * layer + head,
+        activations_remat=m.num_layers * layer_input + layer + head,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and communication
+
+
+def flops_per_step(cfg: Config) -> dict[str, float]:
+    """Model FLOPs (forward + backward, Megatron-LM's count) and hardware FLOPs (adding the
+    forward pass of every layer again when activations are recomputed), for the global batch."""
+    m = cfg.model
+    tokens = cfg.train.batch_size * m.seq_len
+    model = m.flops_per_token() * tokens
+    layer_forward = m.num_layers * (24 * m.hidden**2 + 4 * m.seq_len * m.hidden) * tokens
+    return {"model": model, "hardware": model + (layer_forward if m.remat else 0)}
+
+
+def expected_collectives(cfg: Config, *, data_degree: int, model_degree: int) -> dict:
+    """Collectives the paper's plan implies per step: (count, elements) by mesh axis."""
+    m, tr = cfg.model, cfg.train
+    micro, b = tr.micro_batches, tr.batch_size // tr.micro_batches // data_degree
+    found = {}
+    if model_degree > 1:
+        # 2 forward + 2 backward per layer (+1: the attention all-reduce is recomputed), the
+        # embedding and the tied head's gradient, then max, sum of exp and target logit.
+        per_layer = 4 + (1 if m.remat else 0)
+        acts = micro * (per_layer * m.num_layers + 2)
+        found["model: activations (b, s, h)"] = (acts, acts * b * m.seq_len * m.hidden)
+        found["model: cross-entropy (b, s)"] = (3 * micro, 3 * micro * b * m.seq_len)
+    if data_degree > 1:
+        p = params_per_device(m, model_degree)
+        found["data: gradients"] = (None, p)
+    return found
+
+
+def summarize_collectives(found: list[hlo.Collective]) -> list[dict]:
+    """One row per (kind, mesh axes, shape): executions per step and bytes per step."""
+    rows: dict[tuple, dict] = {}
+    for c in found:
+        key = (c.kind, c.axes, c.shapes)
+        row = rows.setdefault(
+            key,
+            {
+                "kind": c.kind,
+                "axes": list(c.axes),
+                "shapes": [list(s) for s in c.shapes],
+                "count": 0,
+                "bytes": 0,
+            },
+        )
+        row["count"] += c.runs
+        row["bytes"] += c.runs * c.bytes
+    return sorted(rows.values(), key=lambda r: -r["bytes"])
+
+
+def allreduce_seconds(nbytes: float, group: int, bandwidth: float) -> float:
+    """A ring all-reduce moves 2 (n - 1) / n of the buffer through each member's link."""
+    return 0.0 if group <= 1 else 2 * (group - 1) / group * nbytes / bandwidth
+
+
+def roofline(
+    cfg: Config, tgt: Target, *, data_degree: int, model_degree: int, model_elements: float
+) -> dict:
+    """Step time = compute at peak + model all-reduces (intra-node) + gradient all-reduce
+    (inter-node once the mesh leaves a node), nothing overlapped: an optimistic compute term
+    and a pessimistic communication term. Weak-scaling efficiency = compute / step time."""
+    devices = data_degree * model_degree
+    fl = flops_per_step(cfg)
+    compute = fl["hardware"] / devices / tgt.peak_flops
+    e = jnp.dtype(cfg.model.compute_dtype).itemsize
+    model_bytes = e * model_elements  # activations, in the compute dtype
+    model_s = allreduce_seconds(model_bytes, model_degree, tgt.intra_node_bw)
+    grad_bytes = 4 * params_per_device(cfg.model, model_degree)  # float32 gradients
+    data_bw = tgt.inter_node_bw if devices > tgt.node_size else tgt.intra_node_bw
+    data_s = allreduce_seconds(grad_bytes, data_degree, data_bw)
+    step = compute + model_s + data_s
+    return {
+        "compute_s": compute,
+        "model_allreduce_s": model_s,
+        "data_allreduce_s": data_s,
+        "step_s": step,
+        "mfu": fl["model"] / devices / step / tgt.peak_flops,
+        "weak_scaling_efficiency": compute / step,
+        "tokens_per_sec": cfg.train.batch_size * cfg.model.seq_len / step,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
+    """Compile one train step for `device_mesh` from abstract state and describe its cost."""
+    from megajax.trainer import Trainer
+
+    tgt = target(target_name)
+    data, model = device_mesh.shape[parallel.DATA], device_mesh.shape[parallel.MODEL]
+    trainer = Trainer(cfg, device_mesh)
+    abstract = trainer.abstract_state()
+    per_device = sum(
+        math.prod(a.sharding.shard_shape(a.shape)) for a in jax.tree.leaves(abstract["params"])
+    )
+    compiled, compile_s = trainer.compile_train_step()
+    stats = compiled.memory_analysis()
+    found = hlo.collectives(compiled.as_text(), dict(device_mesh.shape))
+    est = estimate_memory(cfg, data_degree=data, model_degree=model)
+    expected = expected_collectives(cfg, data_degree=data, model_degree=model)
+
+    model_elements = sum(c.runs * c.elements for c in found if c.axes == (parallel.MODEL,))
+    plans = {
+        "this mesh": roofline(
+            cfg, tgt, data_degree=data, model_degree=model, model_elements=model_elements
+        )
+    }
+    # The paper's largest run: 512 accelerators, this model degree, the same global batch.
+    # Each device then holds data / scaled of the activations (and of their all-reduces); its
+    # gradient bytes do not change, only the ring's factor and the fabric do.
+    scaled = 512 // model
+    if scaled != data:
+        plans[f"data={scaled} (512 devices)"] = roofline(
+            cfg,
+            tgt,
+            data_degree=scaled,
+            model_degree=model,
+            model_elements=model_elements * data / scaled,
+        )
+    compiled_bytes = {
+        "arguments": stats.argument_size_in_bytes,
+        "outputs": stats.output_size_in_bytes,
+        "aliased": stats.alias_size_in_bytes,
+        "temporaries": stats.temp_size_in_bytes,
+    }
+    compiled_bytes["total"] = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+    )
+    remat = cfg.model.remat
+    analytic_total = est.total(remat=remat)
+    platform = jax.devices()[0].platform
+    # XLA:CPU computes and stores bfloat16 as float32: the comparable estimate uses float32.
+    as_compiled = est
+    if platform == "cpu":
+        f32 = dataclasses.replace(cfg.model, compute_dtype="float32")
+        f32_cfg = dataclasses.replace(cfg, model=f32)
+        as_compiled = estimate_memory(f32_cfg, data_degree=data, model_degree=model)
+    return {
+        "config": dataclasses.asdict(cfg.model),
+        "mesh": {"data": data, "model": model},
+        "platform": platform,
+        "compile_seconds": compile_s,
+        "params": {
+            "total": trainer.num_params,
+            "per_device": per_device,
+            "per_device_analytic": params_per_device(cfg.model, model),
+        },
+        "memory": {
+            "compiled": compiled_bytes,
+            "analytic": {
+                **dataclasses.asdict(est),
+                "arguments": est.arguments,
+                "temporaries": est.temporaries(remat=remat),
+                "total": analytic_total,
+            },
+            "analytic_as_compiled": {
+                "arguments": as_compiled.arguments,
+                "temporaries": as_compiled.temporaries(remat=remat),
+            },
+            "target": tgt.name,
+            "target_bytes": tgt.memory_bytes,
+            "fits": analytic_total <= tgt.memory_bytes,
+        },
+        "flops_per_step": flops_per_step(cfg),
+        "collectives": summarize_collectives(found),
+        "collectives_expected": {k: list(v) for k, v in expected.items()},
+        "roofline": {"target": tgt.name, **plans},
+        "paper_weak_scaling": PAPER_WEAK_SCALING,
+    }
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:,.2f} GB"
+
+
+def report(plan: dict) -> str:
+    """The plan as a few readable tables."""
+    mem, p = plan["memory"], plan["params"]
+    an, co = mem["analytic"], mem["compiled"]
+    remat = plan["config"]["remat"]
+    acts = an["activations_remat" if remat else "activations"]
+    lines = [
+        f"dry run: mesh data={plan['mesh']['data']} model={plan['mesh']['model']}, "
+        f"compiled in {plan['compile_seconds']:.1f}s on {plan['platform']}",
+        f"parameters: {p['total']:,} total, {p['per_device']:,} per device "
+        f"(analytic {p['per_device_analytic']:,})",
+        "",
+        f"memory per device (remat={remat})     analytic      compiled",
+        f"  weights + Adam moments + batch  {_gb(an['arguments']):>12}  "
+        f"{_gb(co['arguments']):>12}  (arguments)",
+        f"  gradients + update              {_gb(an['gradients'] + an['update']):>12}",
+        f"  activations without remat       {_gb(an['activations']):>12}",
+        f"  activations with remat          {_gb(an['activations_remat']):>12}",
+        f"  gradients, update, activations  {_gb(an['temporaries']):>12}  "
+        f"{_gb(co['temporaries']):>12}  (temporaries)",
+        f"  total                           {_gb(an['total']):>12}  {_gb(co['total']):>12}",
+    ]
+    if plan["platform"] == "cpu":
+        lines.append(
+            f"  XLA:CPU (faked devices) computes bf16 as float32; the estimate at float32 is "
+            f"{_gb(plan['memory']['analytic_as_compiled']['temporaries'])} of temporaries"
+        )
+    lines.append(
+        f"  fits a {mem['target']} ({_gb(mem['target_bytes'])}): "
+        f"{'yes' if mem['fits'] else 'NO'} (analytic, {plan['config']['compute_dtype']} "
+        f"activations {_gb(acts)})"
+    )
+    fl = plan["flops_per_step"]
+    lines += [
+        "",
+        f"FLOPs per step: model {fl['model']:.3e}, hardware {fl['hardware']:.3e} (remat={remat})",
+        "",
+        "collectives per step (optimized HLO)",
+        f"  {'kind':<12} {'axes':<8} {'shape':<28} {'count':>7} {'bytes':>14}",
+    ]
+    for row in plan["collectives"]:
+        shape = ",".join("x".join(map(str, s)) or "()" for s in row["shapes"])
+        shape = shape if len(shape) <= 28 else shape[:25] + "..."
+        axes = ",".join(row["axes"]) or "-"
+        lines.append(
+            f"  {row['kind']:<12} {axes:<8} {shape:<28} {row['count']:>7} {row['bytes']:>14,}"
+        )
+    for what, (count, elements) in plan["collectives_expected"].items():
+        lines.append(
+            f"  expected by the plan: {what}: {count if count is not None else 'per parameter'}"
+            f" all-reduces, {elements:,} elements"
+        )
+    data_bytes = sum(r["bytes"] for r in plan["collectives"] if r["axes"] == [parallel.DATA])
+    if "data: gradients" in plan["collectives_expected"]:
+        once = 4 * plan["collectives_expected"]["data: gradients"][1]
+        if data_bytes > 1.5 * once:
+            lines.append(
+                f"  note: the gradients cross `data` {data_bytes / once:.1f}x per step (the "
+                "partitioner reduces inside the micro-batch loop); the roofline counts once"
+            )
+    roof = plan["roofline"]
+    lines += ["", f"roofline on {roof['target']} (compute at peak, communication not overlapped)"]
+    for name, r in roof.items():
+        if name == "target":
+            continue
+        ms = {k: f"{1e3 * v:.1f}" for k, v in r.items()}
+        lines.append(
+            f"  {name:<28} step {ms['step_s']} ms (compute {ms['compute_s']}, model "
+            f"all-reduce {ms['model_allreduce_s']}, data all-reduce "
+            f"{ms['data_allreduce_s']}) | MFU {100 * r['mfu']:.0f}% | weak scaling "
+            f"{100 * r['weak_scaling_efficiency']:.0f}%"
+        )
+    paper = ", ".join(f"{k} {100 * v:.0f}%" for k, v in plan["paper_weak_scaling"].items())
+    lines.append(f"  paper, measured on V100s: {paper}")
+    return "\n".join(lines)
+
+
+def dry_run(cfg: Config, device_mesh, workdir: str | Path, *, target_name: str, log=print):
+    """Make the plan, print it and write it to workdir/plan.json."""
+    plan = make_plan(cfg, device_mesh, target_name=target_name)
+    log(report(plan))
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "plan.json"
+    path.write_text(json.dumps(plan, indent=2, default=_jsonable))
+    log(f"wrote {path}")
+    return plan
+
+
+def _jsonable(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+# The paper's GPT-2 models at their model-parallel degrees (Table 1), for the README table.
+PAPER_GPT2 = (
+    ("configs/gpt2_medium.py", 1),
+    ("configs/megatron_gpt2_1p2b.py", 1),
+    ("configs/megatron_gpt2_2p5b.py", 2),
+    ("configs/megatron_gpt2_4p2b.py", 4),
+    ("configs/megatron_gpt2_8p3b.py", 8),
+)
+
+
+def paper_table(devices) -> str:
+    """A markdown table of the paper's GPT-2 configs, each on `devices` with data = n / T.
+
+    All-reduced bytes: activations over `model` in the compute dtype (XLA:CPU would show them
+    in float32) plus float32 gradients over `data`, from the optimized HLO's counts."""
+    from megajax import config, mesh
+
+    rows = [
+        "| config | T | params | memory / device | H100 80GB | V100 32GB "
+        "| all-reduced / step / device | MFU H100 | MFU V100 | weak scaling V100 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path, t in PAPER_GPT2:
+        cfg = config.load(path)
+        device_mesh = mesh.make(f"data=-1,model={t}", devices=devices)
+        p = make_plan(cfg, device_mesh, target_name="v100")
+        total = p["memory"]["analytic"]["total"]
+        grads = sum(r["bytes"] for r in p["collectives"] if r["axes"] == [parallel.DATA])
+        e = jnp.dtype(cfg.model.compute_dtype).itemsize
+        model_elements = sum(
+            r["count"] * sum(math.prod(s) for s in r["shapes"])
+            for r in p["collectives"]
+            if r["axes"] == [parallel.MODEL]
+        )
+        data = device_mesh.shape[parallel.DATA]
+        h100 = roofline(
+            cfg, TARGETS["h100"], data_degree=data, model_degree=t, model_elements=model_elements
+        )
+        v100 = p["roofline"]["this mesh"]
+        rows.append(
+            f"| `{Path(path).stem}` | {t} | {p['params']['total'] / 1e9:.2f}B | {_gb(total)} "
+            f"| {'fits' if total <= TARGETS['h100'].memory_bytes else 'no'} "
+            f"| {'fits' if total <= TARGETS['v100'].memory_bytes else 'no'} "
+            f"| {_gb(e * model_elements + grads)} "
+            f"| {100 * h100['mfu']:.0f}% | {100 * v100['mfu']:.0f}% "
+            f"| {100 * v100['weak_scaling_efficiency']:.0f}% |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from megajax import mesh
+
+    parser = argparse.ArgumentParser(description="README table of the paper's GPT-2 dry runs")
+    parser.add_argument("--cpu_devices", type=int, default=8)
+    args = parser.parse_args()
+    mesh.fake_cpu_devices(args.cpu_devices)
+    print(paper_table(jax.devices()))

@@ -1,0 +1,108 @@
+"""The dry run's figures: formulas equal hand counts, and the compiled program agrees with them."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import device_mesh
+
+from megajax import config, plan
+from megajax.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ModelConfig(
+    vocab_size=100, make_vocab_size_divisible_by=8, seq_len=4, num_layers=2, hidden=8, num_heads=2
+)
+
+
+def test_params_per_device_hand_count():
+    # T=2: vocabulary padded to 112 -> 448 + 32 positions; per layer (3*64 + 24 + 64 + 256 + 32
+    # + 256) / 2 split + 48 replicated = 460; final layer norm 16.
+    assert plan.params_per_device(SMALL, 2) == 480 + 2 * 460 + 16
+    assert plan.params_per_device(SMALL, 1) == SMALL.num_params(1) == 2624
+
+
+def test_flops_hand_count():
+    cfg = config.Config(model=SMALL, train=config.TrainConfig(batch_size=2))
+    # per token 3 * (2 layers * (24 * 64 + 4 * 4 * 8) + 2 * 100 * 8) = 14784; 8 tokens.
+    assert plan.flops_per_step(cfg) == {"model": 118272, "hardware": 118272}
+    remat = config.replace(cfg, model=dict(remat=True))
+    assert plan.flops_per_step(remat)["hardware"] == 118272 + 2 * (1536 + 128) * 8
+
+
+def test_activation_and_state_bytes_hand_count():
+    m = config.replace(config.Config(model=SMALL), model=dict(dropout=0.0)).model
+    # b=1, s=4, h=8: n=32 elements per (b, s, h), 2 heads x 4 x 4 = 32 scores; float32:
+    # 2 LNs x 3 x 4n + 4n (2 + 4 + 6 * 4) + 4 * scores (float32 probs) + 4 * scores (cast).
+    assert plan.layer_activation_bytes(m, batch=1, model_degree=1) == 768 + 3840 + 128 + 128
+    cfg = config.Config(model=m, train=config.TrainConfig(batch_size=4, micro_batches=2))
+    est = plan.estimate_memory(cfg, data_degree=2, model_degree=1)
+    p = 2624
+    assert (est.weights, est.optimizer, est.update) == (4 * p, 8 * p + 8, 4 * p)
+    assert est.gradients == 2 * 4 * p  # micro-batches accumulate into a second buffer
+    assert est.inputs == 2 * 4 * 2 * 4 + 2 * 4  # inputs, targets of 2 sequences; 2 counters
+    assert est.total(remat=False) == est.arguments + est.gradients + est.update + est.activations
+
+
+def test_ring_allreduce_time():
+    assert plan.allreduce_seconds(8e9, 8, 100e9) == pytest.approx(2 * 7 / 8 * 0.08)
+    assert plan.allreduce_seconds(8e9, 1, 100e9) == 0.0
+
+
+def _check_against_compiled(p: dict):
+    assert p["params"]["per_device"] == p["params"]["per_device_analytic"]
+    compiled, analytic = p["memory"]["compiled"], p["memory"]["analytic_as_compiled"]
+    assert compiled["arguments"] == analytic["arguments"]  # state and batch, byte for byte
+    ratio = compiled["temporaries"] / analytic["temporaries"]
+    assert 0.85 < ratio < 1.15, ratio
+    # The optimized HLO holds exactly the model-axis all-reduces the plan predicts.
+    s, h = p["config"]["seq_len"], p["config"]["hidden"]
+    expected = p["collectives_expected"]
+    # Per tensor: XLA may combine several tensors into one all-reduce.
+    model_tensors = [
+        (shape, r["count"])
+        for r in p["collectives"]
+        if r["axes"] == ["model"]
+        for shape in r["shapes"]
+    ]
+    acts = [(x, n) for x, n in model_tensors if x[1:] == [s, h]]
+    count, elements = expected["model: activations (b, s, h)"]
+    assert sum(n for _, n in acts) == count
+    assert sum(n * math.prod(x) for x, n in acts) == elements
+    _, ce_elements = expected["model: cross-entropy (b, s)"]
+    ce = [(x, n) for x, n in model_tensors if x[1:] == [s]]
+    assert sum(n * math.prod(x) for x, n in ce) == ce_elements
+
+
+def test_dry_run_of_gpt2_tiny_from_the_command_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    run = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/gpt2_tiny.py", "--mesh",
+         "data=2,model=4", "--cpu_devices", "8", "--dry_run", "--workdir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "collectives per step" in run.stdout and "roofline on H100" in run.stdout
+    p = json.loads((tmp_path / "plan.json").read_text())
+    assert p["params"]["total"] == config.load("configs/gpt2_tiny.py").model.num_params(4)
+    count, _ = p["collectives_expected"]["model: activations (b, s, h)"]
+    assert count == 4 * 4 + 2  # 2 forward + 2 backward per layer, embedding, tied head
+    _check_against_compiled(p)
+    assert p["memory"]["fits"]
+
+
+def test_dry_run_of_the_8p3b_model_on_8_way_model_parallelism():
+    cfg = config.load("configs/megatron_gpt2_8p3b.py")
+    p = plan.make_plan(cfg, device_mesh(1, 8), target_name="v100")
+    assert p["params"]["total"] == cfg.model.num_params(8)
+    assert p["params"]["total"] > 8.3e9
+    count, _ = p["collectives_expected"]["model: activations (b, s, h)"]
+    assert count == cfg.train.micro_batches * (5 * 72 + 2)  # remat recomputes one per layer
+    _check_against_compiled(p)
+    assert not p["memory"]["fits"]  # a 32 GB V100 holds only a 1.04B-parameter shard's states
+    roof = p["roofline"]["this mesh"]
+    assert 0 < roof["weak_scaling_efficiency"] < 1 and 0 < roof["mfu"] < 1
