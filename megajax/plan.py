@@ -397,7 +397,8 @@ def report(plan: dict) -> str:
         if data_bytes > 1.5 * once:
             lines.append(
                 f"  note: the gradients cross `data` {data_bytes / once:.1f}x per step (the "
-                "partitioner reduces inside the micro-batch loop); the roofline counts once"
+                "partitioner reduces them inside the micro-batch loop, and the tied embedding's "
+                "two terms apart); the roofline counts once"
             )
     roof = plan["roofline"]
     lines += ["", f"roofline on {roof['target']} (compute at peak, communication not overlapped)"]
