@@ -396,9 +396,10 @@ def report(plan: dict) -> str:
         once = 4 * plan["collectives_expected"]["data: gradients"][1]
         if data_bytes > 1.5 * once:
             lines.append(
-                f"  note: the gradients cross `data` {data_bytes / once:.1f}x per step (the "
-                "partitioner reduces them inside the micro-batch loop, and the tied embedding's "
-                "two terms apart); the roofline counts once"
+                f"  note: the gradients cross `data` {data_bytes / once:.1f}x per step in this "
+                "XLA:CPU program (reduced inside the micro-batch loop, the tied embedding's two "
+                "terms apart); XLA:GPU's collective passes sink and reassociate such "
+                "all-reduces; the roofline counts once"
             )
     roof = plan["roofline"]
     lines += ["", f"roofline on {roof['target']} (compute at peak, communication not overlapped)"]
