@@ -130,16 +130,15 @@ def _names(path) -> tuple[str, ...]:
 
 
 def _check_shapes(saved: dict, target, step: int) -> None:
-    flat_saved = saved
     flat_target = {_names(p): x for p, x in jax.tree_util.tree_leaves_with_path(target)}
-    if set(flat_saved) != set(flat_target):
-        missing = sorted("/".join(p) for p in set(flat_target) - set(flat_saved))[:3]
-        extra = sorted("/".join(p) for p in set(flat_saved) - set(flat_target))[:3]
+    if set(saved) != set(flat_target):
+        missing = sorted("/".join(p) for p in set(flat_target) - set(saved))[:3]
+        extra = sorted("/".join(p) for p in set(saved) - set(flat_target))[:3]
         raise ConfigError(
             f"checkpoint step {step} holds a different model: missing {missing}, "
             f"unexpected {extra}; use the config it was trained with or another --workdir"
         )
-    for path, shape in flat_saved.items():
+    for path, shape in saved.items():
         want = flat_target[path]
         if shape != tuple(want.shape) and not _is_padded_leaf(shape, want):
             raise ConfigError(

@@ -13,6 +13,7 @@ columns are q | k | v while megajax interleaves them by head, and its vocabulary
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import struct
 import sys
@@ -26,30 +27,46 @@ from megajax.config import ConfigError, ModelConfig
 # --- the layout table ---------------------------------------------------------------------
 
 
-def _same(x, cfg):
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What the transforms need to know: the model, and its vocabulary padded for the mesh."""
+
+    model: ModelConfig
+    padded_vocab: int
+
+
+def _same(x, layout):
     return x
 
 
-def _qkv_from_hf(x, cfg):
-    """Columns (q|k|v, head, head_dim) -> (head, q|k|v, head_dim) along the last axis."""
+def _swap_groups(x, outer: int, inner: int):
+    """Last axis (outer, inner, rest) -> (inner, outer, rest)."""
     shape = x.shape[:-1]
-    x = x.reshape(*shape, 3, cfg.num_heads, cfg.head_dim)
-    return np.swapaxes(x, -3, -2).reshape(*shape, 3 * cfg.hidden)
+    x = x.reshape(*shape, outer, inner, -1)
+    return np.swapaxes(x, -3, -2).reshape(*shape, -1)
 
 
-def _qkv_to_hf(x, cfg):
-    shape = x.shape[:-1]
-    x = x.reshape(*shape, cfg.num_heads, 3, cfg.head_dim)
-    return np.swapaxes(x, -3, -2).reshape(*shape, 3 * cfg.hidden)
+def _qkv_from_hf(x, layout):
+    """Columns (q|k|v, head, head_dim) -> (head, q|k|v, head_dim)."""
+    return _swap_groups(x, 3, layout.model.num_heads)
 
 
-def _vocab_to_hf(x, cfg):
-    return x[: cfg.vocab_size]  # the padding rows are megajax's own
+def _qkv_to_hf(x, layout):
+    return _swap_groups(x, layout.model.num_heads, 3)
 
 
-SAME, QKV, VOCAB = (_same, _same), (_qkv_from_hf, _qkv_to_hf), (_same, _vocab_to_hf)
+def _vocab_from_hf(x, layout):
+    return np.pad(x, [(0, layout.padded_vocab - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _vocab_to_hf(x, layout):
+    return x[: layout.model.vocab_size]  # the padding rows are megajax's own
+
+
+SAME, QKV, VOCAB = (_same, _same), (_qkv_from_hf, _qkv_to_hf), (_vocab_from_hf, _vocab_to_hf)
 
 # megajax parameter path -> (Hugging Face GPT-2 name, {i} = layer, (import, export) transforms)
+# Each transform maps one tensor (one layer's, for the stacked `h`) given the Layout.
 TABLE = {
     ("wte", "embedding"): ("wte.weight", VOCAB),
     ("wpe",): ("wpe.weight", SAME),
@@ -202,18 +219,15 @@ def load_params(trainer, weights: HFWeights):
     import jax
 
     cfg = trainer.cfg.model
+    layout = Layout(cfg, trainer.padded_vocab)
     abstract = trainer.abstract_state()["params"]
 
     def leaf(path, target):
         key = tuple(str(getattr(k, "key", k)) for k in path)
         name, (to_megajax, _) = TABLE[key]
-        padded = target.shape[0]
 
         def read(layer: int | None) -> np.ndarray:
-            x = to_megajax(weights.get(name.format(i=layer)), cfg)
-            if key == ("wte", "embedding"):
-                x = np.pad(x, ((0, padded - x.shape[0]), (0, 0)))
-            return x
+            return to_megajax(weights.get(name.format(i=layer)), layout)
 
         def shard(index):
             if key[0] == "h":  # stacked layers: read the layers this shard covers
@@ -231,6 +245,7 @@ def hf_tensors(trainer, params):
     import jax
 
     cfg = trainer.cfg.model
+    layout = Layout(cfg, trainer.padded_vocab)
     layers = range(cfg.num_layers)
     out = []
     for key, (name, (_, to_hf)) in TABLE.items():
@@ -240,10 +255,10 @@ def hf_tensors(trainer, params):
 
         def produce(node=node, to_hf=to_hf, layer=None):
             x = node if layer is None else node[layer]
-            return to_hf(np.asarray(jax.device_get(x)), cfg)
+            return to_hf(np.asarray(jax.device_get(x)), layout)
 
         shape = list(node.shape[1:] if key[0] == "h" else node.shape)
-        if key == ("wte", "embedding"):
+        if to_hf is _vocab_to_hf:
             shape[0] = cfg.vocab_size
         for i in layers if key[0] == "h" else [None]:
             out.append((name.format(i=i), shape, lambda p=produce, i=i: p(layer=i)))
