@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             params = ckpt.restore(step, trainer.abstract_state())[0]["params"]
             ckpt.close()
         cfg = trainer.cfg
-        _, _, val_data = loader.gpt_loaders(cfg, workdir=args.workdir, log=cli.lead_print)
+        _, _, val_data = loader.loaders(cfg, workdir=args.workdir, log=cli.lead_print)
         windows = [d[i] for d in val_data.datasets for i in range(len(d))]
         result = {
             "step": step,

@@ -51,7 +51,7 @@ def _text_batches(cfg: Config, count: int):
 
     vocab = cfg.model.vocab_size
     with tempfile.TemporaryDirectory() as workdir:  # the text is prepared into it, then read
-        _, train, _ = loader.gpt_loaders(cfg, workdir=workdir, log=lambda _: None)
+        _, train, _ = loader.loaders(cfg, workdir=workdir, log=lambda _: None)
         batches = [train.batch(i) for i in range(count)]
     return [(b["inputs"] % vocab, b["targets"] % vocab) for b in batches]
 
@@ -63,13 +63,13 @@ def jax_stepper(cfg: Config, device_mesh, batches):
     from megajax.trainer import Trainer
 
     trainer = Trainer(cfg, device_mesh)
-    on_device = [trainer.put_batch(x, y) for x, y in batches]
+    on_device = [trainer.put_batch({"inputs": x, "targets": y}) for x, y in batches]
     compiled, compile_s = trainer.compile_train_step()
     holder = {"state": trainer.init_state(), "i": 0}
 
     def step():
-        x, y = on_device[holder["i"] % len(on_device)]
-        holder["state"], metrics = compiled(holder["state"], x, y)
+        batch = on_device[holder["i"] % len(on_device)]
+        holder["state"], metrics = compiled(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
         holder["i"] += 1
         return metrics["loss"]

@@ -13,8 +13,17 @@ class ConfigError(ValueError):
     """A config file or override the user must fix; the message says how."""
 
 
+ARCHS = ("gpt", "bert", "bert_multiple_choice")
+PLACEMENTS = ("pre", "post")
+ACTIVATIONS = ("gelu_tanh", "gelu")
+BINARY_HEADS = ("sop", "nsp", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    # "gpt": left-to-right LM; "bert": bidirectional encoder pretrained with a masked-LM head
+    # and a binary sentence-pair head; "bert_multiple_choice": BERT scoring answer options.
+    arch: str = "gpt"
     vocab_size: int = 50257  # real tokens; the embedding is padded (see padded_vocab_size)
     make_vocab_size_divisible_by: int = 128  # times the model degree, as Megatron-LM pads
     seq_len: int = 1024  # context length; also the number of learned positions
@@ -30,6 +39,31 @@ class ModelConfig:
     # "einsum": softmax(q k^T) v written out, fp32 scores (any device, any dropout);
     # "xla" or "cudnn": jax.nn.dot_product_attention (cudnn: fused GPU kernel, no dropout).
     attention: str = "einsum"
+    # "pre": x + f(ln(x)) (GPT-2, and the paper's rearranged BERT, its Figure 7); "post":
+    # ln(x + f(x)) (the original BERT, whose embeddings also end in a layer norm).
+    layernorm_placement: str = "pre"
+    activation: str = "gelu_tanh"  # "gelu_tanh" (GPT-2's approximation) or "gelu" (exact, BERT)
+    type_vocab_size: int = 2  # BERT's segment (token type) embeddings
+    # BERT's binary head on the pooled [CLS]: sentence-order ("sop", the paper's) or
+    # next-sentence ("nsp", the original BERT's) prediction, or "none".
+    binary_head: str = "sop"
+    num_choices: int = 4  # answer options per question of a bert_multiple_choice model (RACE)
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("arch", ARCHS),
+            ("layernorm_placement", PLACEMENTS),
+            ("activation", ACTIVATIONS),
+            ("binary_head", BINARY_HEADS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"model.{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}"
+                )
+
+    @property
+    def is_bert(self) -> bool:
+        return self.arch != "gpt"
 
     @property
     def head_dim(self) -> int:
@@ -45,11 +79,22 @@ class ModelConfig:
         return math.ceil(self.vocab_size / multiple) * multiple
 
     def num_params(self, model_degree: int = 1) -> int:
-        """Parameters of the GPT model (tied LM head), counting the padded vocabulary."""
+        """Parameters of the model (LM heads tied to the word embedding), counting the padded
+        vocabulary."""
         h, f, n = self.hidden, self.mlp_hidden, self.num_layers
         per_layer = 2 * 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
-        embed = self.padded_vocab_size(model_degree) * h + self.seq_len * h
-        return embed + n * per_layer + 2 * h
+        vocab = self.padded_vocab_size(model_degree)
+        embed = vocab * h + self.seq_len * h
+        if self.arch == "gpt":
+            return embed + n * per_layer + 2 * h  # final layer norm
+        embed += self.type_vocab_size * h + 2 * h  # token types; the embedding or final norm
+        pooler = h * h + h
+        if self.arch == "bert_multiple_choice":
+            heads = pooler + h + 1
+        else:
+            heads = (h * h + h) + 2 * h + vocab  # masked LM: dense, layer norm, output bias
+            heads += 0 if self.binary_head == "none" else pooler + 2 * h + 2
+        return embed + n * per_layer + heads
 
     def flops_per_token(self) -> float:
         """Model FLOPs of one token's forward and backward pass, counted as Megatron-LM does."""
@@ -78,9 +123,14 @@ class DataConfig:
     # A UTF-8 text file (prepared once into the workdir), a dataset prepared by
     # `python -m megajax.data.prepare`, or several blended: "0.7:a.txt,0.3:prepared/b".
     source: str = "data/shakespeare/input.txt"
-    tokenizer: str = "gpt2"  # "gpt2" (byte-level BPE) or "char"
-    vocab_dir: str = "data/gpt2"  # vocab.json and merges.txt for "gpt2"
+    tokenizer: str = "gpt2"  # "gpt2" (byte-level BPE), "bert" (WordPiece) or "char"
+    vocab_dir: str = "data/gpt2"  # vocab.json and merges.txt for "gpt2", vocab.txt for "bert"
     val_fraction: float = 0.1  # the tail of the text held out for val_loss
+    # BERT pairs (model.arch="bert"): the share of positions predicted (80% of them [MASK],
+    # 10% random, 10% kept), shorter pairs now and then, and masking whole words.
+    mask_prob: float = 0.15
+    short_seq_prob: float = 0.1
+    whole_word_masking: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -132,7 +132,10 @@ class Attention(nnx.Module):
         self.proj = Dense(h, h, ("heads", "embed"), std=out_std, rngs=rngs)
 
     def __call__(self, x, *, mask, key) -> jax.Array:
+        """`mask`: True where a query may attend a key, broadcastable to (batch, heads, query,
+        key): (query, key) for a causal model, (batch, 1, 1, key) for padding."""
         b, s, _ = x.shape
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
         qkv = self.qkv(x).reshape(b, s, self.num_heads, 3, self.head_dim)
         qkv = constrain(qkv, "batch", "length", "heads", None, None)
         q, k, v = (
@@ -142,7 +145,7 @@ class Attention(nnx.Module):
         )  # (batch, length, heads, head_dim)
         if self.implementation != "einsum":
             out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask[None, None], implementation=self.implementation
+                q, k, v, mask=mask, implementation=self.implementation
             ).reshape(b, s, -1)
         else:
             out = self._einsum_attention(q, k, v, mask, key).reshape(b, s, -1)
@@ -159,20 +162,29 @@ class Attention(nnx.Module):
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def gelu(x: jax.Array, activation: str) -> jax.Array:
+    """ "gelu_tanh" (GPT-2's tanh approximation) or "gelu" (the exact erf form, BERT's)."""
+    return jax.nn.gelu(x, approximate=activation == "gelu_tanh")
+
+
 class MLP(nnx.Module):
     """fc1 split by columns (GeLU stays local), fc2 split by rows (one all-reduce)."""
 
     def __init__(self, cfg, *, out_std: float, rngs):
         self.fc1 = Dense(cfg.hidden, cfg.mlp_hidden, ("embed", "mlp"), std=cfg.init_std, rngs=rngs)
         self.fc2 = Dense(cfg.mlp_hidden, cfg.hidden, ("mlp", "embed"), std=out_std, rngs=rngs)
+        self.activation = cfg.activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = constrain(jax.nn.gelu(self.fc1(x), approximate=True), "batch", "length", "mlp")
+        y = constrain(gelu(self.fc1(x), self.activation), "batch", "length", "mlp")
         return constrain(self.fc2(y), "batch", "length", "embed")
 
 
 class Block(nnx.Module):
-    """A pre-LN transformer layer: x + attn(ln1(x)), then + mlp(ln2(x))."""
+    """A transformer layer, its layer norms placed as model.layernorm_placement says:
+    "pre" (GPT-2; the paper's BERT): x + attn(ln_1(x)), then y + mlp(ln_2(y));
+    "post" (the original BERT): ln_1(x + attn(x)), then ln_2(y + mlp(y)).
+    The parameters are the same; only the order of operations differs."""
 
     def __init__(self, cfg, *, rngs):
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5  # GPT-2's residual-branch scaling
@@ -181,8 +193,13 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
         self.mlp = MLP(cfg, out_std=out_std, rngs=rngs)
         self.dropout_rate = cfg.dropout
+        self.post_ln = cfg.layernorm_placement == "post"
 
     def __call__(self, x, *, mask, key) -> jax.Array:
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
-        x = x + dropout(self.attn(self.ln_1(x), mask=mask, key=keys[0]), self.dropout_rate, keys[1])
-        return x + dropout(self.mlp(self.ln_2(x)), self.dropout_rate, keys[2])
+        rate = self.dropout_rate
+        if self.post_ln:
+            x = self.ln_1(x + dropout(self.attn(x, mask=mask, key=keys[0]), rate, keys[1]))
+            return self.ln_2(x + dropout(self.mlp(x), rate, keys[2]))
+        x = x + dropout(self.attn(self.ln_1(x), mask=mask, key=keys[0]), rate, keys[1])
+        return x + dropout(self.mlp(self.ln_2(x)), rate, keys[2])

@@ -12,11 +12,13 @@ import jax.numpy as jnp
 from megajax import parallel
 
 
-def _local_logits(hidden, table, vocab_size):
+def _local_logits(hidden, table, bias, vocab_size):
     """This shard's logits, (batch, length, vocab / T), with padded vocabulary rows at -inf."""
     logits = jnp.einsum(
         "bsh,vh->bsv", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32
     )
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
     start = jax.lax.axis_index(parallel.MODEL) * table.shape[0]
     if table.shape[0] * jax.lax.axis_size(parallel.MODEL) == vocab_size:
         return logits, start  # no padding rows anywhere: skip a (b, s, V / T) select
@@ -24,8 +26,8 @@ def _local_logits(hidden, table, vocab_size):
     return jnp.where(ids < vocab_size, logits, -jnp.inf), start
 
 
-def _cross_entropy_shard(hidden, table, targets, vocab_size):
-    logits, start = _local_logits(hidden, table, vocab_size)
+def _cross_entropy_shard(hidden, table, bias, targets, vocab_size):
+    logits, start = _local_logits(hidden, table, bias, vocab_size)
     row_max = jax.lax.pmax(jax.lax.stop_gradient(logits.max(-1)), parallel.MODEL)
     shifted = logits - row_max[..., None]
     sum_exp = jax.lax.psum(jnp.exp(shifted).sum(-1), parallel.MODEL)
@@ -35,11 +37,12 @@ def _cross_entropy_shard(hidden, table, targets, vocab_size):
     hit = (targets - start)[..., None] == jnp.arange(table.shape[0])
     picked = jnp.where(hit, shifted, 0.0).sum(-1)
     target_logit = jax.lax.psum(picked, parallel.MODEL)
-    return jnp.log(sum_exp) - target_logit
+    # The target is the greedy prediction iff its logit is the maximum: no further collective.
+    return jnp.log(sum_exp) - target_logit, target_logit >= 0
 
 
-def _argmax_shard(hidden, table, vocab_size):
-    logits, start = _local_logits(hidden, table, vocab_size)
+def _argmax_shard(hidden, table, bias, vocab_size):
+    logits, start = _local_logits(hidden, table, bias, vocab_size)
     best = logits.max(-1)
     global_best = jax.lax.pmax(best, parallel.MODEL)
     # Lowest id among the shards holding the maximum, as a single-device argmax breaks ties.
@@ -47,26 +50,54 @@ def _argmax_shard(hidden, table, vocab_size):
     return jax.lax.pmin(candidate, parallel.MODEL)
 
 
-def cross_entropy(hidden, table, targets, *, vocab_size: int) -> jax.Array:
-    """Per-token loss (batch, length) in float32 for hidden (batch, length, hidden) and the tied
-    head `table` (padded_vocab, hidden) split over `model`; ids >= vocab_size are padding."""
-    fn = jax.shard_map(
-        lambda h, t, y: _cross_entropy_shard(h, t, y, vocab_size),
-        in_specs=(
-            parallel.spec("batch", "length", "embed"),
-            parallel.spec("vocab", "embed"),
-            parallel.spec("batch", "length"),
-        ),
-        out_specs=parallel.spec("batch", "length"),
+def _vocab_sharded(fn, hidden, table, bias, *rest, vocab_size, out_specs):
+    """Run fn(hidden, table, bias, *rest, vocab_size) on each model shard; `bias` (optional,
+    (padded_vocab,)) is split like the table's rows, `rest` are (batch, length) arrays."""
+    row = parallel.spec("batch", "length")
+    specs = [parallel.spec("batch", "length", "embed"), parallel.spec("vocab", "embed")]
+    args = [hidden, table]
+    if bias is not None:
+        specs.append(parallel.spec("vocab"))
+        args.append(bias)
+    specs += [row] * len(rest)
+
+    def local(h, t, *more):
+        b, more = (more[0], more[1:]) if bias is not None else (None, more)
+        return fn(h, t, b, *more, vocab_size)
+
+    return jax.shard_map(local, in_specs=tuple(specs), out_specs=out_specs)(*args, *rest)
+
+
+def cross_entropy_and_correct(hidden, table, targets, *, vocab_size: int, bias=None):
+    """Per-token loss (batch, length) in float32, and whether each target is the greedy
+    prediction, for hidden (batch, length, hidden) and the tied head `table` (padded_vocab,
+    hidden) split over `model` (plus an output `bias` if given); ids >= vocab_size are
+    padding. A target outside [0, vocab_size) gets loss log-sum-exp and is never correct: mask
+    such positions out of the mean."""
+    row = parallel.spec("batch", "length")
+    return _vocab_sharded(
+        _cross_entropy_shard,
+        hidden,
+        table,
+        bias,
+        targets,
+        vocab_size=vocab_size,
+        out_specs=(row, row),
     )
-    return fn(hidden, table, targets)
 
 
-def argmax(hidden, table, *, vocab_size: int) -> jax.Array:
+def cross_entropy(hidden, table, targets, *, vocab_size: int, bias=None) -> jax.Array:
+    """Per-token loss (batch, length): cross_entropy_and_correct's first output."""
+    return cross_entropy_and_correct(hidden, table, targets, vocab_size=vocab_size, bias=bias)[0]
+
+
+def argmax(hidden, table, *, vocab_size: int, bias=None) -> jax.Array:
     """Greedy predictions (batch, length) from vocabulary-sharded logits; padding never wins."""
-    fn = jax.shard_map(
-        lambda h, t: _argmax_shard(h, t, vocab_size),
-        in_specs=(parallel.spec("batch", "length", "embed"), parallel.spec("vocab", "embed")),
+    return _vocab_sharded(
+        _argmax_shard,
+        hidden,
+        table,
+        bias,
+        vocab_size=vocab_size,
         out_specs=parallel.spec("batch", "length"),
     )
-    return fn(hidden, table)

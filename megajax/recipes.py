@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megajax.config import Config, ModelConfig, OptimConfig, TrainConfig
+from megajax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 
 def megatron_gpt2(*, num_layers: int, hidden: int, num_heads: int) -> Config:
@@ -21,5 +21,35 @@ def megatron_gpt2(*, num_layers: int, hidden: int, num_heads: int) -> Config:
         optim=OptimConfig(lr=1.5e-4, min_lr=1e-5, warmup_steps=3000, decay_steps=300_000),
         train=TrainConfig(
             steps=300_000, batch_size=512, micro_batches=16, log_every=10, eval_every=1000
+        ),
+    )
+
+
+def megatron_bert(*, num_layers: int, hidden: int, num_heads: int) -> Config:
+    """BERT trained as in arXiv 1909.08053, section 5.3: the original BERT's 30,522-token
+    WordPiece vocabulary, sequences of 512, layer norms rearranged before each sublayer (the
+    paper's Figure 7), sentence-order prediction instead of next-sentence prediction, whole-word
+    masking, batch 1024, Adam with LR 1e-4 warmed up over 10k iterations and decayed linearly
+    over 2M, weight decay 0.01, activation recomputation, half-precision matmuls."""
+    return Config(
+        model=ModelConfig(
+            arch="bert",
+            vocab_size=30522,
+            seq_len=512,
+            num_layers=num_layers,
+            hidden=hidden,
+            num_heads=num_heads,
+            layernorm_placement="pre",
+            activation="gelu",
+            binary_head="sop",
+            remat=True,
+            compute_dtype="bfloat16",
+        ),
+        data=DataConfig(tokenizer="bert", vocab_dir="data/bert", whole_word_masking=True),
+        optim=OptimConfig(
+            lr=1e-4, min_lr=1e-5, warmup_steps=10_000, decay_steps=2_000_000, schedule="linear"
+        ),
+        train=TrainConfig(
+            steps=2_000_000, batch_size=1024, micro_batches=32, log_every=10, eval_every=1000
         ),
     )

@@ -27,13 +27,14 @@ class Stopped(Exception):
         self.exit_code = exit_code
 
 
-def evaluate(trainer: Trainer, eval_fn, params, val_data: loader.Loader) -> float:
-    """Mean loss over train.eval_batches fixed batches of held-out tokens, without dropout."""
-    losses = []
+def evaluate(trainer: Trainer, eval_fn, params, val_data: loader.Loader) -> dict[str, float]:
+    """The loss and the objective's metrics averaged over train.eval_batches fixed batches of
+    held-out samples, without dropout, as {"val_loss", "val_<metric>", ...}."""
+    results = []
     for i in range(trainer.cfg.train.eval_batches):
-        b = val_data.batch(i)
-        losses.append(eval_fn(params, *trainer.put_eval_batch(b["inputs"], b["targets"])))
-    return float(np.mean(jax.device_get(losses)))
+        results.append(eval_fn(params, trainer.put_eval_batch(val_data.batch(i))))
+    results = jax.device_get(results)
+    return {f"val_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
 @contextlib.contextmanager
@@ -66,6 +67,12 @@ def _restore_or_init(trainer: Trainer, ckpt: Checkpointer, train_data: loader.Lo
     return state
 
 
+def _size(data: loader.Loader) -> str:
+    if data.num_tokens:
+        return f"{data.num_tokens:,} tokens"
+    return f"{sum(len(d) for d in data.datasets):,} samples"
+
+
 def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> list[dict]:
     """Train from the newest checkpoint in workdir (else from `init(trainer)`, a state, or from
     scratch) up to train.steps.
@@ -78,7 +85,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
     if cfg.train.on_nonfinite not in ("skip", "stop"):
         raise ConfigError(f"train.on_nonfinite={cfg.train.on_nonfinite!r}: use skip or stop")
     trainer = Trainer(cfg, mesh)
-    tokenizer, train_data, val_data = loader.gpt_loaders(
+    tokenizer, train_data, val_data = loader.loaders(
         cfg, workdir=workdir, log=log, train_rows=trainer.train_rows, eval_rows=trainer.eval_rows
     )
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -95,7 +102,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
         f"model {trainer.num_params:,} parameters (vocabulary {cfg.model.vocab_size} padded to "
         f"{trainer.padded_vocab}) | mesh data={mesh_degrees['data']} "
         f"model={mesh_degrees['model']} on {jax.device_count()} {jax.devices()[0].platform} "
-        f"devices | {train_data.num_tokens:,} train / {val_data.num_tokens:,} val tokens"
+        f"devices | {_size(train_data)} train / {_size(val_data)} val"
     )
     ckpt = Checkpointer(
         workdir / "checkpoints",
@@ -148,7 +155,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
         try:
             for step in range(start, cfg.train.steps):
                 b = next(train_data)  # this process's rows of global batch `step`
-                state, step_metrics = step_fn(state, *trainer.put_batch(b["inputs"], b["targets"]))
+                state, step_metrics = step_fn(state, trainer.put_batch(b))
                 done, steps_timed = step + 1, steps_timed + 1
                 unchecked.append((done, step_metrics["finite"]))
                 if cfg.train.on_nonfinite == "stop":
@@ -165,7 +172,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
                     scalars["tokens_per_sec"] = steps_timed * tokens_per_step / seconds
                     scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / peak
                     if evaluate_now:
-                        scalars["val_loss"] = evaluate(trainer, eval_fn, state["params"], val_data)
+                        scalars |= evaluate(trainer, eval_fn, state["params"], val_data)
                     writer.write(done, scalars)
                     history.append({"step": done, **scalars})
                     elapsed = time.perf_counter() - began

@@ -13,10 +13,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megajax import loss, optim, parallel
+from megajax import models, optim, parallel
 from megajax.config import Config
 from megajax.mesh import check_batch, check_model
-from megajax.models.gpt import GPT
 
 
 class Trainer:
@@ -51,8 +50,15 @@ class Trainer:
         self.state_sharding = jax.tree.map(self._named, specs, is_leaf=_is_spec)
         micro = (cfg.train.micro_batches, cfg.train.batch_size // cfg.train.micro_batches)
         self.micro_shape = micro
-        self.batch_sharding = self._named(P(None, parallel.DATA, None))
-        self.eval_sharding = self._named(P(parallel.DATA, None))
+        self.fields = models.batch_fields(cfg.model)
+        self.objective = models.objective(cfg.model)
+        # Samples are split over `data` by rows; train batches lead with the micro-batch axis.
+        self.batch_sharding = {
+            k: self._named(P(None, parallel.DATA, *[None] * len(s))) for k, s in self.fields.items()
+        }
+        self.eval_sharding = {
+            k: self._named(P(parallel.DATA, *[None] * len(s))) for k, s in self.fields.items()
+        }
         # Rows of the global (batch, length) batch that this process feeds to its devices; the
         # global row of micro-batch m, row j is m * micro_size + j.
         local = _process_rows(mesh, micro[1])
@@ -69,8 +75,8 @@ class Trainer:
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(parallel.RULES):
             yield
 
-    def _new_model(self, seed) -> GPT:
-        return GPT(self.cfg.model, padded_vocab=self.padded_vocab, rngs=nnx.Rngs(seed))
+    def _new_model(self, seed):
+        return models.build(self.cfg.model, padded_vocab=self.padded_vocab, rngs=nnx.Rngs(seed))
 
     def _init(self):
         return self._state_at_step_0(
@@ -105,40 +111,45 @@ class Trainer:
             self.state_sharding,
         )
 
-    def model(self, params) -> GPT:
+    def model(self, params):
+        """The model (models.build's class) holding `params`."""
         return nnx.merge(self.graphdef, params)
 
     def token_losses(self, params, inputs, targets, key=None):
-        """Next-token cross-entropy per position, (batch, length); `key=None` disables dropout."""
-        model = self.model(params)
-        hidden = model(inputs, key=key)
-        return loss.cross_entropy(
-            hidden, model.lm_head, targets, vocab_size=self.cfg.model.vocab_size
-        )
+        """A GPT's next-token cross-entropy per position, (batch, length); `key=None` disables
+        dropout."""
+        return self.model(params).token_losses(inputs, targets, key=key)
 
-    def loss(self, params, inputs, targets, key):
-        """Mean next-token cross-entropy of (batch, length) inputs."""
-        return self.token_losses(params, inputs, targets, key).mean()
+    def loss(self, params, batch: dict, key):
+        """(objective, metrics) of a batch of samples (a dict of models.batch_fields arrays)."""
+        return self.objective(self.model(params), batch, key)
 
-    def _train_step(self, state, inputs, targets):
-        """One optimizer step over micro-batches (micro, batch / micro, length)."""
+    def _train_step(self, state, batch):
+        """One optimizer step over micro-batches: each field (micro, batch / micro, ...)."""
         params = state["params"]
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state["step"])
-        grad_fn = jax.value_and_grad(self.loss)
+        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
 
         def accumulate(carry, xs):
-            loss_sum, grad_sum = carry
-            i, x, y = xs
-            value, grads = grad_fn(params, x, y, jax.random.fold_in(key, i))
-            return (loss_sum + value, jax.tree.map(jnp.add, grad_sum, grads)), None
+            sums, grad_sum = carry
+            i, micro_batch = xs
+            (value, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(key, i))
+            sums = jax.tree.map(jnp.add, sums, {"loss": value, **metrics})
+            return (sums, jax.tree.map(jnp.add, grad_sum, grads)), None
 
+        micro = self.micro_shape[0]
+        first = jax.tree.map(lambda x: x[0], batch)
+        value_shape, metric_shapes = jax.eval_shape(self.loss, params, first, None)
+        zero_metrics = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), {"loss": value_shape, **metric_shapes}
+        )
         zeros = jax.tree.map(jnp.zeros_like, params)
-        micro = inputs.shape[0]
-        (loss_sum, grad_sum), _ = jax.lax.scan(
-            accumulate, (jnp.float32(0), zeros), (jnp.arange(micro), inputs, targets)
+        (sums, grad_sum), _ = jax.lax.scan(
+            accumulate, (zero_metrics, zeros), (jnp.arange(micro), batch)
         )
         grads = jax.tree.map(lambda g: g / micro, grad_sum)
-        loss, grad_norm = loss_sum / micro, optax.tree.norm(grads)
+        means = jax.tree.map(lambda v: v / micro, sums)
+        loss, grad_norm = means["loss"], optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state):
@@ -157,55 +168,65 @@ class Trainer:
             "skipped": state["skipped"] + (~finite).astype(jnp.int32),
         }
         metrics = {
-            "loss": loss,
+            **means,
             "grad_norm": grad_norm,
             "learning_rate": self.lr(state["step"]),
             "finite": finite,
         }
         return new_state, metrics
 
+    def abstract_batch(self, *, micro: bool) -> dict:
+        """Shapes and shardings of a train batch (micro=True) or of an eval batch."""
+        lead = self.micro_shape if micro else (self.cfg.train.batch_size,)
+        shardings = self.batch_sharding if micro else self.eval_sharding
+        return {
+            k: jax.ShapeDtypeStruct((*lead, *s), jnp.int32, sharding=shardings[k])
+            for k, s in self.fields.items()
+        }
+
     def compile_train_step(self):
-        """The train step compiled ahead of time for this mesh: (compiled, seconds to compile)."""
+        """The train step compiled ahead of time for this mesh: (compiled, seconds to compile).
+        It maps (state, batch) to (state, metrics): loss, the objective's own metrics,
+        grad_norm, learning_rate and finite."""
         start = time.perf_counter()
-        tokens = jax.ShapeDtypeStruct(
-            (*self.micro_shape, self.cfg.model.seq_len), jnp.int32, sharding=self.batch_sharding
-        )
         state = self.abstract_state()
         with self.context():
             jitted = jax.jit(
                 self._train_step, out_shardings=(self.state_sharding, None), donate_argnums=0
             )
-            compiled = jitted.lower(state, tokens, tokens).compile()
+            compiled = jitted.lower(state, self.abstract_batch(micro=True)).compile()
         return compiled, time.perf_counter() - start
 
     def compile_eval_step(self):
-        """Mean loss without dropout, compiled for (batch, length) batches."""
-        tokens = jax.ShapeDtypeStruct(
-            (self.cfg.train.batch_size, self.cfg.model.seq_len),
-            jnp.int32,
-            sharding=self.eval_sharding,
-        )
+        """(params, batch) -> {"loss", metrics...} without dropout, for (batch, ...) batches."""
+
+        def evaluate(params, batch):
+            value, metrics = self.loss(params, batch, None)
+            return {"loss": value, **metrics}
+
         with self.context():
-            jitted = jax.jit(lambda params, x, y: self.loss(params, x, y, None))
-            return jitted.lower(self.abstract_state()["params"], tokens, tokens).compile()
+            jitted = jax.jit(evaluate)
+            params = self.abstract_state()["params"]
+            return jitted.lower(params, self.abstract_batch(micro=False)).compile()
 
-    def put_batch(self, inputs: np.ndarray, targets: np.ndarray):
-        """This process's rows (train_rows) of the global batch -> global device arrays of
-        shape (micro, batch / micro, length)."""
-        local = (self.micro_shape[0], -1, inputs.shape[-1])
-        shape = (*self.micro_shape, inputs.shape[-1])
-        return tuple(
-            jax.make_array_from_process_local_data(self.batch_sharding, a.reshape(local), shape)
-            for a in (inputs, targets)
-        )
+    def put_batch(self, batch: dict) -> dict:
+        """This process's rows (train_rows) of a global batch ({field: (rows, ...)}) -> global
+        device arrays of shape (micro, batch / micro, ...)."""
+        out = {}
+        for k, s in self.fields.items():
+            local = np.asarray(batch[k]).reshape(self.micro_shape[0], -1, *s)
+            shape = (*self.micro_shape, *s)
+            out[k] = jax.make_array_from_process_local_data(self.batch_sharding[k], local, shape)
+        return out
 
-    def put_eval_batch(self, inputs: np.ndarray, targets: np.ndarray):
-        """This process's rows (eval_rows) of a (batch, length) batch -> global device arrays."""
-        shape = (self.cfg.train.batch_size, inputs.shape[-1])
-        return tuple(
-            jax.make_array_from_process_local_data(self.eval_sharding, a, shape)
-            for a in (inputs, targets)
-        )
+    def put_eval_batch(self, batch: dict) -> dict:
+        """This process's rows (eval_rows) of a (batch, ...) batch -> global device arrays."""
+        return {
+            k: jax.make_array_from_process_local_data(
+                self.eval_sharding[k], np.asarray(batch[k]), (self.cfg.train.batch_size, *s)
+            )
+            for k, s in self.fields.items()
+        }
 
 
 def _is_spec(x) -> bool:

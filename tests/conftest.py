@@ -9,7 +9,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from megajax import config  # noqa: E402
+from megajax.data import prepare  # noqa: E402
+from megajax.data.samples import BertPairs, Dataset  # noqa: E402
 from megajax.data.tokenizer import GPT2Tokenizer  # noqa: E402
+
+WIKI = "data/wikitext103/wiki.valid.head429.tokens"
 
 
 def device_mesh(data: int, model: int):
@@ -39,3 +43,29 @@ def real_batch(tokens: np.ndarray, *, step: int, batch_size: int, seq_len: int, 
     starts = np.random.default_rng(step).integers(0, len(tokens) - seq_len - 1, batch_size)
     windows = np.stack([tokens[i : i + seq_len + 1] for i in starts]) % vocab_size
     return windows[:, :-1], windows[:, 1:]
+
+
+def bert_config(**model):
+    """A BERT that compiles in seconds (the bert_tiny recipe, smaller)."""
+    fields = dict(seq_len=32, num_layers=2, hidden=64, num_heads=8)
+    return config.replace(
+        config.load("configs/bert_tiny.py"),
+        model={**fields, **model},
+        train=dict(batch_size=8, micro_batches=1),
+    )
+
+
+@pytest.fixture(scope="session")
+def bert_dataset(tmp_path_factory):
+    """The shipped WikiText-103 slice in WordPiece ids, sentence by sentence."""
+    out = tmp_path_factory.mktemp("bert") / "wiki"
+    kw = dict(fmt="wikitext", tokenizer="bert", vocab_dir="data/bert", val_fraction=0)
+    return Dataset(prepare.prepare([WIKI], out=out, log=lambda _: None, **kw))
+
+
+def bert_batch(dataset, *, step: int, batch_size: int, seq_len: int, pair_task="sop") -> dict:
+    """Real BERT samples (masked, sentence pairs) stacked into one batch."""
+    pairs = BertPairs(dataset, "train", max_len=seq_len, pair_task=pair_task, seed=1)
+    rows = np.random.default_rng(step).integers(0, len(pairs), batch_size)
+    samples = [pairs[int(i)] for i in rows]
+    return {k: np.stack([s[k] for s in samples]) for k in samples[0]}

@@ -84,7 +84,7 @@ def test_nonfinite_step_is_skipped_and_never_saved(tmp_path):
     step_fn, _ = trainer.compile_train_step()
     tokens = np.arange(8 * 32).reshape(8, 32) % 65
     before = jax.device_get(state)
-    after, metrics = step_fn(state, *trainer.put_batch(tokens, tokens))
+    after, metrics = step_fn(state, trainer.put_batch({"inputs": tokens, "targets": tokens}))
     after = jax.device_get(after)
     assert not bool(metrics["finite"]) and int(after["skipped"]) == 1 and int(after["step"]) == 1
     jax.tree.map(np.testing.assert_array_equal, after["opt_state"], before["opt_state"])

@@ -50,7 +50,9 @@ def _megajax_logits(trainer, params, ids):
     vocab = trainer.cfg.model.vocab_size
     with trainer.context():
         f = jax.jit(lambda p, x: (lambda m: m(x) @ m.lm_head.T)(trainer.model(p)))
-        return np.asarray(f(params, trainer.put_eval_batch(ids, ids)[0]))[..., :vocab]
+        return np.asarray(
+            f(params, trainer.put_eval_batch({"inputs": ids, "targets": ids})["inputs"])
+        )[..., :vocab]
 
 
 def _ids(path, batch=8):

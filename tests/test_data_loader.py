@@ -9,7 +9,7 @@ import pytest
 from megajax import config
 from megajax.config import ConfigError
 from megajax.data import prepare
-from megajax.data.loader import PERIOD, Loader, gpt_loaders
+from megajax.data.loader import PERIOD, Loader, loaders
 from megajax.data.samples import Dataset, GPTWindows
 
 
@@ -107,11 +107,11 @@ def test_train_sources_blend_prepared_datasets_and_text_files(prepared, windows,
     cfg = config.replace(
         config.load("configs/gpt2_tiny.py"), model=dict(seq_len=32), data=dict(source=source)
     )
-    tok, train, val = gpt_loaders(cfg, workdir=tmp_path, log=lambda _: None)
+    tok, train, val = loaders(cfg, workdir=tmp_path, log=lambda _: None)
     assert tok.vocab_size == 50257 and train.weights == [1.0, 3.0]
     assert [len(d) for d in train.datasets] == [len(w) for w in windows]
     assert len(list((tmp_path / "data").iterdir())) == 1  # the text file, prepared in workdir
     assert 0 < val.num_tokens < train.num_tokens / 5 and next(train)["inputs"].shape == (8, 32)
     char = config.replace(cfg, data=dict(tokenizer="char"))
     with pytest.raises(ConfigError, match="prepared with the gpt2 tokenizer"):
-        gpt_loaders(char, workdir=tmp_path / "c", log=lambda _: None)
+        loaders(char, workdir=tmp_path / "c", log=lambda _: None)

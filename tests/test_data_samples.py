@@ -7,21 +7,12 @@ import pytest
 from megajax.data import prepare
 from megajax.data.samples import IGNORE, BertPairs, Dataset, GPTWindows
 
-WIKI = "data/wikitext103/wiki.valid.head429.tokens"
-
 
 @pytest.fixture(scope="module")
 def gpt_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpt") / "lambada"
     src = ["data/lambada/lambada_sample.jsonl"]
     return Dataset(prepare.prepare(src, out=out, fmt="lambada", log=lambda _: None))
-
-
-@pytest.fixture(scope="module")
-def bert_dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bert") / "wiki"
-    kw = dict(fmt="wikitext", tokenizer="bert", vocab_dir="data/bert", val_fraction=0)
-    return Dataset(prepare.prepare([WIKI], out=out, log=lambda _: None, **kw))
 
 
 def test_gpt_windows_lose_no_token_and_hold_no_padding(gpt_dataset):
@@ -79,11 +70,11 @@ def test_sentence_order_labels_are_true_and_balanced(bert_dataset, bert_samples)
         n = int(s["padding_mask"].sum())
         sep = int(np.argmax(original == pairs.sep))
         a, b = original[1:sep], original[sep + 1 : n - 1]
-        first, second = (b, a) if s["sop_label"] else (a, b)
+        first, second = (b, a) if s["sentence_label"] else (a, b)
         row = source[int(pairs.samples[i][0])]["tokens"]
         at = _find(row, first)
         assert at >= 0 and _find(row, second, at + len(first)) >= 0  # in the text's order
-    labels = np.array([s["sop_label"] for s in samples])
+    labels = np.array([s["sentence_label"] for s in samples])
     assert len(labels) >= 300 and abs(labels.mean() - 0.5) < 0.08  # 3 standard deviations
 
 

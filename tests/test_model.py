@@ -25,7 +25,11 @@ def test_future_tokens_never_change_earlier_positions():
     with trainer.context():
         hidden = jax.jit(lambda p, x: trainer.model(p)(x))
         a, b = (
-            np.asarray(hidden(state["params"], trainer.put_eval_batch(x, x)[0]))
+            np.asarray(
+                hidden(
+                    state["params"], trainer.put_eval_batch({"inputs": x, "targets": x})["inputs"]
+                )
+            )
             for x in (ids, changed)
         )
     np.testing.assert_allclose(a[:, :20], b[:, :20], rtol=1e-6, atol=1e-6)
@@ -53,10 +57,9 @@ def _grads(cfg, data=2, model=4):
     state = trainer.init_state()
     ids = np.arange(8 * 32).reshape(8, 32) * 37 % 1100
     with trainer.context():
-        x, y = trainer.put_eval_batch(ids, np.roll(ids, -1, axis=1))
-        return jax.device_get(
-            jax.jit(jax.value_and_grad(trainer.loss))(state["params"], x, y, jax.random.key(3))
-        )
+        batch = trainer.put_eval_batch({"inputs": ids, "targets": np.roll(ids, -1, axis=1)})
+        loss_fn = jax.value_and_grad(lambda p, b, k: trainer.loss(p, b, k)[0])
+        return jax.device_get(jax.jit(loss_fn)(state["params"], batch, jax.random.key(3)))
 
 
 def test_remat_changes_memory_not_results():

@@ -50,7 +50,7 @@ def test_gradient_accumulation_equals_one_large_batch(shakespeare_tokens):
         state = trainer.init_state()
         step_fn, _ = trainer.compile_train_step()
         x, y = real_batch(shakespeare_tokens, step=0, batch_size=8, seq_len=32, vocab_size=1100)
-        state, metrics = step_fn(state, *trainer.put_batch(x, y))
+        state, metrics = step_fn(state, trainer.put_batch({"inputs": x, "targets": y}))
         results.append((jax.device_get(metrics), jax.device_get(state["params"])))
     (m1, p1), (m4, p4) = results
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)

@@ -152,12 +152,42 @@ def _sources(source: str) -> tuple[list[str], list[float]]:
     return paths, weights
 
 
-def gpt_loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
+def _samples(cfg, dataset, split: str):
+    """The samples model.arch trains on: GPT windows or BERT sentence pairs."""
+    from megajax.data import samples
+
+    if cfg.model.arch == "gpt":
+        return samples.GPTWindows(dataset, split, seq_len=cfg.model.seq_len)
+    if cfg.model.arch == "bert":
+        return samples.BertPairs(
+            dataset,
+            split,
+            max_len=cfg.model.seq_len,
+            short_prob=cfg.data.short_seq_prob,
+            mask_prob=cfg.data.mask_prob,
+            whole_word=cfg.data.whole_word_masking,
+            pair_task=cfg.model.binary_head,
+            seed=cfg.train.seed + (split != "train"),
+        )
+    raise ConfigError(
+        f"model.arch={cfg.model.arch} trains on labelled questions, not on data.source text: "
+        "use a multiple-choice config (configs/race_bert_*.py)"
+    )
+
+
+def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
     """(tokenizer, train Loader, validation Loader) for cfg.data.source: prepared datasets or
     text files (prepared once into workdir/data), blended by their weights. Each loader yields
-    the given rows (default all) of each global batch ({'inputs', 'targets'}, (rows, seq_len)
-    int32 each)."""
+    the given rows (default all) of each global batch: for GPT {'inputs', 'targets'},
+    (rows, seq_len) int32 each; for BERT the fields of BertPairs."""
     from megajax.data import prepare, samples  # here: samples imports TFDS, the Loader does not
+
+    if cfg.model.is_bert != (cfg.data.tokenizer == "bert"):
+        raise ConfigError(
+            f"model.arch={cfg.model.arch} with data.tokenizer={cfg.data.tokenizer!r}: BERT "
+            "models read WordPiece ids (data.tokenizer=bert, data.vocab_dir=data/bert), GPT "
+            "models gpt2 or char ids"
+        )
 
     paths, weights = _sources(cfg.data.source)
     datasets = [
@@ -181,10 +211,9 @@ def gpt_loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
             )
     if len({json.dumps(d.manifest["tokenizer"], sort_keys=True) for d in datasets}) > 1:
         raise ConfigError("data.source: the blended datasets have different character sets")
-    seq_len = cfg.model.seq_len
-    loaders = [
+    made = [
         Loader(
-            [samples.GPTWindows(d, split, seq_len=seq_len) for d in datasets],
+            [_samples(cfg, d, split) for d in datasets],
             weights=weights,
             batch_size=cfg.train.batch_size,
             seed=cfg.train.seed + offset,
@@ -192,4 +221,4 @@ def gpt_loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
         )
         for split, offset, rows in (("train", 0, train_rows), ("validation", 1, eval_rows))
     ]
-    return datasets[0].tokenizer(), *loaders
+    return datasets[0].tokenizer(), *made

@@ -98,7 +98,8 @@ class BertPairs:
     """BERT samples: [CLS] A [SEP] B [SEP] from consecutive sentences of one row, padded to
     max_len. Outputs, each (max_len,) int32 unless noted: tokens, token_types (0 for A, 1 for
     B), padding_mask (1 on real tokens), labels (the original token at masked positions, else
-    IGNORE), and sop_label () (1 if A and B were swapped)."""
+    IGNORE), and sentence_label (): for pair_task "sop" (sentence order), 1 if A and B were
+    swapped; for "nsp" (next sentence), 1 if B was replaced by text from another row."""
 
     def __init__(
         self,
@@ -109,8 +110,12 @@ class BertPairs:
         short_prob: float = 0.1,
         mask_prob: float = 0.15,
         whole_word: bool = False,
+        pair_task: str = "sop",
         seed: int = 0,
     ):
+        if pair_task not in ("sop", "nsp", "none"):
+            raise ConfigError(f"pair task {pair_task!r}: use sop, nsp or none")
+        self.pair_task = pair_task
         tok = dataset.tokenizer()
         if not hasattr(tok, "mask_id"):
             raise ConfigError(f"{dataset.path} was not prepared with the bert tokenizer")
@@ -170,9 +175,12 @@ class BertPairs:
         # Split between sentences if there are several, else inside the one sentence.
         cuts = bounds[first + 1 : end] - bounds[first]
         cut = int(rng.choice(cuts)) if len(cuts) else int(rng.integers(1, len(tokens)))
-        a, b = _truncate_pair(list(tokens[:cut]), list(tokens[cut:]), target, rng)
-        swapped = rng.random() < 0.5
-        if swapped:
+        a, b = list(tokens[:cut]), list(tokens[cut:])
+        flipped = self.pair_task != "none" and rng.random() < 0.5
+        if flipped and self.pair_task == "nsp":
+            b = self._random_segment(row, len(b), rng)
+        a, b = _truncate_pair(a, b, target, rng)
+        if flipped and self.pair_task == "sop":
             a, b = b, a
         ids = np.array([self.cls, *a, self.sep, *b, self.sep], np.int32)
         types = np.array([0] * (len(a) + 2) + [1] * (len(b) + 1), np.int32)
@@ -183,8 +191,19 @@ class BertPairs:
             "token_types": np.pad(types, (0, pad)),
             "padding_mask": np.pad(np.ones(len(ids), np.int32), (0, pad)),
             "labels": np.pad(labels, (0, pad), constant_values=IGNORE),
-            "sop_label": np.int32(swapped),
+            "sentence_label": np.int32(flipped),
         }
+
+    def _random_segment(self, row: int, length: int, rng) -> list:
+        """`length` tokens (or fewer) from a random sentence start of another row: a next
+        sentence that is not (BERT's negative NSP pair)."""
+        rows = int(self.samples[-1, 0]) + 1
+        other = int(rng.integers(rows - 1)) if rows > 1 else row
+        other += other >= row and rows > 1
+        item = self.source[other]
+        starts = np.concatenate([[0], np.cumsum(item["sentence_lengths"])[:-1]])
+        begin = int(rng.choice(starts))
+        return list(item["tokens"][begin : begin + length])
 
     def _mask(self, ids: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
         """mask_prob of the non-special positions (whole words if whole_word) are predicted:

@@ -33,6 +33,7 @@ def score(trainer: Trainer, params, windows: Sequence[dict]) -> dict[str, float]
             samples = [windows[ids[r]] for r in rows]
             x, y = (np.stack([s[k] for s in samples]) for k in ("inputs", "targets"))
             w = jax.make_array_from_process_local_data(weights_sharding, weight[rows], (batch,))
-            total += float(summed(params, *trainer.put_eval_batch(x, y), w))
+            b = trainer.put_eval_batch({"inputs": x, "targets": y})
+            total += float(summed(params, b["inputs"], b["targets"], w))
             count += int(weight.sum()) * x.shape[1]
     return {"tokens": count, "nll": total, "loss": total / count, "ppl": math.exp(total / count)}

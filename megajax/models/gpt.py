@@ -6,35 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from megajax import loss
 from megajax.config import ModelConfig
-from megajax.layers import Block, LayerNorm, VocabEmbedding, _normal, dropout
+from megajax.layers import LayerNorm, VocabEmbedding, _normal, dropout
+from megajax.models.stack import run_stack, stacked_blocks
 from megajax.parallel import constrain
-
-
-def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """num_layers Blocks as one Block whose parameters have a leading `layers` axis."""
-
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(rngs):
-        return Block(cfg, rngs=rngs)
-
-    return make(rngs)
-
-
-def run_stack(blocks: Block, x, *, mask, key, remat: bool, num_layers: int):
-    """Apply stacked blocks in order with one `lax.scan`: compile time does not grow with depth."""
-    graphdef, state = nnx.split(blocks)
-    keys = None if key is None else jax.random.split(key, num_layers)
-
-    def layer(x, inputs):
-        layer_state, layer_key = inputs
-        return nnx.merge(graphdef, layer_state)(x, mask=mask, key=layer_key), None
-
-    if remat:
-        layer = jax.checkpoint(layer, prevent_cse=False)
-    x, _ = jax.lax.scan(layer, x, (state, keys))
-    return x
 
 
 class GPT(nnx.Module):
@@ -65,3 +41,18 @@ class GPT(nnx.Module):
     def lm_head(self) -> jax.Array:
         """The tied output embedding, (padded_vocab, hidden), split over `model` by rows."""
         return self.wte.embedding[...]
+
+    def token_losses(self, inputs, targets, *, key=None) -> jax.Array:
+        """Next-token cross-entropy per position, (batch, length)."""
+        hidden = self(inputs, key=key)
+        return loss.cross_entropy(hidden, self.lm_head, targets, vocab_size=self.cfg.vocab_size)
+
+
+def batch_fields(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Each field of a training sample and its shape (all int32)."""
+    return {"inputs": (cfg.seq_len,), "targets": (cfg.seq_len,)}
+
+
+def objective(model: GPT, batch: dict, key) -> tuple[jax.Array, dict]:
+    """Mean next-token cross-entropy, and no further metrics."""
+    return model.token_losses(batch["inputs"], batch["targets"], key=key).mean(), {}
