@@ -3,60 +3,93 @@
 import jax
 import numpy as np
 import pytest
-from conftest import device_mesh, real_batch, tiny_config
+from conftest import bert_batch, bert_config, device_mesh, real_batch, tiny_config
 
 from megajax.trainer import Trainer
 
-MESHES = [(1, 1), (8, 1), (2, 4), (4, 2), (1, 8)]
 STEPS = 3
+# Each model on one device (the reference) and on the meshes it is compared on.
+MESHES = {
+    "gpt": [(8, 1), (2, 4), (4, 2), (1, 8)],
+    "bert-pre": [(2, 4), (1, 8)],
+    "bert-post": [(2, 4), (4, 2)],
+}
 
 
-def _run(cfg, data, model, tokens):
-    """Losses of STEPS train steps, first-step gradients and final params (real vocab rows)."""
+def _setup(kind, shakespeare_tokens, bert_dataset):
+    """A config with dropout on and STEPS batches of real text for it."""
+    if kind == "gpt":
+        cfg = tiny_config()
+        pairs = [real_batch(shakespeare_tokens, step=i, **_shape(cfg)) for i in range(STEPS)]
+        batches = [{"inputs": x, "targets": y} for x, y in pairs]
+    else:
+        cfg = bert_config(layernorm_placement=kind.split("-")[1])
+        batches = [
+            bert_batch(bert_dataset, step=i, batch_size=8, seq_len=cfg.model.seq_len)
+            for i in range(STEPS)
+        ]
+    return cfg, batches
+
+
+def _shape(cfg):
+    m = cfg.model
+    return dict(batch_size=cfg.train.batch_size, seq_len=m.seq_len, vocab_size=m.vocab_size)
+
+
+def _run(cfg, data, model, batches):
+    """Losses and metrics of STEPS train steps, first-step gradients and final params (real
+    vocabulary rows)."""
     trainer = Trainer(cfg, device_mesh(data, model))
     state = trainer.init_state()
     step_fn, _ = trainer.compile_train_step()
-    batches = [
-        real_batch(
-            tokens,
-            step=i,
-            batch_size=cfg.train.batch_size,
-            seq_len=cfg.model.seq_len,
-            vocab_size=cfg.model.vocab_size,
-        )
-        for i in range(STEPS)
-    ]
     with trainer.context():
         key = jax.random.key(7)
-        x, y = trainer.put_eval_batch(*batches[0])
-        grads = jax.jit(jax.grad(trainer.loss))(state["params"], x, y, key)
-    losses = []
-    for x, y in batches:
-        state, metrics = step_fn(state, *trainer.put_batch(x, y))
-        losses.append(float(metrics["loss"]))
+        loss = lambda p, b, k: trainer.loss(p, b, k)[0]  # noqa: E731
+        grads = jax.jit(jax.grad(loss))(state["params"], trainer.put_eval_batch(batches[0]), key)
+    metrics = []
+    for batch in batches:
+        state, m = step_fn(state, trainer.put_batch(batch))
+        metrics.append({k: float(v) for k, v in m.items() if k != "learning_rate"})
     real = cfg.model.vocab_size
 
     def unpad(tree):
         tree = jax.device_get(tree)
         tree["wte"]["embedding"] = tree["wte"]["embedding"][:real]
+        if "mlm" in tree:
+            tree["mlm"]["bias"] = tree["mlm"]["bias"][:real]
         return tree
 
-    return np.array(losses), unpad(grads), unpad(state["params"])
+    return metrics, unpad(grads), unpad(state["params"])
 
 
 @pytest.fixture(scope="module")
-def reference(shakespeare_tokens):
-    cfg = tiny_config()
-    return cfg, _run(cfg, 1, 1, shakespeare_tokens)
+def reference(shakespeare_tokens, bert_dataset):
+    """kind -> (config, batches, its one-device run), computed once per kind."""
+    runs = {}
+
+    def get(kind):
+        if kind not in runs:
+            cfg, batches = _setup(kind, shakespeare_tokens, bert_dataset)
+            runs[kind] = cfg, batches, _run(cfg, 1, 1, batches)
+        return runs[kind]
+
+    return get
 
 
-@pytest.mark.parametrize("data,model", MESHES[1:])
-def test_loss_grads_and_params_identical_across_meshes(reference, shakespeare_tokens, data, model):
-    cfg, (ref_losses, ref_grads, ref_params) = reference
+@pytest.mark.parametrize(
+    "kind,data,model", [(kind, *mesh) for kind, meshes in MESHES.items() for mesh in meshes]
+)
+def test_metrics_grads_and_params_identical_across_meshes(reference, kind, data, model):
+    cfg, batches, (ref_metrics, ref_grads, ref_params) = reference(kind)
     assert cfg.model.dropout > 0  # dropout masks must not depend on the sharding either
-    losses, grads, params = _run(cfg, data, model, shakespeare_tokens)
-    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
-    assert ref_losses[-1] < ref_losses[0]
+    metrics, grads, params = _run(cfg, data, model, batches)
+    for ours, ref in zip(metrics, ref_metrics, strict=True):
+        assert ours.keys() == ref.keys()
+        for k in ours:
+            np.testing.assert_allclose(
+                ours[k], ref[k], rtol=2e-5 if "norm" in k else 2e-6, err_msg=k
+            )
+    assert ref_metrics[-1]["loss"] < ref_metrics[0]["loss"]
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-7), grads, ref_grads
     )
