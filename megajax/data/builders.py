@@ -71,6 +71,8 @@ class RaceRows(_RowsBuilder):
         return tfds.features.FeaturesDict(
             {
                 "id": tfds.features.Text(),
+                "passage": tfds.features.Text(),  # the file it came from
+                "level": tfds.features.Text(),  # its folder: middle or high in RACE
                 "article": tfds.features.Text(),
                 "question": tfds.features.Text(),
                 "options": tfds.features.Sequence(tfds.features.Text(), length=4),

@@ -107,6 +107,8 @@ def read_race(inputs) -> list[dict]:
             rows.append(
                 dict(
                     id=f"{ident}-{q}",
+                    passage=str(path),
+                    level=path.parent.name,
                     article=article,
                     question=question,
                     options=list(opts),

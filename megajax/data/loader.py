@@ -169,10 +169,43 @@ def _samples(cfg, dataset, split: str):
             pair_task=cfg.model.binary_head,
             seed=cfg.train.seed + (split != "train"),
         )
-    raise ConfigError(
-        f"model.arch={cfg.model.arch} trains on labelled questions, not on data.source text: "
-        "use a multiple-choice config (configs/race_bert_*.py)"
-    )
+    raise ConfigError(f"model.arch={cfg.model.arch} has no text samples")
+
+
+def race_splits(cfg, paths) -> tuple[list[dict], list[dict]]:
+    """RACE questions of the files or folders in `paths` -> (train, validation): the last
+    data.val_fraction of the passages (in path order) are held out, whole passages."""
+    from megajax.data import corpora
+
+    rows = corpora.read_race(paths)
+    passages = list(dict.fromkeys(r["passage"] for r in rows))
+    held = set(passages[len(passages) - round(cfg.data.val_fraction * len(passages)) :])
+    return [r for r in rows if r["passage"] not in held], [r for r in rows if r["passage"] in held]
+
+
+def race_loaders(cfg, *, log=print, train_rows=None, eval_rows=None):
+    """(tokenizer, train Loader, validation Loader) of RACE questions for a multiple-choice
+    BERT: data.source is RACE's folder layout (or files), read as JSON, tokenized per sample."""
+    from megajax.data import samples
+    from megajax.data.tokenizer import BertTokenizer
+
+    tokenizer = BertTokenizer(f"{cfg.data.vocab_dir}/vocab.txt")
+    paths, _ = _sources(cfg.data.source)
+    train, val = race_splits(cfg, paths)
+    log(f"RACE: {len(train)} training and {len(val)} validation questions from {cfg.data.source}")
+    made = [
+        Loader(
+            [samples.RaceQuestions(rows, tokenizer, max_len=cfg.model.seq_len, name=split)],
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed + offset,
+            rows=rows_of_batch,
+        )
+        for split, offset, rows, rows_of_batch in (
+            ("train", 0, train, train_rows),
+            ("validation", 1, val, eval_rows),
+        )
+    ]
+    return tokenizer, *made
 
 
 def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
@@ -182,6 +215,8 @@ def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
     (rows, seq_len) int32 each; for BERT the fields of BertPairs."""
     from megajax.data import prepare, samples  # here: samples imports TFDS, the Loader does not
 
+    if cfg.model.arch == "bert_multiple_choice":
+        return race_loaders(cfg, log=log, train_rows=train_rows, eval_rows=eval_rows)
     if cfg.model.is_bert != (cfg.data.tokenizer == "bert"):
         raise ConfigError(
             f"model.arch={cfg.model.arch} with data.tokenizer={cfg.data.tokenizer!r}: BERT "

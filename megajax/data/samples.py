@@ -243,3 +243,45 @@ def _truncate_pair(a: list, b: list, target: int, rng) -> tuple[list, list]:
         else:
             longer.pop()
     return a, b
+
+
+class RaceQuestions:
+    """RACE questions as multiple-choice samples (Megatron-LM's RACE task): for each option,
+    [CLS] question-with-option [SEP] article [SEP], where the option fills the question's `_`
+    blank (or follows the question), the article is cut at its end to fit max_len, and token
+    types are 0 up to the first [SEP], 1 after. Outputs (options, max_len) int32 tokens,
+    token_types and padding_mask, and label () the answer's index."""
+
+    def __init__(self, rows: list[dict], tokenizer, *, max_len: int, name: str = "race"):
+        self.rows, self.tok, self.max_len, self.name = rows, tokenizer, max_len, name
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        row = self.rows[i]
+        article = self.tok.encode(_clean(row["article"]))
+        encoded = [self.encode(row["question"], option, article) for option in row["options"]]
+        return {
+            **{k: np.stack([e[k] for e in encoded]) for k in encoded[0]},
+            "label": np.int32(row["answer"]),
+        }
+
+    def encode(self, question: str, option: str, article: list[int]) -> dict[str, np.ndarray]:
+        qa = question.replace("_", option) if "_" in question else f"{question} {option}"
+        a = self.tok.encode(_clean(qa))
+        ids = [self.tok.cls_id, *a, self.tok.sep_id, *article][: self.max_len - 1]
+        ids.append(self.tok.sep_id)
+        types = np.zeros(self.max_len, np.int32)
+        types[len(a) + 2 : len(ids)] = 1
+        pad = self.max_len - len(ids)
+        return {
+            "tokens": np.array(ids + [self.tok.pad_id] * pad, np.int32),
+            "token_types": types,
+            "padding_mask": np.array([1] * len(ids) + [0] * pad, np.int32),
+        }
+
+
+def _clean(text: str) -> str:
+    """Newlines and runs of spaces -> one space (Megatron-LM's clean_text)."""
+    return " ".join(text.replace("\n", " ").split())

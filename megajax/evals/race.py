@@ -1,0 +1,53 @@
+"""RACE accuracy of a multiple-choice BERT, overall and per level (middle, high)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from megajax.data.samples import RaceQuestions
+from megajax.models import bert
+from megajax.trainer import Trainer
+
+
+def score(
+    trainer: Trainer, params, questions: RaceQuestions, *, progress: Callable | None = None
+) -> dict:
+    """Predict each question's option (the highest score of its four [CLS] encodings) in
+    batches of train.batch_size, sharded like training; the last batch is filled up with copies
+    of question 0 that are not counted. Returns accuracy, n, and accuracy_<level>, n_<level>."""
+    batch, n = trainer.cfg.train.batch_size, len(questions)
+    with trainer.context():
+        scores = jax.jit(lambda p, b: bert.choice_logits(trainer.model(p), b))
+    predictions = []
+    for start in range(0, n, batch):
+        ids = [i if i < n else 0 for i in range(start, start + batch)]
+        samples = [questions[ids[r]] for r in trainer.eval_rows]
+        local = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+        with trainer.context():
+            logits = scores(params, trainer.put_eval_batch(local))
+        # Every process needs every prediction to count them: (batch, options) is tiny.
+        predictions += list(np.asarray(_gather(logits)).argmax(-1)[: min(batch, n - start)])
+        if progress:
+            progress(min(start + batch, n), n)
+    return _accuracies(questions.rows, predictions)
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
+def _accuracies(rows: list[dict], predictions: list[int]) -> dict:
+    correct = np.array([p == r["answer"] for p, r in zip(predictions, rows, strict=True)])
+    out = {"accuracy": float(correct.mean()), "n": len(rows)}
+    for level in sorted({r["level"] for r in rows}):
+        mine = np.array([r["level"] == level for r in rows])
+        out[f"accuracy_{level}"] = float(correct[mine].mean())
+        out[f"n_{level}"] = int(mine.sum())
+    return out
