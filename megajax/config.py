@@ -96,12 +96,18 @@ class ModelConfig:
             heads += 0 if self.binary_head == "none" else pooler + 2 * h + 2
         return embed + n * per_layer + heads
 
+    @property
+    def tokens_per_sample(self) -> int:
+        """Tokens the model reads per sample: one sequence, or one per option."""
+        return self.seq_len * (self.num_choices if self.arch == "bert_multiple_choice" else 1)
+
     def flops_per_token(self) -> float:
         """Model FLOPs of one token's forward and backward pass, counted as Megatron-LM does."""
         h, n, s = self.hidden, self.num_layers, self.seq_len
-        # 24 h^2 (dense) + 4 s h (attention scores and values) per layer, 2 V h for the LM head;
-        # times 3 for forward + backward.
-        return 3 * (n * (24 * h * h + 4 * s * h) + 2 * self.vocab_size * h)
+        # 24 h^2 (dense) + 4 s h (attention scores and values) per layer, 2 V h for the LM head
+        # (none for multiple choice); times 3 for forward + backward.
+        head = 0 if self.arch == "bert_multiple_choice" else 2 * self.vocab_size * h
+        return 3 * (n * (24 * h * h + 4 * s * h) + head)
 
 
 @dataclasses.dataclass(frozen=True)

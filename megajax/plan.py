@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from megajax import hlo, parallel
+from megajax import hlo, models, parallel
 from megajax.config import Config, ConfigError, ModelConfig
 
 GB = 1e9
@@ -67,13 +67,19 @@ def target(name: str) -> Target:
 
 def params_per_device(m: ModelConfig, model_degree: int) -> int:
     """Parameters one device holds under the Megatron plan: QKV, fc1 (and their biases), the
-    attention output and fc2 weights and the word embedding are split T ways; layer norms,
-    row-parallel biases and position embeddings are replicated."""
+    attention output and fc2 weights and the word embedding (with BERT's masked-LM output bias)
+    are split T ways; layer norms, row-parallel biases, position and token-type embeddings and
+    BERT's small heads are replicated."""
     h, f, t = m.hidden, m.mlp_hidden, model_degree
     split = 3 * h * h + 3 * h + h * h + h * f + f + f * h
     replicated = 2 * 2 * h + h + h
-    embed = m.padded_vocab_size(t) * h // t + m.seq_len * h
-    return embed + m.num_layers * (split // t + replicated) + 2 * h
+    vocab = m.padded_vocab_size(t)
+    layers = m.num_layers * (split // t + replicated)
+    # Everything outside the layers, as num_params counts it, with the vocabulary rows split.
+    outside = m.num_params(t) - m.num_layers * (split + replicated) - vocab * h
+    if m.arch == "bert":
+        outside -= vocab - vocab // t  # the masked-LM head's output bias is split too
+    return vocab * h // t + layers + outside
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,11 +114,18 @@ def layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> 
 
 def head_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
     """The vocabulary-sharded logits (float32 shifted logits, exponentials, padding mask) and
-    the embedding output and final layer norm around the stack."""
+    the embedding output and final layer norm around the stack; for BERT also the masked-LM
+    transform (dense output, GeLU, layer norm) before the logits."""
     e = jnp.dtype(m.compute_dtype).itemsize
-    logits = batch * m.seq_len * m.padded_vocab_size(model_degree) // model_degree
+    if m.arch == "bert_multiple_choice":
+        batch *= m.num_choices
     n = batch * m.seq_len * m.hidden
-    return 9 * logits + n * (e + 3 * 4)
+    total = n * (e + 3 * 4)
+    if m.arch != "bert_multiple_choice":
+        total += 9 * batch * m.seq_len * m.padded_vocab_size(model_degree) // model_degree
+    if m.arch == "bert":
+        total += n * (3 * e + 3 * 4)
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,13 +156,15 @@ def estimate_memory(cfg: Config, *, data_degree: int, model_degree: int) -> Memo
     m, tr = cfg.model, cfg.train
     p = params_per_device(m, model_degree)
     batch = tr.batch_size // tr.micro_batches // data_degree  # one micro-batch on one device
-    layer = layer_activation_bytes(m, batch=batch, model_degree=model_degree)
+    sequences = batch * (m.num_choices if m.arch == "bert_multiple_choice" else 1)
+    layer = layer_activation_bytes(m, batch=sequences, model_degree=model_degree)
     head = head_activation_bytes(m, batch=batch, model_degree=model_degree)
-    layer_input = batch * m.seq_len * m.hidden * jnp.dtype(m.compute_dtype).itemsize
+    layer_input = sequences * m.seq_len * m.hidden * jnp.dtype(m.compute_dtype).itemsize
+    sample = sum(math.prod(shape) for shape in models.batch_fields(m).values())
     return MemoryEstimate(
         weights=4 * p,
         optimizer=8 * p + 2 * 4,  # + the counts of scale_by_adam and scale_by_schedule
-        inputs=2 * 4 * tr.batch_size // data_degree * m.seq_len + 2 * 4,
+        inputs=4 * tr.batch_size // data_degree * sample + 2 * 4,  # int32 fields; 2 counters
         gradients=4 * p * (2 if tr.micro_batches > 1 else 1),
         update=4 * p,
         activations=m.num_layers * layer + head,
@@ -165,7 +180,7 @@ def flops_per_step(cfg: Config) -> dict[str, float]:
     """Model FLOPs (forward + backward, Megatron-LM's count) and hardware FLOPs (adding the
     forward pass of every layer again when activations are recomputed), for the global batch."""
     m = cfg.model
-    tokens = cfg.train.batch_size * m.seq_len
+    tokens = cfg.train.batch_size * m.tokens_per_sample
     model = m.flops_per_token() * tokens
     layer_forward = m.num_layers * (24 * m.hidden**2 + 4 * m.seq_len * m.hidden) * tokens
     return {"model": model, "hardware": model + (layer_forward if m.remat else 0)}
@@ -175,14 +190,17 @@ def expected_collectives(cfg: Config, *, data_degree: int, model_degree: int) ->
     """Collectives the paper's plan implies per step: (count, elements) by mesh axis."""
     m, tr = cfg.model, cfg.train
     micro, b = tr.micro_batches, tr.batch_size // tr.micro_batches // data_degree
+    lm = m.arch != "bert_multiple_choice"
+    b *= 1 if lm else m.num_choices  # sequences per device
     found = {}
     if model_degree > 1:
         # 2 forward + 2 backward per layer (+1: the attention all-reduce is recomputed), the
         # embedding and the tied head's gradient, then max, sum of exp and target logit.
         per_layer = 4 + (1 if m.remat else 0)
-        acts = micro * (per_layer * m.num_layers + 2)
+        acts = micro * (per_layer * m.num_layers + (2 if lm else 1))
         found["model: activations (b, s, h)"] = (acts, acts * b * m.seq_len * m.hidden)
-        found["model: cross-entropy (b, s)"] = (3 * micro, 3 * micro * b * m.seq_len)
+        if lm:
+            found["model: cross-entropy (b, s)"] = (3 * micro, 3 * micro * b * m.seq_len)
     if data_degree > 1:
         p = params_per_device(m, model_degree)
         found["data: gradients"] = (None, p)
@@ -237,7 +255,7 @@ def roofline(
         "step_s": step,
         "mfu": fl["model"] / devices / step / tgt.peak_flops,
         "weak_scaling_efficiency": compute / step,
-        "tokens_per_sec": cfg.train.batch_size * cfg.model.seq_len / step,
+        "tokens_per_sec": cfg.train.batch_size * cfg.model.tokens_per_sample / step,
     }
 
 
@@ -436,18 +454,22 @@ def _jsonable(x):
     raise TypeError(f"{type(x).__name__} is not JSON serializable")
 
 
-# The paper's GPT-2 models at their model-parallel degrees (Table 1), for the README table.
-PAPER_GPT2 = (
+# The paper's models at their model-parallel degrees (Tables 1 and 4), for the README table.
+PAPER_CONFIGS = (
     ("configs/gpt2_medium.py", 1),
     ("configs/megatron_gpt2_1p2b.py", 1),
     ("configs/megatron_gpt2_2p5b.py", 2),
     ("configs/megatron_gpt2_4p2b.py", 4),
     ("configs/megatron_gpt2_8p3b.py", 8),
+    ("configs/megatron_bert_336m.py", 1),
+    ("configs/megatron_bert_1p3b.py", 2),
+    ("configs/megatron_bert_3p9b.py", 4),
 )
 
 
 def paper_table(devices) -> str:
-    """A markdown table of the paper's GPT-2 configs, each on `devices` with data = n / T.
+    """A markdown table of the paper's GPT-2 and BERT configs, each on `devices` with
+    data = n / T.
 
     All-reduced bytes: activations over `model` in the compute dtype (XLA:CPU would show them
     in float32) plus float32 gradients over `data`, from the optimized HLO's counts."""
@@ -458,7 +480,7 @@ def paper_table(devices) -> str:
         "| all-reduced / step / device | MFU H100 | MFU V100 | weak scaling V100 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for path, t in PAPER_GPT2:
+    for path, t in PAPER_CONFIGS:
         cfg = config.load(path)
         device_mesh = mesh.make(f"data=-1,model={t}", devices=devices)
         p = make_plan(cfg, device_mesh, target_name="v100")
@@ -491,7 +513,7 @@ if __name__ == "__main__":
 
     from megajax import mesh
 
-    parser = argparse.ArgumentParser(description="README table of the paper's GPT-2 dry runs")
+    parser = argparse.ArgumentParser(description="README table of the paper's dry runs")
     parser.add_argument("--cpu_devices", type=int, default=8)
     args = parser.parse_args()
     mesh.fake_cpu_devices(args.cpu_devices)

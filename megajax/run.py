@@ -132,7 +132,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
 
     writer = metrics.Writer(workdir, enabled=lead)
     peak = metrics.peak_flops_per_device(jax.devices()[0]) * jax.device_count()
-    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    tokens_per_step = cfg.train.batch_size * cfg.model.tokens_per_sample
     flops_per_token = cfg.model.flops_per_token()
     history, began = [], time.perf_counter()
     clock, steps_timed, unchecked = time.perf_counter(), 0, []
