@@ -1,10 +1,15 @@
-"""Evaluate a trained megajax model from its work directory's newest checkpoint.
+"""Evaluate a megajax run's newest checkpoint, or a Hugging Face GPT-2, on one task.
 
     python eval.py --workdir runs/tiny --cpu_devices 8 --mesh data=2,model=4
+    python eval.py --task wikitext103 --data data/wikitext103/wiki.valid.head429.tokens \
+        --workdir runs/tiny
+    python eval.py --task lambada --data data/lambada/lambada_sample.jsonl --hf_checkpoint HF_DIR
 
-Scores the held-out tail of the run's data.source (every token once, non-overlapping windows)
-and writes the result to WORKDIR/eval.json. The mesh may differ from the training mesh.
-`--hf_checkpoint DIR` evaluates a Hugging Face GPT-2 directory instead of a checkpoint.
+Tasks: `val` scores the held-out tail of the run's data.source (every token once,
+non-overlapping windows); `wikitext103` the perplexity of a WikiText-103 `.tokens` file, and
+`lambada` the last-word accuracy on a LAMBADA JSON Lines file, both as Megatron-LM measures
+them. The mesh may differ from the training mesh. The last line printed is the result as one
+JSON object, also written to WORKDIR/eval_TASK.json when there is a work directory.
 """
 
 from __future__ import annotations
@@ -17,27 +22,73 @@ from pathlib import Path
 from megajax import cli, config, mesh
 from megajax.config import ConfigError
 
+TASKS = ("val", "wikitext103", "lambada")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cli.add_flags(parser, config_required=False)
-    parser.add_argument("--workdir", required=True, help="the run's work directory")
+    parser.add_argument("--task", choices=TASKS, default="val", help="what to measure")
+    parser.add_argument("--data", help="the task's file (wikitext103: .tokens; lambada: .jsonl)")
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=32,
+        help="wikitext103: tokens between window starts; each later window scores its last these",
+    )
+    parser.add_argument(
+        "--no_strict",
+        dest="strict",
+        action="store_false",
+        help="lambada: predict only the last BPE token, not every token of the last word",
+    )
+    parser.add_argument("--workdir", help="the run's work directory (checkpoints, config.json)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     parser.add_argument(
         "--hf_checkpoint", help="evaluate a Hugging Face GPT-2 directory instead of a checkpoint"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not (args.workdir or args.hf_checkpoint):
+        parser.error("pass --workdir (a run to restore) or --hf_checkpoint")
+    if args.task == "val" and not args.workdir:
+        parser.error("--task val prepares the run's data.source in --workdir: pass one")
+    if args.task == "val" and args.data:
+        parser.error("--data is for wikitext103 and lambada; val scores the run's data.source")
+    if args.task != "val" and not args.data:
+        parser.error(f"--task {args.task} needs --data")
+    return args
 
 
 def _load_config(args) -> config.Config:
     if args.config:
         return cli.load_config(args)
-    saved = Path(args.workdir) / "config.json"
-    if not saved.is_file() and args.hf_checkpoint:
+    saved = Path(args.workdir or "") / "config.json"
+    if args.workdir and saved.is_file():
+        return config.override(config.from_dict(json.loads(saved.read_text())), args.set)
+    if args.hf_checkpoint:
         return config.override(config.Config(), args.set)
-    if not saved.is_file():
-        raise ConfigError(f"{saved} not found: pass --config, or a --workdir that train.py wrote")
-    return config.override(config.from_dict(json.loads(saved.read_text())), args.set)
+    raise ConfigError(f"{saved} not found: pass --config, or a --workdir that train.py wrote")
+
+
+def _gpt2_tokenizer(cfg: config.Config, task: str):
+    from megajax.data.tokenizer import GPT2Tokenizer
+
+    if cfg.model.arch != "gpt":
+        raise ConfigError(
+            f"--task {task} scores a GPT language model, not model.arch={cfg.model.arch}"
+        )
+    if cfg.data.tokenizer != "gpt2":
+        raise ConfigError(
+            f"--task {task} reads text through the GPT-2 BPE; this model was trained on "
+            f"data.tokenizer={cfg.data.tokenizer} ids"
+        )
+    tokenizer = GPT2Tokenizer(cfg.data.vocab_dir)
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the GPT-2 BPE's "
+            f"{tokenizer.vocab_size} tokens"
+        )
+    return tokenizer
 
 
 def main(argv=None) -> int:
@@ -49,41 +100,55 @@ def main(argv=None) -> int:
 
         from megajax.checkpoint import Checkpointer
         from megajax.data import loader
-        from megajax.evals import perplexity
+        from megajax.evals import lambada, perplexity, wikitext
         from megajax.trainer import Trainer
 
         if args.hf_checkpoint:
             from megajax import convert
 
             weights = convert.HFWeights(args.hf_checkpoint)
-            trainer = Trainer(convert.with_hf_model(cfg, weights), mesh.make(args.mesh))
+            cfg = convert.with_hf_model(cfg, weights)
+        tokenizer = _gpt2_tokenizer(cfg, args.task) if args.task != "val" else None
+        trainer = Trainer(cfg, mesh.make(args.mesh))
+        if args.hf_checkpoint:
             params, step = convert.load_params(trainer, weights), args.hf_checkpoint
         else:
-            trainer = Trainer(cfg, mesh.make(args.mesh))
             ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
             step = args.step if args.step is not None else ckpt.latest_step()
             if step is None:
                 raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
             params = ckpt.restore(step, trainer.abstract_state())[0]["params"]
             ckpt.close()
-        cfg = trainer.cfg
-        _, _, val_data = loader.loaders(cfg, workdir=args.workdir, log=cli.lead_print)
-        windows = [d[i] for d in val_data.datasets for i in range(len(d))]
-        result = {
-            "step": step,
-            "data": cfg.data.source,
-            **perplexity.score(trainer, params, windows),
-        }
+        cfg, log = trainer.cfg, cli.lead_print
+        if args.task == "val":
+            _, _, val_data = loader.loaders(cfg, workdir=args.workdir, log=log)
+            windows = [d[i] for d in val_data.datasets for i in range(len(d))]
+            scores = perplexity.score(trainer, params, windows, log=log)
+            result = {"task": "val", "step": step, "data": cfg.data.source, **scores}
+            summary = f"validation loss {scores['loss']:.4f}, perplexity {scores['ppl']:.2f}"
+        elif args.task == "wikitext103":
+            scores = wikitext.evaluate(
+                trainer, params, args.data, tokenizer, overlap=args.overlap, log=log
+            )
+            result = {"task": args.task, "step": step, "data": args.data, **scores}
+            summary = f"perplexity {scores['ppl']:.2f}, adjusted {scores['adjusted_ppl']:.2f}"
+        else:
+            scores = lambada.evaluate(
+                trainer, params, args.data, tokenizer, strict=args.strict, log=log
+            )
+            result = {"task": args.task, "step": step, "data": args.data, **scores}
+            summary = (
+                f"{'strict' if args.strict else 'non-strict'} accuracy {scores['accuracy']:.4f} "
+                f"({scores['correct']:,} of {scores['n']:,})"
+            )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cli.lead_print(
-        f"step {step}: validation loss {result['loss']:.4f}, perplexity {result['ppl']:.2f} "
-        f"over {result['tokens']:,} tokens of {cfg.data.source}"
-    )
-    if jax.process_index() == 0:
+    log(f"{args.task} at step {step}: {summary}")
+    log(json.dumps(result))
+    if args.workdir and jax.process_index() == 0:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        (Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=2))
+        (Path(args.workdir) / f"eval_{args.task}.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -101,7 +101,7 @@ def test_train_and_eval_start_from_a_hugging_face_directory(tmp_path):
         [sys.executable, "eval.py", *common], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    before = json.loads((tmp_path / "eval.json").read_text())["loss"]
+    before = json.loads((tmp_path / "eval_val.json").read_text())["loss"]
     out = subprocess.run(
         [sys.executable, "train.py", "--config", "configs/shakespeare_char.py", *common,
          "--set", "train.steps=3", "--set", "train.eval_every=0"],

@@ -1,20 +1,37 @@
-"""eval.py: every held-out token scored once, the same on any mesh."""
+"""eval.py: every held-out token scored once, the same on any mesh; WikiText-103 and LAMBADA
+measured as Megatron-LM measures them, equal to plain one-window-at-a-time computations."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import device_mesh, tiny_config
 
 from megajax import config, run
-from megajax.evals import perplexity
+from megajax.checkpoint import Checkpointer
+from megajax.data.tokenizer import GPT2Tokenizer
+from megajax.evals import lambada, perplexity, wikitext
 from megajax.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT / "data/wikitext103/wiki.valid.head429.tokens"
+LAMBADA = ROOT / "data/lambada/lambada_sample.jsonl"
+
+
+def _eval_main(argv, capsys) -> tuple[int, str, str]:
+    """eval.py's main in this process (its 8 faked devices): exit status, stdout and stderr."""
+    spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def test_perplexity_scores_every_window_once_whatever_the_batch(shakespeare_tokens):
@@ -53,7 +70,7 @@ def test_eval_restores_the_checkpoint_on_any_mesh(tmp_path_factory, flags):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads((workdir / "eval.json").read_text())
+    result = json.loads((workdir / "eval_val.json").read_text())
     assert result["step"] == 3 and f"perplexity {result['ppl']:.2f}" in out.stdout
     assert result["ppl"] == pytest.approx(np.exp(result["loss"]))
     assert result["loss"] == pytest.approx(4.05, abs=0.15)  # near ln(65) after 3 steps
@@ -61,3 +78,169 @@ def test_eval_restores_the_checkpoint_on_any_mesh(tmp_path_factory, flags):
     if expected.exists():
         assert result["loss"] == pytest.approx(float(expected.read_text()), rel=1e-5)
     expected.write_text(repr(result["loss"]))
+
+
+@pytest.mark.parametrize(
+    "num_tokens, seq_len, overlap",
+    [(100, 16, 4), (17, 16, 4), (5, 16, 4), (98, 16, 16), (40, 8, 1), (21, 8, 3)],
+)
+def test_wikitext_windows_score_every_target_once(num_tokens, seq_len, overlap):
+    tokens = np.arange(100, 100 + num_tokens)
+    windows = wikitext.Windows(tokens, seq_len=seq_len, overlap=overlap)
+    times_scored = np.zeros(num_tokens, int)
+    for i, w in enumerate(windows):
+        scored = np.flatnonzero(w["weights"])
+        assert len(scored) > 0  # no window is wasted
+        if i > 0:
+            assert scored.min() >= seq_len - overlap  # later windows: their last `overlap` only
+        assert np.all(w["targets"][scored] == tokens[i * overlap + scored + 1])
+        assert np.all(w["inputs"][1:] == w["targets"][:-1])  # one sequence, shifted
+        times_scored[w["targets"][scored] - 100] += 1
+    assert times_scored[0] == 0 and np.all(times_scored[1:] == 1)
+
+
+def test_original_tokens_are_counted_on_single_spaces():
+    # " = Title = \n Words @-@ here . \n \n" stripped is "= Title = \n Words @-@ here ."; its
+    # pieces between single spaces: "=", "Title", "=", "\n", "Words", "@-@", "here", "." -> 8.
+    assert wikitext.count_original_tokens(" = Title = \n Words @-@ here . \n \n") == 8
+    assert wikitext.count_original_tokens("a  b") == 3  # two spaces: an empty token between
+
+
+def test_wikitext_detokenizer_undoes_the_release_tokenization():
+    text = ' = = Early life = = \n He was born in 1 @,@ 200 @-@ year @-@ old ( the " town " ) . \n'
+    assert (
+        wikitext.detokenize(text)
+        == ' == Early life ==\nHe was born in 1,200-year-old (the "town").\n'
+    )
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """A work directory with an untrained model over the GPT-2 BPE's ids at step 0. A wide
+    initialisation makes its predictions far from uniform, so sums over the wrong targets
+    would differ."""
+    cfg = tiny_config(vocab_size=50257, init_std=0.3)
+    workdir = tmp_path_factory.mktemp("bpe_run")
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(cfg)))
+    ckpt = Checkpointer(workdir / "checkpoints", every=0, keep=1)
+    ckpt.save(0, Trainer(cfg, device_mesh(2, 4)).init_state(), {"step": 0}, force=True)
+    ckpt.wait()
+    ckpt.close()
+    return workdir, cfg
+
+
+def _plain_logits(workdir, cfg):
+    """ids (length,) -> float64 log-probabilities (length, vocab): one unsharded forward pass."""
+    trainer = Trainer(cfg, device_mesh(1, 1))
+    ckpt = Checkpointer(workdir / "checkpoints", every=0, keep=1)
+    params = ckpt.restore(0, trainer.abstract_state())[0]["params"]
+    ckpt.close()
+    with trainer.context():
+        hidden = jax.jit(lambda p, x: trainer.model(p)(x))
+        table = np.asarray(jax.jit(lambda p: trainer.model(p).lm_head)(params), np.float64)
+
+    def log_probs(ids):
+        with trainer.context():
+            h = np.asarray(hidden(params, np.asarray(ids, np.int32)[None]), np.float64)[0]
+        logits = h @ table[: cfg.model.vocab_size].T
+        logits -= logits.max(-1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+    return log_probs
+
+
+def test_wikitext_perplexity_equals_a_plain_computation(bpe_run, tmp_path, capsys):
+    workdir, cfg = bpe_run
+    text = WIKITEXT.read_bytes().decode("utf-8")[:3000]
+    (tmp_path / "slice.tokens").write_bytes(text.encode("utf-8"))
+    argv = ["--task", "wikitext103", "--data", tmp_path / "slice.tokens", "--overlap", "12",
+            "--mesh", "data=2,model=4", "--workdir", workdir]  # fmt: skip
+    code, out, _ = _eval_main(argv, capsys)
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result == json.loads((workdir / "eval_wikitext103.json").read_text())
+
+    # Slide by 12 and score the targets no earlier window reached.
+    ids = GPT2Tokenizer("data/gpt2").encode(wikitext.detokenize(text))
+    log_probs, seq_len = _plain_logits(workdir, cfg), cfg.model.seq_len
+    nll, reached, start = 0.0, 0, 0
+    while reached < len(ids) - 1:
+        chunk = ids[start : start + seq_len + 1]
+        lp = log_probs(chunk[:-1])
+        for pos in range(len(chunk) - 1):
+            if start + pos + 1 > reached:
+                nll -= lp[pos, chunk[pos + 1]]
+        reached, start = start + len(chunk) - 1, start + 12
+    original = len(text.strip().split(" "))
+    assert result["tokens"] == len(ids) and result["original_tokens"] == original
+    assert result["ppl"] == pytest.approx(np.exp(nll / (len(ids) - 1)), rel=1e-5)
+    assert result["adjusted_ppl"] == pytest.approx(np.exp(nll / (original - 1)), rel=1e-5)
+    assert result["adjusted_ppl"] > result["ppl"]  # fewer original tokens than BPE tokens
+
+
+def test_lambada_strict_target_is_the_whole_last_word():
+    tokenizer = GPT2Tokenizer("data/gpt2")
+    text = "I look at him.\n\nHe looked at Harlin"
+    context, target = lambada.example(text, tokenizer, strict=True)
+    assert target == tokenizer.encode(" Harlin") and len(target) == 2
+    assert context == tokenizer.encode("I look at him.\n\nHe looked at")
+    context, target = lambada.example(text, tokenizer, strict=False)
+    assert context + target == tokenizer.encode(text) and target == tokenizer.encode(" Harlin")[1:]
+
+
+def test_lambada_strict_needs_every_token_of_the_word_and_non_strict_only_the_last():
+    cfg = tiny_config()
+    trainer = Trainer(cfg, device_mesh(2, 4))
+    params = trainer.init_state()["params"]
+    plain = Trainer(cfg, device_mesh(1, 1))
+    host_params = jax.device_get(params)
+    with plain.context():
+        hidden = jax.jit(lambda p, x: plain.model(p)(x))
+        table = np.asarray(jax.jit(lambda p: plain.model(p).lm_head)(host_params))
+
+    def greedy(ids):  # the next token after ids, from full logits on one device
+        with plain.context():
+            h = np.asarray(hidden(host_params, np.asarray(ids, np.int32)[None]))[0, -1]
+        return int(np.argmax(h @ table[: cfg.model.vocab_size].T))
+
+    context = [17, 400, 23, 5, 999, 61]
+    first = greedy(context)
+    second = greedy([*context, first])
+    wrong = (first + 1) % cfg.model.vocab_size
+    after_wrong = greedy([*context, wrong])
+    examples = [
+        (context, [first, second]),  # both right
+        (context, [first, (second + 1) % cfg.model.vocab_size]),  # the second wrong
+        (context, [wrong, after_wrong]),  # the first wrong, the last right
+    ]
+    strict = lambada.correct(trainer, params, examples)
+    last_only = lambada.correct(trainer, params, [(c + t[:-1], t[-1:]) for c, t in examples])
+    assert (strict, last_only) == (1, 2)
+
+
+def test_lambada_accuracy_equals_a_plain_computation(bpe_run, tmp_path, capsys):
+    workdir, cfg = bpe_run
+    lines = LAMBADA.read_text(encoding="utf-8").splitlines()[:5]  # longer than seq_len: cut
+    (tmp_path / "five.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    log_probs, tokenizer = _plain_logits(workdir, cfg), GPT2Tokenizer("data/gpt2")
+    for flags, strict in (([], True), (["--no_strict"], False)):
+        argv = ["--task", "lambada", "--data", tmp_path / "five.jsonl", "--workdir", workdir,
+                "--mesh", "data=2,model=4", *flags]  # fmt: skip
+        code, out, _ = _eval_main(argv, capsys)
+        assert code == 0
+        result = json.loads(out.strip().splitlines()[-1])
+        right = 0
+        for line in lines:
+            context, target = lambada.example(json.loads(line)["text"], tokenizer, strict=strict)
+            ids = (context + target)[-(cfg.model.seq_len + 1) :]
+            predicted = log_probs(ids[:-1]).argmax(-1)[-len(target) :]
+            right += list(predicted) == target
+        assert result["n"] == 5 and result["strict"] == strict
+        assert result["accuracy"] == right / 5
+
+
+def test_a_char_model_cannot_read_wikitext(tmp_path, capsys):
+    argv = ["--task", "wikitext103", "--data", WIKITEXT, "--config", "configs/shakespeare_char.py",
+            "--workdir", tmp_path]  # fmt: skip
+    code, _, err = _eval_main(argv, capsys)
+    assert code == 2 and "GPT-2 BPE" in err
