@@ -56,8 +56,13 @@ def main(argv=None) -> int:
             from megajax import convert
 
             weights = convert.HFWeights(args.hf_checkpoint)
-            trainer = Trainer(convert.with_hf_model(cfg, weights), mesh.make(args.mesh))
-            params, step = convert.load_params(trainer, weights), args.hf_checkpoint
+            # A config file, the work directory's config or --set model.arch chose the family.
+            chosen = bool(args.config) or (Path(args.workdir) / "config.json").is_file()
+            chosen |= any(s.startswith("model.arch=") for s in args.set)
+            cfg = convert.with_hf_model(cfg, weights, arch_chosen=chosen)
+            trainer = Trainer(cfg, mesh.make(args.mesh))
+            params = convert.load_params(trainer, weights, log=cli.lead_print)
+            step = args.hf_checkpoint
         else:
             trainer = Trainer(cfg, mesh.make(args.mesh))
             ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
