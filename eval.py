@@ -1,14 +1,16 @@
-"""Evaluate a megajax run's newest checkpoint, or a Hugging Face GPT-2, on one task.
+"""Evaluate a megajax run's newest checkpoint, or a Hugging Face GPT-2 or BERT, on one task.
 
     python eval.py --workdir runs/tiny --cpu_devices 8 --mesh data=2,model=4
     python eval.py --task wikitext103 --data data/wikitext103/wiki.valid.head429.tokens \
         --workdir runs/tiny
     python eval.py --task lambada --data data/lambada/lambada_sample.jsonl --hf_checkpoint HF_DIR
+    python eval.py --task race --data data/race --workdir runs/race
 
-Tasks: `val` scores the held-out tail of the run's data.source (every token once,
-non-overlapping windows); `wikitext103` the perplexity of a WikiText-103 `.tokens` file, and
-`lambada` the last-word accuracy on a LAMBADA JSON Lines file, both as Megatron-LM measures
-them. The mesh may differ from the training mesh. The last line printed is the result as one
+Tasks: `val` scores the held-out tail of the run's data.source (a GPT: every token once,
+non-overlapping windows; a BERT: its objective and metrics); `wikitext103` the perplexity of a
+WikiText-103 `.tokens` file, and `lambada` the last-word accuracy on a LAMBADA JSON Lines file,
+both as Megatron-LM measures them, for a GPT; `race` the accuracy of a multiple-choice BERT on
+RACE's folders (or files), overall and per level. The mesh may differ from the training mesh. The last line printed is the result as one
 JSON object, also written to WORKDIR/eval_TASK.json when there is a work directory.
 """
 
@@ -22,14 +24,17 @@ from pathlib import Path
 from megajax import cli, config, mesh
 from megajax.config import ConfigError
 
-TASKS = ("val", "wikitext103", "lambada")
+TASKS = ("val", "wikitext103", "lambada", "race")
+GPT_TASKS = ("wikitext103", "lambada")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cli.add_flags(parser, config_required=False)
     parser.add_argument("--task", choices=TASKS, default="val", help="what to measure")
-    parser.add_argument("--data", help="the task's file (wikitext103: .tokens; lambada: .jsonl)")
+    parser.add_argument(
+        "--data", help="the task's data (wikitext103: .tokens; lambada: .jsonl; race: a folder)"
+    )
     parser.add_argument(
         "--overlap",
         type=int,
@@ -45,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workdir", help="the run's work directory (checkpoints, config.json)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     parser.add_argument(
-        "--hf_checkpoint", help="evaluate a Hugging Face GPT-2 directory instead of a checkpoint"
+        "--hf_checkpoint", help="evaluate a Hugging Face GPT-2 or BERT directory instead"
     )
     args = parser.parse_args(argv)
     if not (args.workdir or args.hf_checkpoint):
@@ -53,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.task == "val" and not args.workdir:
         parser.error("--task val prepares the run's data.source in --workdir: pass one")
     if args.task == "val" and args.data:
-        parser.error("--data is for wikitext103 and lambada; val scores the run's data.source")
+        parser.error("--data is for the benchmark tasks; val scores the run's data.source")
     if args.task != "val" and not args.data:
         parser.error(f"--task {args.task} needs --data")
     return args
@@ -91,6 +96,90 @@ def _gpt2_tokenizer(cfg: config.Config, task: str):
     return tokenizer
 
 
+def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
+    """(metrics, a one-line summary) of args.task."""
+    from megajax.data import loader
+    from megajax.evals import lambada, perplexity, race, wikitext
+
+    cfg, log = trainer.cfg, cli.lead_print
+    if args.task == "val" and cfg.model.arch == "gpt":
+        _, _, val_data = loader.loaders(cfg, workdir=args.workdir, log=log)
+        windows = [d[i] for d in val_data.datasets for i in range(len(d))]
+        scores = perplexity.score(trainer, params, windows, log=log)
+        summary = f"validation loss {scores['loss']:.4f}, perplexity {scores['ppl']:.2f}"
+        return {"data": cfg.data.source, **scores}, summary
+    if args.task == "val":
+        scores = _objective_metrics(trainer, params, args.workdir)
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "samples")
+        return {"data": cfg.data.source, **scores}, summary
+    if args.task == "wikitext103":
+        scores = wikitext.evaluate(
+            trainer, params, args.data, tokenizer, overlap=args.overlap, log=log
+        )
+        return {"data": args.data, **scores}, (
+            f"perplexity {scores['ppl']:.2f}, adjusted {scores['adjusted_ppl']:.2f}"
+        )
+    if args.task == "lambada":
+        scores = lambada.evaluate(
+            trainer, params, args.data, tokenizer, strict=args.strict, log=log
+        )
+        return {"data": args.data, **scores}, (
+            f"{'strict' if args.strict else 'non-strict'} accuracy {scores['accuracy']:.4f} "
+            f"({scores['correct']:,} of {scores['n']:,})"
+        )
+    scores = race.score(trainer, params, _race_questions(cfg, args.data), progress=_progress(log))
+    levels = ", ".join(
+        f"{k[len('accuracy_') :]} {v:.4f}" for k, v in scores.items() if k.startswith("accuracy_")
+    )
+    return {"data": args.data, **scores}, (
+        f"accuracy {scores['accuracy']:.4f} over {scores['n']:,} questions ({levels})"
+    )
+
+
+def _progress(log):
+    def report(done: int, total: int) -> None:
+        if done == total or done * 10 // total != (done - 1) * 10 // total:
+            log(f"questions {done:,}/{total:,}")
+
+    return report
+
+
+def _race_questions(cfg: config.Config, path: str):
+    from megajax.data import corpora
+    from megajax.data.samples import RaceQuestions
+    from megajax.data.tokenizer import BertTokenizer
+
+    if cfg.model.arch != "bert_multiple_choice":
+        raise ConfigError(
+            f"--task race needs a multiple-choice BERT (model.arch=bert_multiple_choice, e.g. "
+            f"configs/race_bert_minilm.py fine-tuned with train.py), not model.arch="
+            f"{cfg.model.arch}"
+        )
+    tokenizer = BertTokenizer(Path(cfg.data.vocab_dir) / "vocab.txt")
+    return RaceQuestions(corpora.read_race([path]), tokenizer, max_len=cfg.model.seq_len)
+
+
+def _objective_metrics(trainer, params, workdir) -> dict:
+    """A BERT's training objective and its metrics over every full batch of its validation
+    samples, without dropout."""
+    import jax
+    import numpy as np
+
+    from megajax.data import loader
+
+    _, _, val_data = loader.loaders(trainer.cfg, workdir=workdir, log=cli.lead_print)
+    batch = trainer.cfg.train.batch_size
+    count = max(1, sum(len(d) for d in val_data.datasets) // batch)
+    eval_fn = trainer.compile_eval_step()
+    results = jax.device_get(
+        [eval_fn(params, trainer.put_eval_batch(val_data.batch(i))) for i in range(count)]
+    )
+    return {
+        "samples": count * batch,
+        **{k: float(np.mean([r[k] for r in results])) for k in results[0]},
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -99,19 +188,22 @@ def main(argv=None) -> int:
         import jax
 
         from megajax.checkpoint import Checkpointer
-        from megajax.data import loader
-        from megajax.evals import lambada, perplexity, wikitext
         from megajax.trainer import Trainer
 
         if args.hf_checkpoint:
             from megajax import convert
 
             weights = convert.HFWeights(args.hf_checkpoint)
-            cfg = convert.with_hf_model(cfg, weights)
-        tokenizer = _gpt2_tokenizer(cfg, args.task) if args.task != "val" else None
+            # A config file, the work directory's config or --set model.arch chose the family.
+            saved = args.workdir and (Path(args.workdir) / "config.json").is_file()
+            chosen = bool(args.config) or bool(saved)
+            chosen |= any(s.startswith("model.arch=") for s in args.set)
+            cfg = convert.with_hf_model(cfg, weights, arch_chosen=chosen)
+        tokenizer = _gpt2_tokenizer(cfg, args.task) if args.task in GPT_TASKS else None
         trainer = Trainer(cfg, mesh.make(args.mesh))
         if args.hf_checkpoint:
-            params, step = convert.load_params(trainer, weights), args.hf_checkpoint
+            params = convert.load_params(trainer, weights, log=cli.lead_print)
+            step = args.hf_checkpoint
         else:
             ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
             step = args.step if args.step is not None else ckpt.latest_step()
@@ -119,33 +211,13 @@ def main(argv=None) -> int:
                 raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
             params = ckpt.restore(step, trainer.abstract_state())[0]["params"]
             ckpt.close()
-        cfg, log = trainer.cfg, cli.lead_print
-        if args.task == "val":
-            _, _, val_data = loader.loaders(cfg, workdir=args.workdir, log=log)
-            windows = [d[i] for d in val_data.datasets for i in range(len(d))]
-            scores = perplexity.score(trainer, params, windows, log=log)
-            result = {"task": "val", "step": step, "data": cfg.data.source, **scores}
-            summary = f"validation loss {scores['loss']:.4f}, perplexity {scores['ppl']:.2f}"
-        elif args.task == "wikitext103":
-            scores = wikitext.evaluate(
-                trainer, params, args.data, tokenizer, overlap=args.overlap, log=log
-            )
-            result = {"task": args.task, "step": step, "data": args.data, **scores}
-            summary = f"perplexity {scores['ppl']:.2f}, adjusted {scores['adjusted_ppl']:.2f}"
-        else:
-            scores = lambada.evaluate(
-                trainer, params, args.data, tokenizer, strict=args.strict, log=log
-            )
-            result = {"task": args.task, "step": step, "data": args.data, **scores}
-            summary = (
-                f"{'strict' if args.strict else 'non-strict'} accuracy {scores['accuracy']:.4f} "
-                f"({scores['correct']:,} of {scores['n']:,})"
-            )
+        result, summary = _evaluate(args, trainer, params, tokenizer)
+        result = {"task": args.task, "step": step, **result}
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log(f"{args.task} at step {step}: {summary}")
-    log(json.dumps(result))
+    cli.lead_print(f"{args.task} at step {step}: {summary}")
+    cli.lead_print(json.dumps(result))
     if args.workdir and jax.process_index() == 0:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         (Path(args.workdir) / f"eval_{args.task}.json").write_text(json.dumps(result, indent=2))

@@ -21,7 +21,9 @@ def main(argv=None) -> int:
     cli.add_flags(parser, config_required=True)
     parser.add_argument("--workdir", help="checkpoints and metrics (default runs/CONFIG)")
     parser.add_argument(
-        "--hf_checkpoint", help="start from a Hugging Face GPT-2 directory (its model shape wins)"
+        "--hf_checkpoint",
+        help="start from a Hugging Face GPT-2 or BERT directory (its model shape wins; a BERT "
+        "keeps the config's heads)",
     )
     parser.add_argument(
         "--dry_run",
@@ -43,9 +45,9 @@ def main(argv=None) -> int:
             from megajax import convert
 
             weights = convert.HFWeights(args.hf_checkpoint)
-            cfg = convert.with_hf_model(cfg, weights)
+            cfg = convert.with_hf_model(cfg, weights, arch_chosen=True)
             init = lambda trainer: trainer.state_from_params(  # noqa: E731
-                convert.load_params(trainer, weights)
+                convert.load_params(trainer, weights, log=cli.lead_print)
             )
         if args.dry_run:
             from megajax import plan

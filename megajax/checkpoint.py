@@ -150,11 +150,12 @@ def _check_shapes(saved: dict, target, step: int) -> None:
 
 def _read_layout(saved: tuple, target):
     """How to read one leaf: the target itself, or a padded leaf at its saved size, split over
-    `model` by its second dimension (which every model degree divides)."""
+    `model` by its second dimension (which every model degree divides); a padded vector (BERT's
+    masked-LM bias) is read whole."""
     if saved == tuple(target.shape):
         return target
     mesh = target.sharding.mesh
-    spec = P(None, parallel.MODEL, *([None] * (len(saved) - 2)))
+    spec = P(None, parallel.MODEL, *([None] * (len(saved) - 2))) if len(saved) > 1 else P()
     return jax.ShapeDtypeStruct(saved, target.dtype, sharding=NamedSharding(mesh, spec))
 
 

@@ -101,6 +101,18 @@ class Trainer:
         with self.context():
             return jax.jit(self._init, out_shardings=self.state_sharding)()
 
+    def fresh_params(self, keys):
+        """The freshly initialised parameters under the top-level `keys` only (as init_state
+        makes them), created shard by shard; XLA drops the other parameters' initializers."""
+
+        def init():
+            params = nnx.to_pure_dict(nnx.split(self._new_model(self.cfg.train.seed))[1])
+            return {k: params[k] for k in keys}
+
+        shardings = {k: self.state_sharding["params"][k] for k in keys}
+        with self.context():
+            return jax.jit(init, out_shardings=shardings)()
+
     def abstract_state(self):
         """The state's shapes, dtypes and shardings, with nothing allocated."""
         with self.context():

@@ -88,7 +88,7 @@ def test_pytorch_bin_checkpoints_import_too(tmp_path):
     torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # the older format
     weights = convert.HFWeights(tmp_path / "bin")
     state = dict(model.transformer.named_parameters())
-    np.testing.assert_array_equal(weights.get("h.1.attn.c_attn.weight"),
+    np.testing.assert_array_equal(weights.get("transformer.h.1.attn.c_attn.weight"),
                                   state["h.1.attn.c_attn.weight"].detach().numpy())  # fmt: skip
 
 
