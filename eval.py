@@ -10,8 +10,9 @@ Tasks: `val` scores the held-out tail of the run's data.source (a GPT: every tok
 non-overlapping windows; a BERT: its objective and metrics); `wikitext103` the perplexity of a
 WikiText-103 `.tokens` file, and `lambada` the last-word accuracy on a LAMBADA JSON Lines file,
 both as Megatron-LM measures them, for a GPT; `race` the accuracy of a multiple-choice BERT on
-RACE's folders (or files), overall and per level. The mesh may differ from the training mesh. The last line printed is the result as one
-JSON object, also written to WORKDIR/eval_TASK.json when there is a work directory.
+RACE's folders (or files), overall and per level. The mesh may differ from the training mesh.
+The last line printed is the result as one JSON object, also written to WORKDIR/eval_TASK.json
+when there is a work directory.
 """
 
 from __future__ import annotations
