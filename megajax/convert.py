@@ -70,7 +70,13 @@ def _vocab_to_hf(x, layout):
     return x[: layout.model.vocab_size]  # the padding rows are megajax's own
 
 
+def _positions_from_hf(x, layout):
+    """The first seq_len learned positions: a model may train on shorter sequences."""
+    return x[: layout.model.seq_len]
+
+
 SAME, LINEAR = (_same, _same), (_transpose, _transpose)
+POSITIONS = (_positions_from_hf, _same)
 QKV, VOCAB = (_qkv_from_hf, _qkv_to_hf), (_vocab_from_hf, _vocab_to_hf)
 
 
@@ -119,7 +125,7 @@ def _dense(path: tuple, name: str, kernel=SAME) -> dict:
 # BertFor*; a bare GPT2Model or BertModel checkpoint lacks the base prefix (HFWeights strips it).
 GPT2_TABLE = {
     ("wte", "embedding"): _one("transformer.wte.weight", VOCAB),
-    ("wpe",): _one("transformer.wpe.weight"),
+    ("wpe",): _one("transformer.wpe.weight", POSITIONS),
     **_norm(("ln_f",), "transformer.ln_f"),
     **_norm(("h", "ln_1"), "transformer.h.{i}.ln_1"),
     ("h", "attn", "qkv", "kernel"): _one("transformer.h.{i}.attn.c_attn.weight", QKV),
@@ -136,7 +142,7 @@ def _bert_table(placement: str) -> dict:
     post, layer = placement == "post", "bert.encoder.layer.{i}."
     return {
         ("wte", "embedding"): _one("bert.embeddings.word_embeddings.weight", VOCAB),
-        ("wpe",): _one("bert.embeddings.position_embeddings.weight"),
+        ("wpe",): _one("bert.embeddings.position_embeddings.weight", POSITIONS),
         ("wtt",): _one("bert.embeddings.token_type_embeddings.weight"),
         **(_norm(("ln_embed",), "bert.embeddings.LayerNorm") if post else {}),
         ("h", "attn", "qkv", "kernel"): _fused_qkv(layer + "attention.self.{}.weight"),
@@ -498,8 +504,9 @@ def with_hf_model(cfg: config.Config, weights: HFWeights, *, arch_chosen: bool =
     """`cfg` with the model shape of the Hugging Face checkpoint (compute options kept).
 
     `arch_chosen`: the user's config chose model.arch (a config file, or --set); then its
-    family must be the checkpoint's, and a BERT keeps the config's arch and heads. Otherwise
-    the checkpoint's architecture decides them."""
+    family must be the checkpoint's, a BERT keeps the config's arch and heads, and a shorter
+    model.seq_len than the checkpoint's positions is kept (its first positions are read).
+    Otherwise the checkpoint's architecture decides them."""
     fields = weights.family.model_fields(weights.config)
     if arch_chosen:
         if cfg.model.is_bert != (fields["arch"] != "gpt"):
@@ -509,6 +516,8 @@ def with_hf_model(cfg: config.Config, weights: HFWeights, *, arch_chosen: bool =
             )
         if cfg.model.is_bert:
             fields |= {k: getattr(cfg.model, k) for k in ("arch", "binary_head", "num_choices")}
+        # Train on shorter sequences than the checkpoint has positions for: its first ones.
+        fields["seq_len"] = min(fields["seq_len"], cfg.model.seq_len)
     keep = ("remat", "compute_dtype", "make_vocab_size_divisible_by")
     hf = config.to_dict(config.Config(model=ModelConfig(**fields)))["model"]
     return config.replace(cfg, model={**hf, **{k: getattr(cfg.model, k) for k in keep}})

