@@ -445,7 +445,8 @@ def load_params(trainer, weights: HFWeights, *, log=print):
                           f"model, e.g. {', '.join(missing[:3])}")  # fmt: skip
     if fresh:
         log(f"freshly initialised (train.seed={trainer.cfg.train.seed}), not in the Hugging Face "
-            f"checkpoint for model.arch={cfg.arch}, binary_head={cfg.binary_head}: "
+            f"checkpoint for model.arch={cfg.arch}"
+            f"{f', binary_head={cfg.binary_head}' if cfg.arch == 'bert' else ''}: "
             f"{', '.join(fresh)}")  # fmt: skip
     initial = trainer.fresh_params(fresh) if fresh else {}
 

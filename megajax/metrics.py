@@ -76,9 +76,13 @@ class Writer:
 def progress_line(step: int, total: int, scalars: dict[str, float], elapsed: float) -> str:
     parts = [f"step {step:>{len(str(total))}}/{total}", f"loss {scalars['loss']:.4f}"]
     # The objective's own metrics (BERT's mlm_loss, sop_accuracy, ...), shortened.
-    own = [k for k in scalars if k.endswith(("_loss", "_accuracy")) and not k.startswith("val_")]
+    own = [
+        k
+        for k in scalars
+        if (k.endswith(("_loss", "_accuracy")) or k == "accuracy") and not k.startswith("val_")
+    ]
     for key in sorted(own, key=lambda k: (k.rsplit("_", 1)[0], k.endswith("_accuracy"))):
-        name = key.replace("_loss", "").replace("_accuracy", " acc")
+        name = key.replace("_loss", "").replace("_accuracy", " acc").replace("accuracy", "acc")
         parts.append(f"{name} {scalars[key]:.3f}")
     if "val_loss" in scalars:
         parts.append(f"val {scalars['val_loss']:.4f}")
