@@ -116,3 +116,21 @@ def test_whole_word_masking_masks_every_piece_of_a_chosen_word(bert_dataset):
     plain = BertPairs(bert_dataset, "train", max_len=128, whole_word=False, seed=1)
     assert sum(split_words(whole, whole[i]) for i in range(150)) == 0
     assert sum(split_words(plain, plain[i]) for i in range(150)) > 10
+
+
+def test_next_sentence_negatives_come_from_another_row(bert_dataset):
+    pairs = BertPairs(bert_dataset, "train", max_len=64, pair_task="nsp", seed=2)
+    source = bert_dataset.source("train")
+    found = {0: [], 1: []}
+    for i in range(120):
+        s = pairs[i]
+        original = np.where(s["labels"] != IGNORE, s["labels"], s["tokens"])
+        n = int(s["padding_mask"].sum())
+        sep = int(np.argmax(original == pairs.sep))
+        a, b = original[1:sep], original[sep + 1 : n - 1]
+        row = source[int(pairs.samples[i][0])]["tokens"]
+        at = _find(row, a)
+        assert at >= 0  # A is always this row's text
+        found[int(s["sentence_label"])].append(_find(row, b, at + len(a)) >= 0)
+    assert all(found[0]) and len(found[0]) > 40  # B follows A in its row
+    assert np.mean(found[1]) < 0.1 and len(found[1]) > 40  # B is from elsewhere
