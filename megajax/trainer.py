@@ -132,11 +132,14 @@ class Trainer:
             value, grads = grad_fn(params, x, y, jax.random.fold_in(key, i))
             return (loss_sum + value, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
         micro = inputs.shape[0]
-        (loss_sum, grad_sum), _ = jax.lax.scan(
-            accumulate, (jnp.float32(0), zeros), (jnp.arange(micro), inputs, targets)
-        )
+        if micro == 1:  # no accumulation loop: no zeroed gradient buffers, no adds into them
+            loss_sum, grad_sum = grad_fn(params, inputs[0], targets[0], jax.random.fold_in(key, 0))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss_sum, grad_sum), _ = jax.lax.scan(
+                accumulate, (jnp.float32(0), zeros), (jnp.arange(micro), inputs, targets)
+            )
         grads = jax.tree.map(lambda g: g / micro, grad_sum)
         loss, grad_norm = loss_sum / micro, optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
