@@ -156,7 +156,9 @@ class Attention(nnx.Module):
         """softmax(q k^T / sqrt(d)) v with float32 scores, (batch, length, heads, head_dim)."""
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(self.head_dim).astype(jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        # Masked by adding a (query, key) bias rather than a select: adding 0 leaves a score
+        # exact, and the backward pass needs no (batch, heads, query, key) zeros to select from.
+        scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = dropout(probs, self.dropout_rate, key).astype(q.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)

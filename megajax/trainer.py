@@ -151,14 +151,18 @@ class Trainer:
 
         micro = self.micro_shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
-        value_shape, metric_shapes = jax.eval_shape(self.loss, params, first, None)
-        zero_metrics = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), {"loss": value_shape, **metric_shapes}
-        )
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (sums, grad_sum), _ = jax.lax.scan(
-            accumulate, (zero_metrics, zeros), (jnp.arange(micro), batch)
-        )
+        if micro == 1:  # no accumulation loop: no zeroed gradient buffers, no adds into them
+            (value, metrics), grad_sum = grad_fn(params, first, jax.random.fold_in(key, 0))
+            sums = {"loss": value, **metrics}
+        else:
+            value_shape, metric_shapes = jax.eval_shape(self.loss, params, first, None)
+            zero_metrics = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), {"loss": value_shape, **metric_shapes}
+            )
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (sums, grad_sum), _ = jax.lax.scan(
+                accumulate, (zero_metrics, zeros), (jnp.arange(micro), batch)
+            )
         grads = jax.tree.map(lambda g: g / micro, grad_sum)
         means = jax.tree.map(lambda v: v / micro, sums)
         loss, grad_norm = means["loss"], optax.tree.norm(grads)
