@@ -6,7 +6,9 @@
 
 Trains bert_tiny shapes (width 128, 8 heads, sequences of 64, batch 16) on tiny Shakespeare
 with each placement at each depth, then writes OUT.json (every logged step of every run) and
-OUT.png (masked-LM and sentence-order loss curves), and prints the final losses as a table.
+OUT.png (masked-LM and sentence-order loss curves, with `pip install -r
+experiments/requirements.txt`), and prints each run's final losses. A run already in OUT.json
+is not repeated.
 """
 
 from __future__ import annotations
