@@ -99,7 +99,7 @@ def _gpt2_tokenizer(cfg: config.Config, task: str):
 
 def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
     """(metrics, a one-line summary) of args.task."""
-    from megajax.data import loader
+    from megajax.data import corpora, loader
     from megajax.evals import lambada, perplexity, race, wikitext
 
     cfg, log = trainer.cfg, cli.lead_print
@@ -128,7 +128,14 @@ def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
             f"{'strict' if args.strict else 'non-strict'} accuracy {scores['accuracy']:.4f} "
             f"({scores['correct']:,} of {scores['n']:,})"
         )
-    scores = race.score(trainer, params, _race_questions(cfg, args.data), progress=_progress(log))
+    if cfg.model.arch != "bert_multiple_choice":
+        raise ConfigError(
+            f"--task race needs a multiple-choice BERT (model.arch=bert_multiple_choice, e.g. "
+            f"configs/race_bert_minilm.py fine-tuned with train.py), not model.arch="
+            f"{cfg.model.arch}"
+        )
+    questions = loader.race_questions(cfg, corpora.read_race([args.data]), name=args.data)
+    scores = race.score(trainer, params, questions, log=log)
     levels = ", ".join(
         f"{k[len('accuracy_') :]} {v:.4f}" for k, v in scores.items() if k.startswith("accuracy_")
     )
@@ -137,48 +144,17 @@ def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
     )
 
 
-def _progress(log):
-    def report(done: int, total: int) -> None:
-        if done == total or done * 10 // total != (done - 1) * 10 // total:
-            log(f"questions {done:,}/{total:,}")
-
-    return report
-
-
-def _race_questions(cfg: config.Config, path: str):
-    from megajax.data import corpora
-    from megajax.data.samples import RaceQuestions
-    from megajax.data.tokenizer import BertTokenizer
-
-    if cfg.model.arch != "bert_multiple_choice":
-        raise ConfigError(
-            f"--task race needs a multiple-choice BERT (model.arch=bert_multiple_choice, e.g. "
-            f"configs/race_bert_minilm.py fine-tuned with train.py), not model.arch="
-            f"{cfg.model.arch}"
-        )
-    tokenizer = BertTokenizer(Path(cfg.data.vocab_dir) / "vocab.txt")
-    return RaceQuestions(corpora.read_race([path]), tokenizer, max_len=cfg.model.seq_len)
-
-
 def _objective_metrics(trainer, params, workdir) -> dict:
     """A BERT's training objective and its metrics over every full batch of its validation
     samples, without dropout."""
-    import jax
-    import numpy as np
-
+    from megajax import run
     from megajax.data import loader
 
     _, _, val_data = loader.loaders(trainer.cfg, workdir=workdir, log=cli.lead_print)
     batch = trainer.cfg.train.batch_size
     count = max(1, sum(len(d) for d in val_data.datasets) // batch)
-    eval_fn = trainer.compile_eval_step()
-    results = jax.device_get(
-        [eval_fn(params, trainer.put_eval_batch(val_data.batch(i))) for i in range(count)]
-    )
-    return {
-        "samples": count * batch,
-        **{k: float(np.mean([r[k] for r in results])) for k in results[0]},
-    }
+    metrics = run.evaluate(trainer, trainer.compile_eval_step(), params, val_data, count)
+    return {"samples": count * batch, **metrics}
 
 
 def main(argv=None) -> int:

@@ -27,14 +27,14 @@ class Stopped(Exception):
         self.exit_code = exit_code
 
 
-def evaluate(trainer: Trainer, eval_fn, params, val_data: loader.Loader) -> dict[str, float]:
-    """The loss and the objective's metrics averaged over train.eval_batches fixed batches of
-    held-out samples, without dropout, as {"val_loss", "val_<metric>", ...}."""
-    results = []
-    for i in range(trainer.cfg.train.eval_batches):
-        results.append(eval_fn(params, trainer.put_eval_batch(val_data.batch(i))))
+def evaluate(
+    trainer: Trainer, eval_fn, params, val_data: loader.Loader, batches: int
+) -> dict[str, float]:
+    """The loss and the objective's metrics averaged over the first `batches` fixed batches of
+    held-out samples, without dropout (eval_fn: Trainer.compile_eval_step)."""
+    results = [eval_fn(params, trainer.put_eval_batch(val_data.batch(i))) for i in range(batches)]
     results = jax.device_get(results)
-    return {f"val_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+    return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
 @contextlib.contextmanager
@@ -172,7 +172,10 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
                     scalars["tokens_per_sec"] = steps_timed * tokens_per_step / seconds
                     scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / peak
                     if evaluate_now:
-                        scalars |= evaluate(trainer, eval_fn, state["params"], val_data)
+                        held_out = evaluate(
+                            trainer, eval_fn, state["params"], val_data, cfg.train.eval_batches
+                        )
+                        scalars |= {f"val_{k}": v for k, v in held_out.items()}
                     writer.write(done, scalars)
                     history.append({"step": done, **scalars})
                     elapsed = time.perf_counter() - began

@@ -183,10 +183,19 @@ def race_splits(cfg, paths) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r["passage"] not in held], [r for r in rows if r["passage"] in held]
 
 
+def race_questions(cfg, rows: list[dict], *, name: str, tokenizer=None):
+    """RACE question rows as the model's multiple-choice samples, in the WordPiece ids of
+    `tokenizer` (default: data.vocab_dir's)."""
+    from megajax.data import samples
+    from megajax.data.tokenizer import BertTokenizer
+
+    tokenizer = tokenizer or BertTokenizer(f"{cfg.data.vocab_dir}/vocab.txt")
+    return samples.RaceQuestions(rows, tokenizer, max_len=cfg.model.seq_len, name=name)
+
+
 def race_loaders(cfg, *, log=print, train_rows=None, eval_rows=None):
     """(tokenizer, train Loader, validation Loader) of RACE questions for a multiple-choice
     BERT: data.source is RACE's folder layout (or files), read as JSON, tokenized per sample."""
-    from megajax.data import samples
     from megajax.data.tokenizer import BertTokenizer
 
     tokenizer = BertTokenizer(f"{cfg.data.vocab_dir}/vocab.txt")
@@ -195,7 +204,7 @@ def race_loaders(cfg, *, log=print, train_rows=None, eval_rows=None):
     log(f"RACE: {len(train)} training and {len(val)} validation questions from {cfg.data.source}")
     made = [
         Loader(
-            [samples.RaceQuestions(rows, tokenizer, max_len=cfg.model.seq_len, name=split)],
+            [race_questions(cfg, rows, name=split, tokenizer=tokenizer)],
             batch_size=cfg.train.batch_size,
             seed=cfg.train.seed + offset,
             rows=rows_of_batch,

@@ -23,6 +23,28 @@ from megajax.trainer import Trainer
 RowFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def padded_batches(
+    trainer: Trainer,
+    samples: Sequence[dict],
+    *,
+    log: Callable[[str], None] | None = None,
+    label: str = "samples",
+):
+    """Yield (start, rows): each batch of train.batch_size samples from `start`, as this
+    process's rows of it (trainer.eval_rows) stacked field by field. The last batch is filled up
+    with copies of sample 0: its rows at start + r >= len(samples) are fillers. About ten
+    progress lines are logged, each once its batch has been used."""
+    batch, n = trainer.cfg.train.batch_size, len(samples)
+    num_batches = -(-n // batch)
+    every = max(1, num_batches // 10)
+    for b, start in enumerate(range(0, n, batch)):
+        ids = np.arange(start, start + batch)[trainer.eval_rows]
+        mine = [samples[i if i < n else 0] for i in ids]
+        yield start, {k: np.stack([s[k] for s in mine]) for k in mine[0]}
+        if log and ((b + 1) % every == 0 or b + 1 == num_batches):
+            log(f"{label} {min(start + batch, n):,}/{n:,}")
+
+
 def total(
     trainer: Trainer,
     params,
@@ -32,40 +54,28 @@ def total(
     log: Callable[[str], None] | None = None,
     label: str = "windows",
 ) -> float:
-    """Sum of row_fn over every window, in batches of train.batch_size.
-
-    Each process builds only its rows (trainer.eval_rows) of a batch. The last batch is filled
-    up with copies of window 0 that weigh nothing.
-    """
+    """Sum of row_fn over every window, in batches of train.batch_size (padded_batches; the
+    filler windows weigh nothing)."""
     batch, n = trainer.cfg.train.batch_size, len(windows)
     summed = jax.jit(lambda p, x, y, w, keep: (row_fn(p, x, y, w) * keep).sum(dtype=jnp.float32))
     keep_sharding = NamedSharding(trainer.mesh, P(parallel.DATA))
-    rows = trainer.eval_rows
-    num_batches = -(-n // batch)
-    every = max(1, num_batches // 10)  # about ten progress lines
+    row_sharding = trainer.eval_sharding["inputs"]  # (batch, length) split over `data`
     # Batches add up in a Python float (float64). One batch stays in flight while the host
     # builds the next.
     result, pending = 0.0, jnp.float32(0)
     with trainer.context():
-        for b, start in enumerate(range(0, n, batch)):
-            ids = np.arange(start, start + batch)
-            keep = (ids < n).astype(np.float32)
-            samples = [windows[i if i < n else 0] for i in ids[rows]]
-            length = samples[0]["inputs"].shape[0]
-            ones = np.ones(length, np.float32)
-            local = (
-                np.stack([s["inputs"] for s in samples]).astype(np.int32),
-                np.stack([s["targets"] for s in samples]).astype(np.int32),
-                np.stack([s.get("weights", ones) for s in samples]).astype(np.float32),
-            )
+        for start, rows in padded_batches(trainer, windows, log=log, label=label):
+            keep = (np.arange(start, start + batch) < n).astype(np.float32)
+            weights = rows.get("weights", np.ones_like(rows["inputs"], np.float32))
+            local = (rows["inputs"], rows["targets"], weights)
+            dtypes = (np.int32, np.int32, np.float32)
+            shape = (batch, rows["inputs"].shape[1])
             x, y, w = (
-                jax.make_array_from_process_local_data(
-                    trainer.eval_sharding["inputs"], a, (batch, length)
-                )
-                for a in local
+                jax.make_array_from_process_local_data(row_sharding, a.astype(t), shape)
+                for a, t in zip(local, dtypes, strict=True)
             )
-            k = jax.make_array_from_process_local_data(keep_sharding, keep[rows], (batch,))
+            k = jax.make_array_from_process_local_data(
+                keep_sharding, keep[trainer.eval_rows], (batch,)
+            )
             result, pending = result + float(pending), summed(params, x, y, w, k)
-            if log and ((b + 1) % every == 0 or b + 1 == num_batches):
-                log(f"{label} {min(start + batch, n):,}/{n:,}")
     return result + float(pending)

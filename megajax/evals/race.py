@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import numpy as np
 
 from megajax.data.samples import RaceQuestions
+from megajax.evals import batched
 from megajax.models import bert
 from megajax.trainer import Trainer
 
 
-def score(
-    trainer: Trainer, params, questions: RaceQuestions, *, progress: Callable | None = None
-) -> dict:
+def score(trainer: Trainer, params, questions: RaceQuestions, *, log=None) -> dict:
     """Predict each question's option (the highest score of its four [CLS] encodings) in
-    batches of train.batch_size, sharded like training; the last batch is filled up with copies
-    of question 0 that are not counted. Returns accuracy, n, and accuracy_<level>, n_<level>."""
-    batch, n = trainer.cfg.train.batch_size, len(questions)
+    batches sharded like training (batched.padded_batches: fillers are not counted). Returns
+    accuracy, n, and accuracy_<level>, n_<level>."""
+    n = len(questions)
     with trainer.context():
         scores = jax.jit(lambda p, b: bert.choice_logits(trainer.model(p), b))
     predictions = []
-    for start in range(0, n, batch):
-        ids = [i if i < n else 0 for i in range(start, start + batch)]
-        samples = [questions[ids[r]] for r in trainer.eval_rows]
-        local = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+    for start, rows in batched.padded_batches(trainer, questions, log=log, label="questions"):
         with trainer.context():
-            logits = scores(params, trainer.put_eval_batch(local))
+            logits = scores(params, trainer.put_eval_batch(rows))
         # Every process needs every prediction to count them: (batch, options) is tiny.
-        predictions += list(np.asarray(_gather(logits)).argmax(-1)[: min(batch, n - start)])
-        if progress:
-            progress(min(start + batch, n), n)
+        predictions += list(_gather(logits).argmax(-1)[: n - start])
     return _accuracies(questions.rows, predictions)
 
 

@@ -129,19 +129,16 @@ def pretraining_objective(model: BERT, batch: dict, key) -> tuple[jax.Array, dic
     return total, metrics
 
 
-def multiple_choice_objective(model: BERT, batch: dict, key) -> tuple[jax.Array, dict]:
-    """Softmax over each question's options of a score of its pooled [CLS] (BERT on RACE)."""
+def choice_logits(model: BERT, batch: dict, key=None) -> jax.Array:
+    """(batch, options) scores of each option's pooled [CLS]; `key` turns dropout on."""
     b, c, s = batch["tokens"].shape
     flat = [batch[k].reshape(b * c, s) for k in ("tokens", "token_types", "padding_mask")]
     keys = (None, None) if key is None else jax.random.split(key)
     pooled = model.pooled(model(*flat, key=keys[0]))
-    logits = model.choice(dropout(pooled, model.cfg.dropout, keys[1])).reshape(b, c)
-    choice_loss, accuracy = _classify(logits, batch["label"])
+    return model.choice(dropout(pooled, model.cfg.dropout, keys[1])).reshape(b, c)
+
+
+def multiple_choice_objective(model: BERT, batch: dict, key) -> tuple[jax.Array, dict]:
+    """Softmax over each question's options of a score of its pooled [CLS] (BERT on RACE)."""
+    choice_loss, accuracy = _classify(choice_logits(model, batch, key), batch["label"])
     return choice_loss, {"accuracy": accuracy}
-
-
-def choice_logits(model: BERT, batch: dict) -> jax.Array:
-    """(batch, options) scores without dropout, for evaluation."""
-    b, c, s = batch["tokens"].shape
-    flat = [batch[k].reshape(b * c, s) for k in ("tokens", "token_types", "padding_mask")]
-    return model.choice(model.pooled(model(*flat))).reshape(b, c)
