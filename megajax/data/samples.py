@@ -197,7 +197,7 @@ class BertPairs:
     def _random_segment(self, row: int, length: int, rng) -> list:
         """`length` tokens (or fewer) from a random sentence start of another row: a next
         sentence that is not (BERT's negative NSP pair)."""
-        rows = int(self.samples[-1, 0]) + 1
+        rows = len(self.source)
         other = int(rng.integers(rows - 1)) if rows > 1 else row
         other += other >= row and rows > 1
         item = self.source[other]
