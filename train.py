@@ -65,4 +65,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    cli.restart_with_huge_page_malloc()
     sys.exit(main())

@@ -7,7 +7,10 @@ Batches are real text (the config's data.source, ids folded into the model's voc
 on the devices before the clock starts. On a GPU the step runs in bfloat16 with cuDNN's fused
 attention (when dropout is off). With --torch the same shape runs as Hugging Face's
 GPT2LMHeadModel in eager PyTorch on the CPU, interleaved round by round with the JAX steps so
-both see the same machine load. The last line printed is one JSON object.
+both see the same machine load. Each line gives the page faults per step as well: on CPU the
+step's temporaries come from malloc afresh, which is why the benchmark (like train.py) restarts
+itself with huge-page malloc (cli.restart_with_huge_page_malloc; MEGAJAX_SYSTEM_MALLOC=1 skips
+it). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import statistics
 import sys
 import time
 
-from megajax import config, mesh
+from megajax import cli, config, mesh
 from megajax.config import Config, ConfigError
 
 
@@ -132,21 +135,32 @@ def torch_stepper(cfg: Config, batches):
     return step, about
 
 
-def time_steps(steppers: dict, *, steps: int, warmup: int, rounds: int) -> dict[str, list]:
-    """Seconds per step for each stepper, alternating rounds of steps // rounds between them."""
+def time_steps(steppers: dict, *, steps: int, warmup: int, rounds: int):
+    """Seconds per step for each stepper, alternating rounds of steps // rounds between them,
+    and the page faults per step each caused ({name: [seconds]}, {name: faults})."""
     for step in steppers.values():
         for _ in range(warmup):
             step()
     times = {name: [] for name in steppers}
+    faults = dict.fromkeys(steppers, 0)
     rounds = max(1, min(rounds, steps))
     for r in range(rounds):
         count = steps // rounds + (r < steps % rounds)
         for name, step in steppers.items():
+            before = _page_faults()
             for _ in range(count):
                 start = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - start)
-    return times
+            faults[name] += _page_faults() - before
+    return times, {name: faults[name] / len(times[name]) for name in steppers}
+
+
+def _page_faults() -> int:
+    """Page faults of this process so far that the kernel served without I/O."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def summarize(times: list[float], *, tokens: int, flops_per_token: float, peak: float) -> dict:
@@ -190,13 +204,16 @@ def main(argv=None) -> int:
         if args.torch:
             steppers["torch"], about = torch_stepper(cfg, batches)
             print(f"pytorch: {about}")
-        times = time_steps(steppers, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
+        times, faults = time_steps(
+            steppers, steps=args.steps, warmup=args.warmup, rounds=args.rounds
+        )
         peak_device = metrics.peak_flops_per_device(jax.devices()[0])
         peak = peak_device * jax.device_count()
         tokens = cfg.train.batch_size * cfg.model.seq_len
         flops = cfg.model.flops_per_token()
         results = {
             name: summarize(t, tokens=tokens, flops_per_token=flops, peak=peak)
+            | {"page_faults_per_step": faults[name]}
             for name, t in times.items()
         }
         print(
@@ -206,7 +223,8 @@ def main(argv=None) -> int:
             print(
                 f"{name:>8}: {r['tokens_per_sec']:8,.0f} tokens/s | step {r['step_time_s']:.4f}s "
                 f"(quartiles {r['step_time_q1_s']:.4f}-{r['step_time_q3_s']:.4f}, fastest "
-                f"{r['step_time_min_s']:.4f}, {r['steps']} steps) | MFU {100 * r['mfu']:.1f}%"
+                f"{r['step_time_min_s']:.4f}, {r['steps']} steps) | MFU {100 * r['mfu']:.1f}% | "
+                f"{r['page_faults_per_step']:,.0f} page faults/step"
             )
         summary = {**results["megajax"], "config": args.config, "platform": platform}
         if "torch" in results:
@@ -216,7 +234,9 @@ def main(argv=None) -> int:
             summary |= {"torch_tokens_per_sec": results["torch"]["tokens_per_sec"]}
             summary |= {"torch_step_time_s": results["torch"]["step_time_s"], "ratio": ratio}
             summary |= {"ratio_fastest_steps": best}
+            summary |= {"torch_page_faults_per_step": results["torch"]["page_faults_per_step"]}
         summary["load_average"] = os.getloadavg()[0]
+        summary["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
         print(json.dumps(summary))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -225,4 +245,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    cli.restart_with_huge_page_malloc()
     sys.exit(main())

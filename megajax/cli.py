@@ -1,4 +1,5 @@
-"""Flags shared by train.py and eval.py: config, mesh, faked devices, and multi-process start-up.
+"""Flags shared by train.py and eval.py: config, mesh, faked devices, multi-process start-up, and
+the restart with huge-page malloc that CPU steps need.
 
 A run joins a multi-process job in one of two ways: explicit --coordinator/--num_processes/
 --process_id flags (on one machine or many), or, with no flags, a cluster that
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import sys
 import threading
 import time
@@ -17,6 +19,43 @@ from megajax import config, mesh
 from megajax.config import ConfigError
 
 CLUSTER_TASK_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
+KEEP_MALLOC = "MEGAJAX_SYSTEM_MALLOC"  # set to 1 to run under the malloc settings as given
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def restart_with_huge_page_malloc() -> None:
+    """Restart this process once with glibc's malloc putting large blocks on transparent huge
+    pages, where the kernel gives them only on request ("madvise" mode, the usual default).
+
+    XLA on CPU allocates a step's temporaries afresh and frees them when it ends; glibc returns
+    blocks over 32 MB to the kernel at once, so every step faults them back in page by 4 KB page:
+    270,000 faults and 0.9 s of kernel time a step in configs/bench_gpt_cpu.py, about 900 faults
+    on 2 MB pages. glibc reads its settings only at start-up, hence the restart: the same
+    program, arguments, environment (plus GLIBC_TUNABLES) and process id. Call it first thing
+    in a script's main guard; it returns at once where it has nothing to do.
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (
+        os.environ.get(KEEP_MALLOC)
+        or "glibc.malloc.hugetlb" in tunables  # set by the user, or by this restart
+        or platform.libc_ver()[0] != "glibc"
+        or _transparent_huge_pages() != "madvise"  # "always" has them already, "never" none
+    ):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGE_MALLOC])))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _transparent_huge_pages() -> str | None:
+    """The kernel's transparent huge page mode (always, madvise, never), None where unknown."""
+    try:
+        text = open(THP_MODE).read()
+    except OSError:
+        return None
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else None
 
 
 def add_flags(parser: argparse.ArgumentParser, *, config_required: bool) -> None:

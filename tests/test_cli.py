@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from megajax import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,3 +83,43 @@ def test_bad_input_ends_in_one_clear_line(tmp_path, args, message):
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], run.stderr
+
+
+RESTART = """
+import os, sys
+print("pid", os.getpid(), flush=True)
+from megajax import cli
+cli.restart_with_huge_page_malloc()
+print("tunables", os.environ.get("GLIBC_TUNABLES", ""))
+"""
+
+
+def _restart(env_extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", cli.KEEP_MALLOC)}
+    run = subprocess.run(
+        [sys.executable, "-c", RESTART],
+        cwd=ROOT,
+        env={**env, **env_extra},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout.splitlines()
+
+
+@pytest.mark.skipif(
+    cli._transparent_huge_pages() != "madvise", reason="huge pages are not opt-in here"
+)
+def test_restarts_once_with_huge_page_malloc_keeping_the_users_tunables():
+    lines = _restart({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=123456"})
+    pids = [line for line in lines if line.startswith("pid")]
+    assert len(pids) == 2 and pids[0] == pids[1]  # one restart, in place
+    assert lines[-1] == "tunables glibc.malloc.trim_threshold=123456:glibc.malloc.hugetlb=1"
+
+
+def test_no_restart_when_asked_not_to_or_already_set():
+    kept = _restart({cli.KEEP_MALLOC: "1"})
+    assert len(kept) == 2 and kept[-1] == "tunables "
+    own = _restart({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert len(own) == 2 and own[-1] == "tunables glibc.malloc.hugetlb=0"
