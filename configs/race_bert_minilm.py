@@ -10,9 +10,9 @@ comes from the checkpoint; this file sets the task, the length and the optimizer
     python eval.py --task race --data data/race --workdir runs/race
 
 data.source is RACE's folder layout (middle/, high/ of JSON files); the last data.val_fraction
-of its passages are held out for val_loss. A megajax BERT checkpoint starts it too, exported
-first with `python -m megajax.convert --checkpoint RUN --to_hf DIR`. The paper's RACE runs
-read 512 tokens; 256 keeps a CPU run short.
+of each level's passages are held out for val_loss. A megajax BERT checkpoint starts it too,
+exported first with `python -m megajax.convert --checkpoint RUN --to_hf DIR`. The paper's RACE
+runs read 512 tokens; 256 keeps a CPU run short.
 """
 
 from megajax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig

@@ -54,11 +54,12 @@ def test_short_inputs_are_padded():
         assert (sample["token_types"][j, n[j] :] == 0).all()
 
 
-def test_validation_holds_out_whole_passages():
+def test_validation_holds_out_whole_passages_of_each_level():
     cfg = config.replace(config.Config(), data=dict(val_fraction=0.5))
     train, val = race_splits(cfg, ["data/race"])
     assert {r["passage"] for r in train}.isdisjoint({r["passage"] for r in val})
     assert len({r["passage"] for r in val}) == 2 and len(train) + len(val) == len(_rows())
+    assert {r["level"] for r in val} == {r["level"] for r in train} == {"high", "middle"}
 
 
 def test_accuracy_counts_each_question_once_overall_and_per_level():

@@ -174,12 +174,18 @@ def _samples(cfg, dataset, split: str):
 
 def race_splits(cfg, paths) -> tuple[list[dict], list[dict]]:
     """RACE questions of the files or folders in `paths` -> (train, validation): the last
-    data.val_fraction of the passages (in path order) are held out, whole passages."""
+    data.val_fraction of each level's passages (middle, high; in path order) are held out, whole
+    passages, so that validation reports both levels."""
     from megajax.data import corpora
 
     rows = corpora.read_race(paths)
-    passages = list(dict.fromkeys(r["passage"] for r in rows))
-    held = set(passages[len(passages) - round(cfg.data.val_fraction * len(passages)) :])
+    levels: dict[str, list[str]] = {}
+    for r in rows:
+        if r["passage"] not in levels.setdefault(r["level"], []):
+            levels[r["level"]].append(r["passage"])
+    held = set()
+    for passages in levels.values():
+        held.update(passages[len(passages) - round(cfg.data.val_fraction * len(passages)) :])
     return [r for r in rows if r["passage"] not in held], [r for r in rows if r["passage"] in held]
 
 
