@@ -463,15 +463,50 @@ def load_params(trainer, weights: HFWeights, *, log=print):
             parts = [weights.get(name.format(i=layer)) for name in rule.names]
             return rule.to_megajax(parts, layout)
 
-        def shard(index):
-            if key[0] == "h":  # stacked layers: read the layers this shard covers
-                layers = range(cfg.num_layers)[index[0]]
-                return np.stack([read(i)[index[1:]] for i in layers])
-            return read(None)[index]
-
-        return jax.make_array_from_callback(target.shape, target.sharding, shard)
+        return _from_host_reads(target, read, stacked=key[0] == "h", num_layers=cfg.num_layers)
 
     return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def _from_host_reads(target, read, *, stacked: bool, num_layers: int):
+    """A global array of `target`'s shape and sharding whose local shards are filled from
+    read(layer) (read(None) for an unstacked parameter). Each tensor is read once per process
+    however many local devices hold a piece of it; stacked layers are read one at a time, so
+    the host holds one whole layer beside the local shards."""
+    import jax
+
+    indices = target.sharding.addressable_devices_indices_map(target.shape)
+    distinct = {}  # a shard replicated over `data` is filled once
+    for index in indices.values():
+        distinct.setdefault(_index_key(index, target.shape), index)
+    shards = {}
+    if stacked:
+        for k, index in distinct.items():
+            rows = range(num_layers)[index[0]]
+            shape = (len(rows), *_sliced_shape(index[1:], target.shape[1:]))
+            shards[k] = np.empty(shape, dtype=target.dtype)
+        for layer in range(num_layers):
+            whole = read(layer)
+            for k, index in distinct.items():
+                rows = range(num_layers)[index[0]]
+                if layer in rows:
+                    shards[k][rows.index(layer)] = whole[index[1:]]
+    else:
+        whole = read(None)
+        shards = {k: whole[index] for k, index in distinct.items()}
+    arrays = [
+        jax.device_put(shards[_index_key(index, target.shape)].astype(target.dtype), device)
+        for device, index in indices.items()
+    ]
+    return jax.make_array_from_single_device_arrays(target.shape, target.sharding, arrays)
+
+
+def _index_key(index, shape) -> tuple:
+    return tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
+
+
+def _sliced_shape(index, shape) -> tuple:
+    return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True))
 
 
 def hf_tensors(trainer, params):

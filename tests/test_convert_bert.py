@@ -197,6 +197,21 @@ def test_config_arch_is_kept_and_missing_heads_are_freshly_initialised(tmp_path)
     assert lines[0].endswith(": mlm")
 
 
+def test_each_tensor_is_read_once_however_many_devices_hold_it(tmp_path, monkeypatch):
+    weights = convert.HFWeights(_bert_model_dir(tmp_path / "hf"))
+    reads, get = [], weights.get
+    monkeypatch.setattr(weights, "get", lambda name: reads.append(name) or get(name))
+    cfg = convert.with_hf_model(config.Config(), weights)
+    trainer = Trainer(cfg, device_mesh(2, 4))  # 8 local devices, each holding pieces
+    params = convert.load_params(trainer, weights, log=lambda _: None)
+    assert len(reads) == len(set(reads)) > 0
+    qkv = params["h"]["attn"]["qkv"]["kernel"]  # still sharded as the plan says
+    assert qkv.sharding.spec == trainer.state_sharding["params"]["h"]["attn"]["qkv"]["kernel"].spec
+    single = convert.load_params(Trainer(cfg, device_mesh(1, 1)), weights, log=lambda _: None)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_checkpoint_of_the_other_family_is_refused_when_the_config_chose_one(tmp_path):
     weights = convert.HFWeights(_bert_model_dir(tmp_path / "hf"))
     with pytest.raises(config.ConfigError, match="model.arch=gpt"):
