@@ -422,7 +422,8 @@ def _names(rule: Rule, key: tuple, num_layers: int) -> list[str]:
 
 
 def load_params(trainer, weights: HFWeights, *, log=print):
-    """The model's parameters from Hugging Face weights, each device reading only its slices.
+    """The model's parameters from Hugging Face weights: each tensor read once per process, each
+    local device given only its slices.
 
     Heads the model has but the checkpoint lacks (a BertModel has no masked-LM or choice head)
     or holds for another task (an NSP head for a model with SOP) are freshly initialised, as
