@@ -477,37 +477,25 @@ def _from_host_reads(target, read, *, stacked: bool, num_layers: int):
     import jax
 
     indices = target.sharding.addressable_devices_indices_map(target.shape)
-    distinct = {}  # a shard replicated over `data` is filled once
-    for index in indices.values():
-        distinct.setdefault(_index_key(index, target.shape), index)
-    shards = {}
+    key_of = {
+        device: tuple(s.indices(n) for s, n in zip(index, target.shape, strict=True))
+        for device, index in indices.items()
+    }
+    distinct = {key_of[device]: index for device, index in indices.items()}  # data replicas: once
     if stacked:
-        for k, index in distinct.items():
-            rows = range(num_layers)[index[0]]
-            shape = (len(rows), *_sliced_shape(index[1:], target.shape[1:]))
-            shards[k] = np.empty(shape, dtype=target.dtype)
+        shape = target.sharding.shard_shape(target.shape)
+        shards = {k: np.empty(shape, dtype=target.dtype) for k in distinct}
+        rows = {k: range(num_layers)[index[0]] for k, index in distinct.items()}
         for layer in range(num_layers):
             whole = read(layer)
             for k, index in distinct.items():
-                rows = range(num_layers)[index[0]]
-                if layer in rows:
-                    shards[k][rows.index(layer)] = whole[index[1:]]
+                if layer in rows[k]:
+                    shards[k][rows[k].index(layer)] = whole[index[1:]]
     else:
         whole = read(None)
-        shards = {k: whole[index] for k, index in distinct.items()}
-    arrays = [
-        jax.device_put(shards[_index_key(index, target.shape)].astype(target.dtype), device)
-        for device, index in indices.items()
-    ]
+        shards = {k: whole[index].astype(target.dtype) for k, index in distinct.items()}
+    arrays = [jax.device_put(shards[key_of[device]], device) for device in indices]
     return jax.make_array_from_single_device_arrays(target.shape, target.sharding, arrays)
-
-
-def _index_key(index, shape) -> tuple:
-    return tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
-
-
-def _sliced_shape(index, shape) -> tuple:
-    return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True))
 
 
 def hf_tensors(trainer, params):
