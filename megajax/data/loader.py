@@ -179,12 +179,11 @@ def race_splits(cfg, paths) -> tuple[list[dict], list[dict]]:
     from megajax.data import corpora
 
     rows = corpora.read_race(paths)
-    levels: dict[str, list[str]] = {}
+    levels: dict[str, dict[str, None]] = {}  # each level's passages, in order, once each
     for r in rows:
-        if r["passage"] not in levels.setdefault(r["level"], []):
-            levels[r["level"]].append(r["passage"])
+        levels.setdefault(r["level"], {})[r["passage"]] = None
     held = set()
-    for passages in levels.values():
+    for passages in map(list, levels.values()):
         held.update(passages[len(passages) - round(cfg.data.val_fraction * len(passages)) :])
     return [r for r in rows if r["passage"] not in held], [r for r in rows if r["passage"] in held]
 
