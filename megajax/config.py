@@ -17,6 +17,7 @@ ARCHS = ("gpt", "bert", "bert_multiple_choice")
 PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu")
 BINARY_HEADS = ("sop", "nsp", "none")
+REMATS = ("none", "full", "selective")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,13 @@ class ModelConfig:
     dropout: float = 0.1  # on embeddings, attention probabilities and residual branches
     init_std: float = 0.02  # N(0, init_std); residual output projections / sqrt(2 * layers)
     layernorm_eps: float = 1e-5
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    # Activations recomputed in the backward pass instead of saved: "none"; "full" (each
+    # layer from its input); "selective" (attention's core, arXiv 2205.05198: no (batch,
+    # heads, length, length) tensor is saved, every (batch, length, hidden)-sized one is).
+    remat: str = "none"
+    # Split layer norms, dropout and residual adds over `model` along the sequence (arXiv
+    # 2205.05198): the same bytes move, activations between the tensor-parallel regions / T.
+    sequence_parallel: bool = False
     compute_dtype: str = "float32"  # "bfloat16": bf16 matmuls over fp32 master weights
     # "einsum": softmax(q k^T) v written out, fp32 scores (any device, any dropout);
     # "xla" or "cudnn": jax.nn.dot_product_attention (cudnn: fused GPU kernel, no dropout).
@@ -55,10 +62,13 @@ class ModelConfig:
             ("layernorm_placement", PLACEMENTS),
             ("activation", ACTIVATIONS),
             ("binary_head", BINARY_HEADS),
+            ("remat", REMATS),
         ):
             if getattr(self, name) not in allowed:
+                was_bool = name == "remat" and str(self.remat).lower() in ("true", "false")
                 raise ConfigError(
                     f"model.{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}"
+                    + ('; the old true is now "full", false "none"' if was_bool else "")
                 )
 
     @property
@@ -226,6 +236,8 @@ def from_dict(data: dict) -> Config:
     for field in dataclasses.fields(Config):
         cls = field.default_factory if field.default is dataclasses.MISSING else type(field.default)
         values = data.get(field.name, {})
+        if field.name == "model" and isinstance(values.get("remat"), bool):
+            values = {**values, "remat": "full" if values["remat"] else "none"}  # older configs
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown config keys in {field.name}: {sorted(unknown)}")

@@ -2,10 +2,15 @@
 
 The math is written for one device; `parallel.constrain` pins activation layouts so that
 `jax.jit` compiles Megatron's column/row splits: QKV and fc1 are column-parallel (no
-communication), the attention output and fc2 are row-parallel (one all-reduce each).
+communication), the attention output and fc2 are row-parallel (one all-reduce each). The
+residual stream between them is laid out as `residual_length` says: with sequence parallelism
+the all-reduces become a reduce-scatter after each row-parallel matmul and an all-gather before
+each column-parallel one.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +57,34 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gathered_matmul(x, kernel, dims):
+    """Inside shard_map: x all-gathered over `model` along `dims`, times kernel. As Megatron-LM
+    does, the backward pass gathers x again rather than keep the whole sequence (only the
+    1 / T shard is saved) and reduce-scatters x's gradient."""
+    return jnp.einsum("...i,io->...o", parallel.gather_over_model(x, dims), kernel)
+
+
+def _gathered_matmul_fwd(x, kernel, dims):
+    return _gathered_matmul(x, kernel, dims), (x, kernel)
+
+
+def _gathered_matmul_bwd(dims, saved, dy):
+    x, kernel = saved
+    whole = parallel.gather_over_model(x, dims)
+    batch_dims = tuple(range(whole.ndim - 1))
+    dkernel = jax.lax.dot_general(dy, whole, ((batch_dims, batch_dims), ((), ()))).T
+    # The kernel is the same on every `data` shard: its gradient sums theirs.
+    dkernel = jax.lax.psum(dkernel, parallel.DATA)
+    dx = jnp.einsum("...o,io->...i", dy, kernel)
+    for dim in dims:
+        dx = jax.lax.psum_scatter(dx, parallel.MODEL, scatter_dimension=dim, tiled=True)
+    return dx, dkernel
+
+
+_gathered_matmul.defvjp(_gathered_matmul_fwd, _gathered_matmul_bwd)
+
+
 class Dense(nnx.Module):
     """y = x @ kernel + bias, with logical axes (in_axis, out_axis) on the kernel."""
 
@@ -59,10 +92,49 @@ class Dense(nnx.Module):
         key = rngs.params()
         self.kernel = nnx.Param(_normal(std, *axes)(key, (d_in, d_out)))
         self.bias = nnx.Param(_zeros(axes[1])(None, (d_out,)))
+        self.axes = axes
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(x.dtype)
         return jnp.einsum("...i,io->...o", x, kernel) + self.bias[...].astype(x.dtype)
+
+    def column_parallel(self, x: jax.Array, *in_axes: str | None) -> jax.Array:
+        """This layer on (batch, length, d_in) input laid out as the logical axes `in_axes`
+        say, its d_out split over `model`: no communication, or an all-gather first where
+        `in_axes` split a dimension over `model` (sequence parallelism; the backward pass
+        then reduce-scatters the input's gradient)."""
+        in_spec = parallel.spec(*in_axes)
+        if parallel.MODEL not in in_spec:
+            return self(constrain(x, *in_axes))
+
+        def local(x, kernel, bias):
+            dims = tuple(parallel.model_dims(in_spec))
+            return _gathered_matmul(x, kernel.astype(x.dtype), dims) + bias.astype(x.dtype)
+
+        return jax.shard_map(
+            local,
+            in_specs=(in_spec, parallel.spec(*self.axes), parallel.spec(self.axes[1])),
+            out_specs=parallel.spec("batch", "length", self.axes[1]),
+        )(x, self.kernel[...], self.bias[...])
+
+    def row_parallel(self, x: jax.Array, *out: str | None) -> jax.Array:
+        """This layer on (batch, length, d_in) input whose d_in is split over `model`, laid out
+        as the logical axes `out` say: one all-reduce of the partial sums, or a reduce-scatter
+        where `out` splits a dimension over `model` (sequence parallelism)."""
+        out_spec = parallel.spec(*out)
+        if parallel.MODEL not in out_spec:
+            return constrain(self(x), *out)
+
+        def local(x, kernel, bias):
+            partial = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+            return parallel.sum_over_model(partial, out_spec) + bias.astype(x.dtype)
+
+        in_spec = parallel.spec("batch", "length", self.axes[0])
+        return jax.shard_map(
+            local,
+            in_specs=(in_spec, parallel.spec(*self.axes), parallel.spec(self.axes[1])),
+            out_specs=out_spec,
+        )(x, self.kernel[...], self.bias[...])
 
 
 def padded_normal(std: float, real_rows: int):
@@ -84,7 +156,8 @@ class VocabEmbedding(nnx.Module):
     """Word embedding split by vocabulary rows over `model` (Megatron's VocabParallelEmbedding).
 
     Each model shard looks up the ids in its own row range, writes zeros for the others, and
-    one all-reduce over `model` sums the pieces: the table is never gathered.
+    one all-reduce over `model` sums the pieces (a reduce-scatter over the sequence with
+    sequence parallelism): the table is never gathered.
     """
 
     def __init__(self, vocab: int, padded_vocab: int, dim: int, *, std: float, rngs):
@@ -99,12 +172,13 @@ class VocabEmbedding(nnx.Module):
             local = ids - start
             inside = (local >= 0) & (local < table.shape[0])
             rows = jnp.take(table, jnp.where(inside, local, 0), axis=0)
-            return jax.lax.psum(jnp.where(inside[..., None], rows, 0), parallel.MODEL)
+            return parallel.sum_over_model(jnp.where(inside[..., None], rows, 0), out_spec)
 
+        out_spec = parallel.spec("batch", "residual_length", "embed")
         return jax.shard_map(
             lookup,
             in_specs=(parallel.spec("vocab", "embed"), parallel.spec("batch", "length")),
-            out_specs=parallel.spec("batch", "length", "embed"),
+            out_specs=out_spec,
         )(table, ids)
 
 
@@ -113,7 +187,8 @@ class Attention(nnx.Module):
 
     QKV columns are laid out (head, {q, k, v}, head_dim), so splitting them over `model` gives
     each shard whole heads and their q, k and v: the heads run locally and the only
-    communication is the all-reduce after the row-parallel output projection.
+    communication is the all-reduce after the row-parallel output projection. A causal model
+    (GPT) masks future keys; `padding` masks the keys after each sequence's length (BERT).
     """
 
     def __init__(self, cfg, *, out_std: float, rngs):
@@ -121,6 +196,10 @@ class Attention(nnx.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.dropout_rate = cfg.dropout
         self.implementation = cfg.attention
+        self.causal = cfg.arch == "gpt"
+        # Selective recomputation: the core (scores, softmax, dropout, values) is recomputed in
+        # the backward pass, so no (batch, heads, length, length) tensor is kept for it.
+        self.recompute_core = cfg.remat == "selective"
         if cfg.attention not in ("einsum", "xla", "cudnn"):
             raise ConfigError(f"model.attention={cfg.attention!r}: use einsum, xla or cudnn")
         if cfg.attention != "einsum" and cfg.dropout > 0:
@@ -131,29 +210,46 @@ class Attention(nnx.Module):
         self.qkv = Dense(h, 3 * h, ("embed", "heads"), std=cfg.init_std, rngs=rngs)
         self.proj = Dense(h, h, ("heads", "embed"), std=out_std, rngs=rngs)
 
-    def __call__(self, x, *, mask, key) -> jax.Array:
-        """`mask`: True where a query may attend a key, broadcastable to (batch, heads, query,
-        key): (query, key) for a causal model, (batch, 1, 1, key) for padding."""
-        b, s, _ = x.shape
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        qkv = self.qkv(x).reshape(b, s, self.num_heads, 3, self.head_dim)
+    def __call__(self, x, *, padding, key) -> jax.Array:
+        """`padding`: (batch, key) bool, True on real tokens, which come first; or None."""
+        b, s = x.shape[0], x.shape[1]
+        qkv = self.qkv.column_parallel(x, "batch", "residual_length", "embed")
+        qkv = qkv.reshape(b, s, self.num_heads, 3, self.head_dim)
         qkv = constrain(qkv, "batch", "length", "heads", None, None)
         q, k, v = (
             qkv[:, :, :, 0],
             qkv[:, :, :, 1],
             qkv[:, :, :, 2],
         )  # (batch, length, heads, head_dim)
-        if self.implementation != "einsum":
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, implementation=self.implementation
-            ).reshape(b, s, -1)
-        else:
-            out = self._einsum_attention(q, k, v, mask, key).reshape(b, s, -1)
+        core = self._fused if self.implementation != "einsum" else self._einsum_attention
+        if self.recompute_core:
+            core = jax.checkpoint(core, prevent_cse=False)
+        out = core(q, k, v, padding, key).reshape(b, s, -1)
         out = constrain(out, "batch", "length", "heads")
-        return constrain(self.proj(out), "batch", "length", "embed")
+        return self.proj.row_parallel(out, "batch", "residual_length", "embed")
 
-    def _einsum_attention(self, q, k, v, mask, key):
+    def _fused(self, q, k, v, padding, key):
+        """jax.nn.dot_product_attention told the mask's kind, not given a dense mask, so that a
+        fused kernel keeps its causal mask type and skips the masked tiles."""
+        del key  # no attention dropout (checked in __init__)
+        lengths = None if padding is None else padding.sum(-1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=self.causal,
+            key_value_seq_lengths=lengths,
+            implementation=self.implementation,
+        )
+
+    def _einsum_attention(self, q, k, v, padding, key):
         """softmax(q k^T / sqrt(d)) v with float32 scores, (batch, length, heads, head_dim)."""
+        s = q.shape[1]
+        mask = jnp.ones((1, 1, s, s), bool)  # (batch, heads, query, key)
+        if self.causal:
+            mask = jnp.tril(mask)
+        if padding is not None:
+            mask = mask & padding[:, None, None, :]
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(self.head_dim).astype(jnp.float32)
         # Masked by adding a (query, key) bias rather than a select: adding 0 leaves a score
@@ -178,8 +274,9 @@ class MLP(nnx.Module):
         self.activation = cfg.activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = constrain(gelu(self.fc1(x), self.activation), "batch", "length", "mlp")
-        return constrain(self.fc2(y), "batch", "length", "embed")
+        y = self.fc1.column_parallel(x, "batch", "residual_length", "embed")
+        y = constrain(gelu(y, self.activation), "batch", "length", "mlp")
+        return self.fc2.row_parallel(y, "batch", "residual_length", "embed")
 
 
 class Block(nnx.Module):
@@ -197,11 +294,14 @@ class Block(nnx.Module):
         self.dropout_rate = cfg.dropout
         self.post_ln = cfg.layernorm_placement == "post"
 
-    def __call__(self, x, *, mask, key) -> jax.Array:
+    def __call__(self, x, *, padding, key) -> jax.Array:
+        """x: (batch, length, hidden), split over `model` along the length under sequence
+        parallelism; `padding` as Attention takes it."""
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
         rate = self.dropout_rate
+        x = constrain(x, "batch", "residual_length", "embed")
         if self.post_ln:
-            x = self.ln_1(x + dropout(self.attn(x, mask=mask, key=keys[0]), rate, keys[1]))
+            x = self.ln_1(x + dropout(self.attn(x, padding=padding, key=keys[0]), rate, keys[1]))
             return self.ln_2(x + dropout(self.mlp(x), rate, keys[2]))
-        x = x + dropout(self.attn(self.ln_1(x), mask=mask, key=keys[0]), rate, keys[1])
+        x = x + dropout(self.attn(self.ln_1(x), padding=padding, key=keys[0]), rate, keys[1])
         return x + dropout(self.mlp(self.ln_2(x)), rate, keys[2])

@@ -54,7 +54,10 @@ def _vocab_sharded(fn, hidden, table, bias, *rest, vocab_size, out_specs):
     """Run fn(hidden, table, bias, *rest, vocab_size) on each model shard; `bias` (optional,
     (padded_vocab,)) is split like the table's rows, `rest` are (batch, length) arrays."""
     row = parallel.spec("batch", "length")
-    specs = [parallel.spec("batch", "length", "embed"), parallel.spec("vocab", "embed")]
+    # Hidden states split over the sequence (sequence parallelism) are gathered in here, so
+    # that their gradient is reduce-scattered, not all-reduced.
+    hidden_spec = parallel.spec("batch", "residual_length", "embed")
+    specs = [hidden_spec, parallel.spec("vocab", "embed")]
     args = [hidden, table]
     if bias is not None:
         specs.append(parallel.spec("vocab"))
@@ -63,6 +66,7 @@ def _vocab_sharded(fn, hidden, table, bias, *rest, vocab_size, out_specs):
 
     def local(h, t, *more):
         b, more = (more[0], more[1:]) if bias is not None else (None, more)
+        h = parallel.gather_over_model(h, parallel.model_dims(hidden_spec))
         return fn(h, t, b, *more, vocab_size)
 
     return jax.shard_map(local, in_specs=tuple(specs), out_specs=out_specs)(*args, *rest)

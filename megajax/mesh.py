@@ -70,6 +70,11 @@ def check_model(cfg: ModelConfig, model_degree: int) -> None:
                 f"model.{what}={size} is not divisible by the model degree {model_degree}: "
                 f"choose a model degree that divides it"
             )
+    if cfg.sequence_parallel and cfg.seq_len % model_degree:
+        raise ConfigError(
+            f"model.seq_len={cfg.seq_len} is not divisible by the model degree {model_degree}, "
+            "which model.sequence_parallel splits it by: change one, or turn it off"
+        )
     if cfg.hidden % cfg.num_heads:
         raise ConfigError(
             f"model.hidden={cfg.hidden} is not divisible by num_heads={cfg.num_heads}"

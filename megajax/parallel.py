@@ -5,35 +5,74 @@ Model code names only logical axes. With T = the `model` degree:
 - `mlp` splits fc1's columns and fc2's rows;
 - `vocab` splits the word embedding by rows; the tied LM head then yields vocabulary-sharded
   logits, which the cross-entropy reduces without gathering them;
-- `batch` splits the data over `data`; everything else is replicated on every model shard.
-Changing the plan is a change to RULES alone.
+- `batch` splits the data over `data`; everything else is replicated on every model shard;
+- `residual_length` is the length of the residual stream between the tensor-parallel regions
+  (layer norms, dropout, residual adds). Sequence parallelism (arXiv 2205.05198) splits it over
+  `model`: each all-reduce after a row-parallel matmul becomes a reduce-scatter, and
+  constraining the input of a column-parallel matmul to the full `length` makes an all-gather.
+Changing the plan is a change to the table alone.
 """
 
 from __future__ import annotations
 
 import jax
+from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
 DATA, MODEL = "data", "model"
 
-RULES: tuple[tuple[str, str | None], ...] = (
-    ("batch", DATA),
-    ("vocab", MODEL),
-    ("heads", MODEL),
-    ("mlp", MODEL),
-    ("embed", None),
-    ("length", None),
-    ("position", None),
-    ("layers", None),
-)
-_RULES = dict(RULES)
+
+def rules(*, sequence_parallel: bool = False) -> tuple[tuple[str, str | None], ...]:
+    """The plan's table; `sequence_parallel` decides one row."""
+    return (
+        ("batch", DATA),
+        ("vocab", MODEL),
+        ("heads", MODEL),
+        ("mlp", MODEL),
+        ("embed", None),
+        ("length", None),
+        ("residual_length", MODEL if sequence_parallel else None),
+        ("position", None),
+        ("layers", None),
+    )
+
+
+RULES = rules()
+
+
+def _active() -> dict[str, str | None]:
+    """The table set by `nnx.logical_axis_rules` (the trainer's context), else the default."""
+    return dict(spmd.get_logical_axis_rules() or RULES)
 
 
 def spec(*logical: str | None) -> P:
     """PartitionSpec for a tensor whose dimensions carry these logical names."""
-    return P(*(None if name is None else _RULES[name] for name in logical))
+    table = _active()
+    return P(*(None if name is None else table[name] for name in logical))
 
 
 def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
     """Pin an activation's layout so the compiler emits the plan's collectives, no others."""
     return jax.lax.with_sharding_constraint(x, spec(*logical))
+
+
+def model_dims(p: P) -> list[int]:
+    """The dimensions that a PartitionSpec splits over `model`."""
+    return [i for i, axis in enumerate(p) if axis == MODEL]
+
+
+def sum_over_model(x: jax.Array, out_spec: P) -> jax.Array:
+    """Inside shard_map: the sum of x's partial values over `model`, all-reduced, or
+    reduce-scattered along the dimension that `out_spec` splits over `model`."""
+    split = model_dims(out_spec)
+    if not split:
+        return jax.lax.psum(x, MODEL)
+    return jax.lax.psum_scatter(x, MODEL, scatter_dimension=split[0], tiled=True)
+
+
+def gather_over_model(x: jax.Array, dims) -> jax.Array:
+    """Inside shard_map: x whole along `dims`, which are split over `model`, all-gathered (the
+    transpose, in the backward pass, is a reduce-scatter)."""
+    for dim in dims:
+        x = jax.lax.all_gather(x, MODEL, axis=dim, tiled=True)
+    return x

@@ -22,7 +22,7 @@ class Trainer:
     """Builds a model's sharded state on `mesh` and compiles its train and eval steps.
 
     The state is a pytree {"params", "opt_state", "step"}: params are a plain nested dict of
-    arrays, each sharded as parallel.RULES says; optimizer moments share their parameter's
+    arrays, each sharded as parallel.rules() says; optimizer moments share their parameter's
     sharding. Dropout keys derive from (train.seed, step), so a step is reproducible alone.
     """
 
@@ -72,7 +72,8 @@ class Trainer:
     @contextlib.contextmanager
     def context(self):
         """The mesh and the logical-axis table, active while tracing model code."""
-        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(parallel.RULES):
+        table = parallel.rules(sequence_parallel=self.cfg.model.sequence_parallel)
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(table):
             yield
 
     def _new_model(self, seed):

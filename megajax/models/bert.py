@@ -64,13 +64,13 @@ class BERT(nnx.Module):
         embed_key, layers_key = (None, None) if key is None else jax.random.split(key)
         types = jnp.take(self.wtt[...], token_types, axis=0)
         x = self.wte(tokens, dtype) + (self.wpe[:s] + types).astype(dtype)
-        x = constrain(x, "batch", "length", "embed")
+        x = constrain(x, "batch", "residual_length", "embed")
         if self.ln_embed is not None:
             x = self.ln_embed(x)
         x = dropout(x, cfg.dropout, embed_key)
-        keys = padding_mask.astype(bool)[:, None, None, :]  # (batch, 1, 1, key)
+        padding = padding_mask.astype(bool)  # (batch, key), real tokens first
         x = run_stack(
-            self.h, x, mask=keys, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers
+            self.h, x, padding=padding, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers
         )
         return x if self.ln_f is None else self.ln_f(x)
 

@@ -30,10 +30,9 @@ class GPT(nnx.Module):
         dtype = jnp.dtype(cfg.compute_dtype)
         embed_key, layers_key = (None, None) if key is None else jax.random.split(key)
         x = self.wte(ids, dtype) + self.wpe[:s].astype(dtype)
-        x = dropout(constrain(x, "batch", "length", "embed"), cfg.dropout, embed_key)
-        causal = jnp.tril(jnp.ones((s, s), dtype=bool))  # (query, key)
+        x = dropout(constrain(x, "batch", "residual_length", "embed"), cfg.dropout, embed_key)
         x = run_stack(
-            self.h, x, mask=causal, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers
+            self.h, x, padding=None, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers
         )
         return self.ln_f(x)
 

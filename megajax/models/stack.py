@@ -20,16 +20,18 @@ def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     return make(rngs)
 
 
-def run_stack(blocks: Block, x, *, mask, key, remat: bool, num_layers: int):
-    """Apply stacked blocks in order with one `lax.scan`: compile time does not grow with depth."""
+def run_stack(blocks: Block, x, *, padding, key, remat: str, num_layers: int):
+    """Apply stacked blocks in order with one `lax.scan`: compile time does not grow with depth.
+    remat="full" recomputes each layer from its input in the backward pass ("selective" is the
+    attention core's own, see layers.Attention)."""
     graphdef, state = nnx.split(blocks)
     keys = None if key is None else jax.random.split(key, num_layers)
 
     def layer(x, inputs):
         layer_state, layer_key = inputs
-        return nnx.merge(graphdef, layer_state)(x, mask=mask, key=layer_key), None
+        return nnx.merge(graphdef, layer_state)(x, padding=padding, key=layer_key), None
 
-    if remat:
+    if remat == "full":
         layer = jax.checkpoint(layer, prevent_cse=False)
     x, _ = jax.lax.scan(layer, x, (state, keys))
     return x
