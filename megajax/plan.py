@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from megajax import hlo, models, parallel
+from megajax import activations, hlo, models, parallel
 from megajax.config import Config, ConfigError, ModelConfig
 
 GB = 1e9
@@ -86,48 +86,6 @@ def params_per_device(m: ModelConfig, model_degree: int) -> int:
 # Memory
 
 
-def layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
-    """Bytes one transformer layer keeps for its backward pass, per device, as this code saves
-    them (read off jax's saved residuals): per layer norm three float32 (b, s, h) tensors; in
-    the compute dtype the QKV and fc1 inputs, q, k, v, the attention output, and six
-    (b, s, 4h / T) MLP tensors (fc1 output and GeLU's tanh intermediates); float32 attention
-    probabilities (b, heads / T, s, s); with dropout also 1-byte masks and dropped
-    probabilities. Bias-free of any framework rounding: the compiled figure is the check."""
-    e = jnp.dtype(m.compute_dtype).itemsize
-    t = model_degree
-    n = batch * m.seq_len * m.hidden  # one (b, s, h) tensor
-    scores = batch * (m.num_heads // t) * m.seq_len**2  # one (b, heads / T, s, s) tensor
-    mlp = m.mlp_hidden / m.hidden  # (b, s, 4h) / (b, s, h)
-    total = 2 * 3 * 4 * n  # two layer norms
-    total += e * n * (2 + 4 / t + 6 * mlp / t)
-    total += 4 * scores
-    if m.dropout > 0:
-        total += 2 * n + scores + e * scores  # residual masks, probability mask, dropped probs
-    else:
-        total += e * scores  # probabilities cast for the values matmul
-    if e != 4:
-        total += (
-            e * (3 * m.hidden * m.hidden + m.hidden * m.hidden + 2 * m.hidden * m.mlp_hidden) / t
-        )
-    return total
-
-
-def head_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
-    """The vocabulary-sharded logits (float32 shifted logits, exponentials, padding mask) and
-    the embedding output and final layer norm around the stack; for BERT also the masked-LM
-    transform (dense output, GeLU, layer norm) before the logits."""
-    e = jnp.dtype(m.compute_dtype).itemsize
-    if m.arch == "bert_multiple_choice":
-        batch *= m.num_choices
-    n = batch * m.seq_len * m.hidden
-    total = n * (e + 3 * 4)
-    if m.arch != "bert_multiple_choice":
-        total += 9 * batch * m.seq_len * m.padded_vocab_size(model_degree) // model_degree
-    if m.arch == "bert":
-        total += n * (3 * e + 3 * 4)
-    return total
-
-
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
     weights: float  # float32 master weights
@@ -135,20 +93,30 @@ class MemoryEstimate:
     inputs: float  # the step's int32 input and target tokens (and its step, skip counters)
     gradients: float  # float32; a second buffer accumulates micro-batches
     update: float  # the float32 update tree optax builds before adding it to the weights
-    activations: float  # saved for the backward pass of one micro-batch, without remat
-    activations_remat: float  # with each layer recomputed: layer inputs + one layer's working set
+    # Saved for the backward pass of one micro-batch under each model.remat (and the
+    # configured sequence parallelism): "none", "selective" and "full".
+    activations: float
+    activations_selective: float
+    activations_remat: float
+    activations_paper: float  # the paper's Table 2 for the configured switches, 16-bit
 
     @property
     def arguments(self) -> float:
         """What the compiled step takes as arguments: the train state and the batch."""
         return self.weights + self.optimizer + self.inputs
 
-    def temporaries(self, *, remat: bool) -> float:
-        """What the step allocates while it runs."""
-        acts = self.activations_remat if remat else self.activations
-        return self.gradients + self.update + acts
+    def activations_for(self, remat: str) -> float:
+        return {
+            "none": self.activations,
+            "selective": self.activations_selective,
+            "full": self.activations_remat,
+        }[remat]
 
-    def total(self, *, remat: bool) -> float:
+    def temporaries(self, *, remat: str) -> float:
+        """What the step allocates while it runs."""
+        return self.gradients + self.update + self.activations_for(remat)
+
+    def total(self, *, remat: str) -> float:
         return self.arguments + self.temporaries(remat=remat)
 
 
@@ -157,9 +125,15 @@ def estimate_memory(cfg: Config, *, data_degree: int, model_degree: int) -> Memo
     p = params_per_device(m, model_degree)
     batch = tr.batch_size // tr.micro_batches // data_degree  # one micro-batch on one device
     sequences = batch * (m.num_choices if m.arch == "bert_multiple_choice" else 1)
-    layer = layer_activation_bytes(m, batch=sequences, model_degree=model_degree)
-    head = head_activation_bytes(m, batch=batch, model_degree=model_degree)
-    layer_input = sequences * m.seq_len * m.hidden * jnp.dtype(m.compute_dtype).itemsize
+    head = activations.head_activation_bytes(m, batch=batch, model_degree=model_degree)
+
+    def stack(remat):
+        m_remat = dataclasses.replace(m, remat=remat)
+        return activations.stack_activation_bytes(
+            m_remat, batch=sequences, model_degree=model_degree
+        )
+
+    paper = activations.paper_layer_activation_bytes(m, batch=sequences, model_degree=model_degree)
     sample = sum(math.prod(shape) for shape in models.batch_fields(m).values())
     return MemoryEstimate(
         weights=4 * p,
@@ -167,8 +141,10 @@ def estimate_memory(cfg: Config, *, data_degree: int, model_degree: int) -> Memo
         inputs=4 * tr.batch_size // data_degree * sample + 2 * 4,  # int32 fields; 2 counters
         gradients=4 * p * (2 if tr.micro_batches > 1 else 1),
         update=4 * p,
-        activations=m.num_layers * layer + head,
-        activations_remat=m.num_layers * layer_input + layer + head,
+        activations=stack("none") + head,
+        activations_selective=stack("selective") + head,
+        activations_remat=stack("full") + head,
+        activations_paper=m.num_layers * paper,
     )
 
 
@@ -178,12 +154,14 @@ def estimate_memory(cfg: Config, *, data_degree: int, model_degree: int) -> Memo
 
 def flops_per_step(cfg: Config) -> dict[str, float]:
     """Model FLOPs (forward + backward, Megatron-LM's count) and hardware FLOPs (adding the
-    forward pass of every layer again when activations are recomputed), for the global batch."""
+    forward pass of every layer again with full recomputation, of the attention core with
+    selective), for the global batch."""
     m = cfg.model
     tokens = cfg.train.batch_size * m.tokens_per_sample
     model = m.flops_per_token() * tokens
-    layer_forward = m.num_layers * (24 * m.hidden**2 + 4 * m.seq_len * m.hidden) * tokens
-    return {"model": model, "hardware": model + (layer_forward if m.remat else 0)}
+    core = 4 * m.seq_len * m.hidden  # q k^T and the values, per token and layer
+    recomputed = {"none": 0, "selective": core, "full": 24 * m.hidden**2 + core}[m.remat]
+    return {"model": model, "hardware": model + m.num_layers * recomputed * tokens}
 
 
 def expected_collectives(cfg: Config, *, data_degree: int, model_degree: int) -> dict:
@@ -193,12 +171,25 @@ def expected_collectives(cfg: Config, *, data_degree: int, model_degree: int) ->
     lm = m.arch != "bert_multiple_choice"
     b *= 1 if lm else m.num_choices  # sequences per device
     found = {}
-    if model_degree > 1:
+    n = b * m.seq_len * m.hidden
+    if model_degree > 1 and m.sequence_parallel:
+        # Per layer 2 all-gathers and 2 reduce-scatters forward; backward the reduce-scatters'
+        # transposes (2 all-gathers), the gathers' (2 reduce-scatters) and 2 gathers again of
+        # the column-parallel inputs; the embedding's reduce-scatter and the head's gather,
+        # and their transposes. Full recomputation repeats the forward's.
+        again = 2 if m.remat == "full" else 0
+        outside = micro * (2 if lm else 1)
+        gathers = micro * (6 + again) * m.num_layers + outside
+        scatters = micro * (4 + again) * m.num_layers + outside
+        found["model: all-gathers (b, s, h)"] = (gathers, gathers * n)
+        found["model: reduce-scatters (b, s / T, h)"] = (scatters, scatters * n // model_degree)
+    elif model_degree > 1:
         # 2 forward + 2 backward per layer (+1: the attention all-reduce is recomputed), the
         # embedding and the tied head's gradient, then max, sum of exp and target logit.
-        per_layer = 4 + (1 if m.remat else 0)
+        per_layer = 4 + (1 if m.remat == "full" else 0)
         acts = micro * (per_layer * m.num_layers + (2 if lm else 1))
-        found["model: activations (b, s, h)"] = (acts, acts * b * m.seq_len * m.hidden)
+        found["model: activations (b, s, h)"] = (acts, acts * n)
+    if model_degree > 1:
         if lm:
             found["model: cross-entropy (b, s)"] = (3 * micro, 3 * micro * b * m.seq_len)
     if data_degree > 1:
@@ -225,6 +216,12 @@ def summarize_collectives(found: list[hlo.Collective]) -> list[dict]:
         row["count"] += c.runs
         row["bytes"] += c.runs * c.bytes
     return sorted(rows.values(), key=lambda r: -r["bytes"])
+
+
+def allreduce_elements(kind: str, elements: float, group: int) -> float:
+    """The all-reduce that moves as many bytes as a collective with `elements` in its result:
+    a ring all-gather or reduce-scatter of a whole tensor moves half an all-reduce's."""
+    return {"all-gather": elements / 2, "reduce-scatter": elements * group / 2}.get(kind, elements)
 
 
 def allreduce_seconds(nbytes: float, group: int, bandwidth: float) -> float:
@@ -280,7 +277,11 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     est = estimate_memory(cfg, data_degree=data, model_degree=model)
     expected = expected_collectives(cfg, data_degree=data, model_degree=model)
 
-    model_elements = sum(c.runs * c.elements for c in found if c.axes == (parallel.MODEL,))
+    model_elements = sum(
+        c.runs * allreduce_elements(c.kind, c.elements, model)
+        for c in found
+        if c.axes == (parallel.MODEL,)
+    )
     plans = {
         "this mesh": roofline(
             cfg, tgt, data_degree=data, model_degree=model, model_elements=model_elements
@@ -335,6 +336,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
                 **dataclasses.asdict(est),
                 "arguments": est.arguments,
                 "temporaries": est.temporaries(remat=remat),
+                "activations_used": est.activations_for(remat),
                 "total": analytic_total,
             },
             "analytic_as_compiled": {
@@ -362,19 +364,24 @@ def report(plan: dict) -> str:
     mem, p = plan["memory"], plan["params"]
     an, co = mem["analytic"], mem["compiled"]
     remat = plan["config"]["remat"]
-    acts = an["activations_remat" if remat else "activations"]
+    acts = an["activations_used"]
+    sp = "on" if plan["config"]["sequence_parallel"] else "off"
     lines = [
         f"dry run: mesh data={plan['mesh']['data']} model={plan['mesh']['model']}, "
         f"compiled in {plan['compile_seconds']:.1f}s on {plan['platform']}",
         f"parameters: {p['total']:,} total, {p['per_device']:,} per device "
         f"(analytic {p['per_device_analytic']:,})",
         "",
-        f"memory per device (remat={remat})     analytic      compiled",
+        f"memory per device (remat={remat}, sequence parallel {sp})",
+        "                                      analytic      compiled",
         f"  weights + Adam moments + batch  {_gb(an['arguments']):>12}  "
         f"{_gb(co['arguments']):>12}  (arguments)",
         f"  gradients + update              {_gb(an['gradients'] + an['update']):>12}",
-        f"  activations without remat       {_gb(an['activations']):>12}",
-        f"  activations with remat          {_gb(an['activations_remat']):>12}",
+        f"  activations, remat none         {_gb(an['activations']):>12}",
+        f"  activations, remat selective    {_gb(an['activations_selective']):>12}",
+        f"  activations, remat full         {_gb(an['activations_remat']):>12}",
+        f"  layers' activations, paper      {_gb(an['activations_paper']):>12}  "
+        "(arXiv 2205.05198 Table 2, 16-bit)",
         f"  gradients, update, activations  {_gb(an['temporaries']):>12}  "
         f"{_gb(co['temporaries']):>12}  (temporaries)",
         f"  total                           {_gb(an['total']):>12}  {_gb(co['total']):>12}",
@@ -407,7 +414,7 @@ def report(plan: dict) -> str:
     for what, (count, elements) in plan["collectives_expected"].items():
         lines.append(
             f"  expected by the plan: {what}: {count if count is not None else 'per parameter'}"
-            f" all-reduces, {elements:,} elements"
+            f" collectives, {elements:,} elements"
         )
     data_bytes = sum(r["bytes"] for r in plan["collectives"] if r["axes"] == [parallel.DATA])
     if "data: gradients" in plan["collectives_expected"]:
@@ -488,7 +495,7 @@ def paper_table(devices) -> str:
         grads = sum(r["bytes"] for r in p["collectives"] if r["axes"] == [parallel.DATA])
         e = jnp.dtype(cfg.model.compute_dtype).itemsize
         model_elements = sum(
-            r["count"] * sum(math.prod(s) for s in r["shapes"])
+            r["count"] * allreduce_elements(r["kind"], sum(math.prod(s) for s in r["shapes"]), t)
             for r in p["collectives"]
             if r["axes"] == [parallel.MODEL]
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import device_mesh
 
-from megajax import config, plan
+from megajax import activations, config, plan
 from megajax.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,22 +30,40 @@ def test_flops_hand_count():
     cfg = config.Config(model=SMALL, train=config.TrainConfig(batch_size=2))
     # per token 3 * (2 layers * (24 * 64 + 4 * 4 * 8) + 2 * 100 * 8) = 14784; 8 tokens.
     assert plan.flops_per_step(cfg) == {"model": 118272, "hardware": 118272}
-    remat = config.replace(cfg, model=dict(remat=True))
+    remat = config.replace(cfg, model=dict(remat="full"))
     assert plan.flops_per_step(remat)["hardware"] == 118272 + 2 * (1536 + 128) * 8
+    selective = config.replace(cfg, model=dict(remat="selective"))
+    assert plan.flops_per_step(selective)["hardware"] == 118272 + 2 * 128 * 8
 
 
 def test_activation_and_state_bytes_hand_count():
     m = config.replace(config.Config(model=SMALL), model=dict(dropout=0.0)).model
     # b=1, s=4, h=8: n=32 elements per (b, s, h), 2 heads x 4 x 4 = 32 scores; float32:
     # 2 LNs x 3 x 4n + 4n (2 + 4 + 6 * 4) + 4 * scores (float32 probs) + 4 * scores (cast).
-    assert plan.layer_activation_bytes(m, batch=1, model_degree=1) == 768 + 3840 + 128 + 128
+    assert activations.layer_activation_bytes(m, batch=1, model_degree=1) == 768 + 3840 + 128 + 128
     cfg = config.Config(model=m, train=config.TrainConfig(batch_size=4, micro_batches=2))
     est = plan.estimate_memory(cfg, data_degree=2, model_degree=1)
     p = 2624
     assert (est.weights, est.optimizer, est.update) == (4 * p, 8 * p + 8, 4 * p)
     assert est.gradients == 2 * 4 * p  # micro-batches accumulate into a second buffer
     assert est.inputs == 2 * 4 * 2 * 4 + 2 * 4  # inputs, targets of 2 sequences; 2 counters
-    assert est.total(remat=False) == est.arguments + est.gradients + est.update + est.activations
+    assert est.total(remat="none") == est.arguments + est.gradients + est.update + est.activations
+
+
+def test_paper_activation_formulas():
+    """arXiv 2205.05198 Table 2, per layer at 16-bit: s=1024, b=8, h=3072, a=32, t=8."""
+    m = config.load("configs/megatron_gpt2_8p3b.py").model
+    sbh, core = 1024 * 8 * 3072, 5 * 32 * 1024 / 3072
+
+    def paper(**switches):
+        m2 = config.replace(config.Config(model=m), model=switches).model
+        return activations.paper_layer_activation_bytes(m2, batch=8, model_degree=8)
+
+    assert paper(remat="none") == pytest.approx(sbh * (10 + 24 / 8 + core / 8))
+    assert paper(remat="none", sequence_parallel=True) == pytest.approx(sbh / 8 * (34 + core))
+    assert paper(remat="selective", sequence_parallel=True) == pytest.approx(34 * sbh / 8)
+    assert paper(remat="full") == 2 * sbh
+    assert paper(remat="full", sequence_parallel=True) == 2 * sbh / 8
 
 
 def test_ring_allreduce_time():

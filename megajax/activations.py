@@ -1,0 +1,90 @@
+"""Activation memory per device: what this code keeps for the backward pass of one
+micro-batch, and the paper's per-layer formulas (Korthikanti et al. 2022, Table 2) beside it.
+
+With T = the model degree, tensor parallelism splits the attention and MLP tensors by T;
+sequence parallelism also splits the residual stream's (layer norms, dropout masks, the
+column-parallel matmuls' inputs); selective recomputation keeps no (batch, heads, length,
+length) tensor; full recomputation keeps each layer's input only.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from megajax.config import ModelConfig
+
+
+def _core_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
+    """Attention's core, (b, heads / T, s, s) tensors: float32 probabilities, and the
+    probabilities cast for the values matmul, or with dropout its mask and dropped ones."""
+    e = jnp.dtype(m.compute_dtype).itemsize
+    scores = batch * (m.num_heads // model_degree) * m.seq_len**2
+    return 4 * scores + (scores + e * scores if m.dropout > 0 else e * scores)
+
+
+def layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
+    """Bytes one transformer layer keeps for its backward pass, per device, as this code saves
+    them (read off jax's saved residuals): per layer norm three float32 (b, s, h) tensors; in
+    the compute dtype the QKV and fc1 inputs, q, k, v, the attention output, and six
+    (b, s, 4h / T) MLP tensors (fc1 output and GeLU's tanh intermediates); the attention
+    core's tensors unless model.remat="selective" recomputes them; with dropout 1-byte
+    residual masks. Bias-free of any framework rounding: the compiled figure is the check."""
+    e = jnp.dtype(m.compute_dtype).itemsize
+    t = model_degree
+    r = t if m.sequence_parallel else 1  # the residual stream's split
+    n = batch * m.seq_len * m.hidden  # one (b, s, h) tensor
+    mlp = m.mlp_hidden / m.hidden  # (b, s, 4h) / (b, s, h)
+    total = 2 * 3 * 4 * n / r  # two layer norms
+    total += e * n * (2 / r + 4 / t + 6 * mlp / t)
+    if m.remat != "selective":
+        total += _core_bytes(m, batch=batch, model_degree=t)
+    if m.dropout > 0:
+        total += 2 * n / r  # residual dropout masks
+    if e != 4:
+        total += (
+            e * (3 * m.hidden * m.hidden + m.hidden * m.hidden + 2 * m.hidden * m.mlp_hidden) / t
+        )
+    return total
+
+
+def stack_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
+    """All layers' saved activations, with one layer's working set when it is recomputed."""
+    e = jnp.dtype(m.compute_dtype).itemsize
+    layer = layer_activation_bytes(m, batch=batch, model_degree=model_degree)
+    if m.remat == "full":  # the layers' inputs, then one layer at a time
+        r = model_degree if m.sequence_parallel else 1
+        return m.num_layers * batch * m.seq_len * m.hidden * e / r + layer
+    if m.remat == "selective":  # plus one layer's attention core, recomputed
+        return m.num_layers * layer + _core_bytes(m, batch=batch, model_degree=model_degree)
+    return m.num_layers * layer
+
+
+def head_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
+    """The vocabulary-sharded logits (float32 shifted logits, exponentials, padding mask) and
+    the embedding output and final layer norm around the stack; for BERT also the masked-LM
+    transform (dense output, GeLU, layer norm) before the logits."""
+    e = jnp.dtype(m.compute_dtype).itemsize
+    if m.arch == "bert_multiple_choice":
+        batch *= m.num_choices
+    n = batch * m.seq_len * m.hidden
+    total = n * (e + 3 * 4)
+    if m.arch != "bert_multiple_choice":
+        total += 9 * batch * m.seq_len * m.padded_vocab_size(model_degree) // model_degree
+    if m.arch == "bert":
+        total += n * (3 * e + 3 * 4)
+    return total
+
+
+def paper_layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
+    """The paper's bytes per layer at 16-bit activations (its Table 2), for model.remat and
+    model.sequence_parallel: sbh(10 + 24/t + 5as/(ht)) with tensor parallelism (t = 1: none),
+    (sbh/t)(34 + 5as/h) adding sequence parallelism, the 5as/h term gone with selective
+    recomputation, 2sbh (2sbh/t with sequence parallelism) with full recomputation."""
+    s, h, a, t = m.seq_len, m.hidden, m.num_heads, model_degree
+    sbh = s * batch * h
+    if m.remat == "full":
+        return 2 * sbh / (t if m.sequence_parallel else 1)
+    core = 0 if m.remat == "selective" else 5 * a * s / h
+    if m.sequence_parallel:
+        return sbh / t * (34 + core)
+    return sbh * (10 + 24 / t + core / t)
