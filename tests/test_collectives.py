@@ -101,3 +101,69 @@ def test_gradient_allreduce_only_over_data_with_parameter_shapes(audit):
         assert c.axes == ("data",), c
         for shape in map(squeezed, c.shapes):
             assert shape == () or shape in shard_shapes or shape[::-1] in shard_shapes, shape
+
+
+# Sequence parallelism (arXiv 2205.05198): the same bytes move as reduce-scatters and
+# all-gathers. psum_scatter and all_gather in shard_map compile to true `reduce-scatter` and
+# `all-gather` instructions, so the audit tells them apart from an all-reduce by their kind
+# and by their result shapes: (b, s / T, h) after a reduce-scatter, (b, s, h) after a gather.
+SP_MODELS = {
+    "gpt-3-layers": lambda: tiny_config(num_layers=3, dropout=0.1, sequence_parallel=True),
+    "bert-post": lambda: bert_config(
+        num_layers=2, layernorm_placement="post", dropout=0.1, sequence_parallel=True
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SP_MODELS))
+def sp_audit(request):
+    cfg = SP_MODELS[request.param]()
+    return cfg, *_collectives(cfg)
+
+
+def _sp_activations(cfg, found):
+    """(kind, computation, runs) of each all-gather of a (b, s, h) tensor and each
+    reduce-scatter to (b, s / T, h) over `model`."""
+    b, s, h = cfg.train.batch_size // DATA, cfg.model.seq_len, cfg.model.hidden
+    whole, shard = (b, s, h), (b, s // MODEL, h)
+    return [
+        (c.kind, c.computation, c.runs)
+        for c in found
+        if c.axes == ("model",)
+        and (c.kind, c.shapes) in (("all-gather", (whole,)), ("reduce-scatter", (shard,)))
+    ]
+
+
+def test_sequence_parallel_gathers_and_reduce_scatters_per_layer(sp_audit):
+    cfg, _, found = sp_audit
+    layers = cfg.model.num_layers
+    per_loop = {}
+    for kind, computation, runs in _sp_activations(cfg, found):
+        if runs == layers:
+            counts = per_loop.setdefault(computation, {"all-gather": 0, "reduce-scatter": 0})
+            counts[kind] += 1
+    # Forward: an all-gather before QKV and fc1, a reduce-scatter after the attention output
+    # and fc2. Backward: their transposes (2 reduce-scatters, 2 all-gathers) and the inputs of
+    # QKV and fc1 gathered again, as only their shards were kept.
+    assert sorted((c["all-gather"], c["reduce-scatter"]) for c in per_loop.values()) == [
+        (2, 2),
+        (4, 2),
+    ], per_loop
+    # Outside the layers: the embedding's reduce-scatter and the head's gather, transposed.
+    outside = [kind for kind, _, runs in _sp_activations(cfg, found) if runs == 1]
+    assert sorted(outside) == ["all-gather"] * 2 + ["reduce-scatter"] * 2
+
+
+def test_sequence_parallel_leaves_no_activation_sized_allreduce(sp_audit):
+    cfg, trainer, found = sp_audit
+    b, s, h = cfg.train.batch_size // DATA, cfg.model.seq_len, cfg.model.hidden
+    params = {
+        tuple(d for d in a.sharding.shard_shape(a.shape) if d != 1)
+        for a in jax.tree.leaves(trainer.abstract_state()["params"])
+    }
+    params |= {shape[1:] for shape in params}  # stacked layers: per-layer slices too
+    for shape, _, _ in _model_tensors(found):
+        # Left: the cross-entropy's (b, s) pieces, BERT's [CLS] rows (b, 1, h), and the
+        # gradients of parameters replicated over `model` (layer norms, biases, BERT's heads).
+        squeezed = tuple(d for d in shape if d != 1)
+        assert shape in ((b, s), (b, 1, h)) or squeezed in params or squeezed == (), shape

@@ -1,8 +1,12 @@
 """GPT-2 computes what it claims: causal, Megatron's init, remat and bf16 as pure options."""
 
+import contextlib
 import dataclasses
+import io
+import re
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,14 +66,50 @@ def _grads(cfg, data=2, model=4):
         return jax.device_get(jax.jit(loss_fn)(state["params"], batch, jax.random.key(3)))
 
 
-def test_remat_changes_memory_not_results():
+@pytest.mark.parametrize("remat", ["full", "selective"])
+def test_remat_changes_memory_not_results(remat):
     cfg = tiny_config()
     loss, grads = _grads(cfg)
-    loss_r, grads_r = _grads(config.replace(cfg, model=dict(remat=True)))
+    loss_r, grads_r = _grads(config.replace(cfg, model=dict(remat=remat)))
     np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_r, grads
     )
+
+
+def _saved_residual_shapes(cfg):
+    """Shapes of what the backward pass of the loss keeps, as jax's print_saved_residuals
+    lists them (global shapes; stacked layers lead with num_layers)."""
+    trainer = _trainer(cfg)
+    params = trainer.abstract_state()["params"]
+    batch = trainer.abstract_batch(micro=False)
+    out = io.StringIO()
+    with trainer.context(), contextlib.redirect_stdout(out):
+        loss = lambda p, b: trainer.loss(p, b, jax.random.key(0))[0]  # noqa: E731
+        jax.ad_checkpoint.print_saved_residuals(loss, params, batch)
+    dims = re.findall(r"^\w+\[([\d,]*)\]", out.getvalue(), flags=re.M)
+    return [tuple(int(d) for d in x.split(",") if d) for x in dims]
+
+
+def test_selective_remat_saves_no_length_by_length_tensor():
+    cfg = tiny_config(dropout=0.1)  # attention dropout: its mask is (b, heads, s, s) too
+    s, b, h = cfg.model.seq_len, cfg.train.batch_size, cfg.model.hidden
+    layers = cfg.model.num_layers
+
+    def split(shapes):
+        """Per-layer residuals (stacked by the scan): the (s, s) ones, those of >= b s h."""
+        stacked = [x for x in shapes if x[:1] == (layers,)]
+        scores = [x for x in stacked if x[-2:] == (s, s)]
+        return scores, sorted(x for x in stacked if x not in scores and np.prod(x) >= b * s * h)
+
+    scores, large = split(_saved_residual_shapes(cfg))
+    assert scores  # without recomputation they are kept
+    kept_scores, kept_large = split(
+        _saved_residual_shapes(config.replace(cfg, model=dict(remat="selective")))
+    )
+    assert not kept_scores, kept_scores
+    # Every b s h-sized tensor is still kept: only the attention core is recomputed.
+    assert kept_large == large, (kept_large, large)
 
 
 def test_bf16_compute_keeps_fp32_master_weights_and_close_loss():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from conftest import bert_batch, bert_config, device_mesh, real_batch, tiny_config
 
+from megajax import config
 from megajax.trainer import Trainer
 
 STEPS = 3
@@ -97,3 +98,74 @@ def test_metrics_grads_and_params_identical_across_meshes(reference, kind, data,
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params, ref_params
     )
+
+
+# Sequence parallelism and recomputation against the same model without them on 2 x 4: each
+# row (name, mesh, model switches). A new switch (e.g. a distributed optimizer) adds rows.
+SWITCH_STEPS = 5
+SWITCHES = [
+    ("sequence-parallel", (2, 4), dict(sequence_parallel=True)),
+    ("remat-selective", (2, 4), dict(remat="selective")),
+    ("remat-full", (2, 4), dict(remat="full")),
+    ("sp-selective-4x2", (4, 2), dict(sequence_parallel=True, remat="selective")),
+    ("sp-full-1x8", (1, 8), dict(sequence_parallel=True, remat="full")),
+]
+# Every row for GPT-2; for BERT (both placements) the rows that combine the switches.
+SWITCHES_COMBINED = ("sp-selective-4x2", "sp-full-1x8")
+SWITCH_CASES = [("gpt", name) for name, _, _ in SWITCHES] + [
+    (kind, name) for kind in ("bert-pre", "bert-post") for name in SWITCHES_COMBINED
+]
+
+
+def _switch_losses(cfg, data, model, batches):
+    """Loss of each of SWITCH_STEPS train steps, and the compiled step's temporary bytes."""
+    trainer = Trainer(cfg, device_mesh(data, model))
+    state = trainer.init_state()
+    step_fn, _ = trainer.compile_train_step()
+    losses = []
+    for batch in batches:
+        state, m = step_fn(state, trainer.put_batch(batch))
+        losses.append(float(m["loss"]))
+    return np.array(losses), step_fn.memory_analysis().temp_size_in_bytes
+
+
+@pytest.fixture(scope="module")
+def switch_runs(shakespeare_tokens, bert_dataset):
+    """(kind, switch name) -> (losses, temporaries), each run once; the name "off" is the
+    reference, on 2 x 4 without the switches."""
+    runs = {}
+
+    def get(kind, name):
+        if (kind, name) not in runs:
+            cfg, _ = _setup(kind, shakespeare_tokens, bert_dataset)
+            batches = _switch_batches(kind, cfg, shakespeare_tokens, bert_dataset)
+            mesh, switches = (2, 4), {}
+            if name != "off":
+                mesh, switches = next((m, s) for n, m, s in SWITCHES if n == name)
+            cfg = config.replace(cfg, model=switches)
+            runs[kind, name] = _switch_losses(cfg, *mesh, batches)
+        return runs[kind, name]
+
+    return get
+
+
+def _switch_batches(kind, cfg, shakespeare_tokens, bert_dataset):
+    if kind == "gpt":
+        pairs = [real_batch(shakespeare_tokens, step=i, **_shape(cfg)) for i in range(SWITCH_STEPS)]
+        return [{"inputs": x, "targets": y} for x, y in pairs]
+    s = cfg.model.seq_len
+    return [bert_batch(bert_dataset, step=i, batch_size=8, seq_len=s) for i in range(SWITCH_STEPS)]
+
+
+@pytest.mark.parametrize("kind,name", SWITCH_CASES)
+def test_losses_identical_with_sequence_parallelism_and_recomputation(switch_runs, kind, name):
+    losses, _ = switch_runs(kind, name)
+    reference, _ = switch_runs(kind, "off")
+    np.testing.assert_allclose(losses, reference, rtol=2e-4)
+
+
+def test_compiled_temporaries_shrink_from_none_to_selective_to_full(switch_runs):
+    none, selective, full = (
+        switch_runs("gpt", name)[1] for name in ("off", "remat-selective", "remat-full")
+    )
+    assert none > selective > full, (none, selective, full)
