@@ -27,16 +27,20 @@ def layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> 
     them (read off jax's saved residuals): per layer norm three float32 (b, s, h) tensors; in
     the compute dtype the QKV and fc1 inputs, q, k, v, the attention output, and six
     (b, s, 4h / T) MLP tensors (fc1 output and GeLU's tanh intermediates); the attention
-    core's tensors unless model.remat="selective" recomputes them; with dropout 1-byte
-    residual masks. Bias-free of any framework rounding: the compiled figure is the check."""
+    core's tensors; with dropout 1-byte residual masks. model.remat="selective" recomputes
+    the core, the layer norms' and GeLU's insides: it keeps the norms' inputs instead, and two
+    MLP tensors (the paper's list). Bias-free of any framework rounding: the compiled figure
+    is the check."""
     e = jnp.dtype(m.compute_dtype).itemsize
     t = model_degree
     r = t if m.sequence_parallel else 1  # the residual stream's split
     n = batch * m.seq_len * m.hidden  # one (b, s, h) tensor
     mlp = m.mlp_hidden / m.hidden  # (b, s, 4h) / (b, s, h)
-    total = 2 * 3 * 4 * n / r  # two layer norms
-    total += e * n * (2 / r + 4 / t + 6 * mlp / t)
-    if m.remat != "selective":
+    if m.remat == "selective":  # the paper's list: no core, and layer norms and GeLU redone
+        total = e * n * (2 / r + 2 / r + 4 / t + 2 * mlp / t)  # norms' inputs, the list above
+    else:
+        total = 2 * 3 * 4 * n / r  # two layer norms
+        total += e * n * (2 / r + 4 / t + 6 * mlp / t)
         total += _core_bytes(m, batch=batch, model_degree=t)
     if m.dropout > 0:
         total += 2 * n / r  # residual dropout masks

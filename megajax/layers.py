@@ -42,19 +42,28 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 class LayerNorm(nnx.Module):
-    """Layer norm computed in float32 whatever the compute dtype; replicated on model shards."""
+    """Layer norm computed in float32 whatever the compute dtype; replicated on model shards.
+    `recompute`: keep only the input for the backward pass, not its float32 intermediates."""
 
-    def __init__(self, dim: int, *, eps: float):
+    def __init__(self, dim: int, *, eps: float, recompute: bool = False):
         self.scale = nnx.Param(_ones("embed")(None, (dim,)))
         self.bias = nnx.Param(_zeros("embed")(None, (dim,)))
         self.eps = eps
+        self.recompute = recompute
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+        norm = functools.partial(_layer_norm, eps=self.eps)
+        if self.recompute:
+            norm = jax.checkpoint(norm, prevent_cse=False)
+        return norm(x, self.scale[...], self.bias[...])
+
+
+def _layer_norm(x, scale, bias, *, eps):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale + bias).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -272,10 +281,14 @@ class MLP(nnx.Module):
         self.fc1 = Dense(cfg.hidden, cfg.mlp_hidden, ("embed", "mlp"), std=cfg.init_std, rngs=rngs)
         self.fc2 = Dense(cfg.mlp_hidden, cfg.hidden, ("mlp", "embed"), std=out_std, rngs=rngs)
         self.activation = cfg.activation
+        self.recompute_gelu = cfg.remat == "selective"
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.fc1.column_parallel(x, "batch", "residual_length", "embed")
-        y = constrain(gelu(y, self.activation), "batch", "length", "mlp")
+        act = functools.partial(gelu, activation=self.activation)
+        if self.recompute_gelu:
+            act = jax.checkpoint(act, prevent_cse=False)
+        y = constrain(act(y), "batch", "length", "mlp")
         return self.fc2.row_parallel(y, "batch", "residual_length", "embed")
 
 
@@ -287,9 +300,12 @@ class Block(nnx.Module):
 
     def __init__(self, cfg, *, rngs):
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5  # GPT-2's residual-branch scaling
-        self.ln_1 = LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        # Selective recomputation keeps what the paper counts (its Table 2): a layer norm's
+        # input, not its float32 intermediates; GeLU's input and output, not its insides.
+        selective = cfg.remat == "selective"
+        self.ln_1 = LayerNorm(cfg.hidden, eps=cfg.layernorm_eps, recompute=selective)
         self.attn = Attention(cfg, out_std=out_std, rngs=rngs)
-        self.ln_2 = LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.ln_2 = LayerNorm(cfg.hidden, eps=cfg.layernorm_eps, recompute=selective)
         self.mlp = MLP(cfg, out_std=out_std, rngs=rngs)
         self.dropout_rate = cfg.dropout
         self.post_ln = cfg.layernorm_placement == "post"

@@ -179,3 +179,13 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_pat
     for step, loss in resumed.items():
         assert loss == pytest.approx(expected[step], rel=1e-6), step
     shutil.rmtree(workdir)
+
+
+def test_resume_with_sequence_parallelism_and_recomputation_switched(straight, tmp_path):
+    """The state's layout depends on neither switch: a run saved without them resumes with
+    them (on another mesh) and continues the same losses."""
+    run.train(_cfg(4), device_mesh(2, 4), tmp_path, log=lambda _: None)
+    switched = config.replace(_cfg(8), model=dict(sequence_parallel=True, remat="selective"))
+    resumed = run.train(switched, device_mesh(4, 2), tmp_path, log=lambda _: None)
+    assert [h["step"] for h in resumed] == [5, 6, 7, 8]
+    np.testing.assert_allclose(_losses(resumed), straight[4:], rtol=2e-5)

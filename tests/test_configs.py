@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import device_mesh
+from conftest import device_mesh, tiny_config
 
 from megajax import config
 from megajax.trainer import Trainer
@@ -76,3 +76,22 @@ def test_unknown_architecture_or_placement_is_a_clear_error():
         config.replace(config.Config(), model=dict(layernorm_placement="middle"))
     with pytest.raises(config.ConfigError, match="use one of gpt, bert"):
         config.override(config.Config(), ["model.arch=t5"])
+
+
+def test_remat_takes_its_new_values_and_old_configs_still_load():
+    with pytest.raises(config.ConfigError, match='none, full, selective.*true is now "full"'):
+        config.override(config.Config(), ["model.remat=true"])
+    with pytest.raises(config.ConfigError, match="none, full, selective"):
+        config.override(config.Config(), ["model.remat=false"])
+    cfg = config.override(config.Config(), ["model.remat=selective"])
+    assert cfg.model.remat == "selective"
+    # A run saved before remat had three values resumes with its meaning kept.
+    for saved, now in ((True, "full"), (False, "none")):
+        assert config.from_dict({"model": {"remat": saved}}).model.remat == now
+
+
+def test_sequence_length_that_the_model_degree_does_not_divide_is_refused():
+    cfg = tiny_config(seq_len=30, sequence_parallel=True)
+    with pytest.raises(config.ConfigError, match="seq_len=30 is not divisible by the model deg"):
+        Trainer(cfg, device_mesh(2, 4))
+    Trainer(config.replace(cfg, model=dict(sequence_parallel=False)), device_mesh(2, 4))
