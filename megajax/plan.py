@@ -176,10 +176,11 @@ def expected_collectives(cfg: Config, *, data_degree: int, model_degree: int) ->
         # Per layer 2 all-gathers and 2 reduce-scatters forward; backward the reduce-scatters'
         # transposes (2 all-gathers), the gathers' (2 reduce-scatters) and 2 gathers again of
         # the column-parallel inputs; the embedding's reduce-scatter and the head's gather,
-        # and their transposes. Full recomputation repeats the forward's.
-        again = 2 if m.remat == "full" else 0
+        # and their transposes. Full recomputation adds the attention output's reduce-scatter
+        # (its gathers are the backward's own).
+        again = 1 if m.remat == "full" else 0
         outside = micro * (2 if lm else 1)
-        gathers = micro * (6 + again) * m.num_layers + outside
+        gathers = micro * 6 * m.num_layers + outside
         scatters = micro * (4 + again) * m.num_layers + outside
         found["model: all-gathers (b, s, h)"] = (gathers, gathers * n)
         found["model: reduce-scatters (b, s / T, h)"] = (scatters, scatters * n // model_degree)

@@ -151,3 +151,24 @@ def test_bert_paper_config_plans_on_its_model_degree():
     p = plan.make_plan(cfg, device_mesh(1, 4), target_name="h100")
     assert p["params"]["total"] == cfg.model.num_params(4) and p["params"]["total"] > 3.8e9
     _check_against_compiled(p)
+
+
+@pytest.mark.parametrize("remat", ["selective", "full"])
+def test_dry_run_with_sequence_parallelism_agrees_with_its_compiled_step(remat):
+    cfg = config.replace(
+        config.load("configs/gpt2_tiny.py"),
+        model=dict(sequence_parallel=True, remat=remat, seq_len=64),
+        train=dict(batch_size=8, micro_batches=2),
+    )
+    p = plan.make_plan(cfg, device_mesh(2, 4))
+    compiled, analytic = p["memory"]["compiled"], p["memory"]["analytic_as_compiled"]
+    assert compiled["arguments"] == analytic["arguments"]
+    assert 0.85 < compiled["temporaries"] / analytic["temporaries"] < 1.15
+    b, s, h = 8 // 2 // 2, 64, cfg.model.hidden
+    for kind, what, shape in (
+        ("all-gather", "all-gathers (b, s, h)", [b, s, h]),
+        ("reduce-scatter", "reduce-scatters (b, s / T, h)", [b, s // 4, h]),
+    ):
+        count, _ = p["collectives_expected"][f"model: {what}"]
+        found = [r for r in p["collectives"] if r["kind"] == kind and r["axes"] == ["model"]]
+        assert sum(r["count"] for r in found if r["shapes"] == [shape]) == count, kind
