@@ -8,8 +8,9 @@ Model code names only logical axes. With T = the `model` degree:
 - `batch` splits the data over `data`; everything else is replicated on every model shard;
 - `residual_length` is the length of the residual stream between the tensor-parallel regions
   (layer norms, dropout, residual adds). Sequence parallelism (arXiv 2205.05198) splits it over
-  `model`: each all-reduce after a row-parallel matmul becomes a reduce-scatter, and
-  constraining the input of a column-parallel matmul to the full `length` makes an all-gather.
+  `model`: each all-reduce after a row-parallel matmul becomes a reduce-scatter, and each
+  column-parallel matmul all-gathers its input first (`layers.Dense.row_parallel` and
+  `column_parallel` read the table and emit them as true collectives).
 Changing the plan is a change to the table alone.
 """
 
