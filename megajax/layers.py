@@ -82,11 +82,9 @@ def _gathered_matmul_bwd(dims, saved, dy):
     x, kernel = saved
     whole = parallel.gather_over_model(x, dims)
     batch_dims = tuple(range(whole.ndim - 1))
-    dkernel = jax.lax.dot_general(
-        dy, whole, ((batch_dims, batch_dims), ((), ())), preferred_element_type=jnp.float32
-    ).T
+    dkernel = jax.lax.dot_general(dy, whole, ((batch_dims, batch_dims), ((), ()))).T
     # The kernel is the same on every `data` shard: its gradient sums theirs, in float32.
-    dkernel = jax.lax.psum(dkernel, parallel.DATA).astype(kernel.dtype)
+    dkernel = jax.lax.psum(dkernel.astype(jnp.float32), parallel.DATA).astype(kernel.dtype)
     dx = jnp.einsum("...o,io->...i", dy, kernel)
     for dim in dims:
         dx = jax.lax.psum_scatter(dx, parallel.MODEL, scatter_dimension=dim, tiled=True)
