@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from megajax import cli, config, mesh
+from megajax import cli, config
 from megajax.config import ConfigError
 
 TASKS = ("val", "wikitext103", "lambada", "race")
@@ -63,17 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.task != "val" and not args.data:
         parser.error(f"--task {args.task} needs --data")
     return args
-
-
-def _load_config(args) -> config.Config:
-    if args.config:
-        return cli.load_config(args)
-    saved = Path(args.workdir or "") / "config.json"
-    if args.workdir and saved.is_file():
-        return config.override(config.from_dict(json.loads(saved.read_text())), args.set)
-    if args.hf_checkpoint:
-        return config.override(config.Config(), args.set)
-    raise ConfigError(f"{saved} not found: pass --config, or a --workdir that train.py wrote")
 
 
 def _gpt2_tokenizer(cfg: config.Config, task: str):
@@ -160,34 +149,11 @@ def _objective_metrics(trainer, params, workdir) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = _load_config(args)
         cli.start(args)
         import jax
 
-        from megajax.checkpoint import Checkpointer
-        from megajax.trainer import Trainer
-
-        if args.hf_checkpoint:
-            from megajax import convert
-
-            weights = convert.HFWeights(args.hf_checkpoint)
-            # A config file, the work directory's config or --set model.arch chose the family.
-            saved = args.workdir and (Path(args.workdir) / "config.json").is_file()
-            chosen = bool(args.config) or bool(saved)
-            chosen |= any(s.startswith("model.arch=") for s in args.set)
-            cfg = convert.with_hf_model(cfg, weights, arch_chosen=chosen)
-        tokenizer = _gpt2_tokenizer(cfg, args.task) if args.task in GPT_TASKS else None
-        trainer = Trainer(cfg, mesh.make(args.mesh))
-        if args.hf_checkpoint:
-            params = convert.load_params(trainer, weights, log=cli.lead_print)
-            step = args.hf_checkpoint
-        else:
-            ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
-            step = args.step if args.step is not None else ckpt.latest_step()
-            if step is None:
-                raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
-            params = ckpt.restore(step, trainer.abstract_state())[0]["params"]
-            ckpt.close()
+        trainer, params, step = cli.load_trained(args)
+        tokenizer = _gpt2_tokenizer(trainer.cfg, args.task) if args.task in GPT_TASKS else None
         result, summary = _evaluate(args, trainer, params, tokenizer)
         result = {"task": args.task, "step": step, **result}
     except ConfigError as e:
