@@ -42,7 +42,7 @@ class Generator:
                 f"{trainer.cfg.model.arch}: a BERT does not predict the next token"
             )
         self.trainer, self.params = trainer, params
-        self.seq_len = trainer.cfg.model.seq_len
+        self.seq_len, self.vocab_size = trainer.cfg.model.seq_len, trainer.cfg.model.vocab_size
         self.data_degree = trainer.mesh.shape["data"]
         self._programs = {}  # (rows, width, new_tokens, prompt_logprobs) -> compiled
         self._replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
@@ -77,6 +77,11 @@ class Generator:
         longest = max(len(p) for p in prompts)
         for p in prompts:
             self.check_length(len(p), new_tokens)
+            if max(p) >= self.vocab_size or min(p) < 0:
+                raise ConfigError(
+                    f"a prompt has token ids outside the model's {self.vocab_size} "
+                    f"(model.vocab_size): was it encoded with the model's tokenizer?"
+                )
         width = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.seq_len - new_tokens)
         rows = -(-len(prompts) // self.data_degree) * self.data_degree
         ids = np.zeros((rows, width), np.int32)

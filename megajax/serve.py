@@ -97,22 +97,19 @@ class Service:
             prompts = [self.tokenizer.encode(p) for p in options["prompts"]]
         except KeyError as e:
             raise BadRequest(f"a prompt has a character the model never saw: {e}") from None
-        new = options["tokens_to_generate"]
         try:
-            for p in prompts:
-                self.generator.check_length(len(p), new)
-        except ConfigError as e:
+            with self.lock:
+                out = self.generator(
+                    prompts,
+                    new_tokens=options["tokens_to_generate"],
+                    temperature=options["temperature"],
+                    top_k=options["top_k"],
+                    top_p=options["top_p"],
+                    seed=options["random_seed"],
+                    prompt_logprobs=True,  # cheap beside decoding; one program fewer to compile
+                )
+        except ConfigError as e:  # too long for the model, or ids outside its vocabulary
             raise BadRequest(str(e)) from None
-        with self.lock:
-            out = self.generator(
-                prompts,
-                new_tokens=new,
-                temperature=options["temperature"],
-                top_k=options["top_k"],
-                top_p=options["top_p"],
-                seed=options["random_seed"],
-                prompt_logprobs=True,  # cheap beside decoding, and one program fewer to compile
-            )
         decode = self.tokenizer.decode
         tokens = [p + out["tokens"][i].tolist() for i, p in enumerate(prompts)]
         reply = {

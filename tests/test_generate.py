@@ -194,6 +194,22 @@ def test_imported_gpt2_logprobs_equal_transformers(hf_dir, hf_greedy):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5)
 
 
+def test_generate_command_prints_samples_then_json(hf_dir, capsys):
+    argv = ["--hf_checkpoint", str(hf_dir), "--prompt", "a b c", "--max_new_tokens", "4",
+            "--num_samples", "2", "--temperature", "0", "--mesh", "data=2,model=4"]  # fmt: skip
+    assert generate.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    first, second = result["samples"]
+    assert len(first["tokens"]) == 4 and first == second and result["tokens_per_sec"] > 0
+
+
+def test_past_seq_len_and_foreign_ids_are_clear_errors(hf_generator):
+    with pytest.raises(ConfigError, match="exceeds the model's 32 positions"):
+        hf_generator([[1] * 30], new_tokens=3)
+    with pytest.raises(ConfigError, match="outside the model's 1003"):
+        hf_generator([[1, 1003]], new_tokens=3)
+
+
 # the REST server ---------------------------------------------------------------------------
 
 
