@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from megajax.config import ModelConfig
@@ -39,21 +38,21 @@ def run_stack(blocks: Block, x, *, mask, key, remat: bool, num_layers: int):
 def extend_stack(blocks: Block, x, cache: dict, *, start, mask):
     """Apply stacked blocks to new tokens at cache slot `start` (Block.extend), in one scan.
 
-    `cache` holds "k" and "v", (layers, batch, slots, heads, head_dim). It travels in the scan's
-    carry and each layer writes only its new slots, so inside a decode loop XLA updates the cache
-    in place rather than copying it every step. Returns (x, cache)."""
+    `cache` holds "k" and "v", (layers, batch, slots, heads, head_dim). Each layer reads its
+    slice and returns only its new keys and values; one update after the scan writes them all,
+    so inside a decode loop XLA updates the cache in place instead of copying it per layer.
+    Returns (x, cache)."""
     graphdef, state = nnx.split(blocks)
 
-    def layer(carry, inputs):
-        x, k_all, v_all = carry
-        layer_state, i = inputs
+    def layer(x, inputs):
+        layer_state, k_cache, v_cache = inputs
         block = nnx.merge(graphdef, layer_state)
-        x, k, v = block.extend(x, k_all[i], v_all[i], start=start, mask=mask)
-        at = (i, 0, start, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-        return (x, k_all, v_all), None
+        x, k, v = block.extend(x, k_cache, v_cache, start=start, mask=mask)
+        return x, (k, v)
 
-    layers = cache["k"].shape[0]
-    (x, k, v), _ = jax.lax.scan(layer, (x, cache["k"], cache["v"]), (state, jnp.arange(layers)))
-    return x, {"k": k, "v": v}
+    x, (k, v) = jax.lax.scan(layer, x, (state, cache["k"], cache["v"]))
+    at = (0, 0, start, 0, 0)
+    return x, {
+        "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
+        "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
+    }
