@@ -50,8 +50,9 @@ def _sample_shard(hidden, table, keys, temperature, top_k, top_p, vocab_size):
     ids = start + jnp.arange(logits.shape[-1])
     sampled = temperature > 0
     scaled = logits / jnp.where(sampled, temperature, 1.0)
-    scaled = _keep_top_k(scaled, top_k)
-    scaled = _keep_top_p(scaled, top_p)
+    # A filter switched off costs nothing: all shards take the same branch, no collective runs.
+    scaled = jax.lax.cond(top_k > 0, _keep_top_k, lambda s, _: s, scaled, top_k)
+    scaled = jax.lax.cond(top_p < 1, _keep_top_p, lambda s, _: s, scaled, top_p)
     noise = jax.lax.cond(
         sampled,
         lambda: jax.vmap(_gumbel, in_axes=(0, None))(keys, ids),
@@ -80,24 +81,24 @@ def _global_argmax(scores, start):
 
 
 def _keep_top_k(scaled, top_k):
-    """scaled with all but the top_k largest per row at -inf (top_k 0 keeps all)."""
-    threshold = _threshold(scaled, jnp.ones_like(scaled), top_k.astype(jnp.float32), top_k > 0)
+    """scaled with all but the top_k largest per row at -inf."""
+    threshold = _threshold(scaled, jnp.ones_like(scaled), top_k.astype(jnp.float32))
     return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
 
 
 def _keep_top_p(scaled, top_p):
     """scaled with all but the smallest set of most likely tokens holding top_p of the
-    probability at -inf (top_p 1 keeps all)."""
+    probability at -inf."""
     row_max = jax.lax.pmax(scaled.max(-1), parallel.MODEL)
     unnormalized = jnp.exp(scaled - row_max[:, None])
     probs = unnormalized / jax.lax.psum(unnormalized.sum(-1), parallel.MODEL)[:, None]
-    threshold = _threshold(scaled, probs, top_p, top_p < 1)
+    threshold = _threshold(scaled, probs, top_p)
     return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
 
 
-def _threshold(scores, weights, target, active):
+def _threshold(scores, weights, target):
     """Per row, the largest t with sum(weights where scores >= t) >= target over all shards,
-    by bisection between the smallest and largest finite score; -inf where not `active`."""
+    by bisection between the smallest and largest finite score."""
 
     def mass(t):
         return jax.lax.psum(jnp.where(scores >= t[:, None], weights, 0.0).sum(-1), parallel.MODEL)
@@ -112,6 +113,5 @@ def _threshold(scores, weights, target, active):
         enough = mass(mid) >= target
         return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
-    lo, hi = jax.lax.fori_loop(0, jnp.where(active, BISECTIONS, 0), halve, (lo, hi))
-    lo = jnp.where(mass(hi) >= target, hi, lo)
-    return jnp.where(active, lo, -jnp.inf)
+    lo, hi = jax.lax.fori_loop(0, BISECTIONS, halve, (lo, hi))
+    return jnp.where(mass(hi) >= target, hi, lo)
