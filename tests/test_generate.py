@@ -14,7 +14,7 @@ import torch
 from conftest import bert_config, device_mesh, tiny_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from megajax import config, convert, generate, loss, sampling, serve
+from megajax import config, convert, generate, hlo, loss, sampling, serve
 from megajax.config import ConfigError
 from megajax.data.tokenizer import GPT2Tokenizer
 from megajax.trainer import Trainer
@@ -63,6 +63,22 @@ def test_cached_greedy_equals_recompute(generators, mesh):
     generator = generators[mesh]
     out = generator(PROMPTS, new_tokens=NEW, temperature=0.0)
     np.testing.assert_array_equal(out["tokens"], _greedy_by_recompute(generator, PROMPTS, NEW))
+
+
+def test_decoding_communicates_only_model_all_reduces_never_logits(generators):
+    """Per new token: the plan's 1 + 2 * layers activation all-reduces over `model` and a few of
+    one number per sequence for sampling; nothing over `data`, no logits moved."""
+    generator = generators[2, 4]
+    program = generator._compiled(4, 16, NEW, False)  # 3 prompts, padded to the data degree
+    found = hlo.collectives(program.as_text(), {"data": 2, "model": 4})
+    assert {(c.kind, c.axes) for c in found} == {("all-reduce", ("model",))}
+    rows, hidden = 2, generator.trainer.cfg.model.hidden  # rows per data shard
+    per_token = [c for c in found if c.shapes == ((rows, 1, hidden),)]
+    layers = generator.trainer.cfg.model.num_layers
+    assert sum(c.runs for c in per_token) == (NEW - 1) * (1 + 2 * layers)
+    prefill = [c for c in found if c.shapes == ((rows, 16, hidden),)]
+    scalars = [c for c in found if all(s == (rows,) for s in c.shapes)]
+    assert len(per_token) + len(prefill) + len(scalars) == len(found)
 
 
 def test_top_k_1_equals_greedy(generators):
