@@ -9,8 +9,10 @@ heads, head_dim) split over `model` by heads; then one jitted loop decodes one t
 each model shard attending with its own heads and sampling on its own vocabulary rows
 (megajax/sampling.py). Prompts of unequal length are padded on the left, with their positions
 counted from their first real token and the padding masked out of attention, so every row
-decodes as it would alone. A prompt plus its new tokens must fit model.seq_len (the learned
-positions end there). Each sample is printed as text; the last line is one JSON object.
+decodes as it would alone. A prompt must fit model.seq_len; once prompt and new tokens pass it,
+each further token is predicted from the last seq_len tokens (nanoGPT's crop), the window run
+whole through the model each step since learned positions shift with it. Each sample is
+printed as text; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megajax import cli
+from megajax import cli, parallel
 from megajax.config import ConfigError
 
 PROMPT_BUCKET = 16  # prompt lengths are padded up to a multiple of this: fewer compiles
@@ -43,17 +45,17 @@ class Generator:
             )
         self.trainer, self.params = trainer, params
         self.seq_len, self.vocab_size = trainer.cfg.model.seq_len, trainer.cfg.model.vocab_size
-        self.data_degree = trainer.mesh.shape["data"]
+        self.data_degree = trainer.mesh.shape[parallel.DATA]
         self._programs = {}  # (rows, width, new_tokens, prompt_logprobs) -> compiled
         self._replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
 
-    def check_length(self, prompt_len: int, new_tokens: int) -> None:
+    def check_length(self, prompt_len: int) -> None:
         if prompt_len < 1:
             raise ConfigError("a prompt needs at least one token")
-        if prompt_len + new_tokens > self.seq_len:
+        if prompt_len > self.seq_len:
             raise ConfigError(
-                f"a prompt of {prompt_len} tokens plus {new_tokens} new tokens exceeds the "
-                f"model's {self.seq_len} positions (model.seq_len): shorten one of them"
+                f"a prompt of {prompt_len} tokens exceeds the model's {self.seq_len} positions "
+                f"(model.seq_len): shorten it"
             )
 
     def __call__(
@@ -69,20 +71,20 @@ class Generator:
     ) -> dict:
         """Generate `new_tokens` after each prompt (a list of token-id lists). Returns numpy
         arrays "tokens" and "logprobs" (prompts, new_tokens), "seconds" (the run, without
-        compiling), and with prompt_logprobs
-        "prompt_logprobs", a list of (len(prompt) - 1,) arrays: log p of each prompt token after
-        the first. Row i's samples depend on (seed, i) only, not on the mesh or the batch."""
+        compiling) and, with prompt_logprobs, "prompt_logprobs": a (len(prompt) - 1,) array per
+        prompt, log p of each prompt token after the first. Row i's samples depend on its prompt
+        and (seed, i), not on the mesh."""
         import jax
 
         longest = max(len(p) for p in prompts)
         for p in prompts:
-            self.check_length(len(p), new_tokens)
+            self.check_length(len(p))
             if max(p) >= self.vocab_size or min(p) < 0:
                 raise ConfigError(
                     f"a prompt has token ids outside the model's {self.vocab_size} "
                     f"(model.vocab_size): was it encoded with the model's tokenizer?"
                 )
-        width = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.seq_len - new_tokens)
+        width = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.seq_len)
         rows = -(-len(prompts) // self.data_degree) * self.data_degree
         ids = np.zeros((rows, width), np.int32)
         pads = np.full((rows,), width - 1, np.int32)  # filler rows: one token of id 0
@@ -125,7 +127,8 @@ class Generator:
 
     def _generate(self, params, ids, pads, seed, temperature, top_k, top_p, *, new_tokens,
                   prompt_logprobs):  # fmt: skip
-        """Prefill the left-padded prompts `ids` (batch, width), then decode in one scan."""
+        """Prefill the left-padded prompts `ids` (batch, width), decode with the KV cache while
+        the sequence fits model.seq_len, then with a sliding window of its last seq_len."""
         import jax
         import jax.numpy as jnp
 
@@ -134,7 +137,7 @@ class Generator:
 
         model = self.trainer.model(params)
         vocab, head = self.trainer.cfg.model.vocab_size, model.lm_head
-        (batch, width), slots = ids.shape, ids.shape[1] + new_tokens
+        (batch, width), slots = ids.shape, min(ids.shape[1] + new_tokens, self.seq_len)
         slot = jnp.arange(slots)
         real = slot[None, :] >= pads[:, None]  # (batch, slots): False on the left padding
         row_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(
@@ -157,8 +160,8 @@ class Generator:
             )
 
         # Prefill: every prompt slot at once, causal and blind to the padding.
-        causal = slot[None, :width, None] >= slot[None, None, :]  # (1, width, slots)
-        mask = (causal & real[:, None, :])[:, None]  # (batch, 1, width, slots)
+        causal = slot[:, None] >= slot[None, :]  # (query, key) slots
+        mask = (causal[None, :width] & real[:, None, :])[:, None]  # (batch, 1, width, slots)
         positions = jnp.maximum(jnp.arange(width)[None, :] - pads[:, None], 0)
         hidden, cache = model.extend(
             ids, model.empty_cache(batch, slots), start=0, positions=positions, mask=mask
@@ -183,10 +186,54 @@ class Generator:
             chosen = choose(hidden[:, 0], t)
             return (cache, chosen), chosen
 
-        _, (tokens, logprobs) = jax.lax.scan(decode, (cache, first), jnp.arange(1, new_tokens))
-        out["tokens"] = jnp.concatenate([first[0][:, None], tokens.T], axis=1)
-        out["logprobs"] = jnp.concatenate([first[1][:, None], logprobs.T], axis=1)
-        return out
+        cached = min(new_tokens, slots - width + 1)  # tokens chosen while the cache has room
+        (_, last), (tokens, logprobs) = jax.lax.scan(decode, (cache, first), jnp.arange(1, cached))
+        tokens = jnp.concatenate([first[0][:, None], tokens.T], axis=1)
+        logprobs = jnp.concatenate([first[1][:, None], logprobs.T], axis=1)
+        if cached < new_tokens:
+            later = self._slide(model, choose, ids, pads, tokens, last, new_tokens)
+            tokens = jnp.concatenate([tokens, later[0]], axis=1)
+            logprobs = jnp.concatenate([logprobs, later[1]], axis=1)
+        return {**out, "tokens": tokens, "logprobs": logprobs}
+
+    def _slide(self, model, choose, ids, pads, tokens, last, new_tokens):
+        """The tokens after the sequence fills model.seq_len, each from the last seq_len tokens
+        alone (nanoGPT's crop): learned positions shift with the window, so every step runs the
+        whole window through the model rather than reusing cached keys. (tokens, logprobs),
+        (batch, new_tokens - tokens.shape[1]) each."""
+        import jax
+        import jax.numpy as jnp
+
+        (batch, width), done, seq_len = ids.shape, tokens.shape[1], self.seq_len
+        buffer = jnp.concatenate(
+            [ids, tokens, jnp.zeros((batch, new_tokens - done), jnp.int32)], axis=1
+        )
+        causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+
+        def slide(carry, t):  # feed token t - 1 at slot width + t - 1, choose token t
+            buffer, (token, _) = carry
+            at = width + t - 1
+            buffer = jax.lax.dynamic_update_slice_in_dim(buffer, token[:, None], at, 1)
+            begin = at + 1 - seq_len
+            window = jax.lax.dynamic_slice_in_dim(buffer, begin, seq_len, 1)
+            first_real = jnp.maximum(pads, begin)  # each row's first slot in view
+            view = begin + jnp.arange(seq_len)
+            seen = view[None, :] >= first_real[:, None]  # (batch, seq_len)
+            mask = (causal[None] & seen[:, None, :])[:, None]
+            positions = jnp.maximum(view[None, :] - first_real[:, None], 0)
+            hidden, _ = model.extend(
+                window,
+                model.empty_cache(batch, seq_len),
+                start=0,
+                positions=positions,
+                mask=mask,
+            )
+            chosen = choose(hidden[:, -1], t)
+            return (buffer, chosen), chosen
+
+        steps = jnp.arange(done, new_tokens)
+        _, (tokens, logprobs) = jax.lax.scan(slide, (buffer, last), steps)
+        return tokens.T, logprobs.T
 
 
 def tokenizer_for(cfg, *, workdir: str | None, hf_checkpoint: str | None):

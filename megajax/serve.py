@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from megajax.config import ConfigError
 
 MAX_PROMPTS = 128  # Megatron-LM's limit per request
+MAX_TOKENS = 4096  # past model.seq_len each token runs the whole window: bound a request
 DEFAULTS = {
     "tokens_to_generate": 64,
     "temperature": 1.0,
@@ -68,7 +69,7 @@ def parse_request(body: bytes, *, vocab_size: int) -> dict:
     request = {**DEFAULTS, **request}
     options = {
         "prompts": prompts,
-        "tokens_to_generate": _number(request, "tokens_to_generate", int, 0, 1 << 20),
+        "tokens_to_generate": _number(request, "tokens_to_generate", int, 0, MAX_TOKENS),
         "temperature": _number(request, "temperature", float, 0.0, 100.0),
         "top_k": _number(request, "top_k", int, 0, vocab_size),
         "top_p": _number(request, "top_p", float, 0.0, 1.0),
@@ -108,7 +109,7 @@ class Service:
                     seed=options["random_seed"],
                     prompt_logprobs=True,  # cheap beside decoding; one program fewer to compile
                 )
-        except ConfigError as e:  # too long for the model, or ids outside its vocabulary
+        except ConfigError as e:  # a prompt too long for the model, or ids outside its vocabulary
             raise BadRequest(str(e)) from None
         decode = self.tokenizer.decode
         tokens = [p + out["tokens"][i].tolist() for i, p in enumerate(prompts)]

@@ -50,11 +50,12 @@ def _greedy_by_recompute(generator, prompts, new_tokens):
         predict = jax.jit(predict)
         for _ in range(new_tokens):
             x = np.zeros((rows, cfg.seq_len), np.int32)  # right-padded: causal, so harmless
-            for i, s in enumerate(seqs):
-                x[i, : len(s)] = s
+            windows = [s[-cfg.seq_len :] for s in seqs]  # past seq_len: the last seq_len
+            for i, w in enumerate(windows):
+                x[i, : len(w)] = w
             best = np.asarray(predict(params, x))
-            for i, s in enumerate(seqs):
-                s.append(int(best[i, len(s) - 1]))
+            for s, w, b in zip(seqs, windows, best, strict=False):
+                s.append(int(b[len(w) - 1]))
     return np.array([s[-new_tokens:] for s in seqs])
 
 
@@ -63,6 +64,12 @@ def test_cached_greedy_equals_recompute(generators, mesh):
     generator = generators[mesh]
     out = generator(PROMPTS, new_tokens=NEW, temperature=0.0)
     np.testing.assert_array_equal(out["tokens"], _greedy_by_recompute(generator, PROMPTS, NEW))
+
+
+def test_past_seq_len_greedy_equals_recompute_on_the_last_seq_len(generators):
+    generator, new = generators[2, 4], 30  # 11 + 30 tokens: 9 past the 32 positions
+    out = generator(PROMPTS, new_tokens=new, temperature=0.0)
+    np.testing.assert_array_equal(out["tokens"], _greedy_by_recompute(generator, PROMPTS, new))
 
 
 def test_decoding_communicates_only_model_all_reduces_never_logits(generators):
@@ -219,9 +226,9 @@ def test_generate_command_prints_samples_then_json(hf_dir, capsys):
     assert len(first["tokens"]) == 4 and first == second and result["tokens_per_sec"] > 0
 
 
-def test_past_seq_len_and_foreign_ids_are_clear_errors(hf_generator):
-    with pytest.raises(ConfigError, match="exceeds the model's 32 positions"):
-        hf_generator([[1] * 30], new_tokens=3)
+def test_long_prompt_and_foreign_ids_are_clear_errors(hf_generator):
+    with pytest.raises(ConfigError, match="33 tokens exceeds the model's 32 positions"):
+        hf_generator([[1] * 33], new_tokens=3)
     with pytest.raises(ConfigError, match="outside the model's 1003"):
         hf_generator([[1, 1003]], new_tokens=3)
 
@@ -282,7 +289,8 @@ def test_server_round_trip(server):
         ({"prompts": ["a"], "tokens_to_generate": "3"}, "integer"),
         ({"prompts": ["a"], "tokens_to_generate": 0}, "logprobs=true"),
         ({"prompts": ["a"] * 129}, "at most 128"),
-        ({"prompts": ["a"], "tokens_to_generate": 40}, "exceeds"),
+        ({"prompts": ["a" + " a" * 40]}, "exceeds the model's 32 positions"),
+        ({"prompts": ["a"], "tokens_to_generate": 5000}, "tokens_to_generate"),
     ],
 )
 def test_server_bad_request_is_400_and_it_keeps_serving(server, body, message):
