@@ -31,8 +31,16 @@ def generators():
     made = {}
     for data, model in MESHES:
         trainer = Trainer(cfg, device_mesh(data, model))
-        made[data, model] = generate.Generator(trainer, trainer.init_state()["params"])
+        made[data, model] = generate.Generator(trainer, _fresh_params(trainer))
     return made
+
+
+def _fresh_params(trainer):
+    """Freshly initialised parameters (train.seed), without optimizer state."""
+    return trainer.fresh_params(list(trainer.state_sharding["params"]))
+
+
+_PREDICT = {}  # one compiled full-sequence argmax per generator
 
 
 def _greedy_by_recompute(generator, prompts, new_tokens):
@@ -47,7 +55,7 @@ def _greedy_by_recompute(generator, prompts, new_tokens):
 
     seqs = [list(p) for p in prompts]
     with trainer.context():
-        predict = jax.jit(predict)
+        predict = _PREDICT.setdefault(id(generator), jax.jit(predict))
         for _ in range(new_tokens):
             x = np.zeros((rows, cfg.seq_len), np.int32)  # right-padded: causal, so harmless
             windows = [s[-cfg.seq_len :] for s in seqs]  # past seq_len: the last seq_len
@@ -241,7 +249,7 @@ def server():
     """The API on a free loopback port, over a tiny random GPT reading GPT-2 BPE ids."""
     cfg = tiny_config(vocab_size=50257)
     trainer = Trainer(cfg, device_mesh(1, 2))
-    generator = generate.Generator(trainer, trainer.init_state()["params"])
+    generator = generate.Generator(trainer, _fresh_params(trainer))
     httpd = serve.make_server(serve.Service(generator, GPT2Tokenizer("data/gpt2")), "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_port}/api"
