@@ -152,8 +152,9 @@ def main(argv=None) -> int:
         cli.start(args)
         import jax
 
-        trainer, params, step = cli.load_trained(args)
-        tokenizer = _gpt2_tokenizer(trainer.cfg, args.task) if args.task in GPT_TASKS else None
+        cfg = cli.trained_config(args)
+        tokenizer = _gpt2_tokenizer(cfg, args.task) if args.task in GPT_TASKS else None
+        trainer, params, step = cli.load_trained(args, cfg)
         result, summary = _evaluate(args, trainer, params, tokenizer)
         result = {"task": args.task, "step": step, **result}
     except ConfigError as e:

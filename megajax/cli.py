@@ -197,28 +197,46 @@ def lead_print(*values) -> None:
         print(*values, flush=True)
 
 
-def load_trained(args: argparse.Namespace):
-    """(Trainer, params, step) for --workdir [--step] or --hf_checkpoint, on the --mesh: the
-    config from --config, the work directory's config.json or the Hugging Face checkpoint (plus
-    --set), and the parameters restored onto the mesh. Call after start(args)."""
+def trained_config(args: argparse.Namespace) -> config.Config:
+    """The config of the model that --workdir or --hf_checkpoint names: from --config, the work
+    directory's config.json or the Hugging Face checkpoint's shape, plus --set."""
+    import json
+    from pathlib import Path
+
+    saved = Path(args.workdir or "") / "config.json"
+    if args.config:
+        cfg = load_config(args)
+    elif args.workdir and saved.is_file():
+        cfg = config.override(config.from_dict(json.loads(saved.read_text())), args.set)
+    elif args.hf_checkpoint:
+        cfg = config.override(config.Config(), args.set)
+    else:
+        raise ConfigError(f"{saved} not found: pass --config, or a --workdir that train.py wrote")
+    if args.hf_checkpoint:
+        from megajax import convert
+
+        # A config file, the work directory's config or --set model.arch chose the family.
+        chosen = bool(args.config) or (bool(args.workdir) and saved.is_file())
+        chosen |= any(s.startswith("model.arch=") for s in args.set)
+        weights = convert.HFWeights(args.hf_checkpoint)
+        cfg = convert.with_hf_model(cfg, weights, arch_chosen=chosen)
+    return cfg
+
+
+def load_trained(args: argparse.Namespace, cfg: config.Config):
+    """(Trainer, params, step) of `cfg` (trained_config) on the --mesh: the parameters of the
+    --workdir's newest (or --step) checkpoint or of --hf_checkpoint. Call after start(args)."""
     from pathlib import Path
 
     from megajax.checkpoint import Checkpointer
     from megajax.trainer import Trainer
 
-    cfg = _trained_config(args)
+    trainer = Trainer(cfg, mesh.make(args.mesh))
     if args.hf_checkpoint:
         from megajax import convert
 
         weights = convert.HFWeights(args.hf_checkpoint)
-        # A config file, the work directory's config or --set model.arch chose the family.
-        saved = args.workdir and (Path(args.workdir) / "config.json").is_file()
-        chosen = bool(args.config) or bool(saved)
-        chosen |= any(s.startswith("model.arch=") for s in args.set)
-        cfg = convert.with_hf_model(cfg, weights, arch_chosen=chosen)
-        trainer = Trainer(cfg, mesh.make(args.mesh))
         return trainer, convert.load_params(trainer, weights, log=lead_print), args.hf_checkpoint
-    trainer = Trainer(cfg, mesh.make(args.mesh))
     ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
     step = args.step if args.step is not None else ckpt.latest_step()
     if step is None:
@@ -226,17 +244,3 @@ def load_trained(args: argparse.Namespace):
     params = ckpt.restore(step, trainer.abstract_state())[0]["params"]
     ckpt.close()
     return trainer, params, step
-
-
-def _trained_config(args) -> config.Config:
-    import json
-    from pathlib import Path
-
-    if args.config:
-        return load_config(args)
-    saved = Path(args.workdir or "") / "config.json"
-    if args.workdir and saved.is_file():
-        return config.override(config.from_dict(json.loads(saved.read_text())), args.set)
-    if args.hf_checkpoint:
-        return config.override(config.Config(), args.set)
-    raise ConfigError(f"{saved} not found: pass --config, or a --workdir that train.py wrote")

@@ -242,8 +242,11 @@ def tokenizer_for(cfg, *, workdir: str | None, hf_checkpoint: str | None):
     from megajax.data import prepare
     from megajax.data.tokenizer import GPT2Tokenizer
 
-    if cfg.data.tokenizer == "bert":
-        raise ConfigError("text generation needs a GPT tokenizer (gpt2 or char), not bert")
+    if cfg.model.arch != "gpt" or cfg.data.tokenizer == "bert":
+        raise ConfigError(
+            f"text generation needs a GPT (model.arch=gpt) reading gpt2 or char ids, not "
+            f"model.arch={cfg.model.arch} with data.tokenizer={cfg.data.tokenizer}"
+        )
     if hf_checkpoint and (Path(hf_checkpoint) / "vocab.json").is_file():
         return GPT2Tokenizer(hf_checkpoint)
     if cfg.data.tokenizer == "gpt2":
@@ -273,10 +276,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 def load(args) -> tuple[Generator, object, object]:
     """(Generator, tokenizer, step) of the model the flags name, on the --mesh."""
     cli.start(args)
-    trainer, params, step = cli.load_trained(args)
-    generator = Generator(trainer, params)
-    tokenizer = tokenizer_for(trainer.cfg, workdir=args.workdir, hf_checkpoint=args.hf_checkpoint)
-    return generator, tokenizer, step
+    cfg = cli.trained_config(args)
+    tokenizer = tokenizer_for(cfg, workdir=args.workdir, hf_checkpoint=args.hf_checkpoint)
+    trainer, params, step = cli.load_trained(args, cfg)
+    return Generator(trainer, params), tokenizer, step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
