@@ -72,7 +72,7 @@ def shard_over_data(shapes, specs, logical, data_degree: int):
         for i, (size, axis, name) in enumerate(zip(shape.shape, dims, names, strict=True)):
             if axis is None and name != "layers" and size % data_degree == 0:
                 return P(*dims[:i], parallel.DATA, *dims[i + 1 :])
-        replicated.append(jax.tree_util.keystr(path))
+        replicated.append("/".join(str(getattr(k, "key", k)) for k in path))
         return spec
 
     if data_degree == 1:

@@ -175,11 +175,13 @@ class Trainer:
         if not self.cfg.optim.distributed:
             return params
         dtype = jnp.dtype(self.cfg.model.compute_dtype)
-        return jax.tree.map(
-            lambda p, s: jax.lax.with_sharding_constraint(p.astype(dtype), s),
-            params,
-            self.compute_sharding,
-        )
+
+        def gather(p, master, compute):
+            # Cast on the shard, then gather: the all-gather moves compute_dtype bytes.
+            cast = jax.lax.with_sharding_constraint(p.astype(dtype), master)
+            return jax.lax.with_sharding_constraint(cast, compute)
+
+        return jax.tree.map(gather, params, self.state_sharding["params"], self.compute_sharding)
 
     def gradients(self, state, batch):
         """(means of loss and metrics, gradients) over the micro-batches of `batch`.

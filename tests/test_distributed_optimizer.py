@@ -67,6 +67,12 @@ def test_losses_equal_with_and_without_the_distributed_optimizer(runs, kind, dat
             np.testing.assert_allclose(ours[k], ref[k], rtol=2e-4, err_msg=k)
 
 
+def _replicated(keystr: str, trainer) -> bool:
+    """Whether a leaf (a parameter or one of its moments) is one left whole over `data`."""
+    names = ["".join(f"['{k}']" for k in name.split("/")) for name in trainer.replicated_over_data]
+    return any(keystr.endswith(name) for name in names)
+
+
 def _shard_bytes(tree) -> dict:
     return {
         jax.tree_util.keystr(path): math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
@@ -87,7 +93,7 @@ def test_optimizer_state_per_device_divided_by_the_data_degree(runs):
     for part in ("params", "opt_state"):
         old, new = _shard_bytes(before[part]), _shard_bytes(after[part])
         for path, nbytes in old.items():
-            whole = any(path.endswith(r) for r in on.replicated_over_data)
+            whole = _replicated(path, on)
             scalar = nbytes <= 4  # Adam's step counts
             expected = nbytes if whole or scalar else nbytes // data
             assert new[path] == expected, path
@@ -124,7 +130,7 @@ def test_each_parameter_gathered_once_per_step_and_gradients_reduce_scattered(ru
         jax.tree_util.keystr(path): sharding.shard_shape(shapes[jax.tree_util.keystr(path)])
         for path, sharding in jax.tree_util.tree_leaves_with_path(trainer.compute_sharding)
     }
-    split = {k: v for k, v in compute.items() if k not in trainer.replicated_over_data}
+    split = {k: v for k, v in compute.items() if not _replicated(k, trainer)}
     gathers = [c for c in found if c.kind == "all-gather"]
     assert all(c.axes == ("data",) and c.runs == 1 for c in gathers), gathers
     gathered = sorted(shape for c in gathers for shape in c.shapes)
@@ -132,8 +138,9 @@ def test_each_parameter_gathered_once_per_step_and_gradients_reduce_scattered(ru
     # Every gradient reduced over `data` is cut to this device's 1/D slice right after (GSPMD's
     # reduce-scatter as XLA:CPU prints it), save the parameters that stay replicated.
     replicated = set()
-    for path in trainer.replicated_over_data:
-        replicated |= {compute[path], compute[path][1:]}  # stacked layers: layer by layer
+    for path, shape in compute.items():
+        if _replicated(path, trainer):
+            replicated |= {shape, shape[1:]}  # stacked layers: reduced layer by layer
     reductions = _data_reductions(trainer, compiled)
     assert sum(1 for _, f in reductions if f == 2) >= len(split)
     for shape, factor in reductions:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import device_mesh, real_batch, tiny_config
 
-from megajax import config, loss_scale
+from megajax import config, hlo, loss_scale
 from megajax.checkpoint import Checkpointer
 from megajax.config import OptimConfig
 from megajax.trainer import Trainer
@@ -73,7 +73,8 @@ def _cfg(dtype):
 
 @pytest.fixture(scope="module")
 def runs(shakespeare_tokens):
-    """dtype -> (trainer, states before each step and after the last, metrics per step)."""
+    """dtype -> (trainer, final state, states before each step and after the last, metrics per
+    step, compiled step)."""
     out = {}
     for dtype in ("float16", "float32"):
         trainer = Overflowing(_cfg(dtype), device_mesh(2, 4), at=OVERFLOWS)
@@ -88,12 +89,12 @@ def runs(shakespeare_tokens):
             state, m = step_fn(state, trainer.put_batch({"inputs": x, "targets": y}))
             metrics.append(jax.device_get(m))
         states.append(jax.device_get(state))
-        out[dtype] = trainer, state, states, metrics
+        out[dtype] = trainer, state, states, metrics, step_fn
     return out
 
 
 def test_an_overflowing_step_leaves_params_and_moments_bit_identical(runs):
-    _, _, states, metrics = runs["float16"]
+    _, _, states, metrics, _ = runs["float16"]
     for step in range(STEPS):
         before, after = states[step], states[step + 1]
         skipped = step in OVERFLOWS
@@ -119,8 +120,15 @@ def test_float16_losses_close_to_float32(runs):
     assert half[-1] < half[0]
 
 
+def test_float16_weights_are_gathered_in_float16(runs):
+    trainer, _, _, _, step_fn = runs["float16"]
+    found = hlo.collectives(step_fn.as_text(), dict(trainer.mesh.shape))
+    gathers = [c for c in found if c.kind == "all-gather"]
+    assert gathers and all(c.bytes == 2 * c.elements and c.runs == 1 for c in gathers)
+
+
 def test_scaler_is_checkpointed_and_optional_on_restore(runs, tmp_path):
-    trainer, state, _, _ = runs["float16"]
+    trainer, state, _, _, _ = runs["float16"]
     ckpt = Checkpointer(tmp_path / "half", every=1, keep=1, async_save=False)
     ckpt.save(STEPS, state, {}, force=True)
     back, _ = ckpt.restore(STEPS, trainer.abstract_state(), optional=trainer.optional_state())
