@@ -187,10 +187,10 @@ class Trainer:
         """(means of loss and metrics, gradients) over the micro-batches of `batch`.
 
         With the distributed optimizer the weights are gathered once, before the micro-batch
-        loop, and each micro-batch's gradients are reduce-scattered onto the master shards in
-        float32. With float16 the gradients are of the scaled loss, divided by the scale here.
-        The step skips its update when they are not finite; a subclass may override this to
-        inject such a fault at a chosen step.
+        loop, and each micro-batch's gradients are reduce-scattered onto the master shards and
+        accumulated there in float32. With float16 the gradients are of the scaled loss,
+        divided by the scale here. The step skips its update when they are not finite; a
+        subclass may override this method to inject such a fault at a chosen step.
         """
         params = self.compute_params(state["params"])
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state["step"])

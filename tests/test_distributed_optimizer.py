@@ -84,10 +84,7 @@ def test_optimizer_state_per_device_divided_by_the_data_degree(runs):
     off, off_step, _, _ = runs("gpt", False, 2, 4)
     on, on_step, _, _ = runs("gpt", True, 2, 4)
     data = 2
-    assert on.replicated_over_data == [
-        "['h']['attn']['qkv']['bias']",
-        "['h']['mlp']['fc1']['bias']",
-    ]
+    assert on.replicated_over_data == ["h/attn/qkv/bias", "h/mlp/fc1/bias"]
     before = off.abstract_state()
     after = on.abstract_state()
     for part in ("params", "opt_state"):
