@@ -225,13 +225,9 @@ class Trainer:
             zero_metrics = jax.tree.map(
                 lambda s: jnp.zeros(s.shape, s.dtype), {"loss": value_shape, **metric_shapes}
             )
-            if distributed:
-                zeros = jax.tree.map(
-                    self._to_master, state["params"], self.state_sharding["params"]
-                )
-                zeros = jax.tree.map(jnp.zeros_like, zeros)
-            else:
-                zeros = jax.tree.map(jnp.zeros_like, params)
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            if distributed:  # float32 accumulators on the master shards
+                zeros = jax.tree.map(self._to_master, zeros, self.state_sharding["params"])
             (sums, grad_sum), _ = jax.lax.scan(
                 accumulate, (zero_metrics, zeros), (jnp.arange(micro), batch)
             )
