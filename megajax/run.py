@@ -56,7 +56,7 @@ def _restore_or_init(trainer: Trainer, ckpt: Checkpointer, train_data: loader.Lo
     if latest is None:
         return init(trainer) if init else trainer.init_state()
     start = time.perf_counter()
-    state, meta = ckpt.restore(latest, trainer.abstract_state())
+    state, meta = ckpt.restore(latest, trainer.abstract_state(), optional=trainer.optional_state())
     if "data" in meta:  # an imported checkpoint (step 0) has no data position yet
         train_data.restore(meta["data"])
     saved_mesh = meta.get("mesh", {})
