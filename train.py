@@ -37,8 +37,12 @@ def main(argv=None) -> int:
     try:
         cfg = cli.load_config(args)
         cli.start(args)
-        from megajax import run  # imports JAX's backend: after the device flags are set
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from megajax import run  # imports JAX's backend: after the device flags are set
 
+    try:
         workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
         init = None
         if args.hf_checkpoint:
@@ -62,7 +66,6 @@ def main(argv=None) -> int:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
     return 0
-
 
 if __name__ == "__main__":
     cli.restart_with_huge_page_malloc()

@@ -123,3 +123,12 @@ def test_no_restart_when_asked_not_to_or_already_set():
     assert len(kept) == 2 and kept[-1] == "tunables "
     own = _restart({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert len(own) == 2 and own[-1] == "tunables glibc.malloc.hugetlb=0"
+
+
+def test_an_early_failure_surfaces_as_itself(tmp_path):
+    import train
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config():\n    raise RuntimeError('the config is broken')\n")
+    with pytest.raises(RuntimeError, match="the config is broken"):
+        train.main(["--config", str(broken), "--workdir", str(tmp_path)])
