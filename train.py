@@ -49,7 +49,7 @@ def main(argv=None) -> int:
             from megajax import convert
 
             weights = convert.HFWeights(args.hf_checkpoint)
-            cfg = convert.with_hf_model(cfg, weights, arch_chosen=True)
+            cfg = convert.with_hf_model(cfg, weights, arch_chosen=True, overrides=args.set)
             init = lambda trainer: trainer.state_from_params(  # noqa: E731
                 convert.load_params(trainer, weights, log=cli.lead_print)
             )
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
     return 0
+
 
 if __name__ == "__main__":
     cli.restart_with_huge_page_malloc()
