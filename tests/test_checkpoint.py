@@ -109,14 +109,18 @@ def test_the_logged_learning_rate_is_the_one_applied_after_a_skipped_step():
 
 
 def test_nonfinite_step_stops_the_run_when_asked(tmp_path):
+    run.train(_cfg(2), device_mesh(1, 1), tmp_path, log=lambda _: None)  # a finite step 2
     cfg = config.replace(_cfg(6, on_nonfinite="stop"), optim=dict(lr=1e38, warmup_steps=0))
+    cfg = config.replace(cfg, checkpoint=dict(every=1))  # would save every step it reached
     with pytest.raises(run.Stopped, match=r"step \d+: non-finite .*train.on_nonfinite=stop"):
         run.train(cfg, device_mesh(1, 1), tmp_path, log=lambda _: None)
-    ckpt = Checkpointer(tmp_path / "checkpoints", every=0, keep=2)
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=0, keep=10)
     trainer = Trainer(cfg, device_mesh(1, 1))
-    for step in [s for s in [ckpt.latest_step()] if s is not None]:
+    steps = ckpt._manager.all_steps()
+    assert steps and max(steps) < 6, steps  # something to check, and the run did stop
+    for step in steps:  # every checkpoint written, before and after the huge learning rate
         state, _ = ckpt.restore(step, trainer.abstract_state())
-        assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state)))
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state))), step
     ckpt.close()
 
 
