@@ -21,6 +21,9 @@ from megajax.config import ConfigError
 CLUSTER_TASK_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 KEEP_MALLOC = "MEGAJAX_SYSTEM_MALLOC"  # set to 1 to run under the malloc settings as given
+# The process id that restarted itself: the restart keeps the id, so the process that carries
+# its own id here has restarted already, whatever became of GLIBC_TUNABLES; its children have not.
+RESTARTED = "MEGAJAX_MALLOC_RESTARTED"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -32,18 +35,21 @@ def restart_with_huge_page_malloc() -> None:
     blocks over 32 MB to the kernel at once, so every step faults them back in page by 4 KB page:
     270,000 faults and 0.9 s of kernel time a step in configs/bench_gpt_cpu.py, about 900 faults
     on 2 MB pages. glibc reads its settings only at start-up, hence the restart: the same
-    program, arguments, environment (plus GLIBC_TUNABLES) and process id. Call it first thing
-    in a script's main guard; it returns at once where it has nothing to do.
+    program, arguments, environment (plus GLIBC_TUNABLES, and RESTARTED naming this process) and
+    process id. Call it first thing in a script's main guard; it returns at once where it has
+    nothing to do.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (
         os.environ.get(KEEP_MALLOC)
+        or os.environ.get(RESTARTED) == str(os.getpid())
         or "glibc.malloc.hugetlb" in tunables  # set by the user, or by this restart
         or platform.libc_ver()[0] != "glibc"
         or _transparent_huge_pages() != "madvise"  # "always" has them already, "never" none
     ):
         return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGE_MALLOC])))
+    tunables = ":".join(filter(None, [tunables, HUGE_PAGE_MALLOC]))
+    env = dict(os.environ, GLIBC_TUNABLES=tunables, **{RESTARTED: str(os.getpid())})
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

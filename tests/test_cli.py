@@ -94,10 +94,10 @@ print("tunables", os.environ.get("GLIBC_TUNABLES", ""))
 """
 
 
-def _restart(env_extra):
+def _restart(env_extra, script=RESTART):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", cli.KEEP_MALLOC)}
     run = subprocess.run(
-        [sys.executable, "-c", RESTART],
+        [sys.executable, "-c", script],
         cwd=ROOT,
         env={**env, **env_extra},
         capture_output=True,
@@ -116,6 +116,18 @@ def test_restarts_once_with_huge_page_malloc_keeping_the_users_tunables():
     pids = [line for line in lines if line.startswith("pid")]
     assert len(pids) == 2 and pids[0] == pids[1]  # one restart, in place
     assert lines[-1] == "tunables glibc.malloc.trim_threshold=123456:glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.skipif(
+    cli._transparent_huge_pages() != "madvise", reason="huge pages are not opt-in here"
+)
+def test_restarts_at_most_once_even_where_the_tunables_are_lost():
+    # A launcher or a secure-execution mode that drops GLIBC_TUNABLES must not make a loop.
+    dropped = RESTART.replace(
+        "from megajax", "os.environ.pop('GLIBC_TUNABLES', None)\nfrom megajax"
+    )
+    lines = _restart({}, script=dropped)
+    assert len([line for line in lines if line.startswith("pid")]) == 2
 
 
 def test_no_restart_when_asked_not_to_or_already_set():
