@@ -288,7 +288,10 @@ def cached(source: str, *, tokenizer: str, vocab_dir: str, val_fraction: float, 
     if path.is_dir():
         raise ConfigError(f"data.source: {path} is not a prepared dataset (no {MANIFEST})")
     if not path.is_file():
-        raise ConfigError(f"data.source: {path} not found (a text file or a prepared dataset)")
+        raise ConfigError(
+            f"data.source: {path} not found: name a text file or a dataset prepared by "
+            f"`python -m megajax.data.prepare CORPUS --out {path}` (--set data.source=PATH)"
+        )
     options = dict(tokenizer=tokenizer, val_fraction=val_fraction, version=VERSION)
     vocab = [Path(vocab_dir)] if tokenizer != "char" else []
     out = Path(cache_dir) / f"{path.stem}-{tokenizer}-{fingerprint([path, *vocab], **options)}"
