@@ -182,3 +182,9 @@ def test_a_pool_of_workers_writes_the_same_rows_as_one_process(tmp_path, monkeyp
         for i in range(len(a)):
             for key in ("tokens", "sentence_lengths"):
                 np.testing.assert_array_equal(a[i][key], b[i][key])
+
+
+def test_the_readme_states_when_tokenizing_takes_a_process_per_core():
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    gpt2, bert = (prepare.POOL_CHARS[k] // 1_000_000 for k in ("gpt2", "bert"))
+    assert f"passes {gpt2} M characters ({bert} M with the pure-Python WordPiece)" in readme

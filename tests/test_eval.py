@@ -73,6 +73,9 @@ def test_eval_restores_the_checkpoint_on_any_mesh(tmp_path):
         assert result["loss"] == pytest.approx(4.05, abs=0.15)  # near ln(65) after 3 steps
         losses.append(result["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # 1 device and a 2 x 4 mesh
+    (manifest,) = (tmp_path / "data").glob("*/megajax.json")
+    held_out = json.loads(manifest.read_text())["splits"]["validation"]["tokens"]
+    assert held_out % 32 != 1 and result["tokens"] == held_out - 1  # every target, the tail too
 
 
 @pytest.mark.parametrize(
