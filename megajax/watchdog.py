@@ -104,7 +104,7 @@ def _watch(client, me: int, count: int, step_timeout: float, peer_timeout: float
                 last_contact = now
                 verdict = _try_get(client, VERDICT)
                 if verdict:
-                    _fatal(verdict)
+                    _stop_all(verdict, client, me, count)
                 for peer, (value, since) in seen.items():
                     current = _try_get(client, f"megajax/alive/{peer}")
                     peer_beat = None
@@ -126,12 +126,11 @@ def _watch(client, me: int, count: int, step_timeout: float, peer_timeout: float
             if now - since > factor * step_timeout:
                 verdict = _stall_verdict(where, count, step, factor * step_timeout)
                 if client is not None:
-                    try:  # the others print the same line; give them a beat to read it
+                    try:  # the others print the same line
                         client.key_value_set(VERDICT, verdict, True)
-                        time.sleep(2.5)
                     except Exception:
                         pass
-                _fatal(verdict)
+                _stop_all(verdict, client, me, count)
         beat += 1
         time.sleep(1)
 
@@ -159,11 +158,34 @@ def _stall_verdict(where: dict, count: int, step: int, waited: float) -> str:
     )
 
 
+def _stop_all(verdict: str, client, me: int, count: int) -> None:
+    """Print the verdict and stop; process 0, whose exit ends the coordination service (and
+    with it every other process, at once and without a word), waits for the others to have
+    printed it too."""
+    _say(verdict)
+    if client is not None:
+        try:
+            client.key_value_set(f"megajax/stopping/{me}", "1", True)
+            deadline = time.monotonic() + 10
+            while me == 0 and time.monotonic() < deadline:
+                if all(_try_get(client, f"megajax/stopping/{p}") for p in range(1, count)):
+                    time.sleep(0.5)  # their exits are under way
+                    break
+                time.sleep(0.1)
+        except Exception:
+            pass
+    os._exit(3)
+
+
 def _fatal(why: str) -> None:
+    _say(why)
+    os._exit(3)
+
+
+def _say(why: str) -> None:
     print(
         f"error: {why}; stopping this process too. Restart the whole job to resume from the "
         f"newest complete checkpoint.",
         file=sys.stderr,
         flush=True,
     )
-    os._exit(3)
