@@ -120,7 +120,12 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
         raise ConfigError(f"train.on_nonfinite={cfg.train.on_nonfinite!r}: use skip or stop")
     trainer = Trainer(cfg, mesh)
     tokenizer, train_data, val_data = loader.loaders(
-        cfg, workdir=workdir, log=log, train_rows=trainer.train_rows, eval_rows=trainer.eval_rows
+        cfg,
+        workdir=workdir,
+        log=log,
+        train_rows=trainer.train_rows,
+        eval_rows=trainer.eval_rows,
+        lead=lead,
     )
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(

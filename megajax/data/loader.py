@@ -241,11 +241,12 @@ def race_loaders(cfg, *, log=print, train_rows=None, eval_rows=None):
     return tokenizer, *made
 
 
-def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
+def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None, lead=True):
     """(tokenizer, train Loader, validation Loader) for cfg.data.source: prepared datasets or
     text files (prepared once into workdir/data), blended by their weights. Each loader yields
     the given rows (default all) of each global batch: for GPT {'inputs', 'targets'},
-    (rows, seq_len) int32 each; for BERT the fields of BertPairs."""
+    (rows, seq_len) int32 each; for BERT the fields of BertPairs. Text files are prepared by
+    the lead process only; the others wait for it."""
     from megajax.data import prepare, samples  # here: samples imports TFDS, the Loader does not
 
     if cfg.model.arch == "bert_multiple_choice":
@@ -267,6 +268,7 @@ def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
                 val_fraction=cfg.data.val_fraction,
                 cache_dir=f"{workdir}/data",
                 log=log,
+                lead=lead,
             )
         )
         for p in paths
