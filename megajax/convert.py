@@ -5,11 +5,12 @@
 
 Import writes a megajax checkpoint at step 0 (Hugging Face weights, fresh optimizer state) and
 WORKDIR/config.json, which train.py and eval.py resume from. Each process reads each tensor
-once and gives each of its devices only the slices it holds; export writes model.safetensors tensor by tensor. The HF config's
-model_type picks a family, and the layout differences are in its table: GPT-2's Conv1D weights
-are already [in, out] like megajax's kernels but its c_attn columns are q | k | v, where megajax
-interleaves them by head; BERT's Linear weights are [out, in] with separate query, key and
-value; both vocabularies are unpadded; both tie the output embedding to the input one.
+once and gives each of its devices only the slices it holds; export writes model.safetensors
+tensor by tensor. The HF config's model_type picks a family, and the layout differences are in
+its table: GPT-2's Conv1D weights are already [in, out] like megajax's kernels but its c_attn
+columns are q | k | v, where megajax interleaves them by head; BERT's Linear weights are
+[out, in] with separate query, key and value; both vocabularies are unpadded; both tie the
+output embedding to the input one.
 """
 
 from __future__ import annotations
