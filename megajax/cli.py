@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 
 from megajax import config, mesh, watchdog
@@ -153,6 +154,10 @@ def _initialize(args, coordinator, num_processes, process_id) -> bool:
             f"could not join the {num_processes or 'cluster'}-process job at "
             f"{coordinator or 'the cluster coordinator'} within {args.init_timeout}s: {first}"
         ) from None
+    # jax.distributed.initialize installs a SIGTERM handler of its own (for Orbax's preemption
+    # sync, which megajax does not use) that swallows the signal: until the training loop
+    # catches it, SIGTERM must end the process as it does a process alone.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return jax.process_count() > 1
 
 
