@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 from megajax import parallel
 from megajax.config import OptimConfig
 
-# Parameters with these names are decayed; biases and layer-norm scales are not.
-DECAYED = ("kernel", "embedding", "wpe")
+# Parameters under this key are stacked over layers: their leading axis counts layers.
+STACKED = "h"
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -37,10 +37,14 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for the parameters weight decay applies to (matrices and embeddings)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in DECAYED, params
-    )
+    """True for the parameters weight decay applies to: every matrix (kernels and embeddings),
+    no vector (biases, layer-norm scales), as Megatron-LM decays."""
+
+    def is_matrix(path, x):
+        stacked = getattr(path[0], "key", None) == STACKED
+        return x.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make(cfg: OptimConfig) -> optax.GradientTransformation:

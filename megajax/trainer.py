@@ -264,7 +264,8 @@ class Trainer:
         metrics = {
             **means,
             "grad_norm": grad_norm,
-            "learning_rate": self.lr(state["step"]),
+            # optax's schedule counts applied updates: skipped steps do not advance it.
+            "learning_rate": self.lr(state["step"] - state["skipped"]),
             "finite": finite,
         }
         if self.loss_scaled:

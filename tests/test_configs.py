@@ -76,3 +76,13 @@ def test_unknown_architecture_or_placement_is_a_clear_error():
         config.replace(config.Config(), model=dict(layernorm_placement="middle"))
     with pytest.raises(config.ConfigError, match="use one of gpt, bert"):
         config.override(config.Config(), ["model.arch=t5"])
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_name_their_corpus_and_stop_clearly_without_it(name, tmp_path):
+    from megajax.data import loader
+
+    cfg = config.load(f"configs/{name}.py")
+    assert cfg.data.source != config.DataConfig().source  # never tiny Shakespeare by default
+    with pytest.raises(config.ConfigError, match=r"data.source: .* not found.*data.prepare"):
+        loader.loaders(cfg, workdir=tmp_path, log=lambda _: None)
