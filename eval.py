@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from megajax import cli, config, mesh
+from megajax import cli, config
 from megajax.config import ConfigError
 
 TASKS = ("val", "wikitext103", "lambada", "race")
@@ -65,17 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _load_config(args) -> config.Config:
-    if args.config:
-        return cli.load_config(args)
-    saved = Path(args.workdir or "") / "config.json"
-    if args.workdir and saved.is_file():
-        return config.override(config.from_dict(json.loads(saved.read_text())), args.set)
-    if args.hf_checkpoint:
-        return config.override(config.Config(), args.set)
-    raise ConfigError(f"{saved} not found: pass --config, or a --workdir that train.py wrote")
-
-
 def _gpt2_tokenizer(cfg: config.Config, task: str):
     from megajax.data.tokenizer import GPT2Tokenizer
 
@@ -97,6 +86,25 @@ def _gpt2_tokenizer(cfg: config.Config, task: str):
     return tokenizer
 
 
+def _every_target(windows) -> list[dict]:
+    """A held-out split's GPTWindows weighed 1, then the tail they leave (fewer than seq_len
+    targets) in one zero-padded window: every target of the split scored once."""
+    import numpy as np
+
+    s, ones = windows.seq_len, np.ones(windows.seq_len, np.float32)
+    out = [{**windows[i], "weights": ones} for i in range(len(windows))]
+    start = len(windows) * s
+    if start < windows.num_tokens - 1:
+        offsets = windows.offsets
+        first = int(np.searchsorted(offsets, start, side="right")) - 1
+        rows = [windows.source[r]["tokens"] for r in range(first, len(offsets) - 1)]
+        tail = np.concatenate(rows)[start - offsets[first] :]
+        padded, weights = np.zeros(s + 1, np.int32), np.zeros(s, np.float32)
+        padded[: len(tail)], weights[: len(tail) - 1] = tail, 1
+        out.append({"inputs": padded[:-1], "targets": padded[1:], "weights": weights})
+    return out
+
+
 def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
     """(metrics, a one-line summary) of args.task."""
     from megajax.data import corpora, loader
@@ -105,7 +113,7 @@ def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
     cfg, log = trainer.cfg, cli.lead_print
     if args.task == "val" and cfg.model.arch == "gpt":
         _, _, val_data = loader.loaders(cfg, workdir=args.workdir, log=log)
-        windows = [d[i] for d in val_data.datasets for i in range(len(d))]
+        windows = [w for d in val_data.datasets for w in _every_target(d)]
         scores = perplexity.score(trainer, params, windows, log=log)
         summary = f"validation loss {scores['loss']:.4f}, perplexity {scores['ppl']:.2f}"
         return {"data": cfg.data.source, **scores}, summary
@@ -160,34 +168,12 @@ def _objective_metrics(trainer, params, workdir) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = _load_config(args)
         cli.start(args)
         import jax
 
-        from megajax.checkpoint import Checkpointer
-        from megajax.trainer import Trainer
-
-        if args.hf_checkpoint:
-            from megajax import convert
-
-            weights = convert.HFWeights(args.hf_checkpoint)
-            # A config file, the work directory's config or --set model.arch chose the family.
-            saved = args.workdir and (Path(args.workdir) / "config.json").is_file()
-            chosen = bool(args.config) or bool(saved)
-            chosen |= any(s.startswith("model.arch=") for s in args.set)
-            cfg = convert.with_hf_model(cfg, weights, arch_chosen=chosen)
+        cfg = cli.trained_config(args)
         tokenizer = _gpt2_tokenizer(cfg, args.task) if args.task in GPT_TASKS else None
-        trainer = Trainer(cfg, mesh.make(args.mesh))
-        if args.hf_checkpoint:
-            params = convert.load_params(trainer, weights, log=cli.lead_print)
-            step = args.hf_checkpoint
-        else:
-            ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
-            step = args.step if args.step is not None else ckpt.latest_step()
-            if step is None:
-                raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
-            params = ckpt.restore(step, trainer.abstract_state())[0]["params"]
-            ckpt.close()
+        trainer, params, step = cli.load_trained(args, cfg)
         result, summary = _evaluate(args, trainer, params, tokenizer)
         result = {"task": args.task, "step": step, **result}
     except ConfigError as e:

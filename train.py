@@ -37,15 +37,19 @@ def main(argv=None) -> int:
     try:
         cfg = cli.load_config(args)
         cli.start(args)
-        from megajax import run  # imports JAX's backend: after the device flags are set
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from megajax import run  # imports JAX's backend: after the device flags are set
 
+    try:
         workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
         init = None
         if args.hf_checkpoint:
             from megajax import convert
 
             weights = convert.HFWeights(args.hf_checkpoint)
-            cfg = convert.with_hf_model(cfg, weights, arch_chosen=True)
+            cfg = convert.with_hf_model(cfg, weights, arch_chosen=True, overrides=args.set)
             init = lambda trainer: trainer.state_from_params(  # noqa: E731
                 convert.load_params(trainer, weights, log=cli.lead_print)
             )

@@ -23,7 +23,8 @@ def get_config() -> Config:
             layernorm_eps=1e-12,
             binary_head="nsp",
         ),
-        data=DataConfig(tokenizer="bert", vocab_dir="data/bert"),
+        # BooksCorpus and English Wikipedia in Devlin et al.; nothing ships it (see recipes.py).
+        data=DataConfig(source="data/bert_base_corpus", tokenizer="bert", vocab_dir="data/bert"),
         optim=OptimConfig(
             lr=1e-4, min_lr=0.0, warmup_steps=10_000, decay_steps=1_000_000, schedule="linear"
         ),

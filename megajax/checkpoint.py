@@ -67,16 +67,32 @@ class Checkpointer:
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
-    def restore(self, step: int, target):
+    def restore(self, step: int, target, *, optional: dict | None = None):
         """(state laid out as `target`, meta) from the checkpoint at `step`.
 
         `target` is a pytree of jax.ShapeDtypeStruct with the current mesh's shardings.
+        `optional` maps top-level state entries that a checkpoint may lack (e.g. the loss
+        scaler, absent from float32 and bfloat16 runs) to the values to use then; such an entry
+        saved but not in `target` is read and dropped.
         """
         saved = self._saved_shapes(step)
-        _check_shapes(saved, target, step)
+        optional = optional or {}
+        missing = [k for k in optional if k in target and not _holds(saved, k)]
+        target = {k: v for k, v in target.items() if k not in missing}
+        extra = {
+            path: jax.ShapeDtypeStruct(shape, dtype, sharding=_replicated(target))
+            for path, (shape, dtype) in self._saved_dtypes(step).items()
+            if path[0] in optional and path[0] not in target
+        }
+        _check_shapes(saved, target, step, ignore={p[0] for p in extra})
         read_as = jax.tree_util.tree_map_with_path(
             lambda path, want: _read_layout(saved[_names(path)], want), target
         )
+        for path, leaf in extra.items():
+            node = read_as
+            for name in path[:-1]:
+                node = node.setdefault(name, {})
+            node[path[-1]] = leaf
         try:
             restored = self._manager.restore(
                 step,
@@ -86,8 +102,9 @@ class Checkpointer:
             )
         except Exception as e:  # Orbax and TensorStore raise many kinds for damaged files
             raise self._damaged(step, e) from None
-        state = _repad(restored[STATE], target)
-        return state, restored[META]
+        state = {k: v for k, v in restored[STATE].items() if k in target}
+        state = _repad(state, target)
+        return {**state, **{k: optional[k] for k in missing}}, restored[META]
 
     def _saved_shapes(self, step: int):
         try:
@@ -98,6 +115,11 @@ class Checkpointer:
             raise ConfigError(f"checkpoint {self.directory / str(step)} has no train state")
         leaves = jax.tree_util.tree_leaves_with_path(metadata, is_leaf=_is_array_metadata)
         return {_names(path): tuple(m.shape) for path, m in leaves}
+
+    def _saved_dtypes(self, step: int) -> dict:
+        metadata = self._manager.item_metadata(step)[STATE]
+        leaves = jax.tree_util.tree_leaves_with_path(metadata, is_leaf=_is_array_metadata)
+        return {_names(path): (tuple(m.shape), m.dtype) for path, m in leaves}
 
     def _damaged(self, step: int, error: Exception) -> ConfigError:
         detail = str(error).splitlines()[0][:160] if str(error) else ""
@@ -129,8 +151,17 @@ def _names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def _check_shapes(saved: dict, target, step: int) -> None:
+def _holds(saved: dict, key: str) -> bool:
+    return any(path[0] == key for path in saved)
+
+
+def _replicated(target) -> NamedSharding:
+    return NamedSharding(jax.tree.leaves(target)[0].sharding.mesh, P())
+
+
+def _check_shapes(saved: dict, target, step: int, ignore=frozenset()) -> None:
     flat_target = {_names(p): x for p, x in jax.tree_util.tree_leaves_with_path(target)}
+    saved = {path: shape for path, shape in saved.items() if path[0] not in ignore}
     if set(saved) != set(flat_target):
         missing = sorted("/".join(p) for p in set(flat_target) - set(saved))[:3]
         extra = sorted("/".join(p) for p in set(saved) - set(flat_target))[:3]

@@ -11,16 +11,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
-import threading
-import time
 
-from megajax import config, mesh
+from megajax import config, mesh, watchdog
 from megajax.config import ConfigError
 
 CLUSTER_TASK_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 KEEP_MALLOC = "MEGAJAX_SYSTEM_MALLOC"  # set to 1 to run under the malloc settings as given
+# The process id that restarted itself: the restart keeps the id, so the process that carries
+# its own id here has restarted already, whatever became of GLIBC_TUNABLES; its children have not.
+RESTARTED = "MEGAJAX_MALLOC_RESTARTED"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -32,18 +34,21 @@ def restart_with_huge_page_malloc() -> None:
     blocks over 32 MB to the kernel at once, so every step faults them back in page by 4 KB page:
     270,000 faults and 0.9 s of kernel time a step in configs/bench_gpt_cpu.py, about 900 faults
     on 2 MB pages. glibc reads its settings only at start-up, hence the restart: the same
-    program, arguments, environment (plus GLIBC_TUNABLES) and process id. Call it first thing
-    in a script's main guard; it returns at once where it has nothing to do.
+    program, arguments, environment (plus GLIBC_TUNABLES, and RESTARTED naming this process) and
+    process id. Call it first thing in a script's main guard; it returns at once where it has
+    nothing to do.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (
         os.environ.get(KEEP_MALLOC)
+        or os.environ.get(RESTARTED) == str(os.getpid())
         or "glibc.malloc.hugetlb" in tunables  # set by the user, or by this restart
         or platform.libc_ver()[0] != "glibc"
         or _transparent_huge_pages() != "madvise"  # "always" has them already, "never" none
     ):
         return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGE_MALLOC])))
+    tunables = ":".join(filter(None, [tunables, HUGE_PAGE_MALLOC]))
+    env = dict(os.environ, GLIBC_TUNABLES=tunables, **{RESTARTED: str(os.getpid())})
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
@@ -88,13 +93,21 @@ def add_flags(parser: argparse.ArgumentParser, *, config_required: bool) -> None
         default=100,
         help="seconds of silence after which a process is declared dead and the job stops",
     )
+    group.add_argument(
+        "--step_timeout",
+        type=float,
+        default=1800,
+        help="seconds without a finished training step after which every process stops, "
+        f"naming the one at fault ({watchdog.STRETCH}x for the first step, saves and "
+        "evaluations; 0: never)",
+    )
 
 
 def start(args: argparse.Namespace) -> None:
     """Fake devices and join the multi-process job, before anything else touches JAX."""
     if args.cpu_devices:
         mesh.fake_cpu_devices(args.cpu_devices)
-    explicit = [args.coordinator, args.num_processes, args.process_id]
+    explicit, joined = [args.coordinator, args.num_processes, args.process_id], False
     if any(x is not None for x in explicit):
         if any(x is None for x in explicit):
             raise ConfigError(
@@ -104,12 +117,20 @@ def start(args: argparse.Namespace) -> None:
             raise ConfigError(
                 f"--process_id {args.process_id} is outside 0..{args.num_processes - 1}"
             )
-        _initialize(args, args.coordinator, args.num_processes, args.process_id)
+        joined = _initialize(args, args.coordinator, args.num_processes, args.process_id)
     elif any(int(os.environ.get(v, "1")) > 1 for v in CLUSTER_TASK_COUNTS):
-        _initialize(args, None, None, None)  # JAX reads the cluster's own variables
+        joined = _initialize(args, None, None, None)  # JAX reads the cluster's own variables
+    # JAX's own heartbeat aborts the survivors too, later and with a C++ stack trace; the
+    # watchdog says first which process went silent or holds the others up.
+    watchdog.start(
+        step_timeout=args.step_timeout,
+        peer_timeout=max(2, args.heartbeat_timeout // 2),
+        multi_process=joined,
+    )
 
 
-def _initialize(args, coordinator, num_processes, process_id) -> None:
+def _initialize(args, coordinator, num_processes, process_id) -> bool:
+    """Join the job; returns whether it has more than one process."""
     import jax
 
     if coordinator:
@@ -133,56 +154,11 @@ def _initialize(args, coordinator, num_processes, process_id) -> None:
             f"could not join the {num_processes or 'cluster'}-process job at "
             f"{coordinator or 'the cluster coordinator'} within {args.init_timeout}s: {first}"
         ) from None
-    if jax.process_count() > 1:
-        timeout = max(2, args.heartbeat_timeout // 2)
-        threading.Thread(target=_watch_peers, args=(timeout,), daemon=True).start()
-
-
-def _watch_peers(timeout: int) -> None:
-    """Stop this process with a clear message when a peer stops beating for `timeout` seconds.
-
-    Every process bumps its own counter in the coordination service's key-value store each
-    second and watches the others'. JAX's own heartbeat would abort the survivors too, but
-    later and with a C++ stack trace; this says which process went silent and what to do.
-    """
-    import jax
-    from jax._src import distributed  # the client jax.distributed.initialize connected
-
-    client, me, count = distributed.global_state.client, jax.process_index(), jax.process_count()
-    seen = {p: (None, time.monotonic()) for p in range(count) if p != me}
-    last_contact, beat = time.monotonic(), 0
-    while True:
-        now = time.monotonic()
-        try:
-            client.key_value_set(f"megajax/alive/{me}", str(beat), allow_overwrite=True)
-            last_contact = now
-            for peer, (value, since) in seen.items():
-                try:
-                    current = client.key_value_try_get(f"megajax/alive/{peer}")
-                except Exception:  # the peer has not beaten yet
-                    current = None
-                if current != value:
-                    seen[peer] = (current, now)
-                elif now - since > timeout:
-                    _fatal(
-                        f"process {peer} of {count} has been silent for {timeout}s "
-                        f"(it died, hung or lost the network)"
-                    )
-        except Exception:  # the coordination service itself is unreachable
-            if now - last_contact > timeout:
-                _fatal(f"lost contact with the coordinator (process 0) for {timeout}s")
-        beat += 1
-        time.sleep(1)
-
-
-def _fatal(why: str) -> None:
-    print(
-        f"error: {why}; stopping this process too. Restart the whole job to resume from the "
-        f"newest complete checkpoint.",
-        file=sys.stderr,
-        flush=True,
-    )
-    os._exit(3)
+    # jax.distributed.initialize installs a SIGTERM handler of its own (for Orbax's preemption
+    # sync, which megajax does not use) that swallows the signal: until the training loop
+    # catches it, SIGTERM must end the process as it does a process alone.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return jax.process_count() > 1
 
 
 def load_config(args: argparse.Namespace) -> config.Config:
@@ -195,3 +171,52 @@ def lead_print(*values) -> None:
 
     if jax.process_index() == 0:
         print(*values, flush=True)
+
+
+def trained_config(args: argparse.Namespace) -> config.Config:
+    """The config of the model that --workdir or --hf_checkpoint names: from --config, the work
+    directory's config.json or the Hugging Face checkpoint's shape, plus --set."""
+    import json
+    from pathlib import Path
+
+    saved = Path(args.workdir or "") / "config.json"
+    if args.config:
+        cfg = load_config(args)
+    elif args.workdir and saved.is_file():
+        cfg = config.override(config.from_dict(json.loads(saved.read_text())), args.set)
+    elif args.hf_checkpoint:
+        cfg = config.override(config.Config(), args.set)
+    else:
+        raise ConfigError(f"{saved} not found: pass --config, or a --workdir that train.py wrote")
+    if args.hf_checkpoint:
+        from megajax import convert
+
+        # A config file, the work directory's config or --set model.arch chose the family.
+        chosen = bool(args.config) or (bool(args.workdir) and saved.is_file())
+        chosen |= any(s.startswith("model.arch=") for s in args.set)
+        weights = convert.HFWeights(args.hf_checkpoint)
+        cfg = convert.with_hf_model(cfg, weights, arch_chosen=chosen)
+    return cfg
+
+
+def load_trained(args: argparse.Namespace, cfg: config.Config):
+    """(Trainer, params, step) of `cfg` (trained_config) on the --mesh: the parameters of the
+    --workdir's newest (or --step) checkpoint or of --hf_checkpoint. Call after start(args)."""
+    from pathlib import Path
+
+    from megajax.checkpoint import Checkpointer
+    from megajax.trainer import Trainer
+
+    trainer = Trainer(cfg, mesh.make(args.mesh))
+    if args.hf_checkpoint:
+        from megajax import convert
+
+        weights = convert.HFWeights(args.hf_checkpoint)
+        return trainer, convert.load_params(trainer, weights, log=lead_print), args.hf_checkpoint
+    ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
+    step = args.step if args.step is not None else ckpt.latest_step()
+    if step is None:
+        raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
+    params = ckpt.restore(step, trainer.abstract_state())[0]["params"]
+    ckpt.close()
+    return trainer, params, step

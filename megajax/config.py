@@ -18,6 +18,7 @@ PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu")
 BINARY_HEADS = ("sop", "nsp", "none")
 REMATS = ("none", "full", "selective")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,9 @@ class ModelConfig:
     # Split layer norms, dropout and residual adds over `model` along the sequence (arXiv
     # 2205.05198): the same bytes move, activations between the tensor-parallel regions / T.
     sequence_parallel: bool = False
-    compute_dtype: str = "float32"  # "bfloat16": bf16 matmuls over fp32 master weights
+    # "bfloat16" or "float16": 16-bit matmuls over float32 master weights (layer norms,
+    # softmax and the loss stay float32); float16 scales the loss (optim.*loss_scale*).
+    compute_dtype: str = "float32"
     # "einsum": softmax(q k^T) v written out, fp32 scores (any device, any dropout);
     # "xla" or "cudnn": jax.nn.dot_product_attention (cudnn: fused GPU kernel, no dropout).
     attention: str = "einsum"
@@ -63,6 +66,7 @@ class ModelConfig:
             ("activation", ACTIVATIONS),
             ("binary_head", BINARY_HEADS),
             ("remat", REMATS),
+            ("compute_dtype", COMPUTE_DTYPES),
         ):
             if getattr(self, name) not in allowed:
                 was_bool = name == "remat" and str(self.remat).lower() in ("true", "false")
@@ -132,6 +136,16 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01  # not applied to biases, layer norms
     clip_norm: float = 1.0  # global gradient norm; 0 disables clipping
+    # Megatron-LM's distributed optimizer (ZeRO stage 1): float32 master weights and Adam
+    # moments split over `data`, gradients reduce-scattered, weights gathered once per step.
+    distributed: bool = False
+    # Dynamic loss scaling, used when model.compute_dtype is float16 (Megatron-LM's defaults):
+    # the scale doubles after loss_scale_window clean steps and halves once `hysteresis`
+    # overflowing steps have been seen, never below min_loss_scale.
+    initial_loss_scale: float = 2.0**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,12 +4,13 @@
     python -m megajax.convert --checkpoint WORKDIR --to_hf DIR
 
 Import writes a megajax checkpoint at step 0 (Hugging Face weights, fresh optimizer state) and
-WORKDIR/config.json, which train.py and eval.py resume from. Each device reads only the slices
-of the tensors it holds; export writes model.safetensors tensor by tensor. The HF config's
-model_type picks a family, and the layout differences are in its table: GPT-2's Conv1D weights
-are already [in, out] like megajax's kernels but its c_attn columns are q | k | v, where megajax
-interleaves them by head; BERT's Linear weights are [out, in] with separate query, key and
-value; both vocabularies are unpadded; both tie the output embedding to the input one.
+WORKDIR/config.json, which train.py and eval.py resume from. Each process reads each tensor
+once and gives each of its devices only the slices it holds; export writes model.safetensors
+tensor by tensor. The HF config's model_type picks a family, and the layout differences are in
+its table: GPT-2's Conv1D weights are already [in, out] like megajax's kernels but its c_attn
+columns are q | k | v, where megajax interleaves them by head; BERT's Linear weights are
+[out, in] with separate query, key and value; both vocabularies are unpadded; both tie the
+output embedding to the input one.
 """
 
 from __future__ import annotations
@@ -525,13 +526,25 @@ def hf_tensors(trainer, params):
     return out
 
 
-def with_hf_model(cfg: config.Config, weights: HFWeights, *, arch_chosen: bool = False):
+# Model options that are not the checkpoint's shape: the config's values are kept, and an
+# explicit --set wins over the checkpoint's (GPT-2's resid_pdrop, BERT's hidden_dropout_prob...).
+COMPUTE_OPTIONS = ("remat", "compute_dtype", "make_vocab_size_divisible_by", "attention")
+TRAINING_OPTIONS = ("dropout", "init_std", "layernorm_eps")
+
+
+def with_hf_model(
+    cfg: config.Config, weights: HFWeights, *, arch_chosen: bool = False, overrides=()
+):
     """`cfg` with the model shape of the Hugging Face checkpoint (compute options kept).
 
     `arch_chosen`: the user's config chose model.arch (a config file, or --set); then its
     family must be the checkpoint's, a BERT keeps the config's arch and heads, and a shorter
     model.seq_len than the checkpoint's positions is kept (its first positions are read).
-    Otherwise the checkpoint's architecture decides them."""
+    Otherwise the checkpoint's architecture decides them.
+
+    `overrides`: the user's explicit SECTION.FIELD=VALUE assignments (--set). Those of
+    model.dropout, init_std and layernorm_eps win over the checkpoint's values; one that
+    contradicts the checkpoint's shape is an error."""
     fields = weights.family.model_fields(weights.config)
     if arch_chosen:
         if cfg.model.is_bert != (fields["arch"] != "gpt"):
@@ -543,19 +556,33 @@ def with_hf_model(cfg: config.Config, weights: HFWeights, *, arch_chosen: bool =
             fields |= {k: getattr(cfg.model, k) for k in ("arch", "binary_head", "num_choices")}
         # Train on shorter sequences than the checkpoint has positions for: its first ones.
         fields["seq_len"] = min(fields["seq_len"], cfg.model.seq_len)
-    keep = ("remat", "compute_dtype", "make_vocab_size_divisible_by")
     hf = config.to_dict(config.Config(model=ModelConfig(**fields)))["model"]
-    return config.replace(cfg, model={**hf, **{k: getattr(cfg.model, k) for k in keep}})
+    explicit = {k.partition("=")[0][len("model.") :] for k in overrides if k.startswith("model.")}
+    for name in sorted(explicit - set(COMPUTE_OPTIONS) - set(TRAINING_OPTIONS)):
+        if getattr(cfg.model, name) != hf[name]:
+            raise ConfigError(
+                f"model.{name}={getattr(cfg.model, name)} was set but the Hugging Face "
+                f"checkpoint has {hf[name]}: drop the option or use another checkpoint"
+            )
+    kept = (*COMPUTE_OPTIONS, *(explicit & set(TRAINING_OPTIONS)))
+    return config.replace(cfg, model={**hf, **{k: getattr(cfg.model, k) for k in kept}})
 
 
 def import_hf(
-    hf_dir: str, out: str, cfg: config.Config, device_mesh, *, arch_chosen=False, log=print
+    hf_dir: str,
+    out: str,
+    cfg: config.Config,
+    device_mesh,
+    *,
+    arch_chosen=False,
+    overrides=(),
+    log=print,
 ) -> config.Config:
     from megajax.checkpoint import Checkpointer
     from megajax.trainer import Trainer
 
     weights = HFWeights(hf_dir)
-    cfg = with_hf_model(cfg, weights, arch_chosen=arch_chosen)
+    cfg = with_hf_model(cfg, weights, arch_chosen=arch_chosen, overrides=overrides)
     trainer = Trainer(cfg, device_mesh)
     state = trainer.state_from_params(load_params(trainer, weights, log=log))
     out = Path(out)
@@ -607,7 +634,13 @@ def main(argv=None) -> int:
         if importing:
             chosen = bool(args.config) or any(s.startswith("model.arch=") for s in args.set)
             cfg = import_hf(
-                args.hf, args.out, cfg, mesh.make(args.mesh), arch_chosen=chosen, log=cli.lead_print
+                args.hf,
+                args.out,
+                cfg,
+                mesh.make(args.mesh),
+                arch_chosen=chosen,
+                overrides=args.set,
+                log=cli.lead_print,
             )
             print(f"imported {args.hf} into {args.out} (step 0): {cfg.model}")
         else:

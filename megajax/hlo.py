@@ -173,3 +173,85 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[Collective]:
                 )
             )
     return found
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
+
+
+def _instructions(lines: list[str]) -> list[tuple[str, str, str, str]]:
+    """(name, result type, opcode, the rest of the line) of each instruction."""
+    return [m.groups() for m in map(_INSTR.match, lines) if m]
+
+
+def _elements(result: str) -> int:
+    return sum(
+        math.prod(int(d) for d in dims.split(",") if d) for _, dims in _SHAPE.findall(result)
+    )
+
+
+# Ops that hand a value on whole (elementwise or relayout): its users' slices count for it.
+_PASS_THROUGH = (
+    "get-tuple-element", "bitcast", "copy", "convert", "transpose", "reshape",
+    "add", "subtract", "multiply", "divide", "negate",
+)  # fmt: skip
+
+
+def _slice_factor(comps, lines, value: str, elements: int) -> int:
+    """How many times smaller than the value (`elements`) the piece its users keep is: the
+    smallest factor over its users, following _PASS_THROUGH ops, and into fusions to the
+    dynamic-slice of the matching parameter; 1 where a user reads it whole."""
+    factors = []
+    for name, result, opcode, rest in _instructions(lines):
+        operands = re.findall(r"%([\w.\-]+)", rest.split("),")[0])
+        if value not in operands:
+            continue
+        if opcode in _PASS_THROUGH:
+            factors.append(_slice_factor(comps, lines, name, elements))
+        elif opcode == "dynamic-slice":
+            factors.append(elements // max(_elements(result), 1))
+        elif opcode == "fusion":
+            callee = re.search(r"calls=%([\w.\-]+)", rest).group(1)
+            index = operands.index(value)
+            body = comps.get(callee, [])
+            param = next(
+                (n for n, _, op, r in _instructions(body) if op == "parameter" and
+                 r.startswith(f"{index})")),
+                None,
+            )  # fmt: skip
+            factors.append(_slice_factor(comps, body, param, elements) if param else 1)
+        else:
+            factors.append(1)
+    return min(factors) if factors else 1
+
+
+def reduce_scatter_factors(
+    hlo: str, mesh_shape: dict[str, int]
+) -> list[tuple[Collective, tuple[int, ...]]]:
+    """Each all-reduce with, per reduced tensor, the factor by which the code after it slices
+    the result (1: some user reads it whole). XLA:CPU prints GSPMD's reduce-scatter as an
+    all-reduce whose every user keeps a 1/n slice: a factor equal to the group size n."""
+    comps = _split_computations(hlo)
+    found = []
+    for comp, lines in comps.items():
+        for name, result, opcode, _ in _instructions(lines):
+            if opcode not in ("all-reduce", "all-reduce-start"):
+                continue
+            shapes = _SHAPE.findall(result)
+            factors = []
+            for i, (_, dims) in enumerate(shapes):
+                n = math.prod(int(d) for d in dims.split(",") if d)
+                if len(shapes) == 1:
+                    factors.append(_slice_factor(comps, lines, name, n))
+                    continue
+                element = re.compile(rf"%{re.escape(name)}\), index={i}\b")
+                parts = [
+                    g
+                    for g, _, op, rest in _instructions(lines)
+                    if op == "get-tuple-element" and element.match(rest)
+                ]
+                kept = [_slice_factor(comps, lines, g, n) for g in parts]
+                factors.append(min(kept, default=1))
+            found.append((comp, tuple(factors)))
+    reduces = [c for c in collectives(hlo, mesh_shape) if c.kind == "all-reduce"]
+    assert [c.computation for c in reduces] == [comp for comp, _ in found]
+    return [(c, factors) for c, (_, factors) in zip(reduces, found, strict=True)]

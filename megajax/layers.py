@@ -251,6 +251,22 @@ class Attention(nnx.Module):
             implementation=self.implementation,
         )
 
+    def extend(self, x, k_cache, v_cache, *, start, mask):
+        """Attention of new tokens over a KV cache, for decoding: x (batch, new, hidden) sits at
+        cache slots start .. start + new - 1; k_cache and v_cache are (batch, slots, heads,
+        head_dim), split over `model` by heads like the QKV columns. `mask` (batch, 1, new,
+        slots) is True where a query may attend a slot. Returns the output and the new tokens'
+        keys and values (batch, new, heads, head_dim); the caller writes them into its cache."""
+        b, s, _ = x.shape
+        qkv = self.qkv(x).reshape(b, s, self.num_heads, 3, self.head_dim)
+        qkv = constrain(qkv, "batch", "length", "heads", None, None)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        k_all = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
+        out = self._masked_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, None)
+        out = constrain(out.reshape(b, s, -1), "batch", "length", "heads")
+        return constrain(self.proj(out), "batch", "length", "embed"), k, v
+
     def _einsum_attention(self, q, k, v, padding, key):
         """softmax(q k^T / sqrt(d)) v with float32 scores, (batch, length, heads, head_dim)."""
         s = q.shape[1]
@@ -259,6 +275,10 @@ class Attention(nnx.Module):
             mask = jnp.tril(mask)
         if padding is not None:
             mask = mask & padding[:, None, None, :]
+        return self._masked_attention(q, k, v, mask, key)
+
+    def _masked_attention(self, q, k, v, mask, key):
+        """The core under a mask broadcastable to (batch, heads, query, key)."""
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(self.head_dim).astype(jnp.float32)
         # Masked by adding a (query, key) bias rather than a select: adding 0 leaves a score
@@ -321,3 +341,14 @@ class Block(nnx.Module):
             return self.ln_2(x + dropout(self.mlp(x), rate, keys[2]))
         x = x + dropout(self.attn(self.ln_1(x), padding=padding, key=keys[0]), rate, keys[1])
         return x + dropout(self.mlp(self.ln_2(x)), rate, keys[2])
+
+    def extend(self, x, k_cache, v_cache, *, start, mask):
+        """The layer on new tokens attending a KV cache (Attention.extend), without dropout:
+        (output, new keys, new values)."""
+        if self.post_ln:
+            y, k, v = self.attn.extend(x, k_cache, v_cache, start=start, mask=mask)
+            x = self.ln_1(x + y)
+            return self.ln_2(x + self.mlp(x)), k, v
+        y, k, v = self.attn.extend(self.ln_1(x), k_cache, v_cache, start=start, mask=mask)
+        x = x + y
+        return x + self.mlp(self.ln_2(x)), k, v

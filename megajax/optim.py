@@ -5,11 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
+from megajax import parallel
 from megajax.config import OptimConfig
 
-# Parameters with these names are decayed; biases and layer-norm scales are not.
-DECAYED = ("kernel", "embedding", "wpe")
+# Parameters under this key are stacked over layers: their leading axis counts layers.
+STACKED = "h"
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -35,10 +37,14 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for the parameters weight decay applies to (matrices and embeddings)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in DECAYED, params
-    )
+    """True for the parameters weight decay applies to: every matrix (kernels and embeddings),
+    no vector (biases, layer-norm scales), as Megatron-LM decays."""
+
+    def is_matrix(path, x):
+        stacked = getattr(path[0], "key", None) == STACKED
+        return x.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -54,3 +60,25 @@ def make(cfg: OptimConfig) -> optax.GradientTransformation:
         mask=decay_mask,
     )
     return optax.chain(*clip, adamw)
+
+
+def shard_over_data(shapes, specs, logical, data_degree: int):
+    """The distributed optimizer's layout: each parameter's spec with `data` added on the first
+    dimension that `model` leaves whole, that `data_degree` divides and that is not the stacked
+    `layers` axis (the layer scan slices that axis, so a split there would reduce each layer's
+    gradient whole inside the loop). `logical` holds each parameter's logical axis names.
+    Returns (specs, key paths of the parameters with no such dimension: replicated over data)."""
+    replicated = []
+
+    def split(path, shape, spec, names):
+        dims = tuple(spec) + (None,) * (len(shape.shape) - len(spec))
+        names = tuple(names or ()) + (None,) * (len(shape.shape) - len(names or ()))
+        for i, (size, axis, name) in enumerate(zip(shape.shape, dims, names, strict=True)):
+            if axis is None and name != "layers" and size % data_degree == 0:
+                return P(*dims[:i], parallel.DATA, *dims[i + 1 :])
+        replicated.append("/".join(str(getattr(k, "key", k)) for k in path))
+        return spec
+
+    if data_degree == 1:
+        return specs, []
+    return jax.tree_util.tree_map_with_path(split, shapes, specs, logical), replicated

@@ -99,6 +99,7 @@ class MemoryEstimate:
     activations_selective: float
     activations_remat: float
     activations_paper: float  # the paper's Table 2 for the configured switches, 16-bit
+    compute_weights: float = 0.0  # distributed optimizer: the gathered compute_dtype copy
 
     @property
     def arguments(self) -> float:
@@ -114,13 +115,19 @@ class MemoryEstimate:
 
     def temporaries(self, *, remat: str) -> float:
         """What the step allocates while it runs."""
-        return self.gradients + self.update + self.activations_for(remat)
+        acts = self.activations_for(remat)
+        return self.compute_weights + self.gradients + self.update + acts
 
     def total(self, *, remat: str) -> float:
         return self.arguments + self.temporaries(remat=remat)
 
 
-def estimate_memory(cfg: Config, *, data_degree: int, model_degree: int) -> MemoryEstimate:
+def estimate_memory(
+    cfg: Config, *, data_degree: int, model_degree: int, master_params: int | None = None
+) -> MemoryEstimate:
+    """Per-device bytes. With optim.distributed, `master_params` is the per-device count of the
+    float32 master weights (those split over `data` and those left whole); by default the
+    parameters per device over the data degree."""
     m, tr = cfg.model, cfg.train
     p = params_per_device(m, model_degree)
     batch = tr.batch_size // tr.micro_batches // data_degree  # one micro-batch on one device
@@ -135,17 +142,59 @@ def estimate_memory(cfg: Config, *, data_degree: int, model_degree: int) -> Memo
 
     paper = activations.paper_layer_activation_bytes(m, batch=sequences, model_degree=model_degree)
     sample = sum(math.prod(shape) for shape in models.batch_fields(m).values())
+    counters = 2 * 4 + (3 * 4 if m.compute_dtype == "float16" else 0)  # + the loss scaler
+    accumulate = 2 if tr.micro_batches > 1 else 1
+    if cfg.optim.distributed:
+        e = jnp.dtype(m.compute_dtype).itemsize
+        master = master_params if master_params is not None else p / data_degree
+        # Gradients of the compute copy (compute_dtype), then float32 on the master shards.
+        gradients, copy = e * p + 4 * master * accumulate, e * p
+    else:
+        master, gradients, copy = p, 4 * p * accumulate, 0
     return MemoryEstimate(
-        weights=4 * p,
-        optimizer=8 * p + 2 * 4,  # + the counts of scale_by_adam and scale_by_schedule
-        inputs=4 * tr.batch_size // data_degree * sample + 2 * 4,  # int32 fields; 2 counters
-        gradients=4 * p * (2 if tr.micro_batches > 1 else 1),
-        update=4 * p,
+        weights=4 * master,
+        optimizer=8 * master + 2 * 4,  # + the counts of scale_by_adam and scale_by_schedule
+        inputs=4 * tr.batch_size // data_degree * sample + counters,  # int32 fields; counters
+        gradients=gradients,
+        update=4 * master,
         activations=stack("none") + head,
         activations_selective=stack("selective") + head,
         activations_remat=stack("full") + head,
         activations_paper=m.num_layers * paper,
+        compute_weights=copy,
     )
+
+
+# Megatron-LM's per-device bytes per parameter (its distributed optimizer's documentation):
+# (without the distributed optimizer, with it: the part every device holds, the part split D
+# ways). fp16: fp16 weights and gradients + fp32 master weights, moments and gradients; bf16:
+# bf16 weights, fp32 gradients + fp32 master weights and moments; fp32: the weights are the
+# master weights.
+MEGATRON_STATE_BYTES = {"float16": (20, 4, 16), "bfloat16": (18, 6, 12), "float32": (16, 8, 8)}
+
+
+def state_bytes_per_param(cfg: Config, *, data_degree: int) -> dict:
+    """Weights, gradients and Adam state per parameter and device: Megatron-LM's table beside
+    this code's layout (the float32 master weights and moments split over `data`; a gathered
+    compute_dtype copy and its gradients during the step; without the switch float32 weights
+    and gradients, cast to the compute dtype inside the layers)."""
+    whole, fixed, split = MEGATRON_STATE_BYTES[cfg.model.compute_dtype]
+    e, d = jnp.dtype(cfg.model.compute_dtype).itemsize, data_degree
+    if cfg.optim.distributed:
+        return {
+            "megatron": fixed + split / d,
+            "megatron_formula": f"{fixed} + {split}/D",
+            "here": 2 * e + 16 / d,
+            "here_formula": f"{2 * e} + 16/D",
+            "kept": 12 / d,  # float32 master weights and moments, between steps
+        }
+    return {
+        "megatron": whole,
+        "megatron_formula": str(whole),
+        "here": 16,
+        "here_formula": "16",
+        "kept": 12,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,13 +318,26 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     data, model = device_mesh.shape[parallel.DATA], device_mesh.shape[parallel.MODEL]
     trainer = Trainer(cfg, device_mesh)
     abstract = trainer.abstract_state()
-    per_device = sum(
-        math.prod(a.sharding.shard_shape(a.shape)) for a in jax.tree.leaves(abstract["params"])
+    per_device = sum(  # as the forward pass holds them: split over `model` only
+        math.prod(s.shard_shape(a.shape))
+        for a, s in zip(
+            jax.tree.leaves(abstract["params"]),
+            jax.tree.leaves(trainer.compute_sharding),
+            strict=True,
+        )
+    )
+    master = sum(
+        math.prod(s.shard_shape(a.shape))
+        for a, s in zip(
+            jax.tree.leaves(abstract["params"]),
+            jax.tree.leaves(trainer.state_sharding["params"]),
+            strict=True,
+        )
     )
     compiled, compile_s = trainer.compile_train_step()
     stats = compiled.memory_analysis()
     found = hlo.collectives(compiled.as_text(), dict(device_mesh.shape))
-    est = estimate_memory(cfg, data_degree=data, model_degree=model)
+    est = estimate_memory(cfg, data_degree=data, model_degree=model, master_params=master)
     expected = expected_collectives(cfg, data_degree=data, model_degree=model)
 
     model_elements = sum(
@@ -320,7 +382,15 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     if platform == "cpu":
         f32 = dataclasses.replace(cfg.model, compute_dtype="float32")
         f32_cfg = dataclasses.replace(cfg, model=f32)
-        as_compiled = estimate_memory(f32_cfg, data_degree=data, model_degree=model)
+        as_compiled = estimate_memory(
+            f32_cfg, data_degree=data, model_degree=model, master_params=master
+        )
+    notes = []
+    if tgt.name.startswith("V100") and cfg.model.compute_dtype == "bfloat16":
+        notes.append(
+            "a V100 cannot run bfloat16 (its tensor cores do float16): use "
+            "--set model.compute_dtype=float16, with dynamic loss scaling"
+        )
     return {
         "config": dataclasses.asdict(cfg.model),
         "mesh": {"data": data, "model": model},
@@ -348,6 +418,15 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
             "target_bytes": tgt.memory_bytes,
             "fits": analytic_total <= tgt.memory_bytes,
         },
+        "state_bytes_per_param": {
+            "distributed": cfg.optim.distributed,
+            "compute_dtype": cfg.model.compute_dtype,
+            **state_bytes_per_param(cfg, data_degree=data),
+            # float32 master weights and moments, from the compiled program's arguments
+            "kept_compiled": (stats.argument_size_in_bytes - est.inputs) / per_device,
+            "replicated_over_data": trainer.replicated_over_data,
+        },
+        "notes": notes,
         "flops_per_step": flops_per_step(cfg),
         "collectives": summarize_collectives(found),
         "collectives_expected": {k: list(v) for k, v in expected.items()},
@@ -397,6 +476,20 @@ def report(plan: dict) -> str:
         f"{'yes' if mem['fits'] else 'NO'} (analytic, {plan['config']['compute_dtype']} "
         f"activations {_gb(acts)})"
     )
+    st = plan["state_bytes_per_param"]
+    lines.append(
+        f"  weights, gradients, Adam state per parameter (optim.distributed="
+        f"{str(st['distributed']).lower()}, D={plan['mesh']['data']}, {st['compute_dtype']}): "
+        f"Megatron-LM {st['megatron_formula']} = {st['megatron']:.2f} B; here "
+        f"{st['here_formula']} = {st['here']:.2f} B, of which master weights + moments "
+        f"{st['kept']:.2f} B (compiled {st['kept_compiled']:.2f} B)"
+    )
+    if st["replicated_over_data"]:
+        lines.append(
+            "  replicated over data (no dimension the data degree divides): "
+            + ", ".join(st["replicated_over_data"])
+        )
+    lines += [f"  note: {note}" for note in plan["notes"]]
     fl = plan["flops_per_step"]
     lines += [
         "",

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from megajax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 
+# The paper's corpus (section 4.1): Wikipedia, CC-Stories, RealNews and OpenWebText, 174 GB
+# deduplicated, prepared once with `python -m megajax.data.prepare` for each tokenizer. Nothing
+# ships it: a run fails at start until it exists or --set data.source names another corpus.
+GPT2_CORPUS = "data/megatron_corpus_gpt2"
+BERT_CORPUS = "data/megatron_corpus_bert"
+
 
 def megatron_gpt2(*, num_layers: int, hidden: int, num_heads: int) -> Config:
     """GPT-2 trained as in arXiv 1909.08053: Adam, LR 1.5e-4 with 3k warmup and cosine decay to
@@ -18,6 +24,7 @@ def megatron_gpt2(*, num_layers: int, hidden: int, num_heads: int) -> Config:
             remat="full",
             compute_dtype="bfloat16",
         ),
+        data=DataConfig(source=GPT2_CORPUS),
         optim=OptimConfig(lr=1.5e-4, min_lr=1e-5, warmup_steps=3000, decay_steps=300_000),
         train=TrainConfig(
             steps=300_000, batch_size=512, micro_batches=16, log_every=10, eval_every=1000
@@ -45,7 +52,9 @@ def megatron_bert(*, num_layers: int, hidden: int, num_heads: int) -> Config:
             remat="full",
             compute_dtype="bfloat16",
         ),
-        data=DataConfig(tokenizer="bert", vocab_dir="data/bert", whole_word_masking=True),
+        data=DataConfig(
+            source=BERT_CORPUS, tokenizer="bert", vocab_dir="data/bert", whole_word_masking=True
+        ),
         optim=OptimConfig(
             lr=1e-4, min_lr=1e-5, warmup_steps=10_000, decay_steps=2_000_000, schedule="linear"
         ),

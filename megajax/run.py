@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from megajax import config as config_lib
-from megajax import metrics, parallel
+from megajax import metrics, parallel, watchdog
 from megajax.checkpoint import Checkpointer
 from megajax.config import Config, ConfigError
 from megajax.data import loader
@@ -50,13 +53,44 @@ def _signals_caught():
             signal.signal(s, h)
 
 
+class _AgreedSignal:
+    """The signal any process caught, agreed by all processes at the same step.
+
+    Each step every process contributes the number of the signal it caught (0: none) to a
+    max over all devices, dispatched after the step, and reads the previous step's max: the
+    read waits for that step only, so the host stays one step ahead of the devices. In a
+    single process the caught list is read directly.
+    """
+
+    def __init__(self, mesh, caught: list[int]):
+        self.caught, self.pending = caught, None
+        self.multi = jax.process_count() > 1
+        if self.multi:
+            flat = jax.sharding.Mesh(mesh.devices.reshape(-1), ("all",))
+            self.sharding = NamedSharding(flat, P("all"))
+            self.size = flat.devices.size
+            self.max = jax.jit(jnp.max, out_shardings=NamedSharding(flat, P()))
+
+    def poll(self) -> int:
+        """The agreed signal number (0: none) as of the previous call; starts this step's."""
+        mine = self.caught[0] if self.caught else 0
+        if not self.multi:
+            return mine
+        flags = jax.make_array_from_callback(
+            (self.size,), self.sharding, lambda index: np.full(1, mine, np.int32)
+        )
+        agreed = 0 if self.pending is None else int(self.pending.addressable_data(0))
+        self.pending = self.max(flags)
+        return agreed
+
+
 def _restore_or_init(trainer: Trainer, ckpt: Checkpointer, train_data: loader.Loader, log, init):
     """The newest checkpoint's state, with the loader moved to its position; or a new state."""
     latest = ckpt.latest_step()
     if latest is None:
         return init(trainer) if init else trainer.init_state()
     start = time.perf_counter()
-    state, meta = ckpt.restore(latest, trainer.abstract_state())
+    state, meta = ckpt.restore(latest, trainer.abstract_state(), optional=trainer.optional_state())
     if "data" in meta:  # an imported checkpoint (step 0) has no data position yet
         train_data.restore(meta["data"])
     saved_mesh = meta.get("mesh", {})
@@ -86,7 +120,12 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
         raise ConfigError(f"train.on_nonfinite={cfg.train.on_nonfinite!r}: use skip or stop")
     trainer = Trainer(cfg, mesh)
     tokenizer, train_data, val_data = loader.loaders(
-        cfg, workdir=workdir, log=log, train_rows=trainer.train_rows, eval_rows=trainer.eval_rows
+        cfg,
+        workdir=workdir,
+        log=log,
+        train_rows=trainer.train_rows,
+        eval_rows=trainer.eval_rows,
+        lead=lead,
     )
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -151,11 +190,18 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
                 log(why)
         unchecked.clear()
 
+    process = jax.process_index()
     with _signals_caught() as caught:
+        agreed = _AgreedSignal(mesh, caught)
+        watchdog.progress(start, stretched=True)  # the first step runs compiled code anew
         try:
             for step in range(start, cfg.train.steps):
+                watchdog.doing("loading data for", step + 1)
+                watchdog.fault(step + 1, process)
                 b = next(train_data)  # this process's rows of global batch `step`
+                watchdog.doing("running", step + 1)
                 state, step_metrics = step_fn(state, trainer.put_batch(b))
+                signum = agreed.poll()  # waits for the previous step, not this one
                 done, steps_timed = step + 1, steps_timed + 1
                 unchecked.append((done, step_metrics["finite"]))
                 if cfg.train.on_nonfinite == "stop":
@@ -172,6 +218,8 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
                     scalars["tokens_per_sec"] = steps_timed * tokens_per_step / seconds
                     scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / peak
                     if evaluate_now:
+                        watchdog.stretch()
+                        watchdog.doing("evaluating after", done)
                         held_out = evaluate(
                             trainer, eval_fn, state["params"], val_data, cfg.train.eval_batches
                         )
@@ -181,17 +229,27 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
                     elapsed = time.perf_counter() - began
                     log(metrics.progress_line(done, cfg.train.steps, scalars, elapsed))
                     clock, steps_timed = time.perf_counter(), 0
-                if caught:
+                if signum:
                     check_finite()
+                    watchdog.stretch()
+                    watchdog.doing("saving", done)
                     ckpt.save(done, state, meta(done), force=True)
-                    name = signal.Signals(caught[0]).name
+                    ckpt.wait()
+                    name = signal.Signals(signum).name
+                    who = "" if caught else " by another process"
                     raise Stopped(
-                        f"received {name}: saved a checkpoint at step {done} in "
+                        f"received {name}{who}: saved a checkpoint at step {done} in "
                         f"{ckpt.directory}; run the same command to resume",
-                        exit_code=128 + caught[0],
+                        exit_code=128 + signum,
                     )
-                ckpt.save(done, state, meta(done))
+                if ckpt.every > 0 and done % ckpt.every == 0:
+                    watchdog.stretch()
+                    watchdog.doing("saving", done)
+                    ckpt.save(done, state, meta(done))
+                watchdog.progress(done)
             check_finite()
+            watchdog.stretch()
+            watchdog.doing("saving", cfg.train.steps)
             ckpt.save(cfg.train.steps, state, meta(cfg.train.steps), force=True)
         finally:
             writer.close()

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megajax import models, optim, parallel
+from megajax import loss_scale, models, optim, parallel
 from megajax.config import Config
 from megajax.mesh import check_batch, check_model
 
@@ -21,9 +21,11 @@ from megajax.mesh import check_batch, check_model
 class Trainer:
     """Builds a model's sharded state on `mesh` and compiles its train and eval steps.
 
-    The state is a pytree {"params", "opt_state", "step"}: params are a plain nested dict of
-    arrays, each sharded as parallel.rules() says; optimizer moments share their parameter's
-    sharding. Dropout keys derive from (train.seed, step), so a step is reproducible alone.
+    The state is a pytree {"params", "opt_state", "step", "skipped"} (and "scaler" with
+    float16): params are a plain nested dict of float32 arrays, each sharded as
+    parallel.rules() says (and, with optim.distributed, further split over `data`); optimizer
+    moments share their parameter's sharding. Dropout keys derive from (train.seed, step), so a
+    step is reproducible alone.
     """
 
     def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
@@ -38,6 +40,23 @@ class Trainer:
             self.graphdef, abstract_state = nnx.split(abstract)
             param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
             abstract_params = nnx.to_pure_dict(abstract_state)
+            # The forward pass's layout. With the distributed optimizer the float32 master
+            # weights (and so their moments) are further split over `data`.
+            self.compute_sharding = jax.tree.map(self._named, param_specs, is_leaf=_is_spec)
+            self.replicated_over_data = []
+            if cfg.optim.distributed:
+                logical = nnx.to_pure_dict(
+                    jax.tree.map(
+                        lambda v: v.get_metadata().get("out_sharding"),
+                        abstract_state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable),
+                    )
+                )
+                param_specs, self.replicated_over_data = optim.shard_over_data(
+                    abstract_params, param_specs, logical, mesh.shape[parallel.DATA]
+                )
+            # Moments take their parameter's spec explicitly: optax creates them with
+            # zeros_like, which would otherwise inherit whatever layout the parameters have.
             opt_specs = optax.tree_map_params(
                 self.tx,
                 lambda _, s: s,
@@ -47,6 +66,9 @@ class Trainer:
                 is_leaf=_is_spec,
             )
         specs = {"params": param_specs, "opt_state": opt_specs, "step": P(), "skipped": P()}
+        self.loss_scaled = cfg.model.compute_dtype == "float16"
+        if self.loss_scaled:
+            specs["scaler"] = jax.tree.map(lambda _: P(), loss_scale.init(cfg.optim))
         self.state_sharding = jax.tree.map(self._named, specs, is_leaf=_is_spec)
         micro = (cfg.train.micro_batches, cfg.train.batch_size // cfg.train.micro_batches)
         self.micro_shape = micro
@@ -85,12 +107,15 @@ class Trainer:
         )
 
     def _state_at_step_0(self, params):
-        return {
+        state = {
             "params": params,
             "opt_state": self.tx.init(params),
             "step": jnp.int32(0),
             "skipped": jnp.int32(0),  # updates skipped for a non-finite loss or gradient
         }
+        if self.loss_scaled:
+            state["scaler"] = loss_scale.init(self.cfg.optim)
+        return state
 
     def state_from_params(self, params):
         """A state at step 0 around given (sharded) parameters, e.g. imported weights."""
@@ -124,6 +149,14 @@ class Trainer:
             self.state_sharding,
         )
 
+    def optional_state(self) -> dict:
+        """State entries that a checkpoint may lack (a float16 run resumed from a float32
+        checkpoint has no loss scaler), with the values to start from then."""
+        scaler = None
+        if self.loss_scaled:
+            scaler = jax.device_put(loss_scale.init(self.cfg.optim), self.state_sharding["scaler"])
+        return {"scaler": scaler}
+
     def model(self, params):
         """The model (models.build's class) holding `params`."""
         return nnx.merge(self.graphdef, params)
@@ -137,35 +170,80 @@ class Trainer:
         """(objective, metrics) of a batch of samples (a dict of models.batch_fields arrays)."""
         return self.objective(self.model(params), batch, key)
 
-    def _train_step(self, state, batch):
-        """One optimizer step over micro-batches: each field (micro, batch / micro, ...)."""
-        params = state["params"]
+    def compute_params(self, params):
+        """The parameters as the forward pass reads them. With the distributed optimizer: the
+        float32 master shards cast to model.compute_dtype and gathered over `data`."""
+        if not self.cfg.optim.distributed:
+            return params
+        dtype = jnp.dtype(self.cfg.model.compute_dtype)
+
+        def gather(p, master, compute):
+            # Cast on the shard, then gather: the all-gather moves compute_dtype bytes.
+            cast = jax.lax.with_sharding_constraint(p.astype(dtype), master)
+            return jax.lax.with_sharding_constraint(cast, compute)
+
+        return jax.tree.map(gather, params, self.state_sharding["params"], self.compute_sharding)
+
+    def gradients(self, state, batch):
+        """(means of loss and metrics, gradients) over the micro-batches of `batch`.
+
+        With the distributed optimizer the weights are gathered once, before the micro-batch
+        loop, and each micro-batch's gradients are reduce-scattered onto the master shards and
+        accumulated there in float32. With float16 the gradients are of the scaled loss,
+        divided by the scale here. The step skips its update when they are not finite; a
+        subclass may override this method to inject such a fault at a chosen step.
+        """
+        params = self.compute_params(state["params"])
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state["step"])
-        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+        scale = state["scaler"]["scale"] if self.loss_scaled else None
+        distributed = self.cfg.optim.distributed
+
+        def objective(params, batch, key):
+            value, metrics = self.loss(params, batch, key)
+            return value if scale is None else value * scale, {"loss": value, **metrics}
+
+        def grads_of(micro_batch, i):
+            (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+                params, micro_batch, jax.random.fold_in(key, i)
+            )
+            if distributed:
+                grads = jax.tree.map(self._to_master, grads, self.state_sharding["params"])
+            return metrics, grads
 
         def accumulate(carry, xs):
             sums, grad_sum = carry
             i, micro_batch = xs
-            (value, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(key, i))
-            sums = jax.tree.map(jnp.add, sums, {"loss": value, **metrics})
+            metrics, grads = grads_of(micro_batch, i)
+            sums = jax.tree.map(jnp.add, sums, metrics)
             return (sums, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         micro = self.micro_shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
         if micro == 1:  # no accumulation loop: no zeroed gradient buffers, no adds into them
-            (value, metrics), grad_sum = grad_fn(params, first, jax.random.fold_in(key, 0))
-            sums = {"loss": value, **metrics}
+            sums, grad_sum = grads_of(first, 0)
         else:
             value_shape, metric_shapes = jax.eval_shape(self.loss, params, first, None)
             zero_metrics = jax.tree.map(
                 lambda s: jnp.zeros(s.shape, s.dtype), {"loss": value_shape, **metric_shapes}
             )
             zeros = jax.tree.map(jnp.zeros_like, params)
+            if distributed:  # float32 accumulators on the master shards
+                zeros = jax.tree.map(self._to_master, zeros, self.state_sharding["params"])
             (sums, grad_sum), _ = jax.lax.scan(
                 accumulate, (zero_metrics, zeros), (jnp.arange(micro), batch)
             )
         grads = jax.tree.map(lambda g: g / micro, grad_sum)
-        means = jax.tree.map(lambda v: v / micro, sums)
+        if scale is not None:
+            grads = jax.tree.map(lambda g: g / scale, grads)
+        return jax.tree.map(lambda v: v / micro, sums), grads
+
+    @staticmethod
+    def _to_master(x, sharding):
+        return jax.lax.with_sharding_constraint(x.astype(jnp.float32), sharding)
+
+    def _train_step(self, state, batch):
+        """One optimizer step over micro-batches: each field (micro, batch / micro, ...)."""
+        means, grads = self.gradients(state, batch)
         loss, grad_norm = means["loss"], optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -176,7 +254,7 @@ class Trainer:
         # A non-finite loss or gradient leaves parameters and moments as they were. A cond
         # (not a select) keeps the update in place: no second copy of the state.
         params, opt_state = jax.lax.cond(
-            finite, update, lambda p, o: (p, o), params, state["opt_state"]
+            finite, update, lambda p, o: (p, o), state["params"], state["opt_state"]
         )
         new_state = {
             "params": params,
@@ -187,9 +265,13 @@ class Trainer:
         metrics = {
             **means,
             "grad_norm": grad_norm,
-            "learning_rate": self.lr(state["step"]),
+            # optax's schedule counts applied updates: skipped steps do not advance it.
+            "learning_rate": self.lr(state["step"] - state["skipped"]),
             "finite": finite,
         }
+        if self.loss_scaled:
+            new_state["scaler"] = loss_scale.update(state["scaler"], finite, self.cfg.optim)
+            metrics["loss_scale"] = state["scaler"]["scale"]
         return new_state, metrics
 
     def abstract_batch(self, *, micro: bool) -> dict:
@@ -218,7 +300,7 @@ class Trainer:
         """(params, batch) -> {"loss", metrics...} without dropout, for (batch, ...) batches."""
 
         def evaluate(params, batch):
-            value, metrics = self.loss(params, batch, None)
+            value, metrics = self.loss(self.compute_params(params), batch, None)
             return {"loss": value, **metrics}
 
         with self.context():

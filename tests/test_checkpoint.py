@@ -93,15 +93,34 @@ def test_nonfinite_step_is_skipped_and_never_saved(tmp_path):
     )
 
 
+def test_the_logged_learning_rate_is_the_one_applied_after_a_skipped_step():
+    cfg = config.replace(_cfg(2), optim=dict(lr=1.0, warmup_steps=10, weight_decay=0.0))
+    trainer = Trainer(cfg, device_mesh(1, 1))
+    state = trainer.init_state()
+    # The state after one skipped step: parameters and moments untouched, optax's count at 0.
+    state = {**state, "step": state["step"] + 1, "skipped": state["skipped"] + 1}
+    step_fn, _ = trainer.compile_train_step()
+    tokens = np.arange(8 * 32).reshape(8, 32) % 65
+    before = jax.device_get(state["params"])
+    after, metrics = step_fn(state, trainer.put_batch({"inputs": tokens, "targets": tokens}))
+    # Warmup from 0: the update applied was the schedule's first, a learning rate of 0.
+    assert float(metrics["learning_rate"]) == 0.0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(after["params"]), before)
+
+
 def test_nonfinite_step_stops_the_run_when_asked(tmp_path):
+    run.train(_cfg(2), device_mesh(1, 1), tmp_path, log=lambda _: None)  # a finite step 2
     cfg = config.replace(_cfg(6, on_nonfinite="stop"), optim=dict(lr=1e38, warmup_steps=0))
+    cfg = config.replace(cfg, checkpoint=dict(every=1))  # would save every step it reached
     with pytest.raises(run.Stopped, match=r"step \d+: non-finite .*train.on_nonfinite=stop"):
         run.train(cfg, device_mesh(1, 1), tmp_path, log=lambda _: None)
-    ckpt = Checkpointer(tmp_path / "checkpoints", every=0, keep=2)
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=0, keep=10)
     trainer = Trainer(cfg, device_mesh(1, 1))
-    for step in [s for s in [ckpt.latest_step()] if s is not None]:
+    steps = ckpt._manager.all_steps()
+    assert steps and max(steps) < 6, steps  # something to check, and the run did stop
+    for step in steps:  # every checkpoint written, before and after the huge learning rate
         state, _ = ckpt.restore(step, trainer.abstract_state())
-        assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state)))
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state))), step
     ckpt.close()
 
 

@@ -94,10 +94,10 @@ print("tunables", os.environ.get("GLIBC_TUNABLES", ""))
 """
 
 
-def _restart(env_extra):
+def _restart(env_extra, script=RESTART):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", cli.KEEP_MALLOC)}
     run = subprocess.run(
-        [sys.executable, "-c", RESTART],
+        [sys.executable, "-c", script],
         cwd=ROOT,
         env={**env, **env_extra},
         capture_output=True,
@@ -118,8 +118,29 @@ def test_restarts_once_with_huge_page_malloc_keeping_the_users_tunables():
     assert lines[-1] == "tunables glibc.malloc.trim_threshold=123456:glibc.malloc.hugetlb=1"
 
 
+@pytest.mark.skipif(
+    cli._transparent_huge_pages() != "madvise", reason="huge pages are not opt-in here"
+)
+def test_restarts_at_most_once_even_where_the_tunables_are_lost():
+    # A launcher or a secure-execution mode that drops GLIBC_TUNABLES must not make a loop.
+    dropped = RESTART.replace(
+        "from megajax", "os.environ.pop('GLIBC_TUNABLES', None)\nfrom megajax"
+    )
+    lines = _restart({}, script=dropped)
+    assert len([line for line in lines if line.startswith("pid")]) == 2
+
+
 def test_no_restart_when_asked_not_to_or_already_set():
     kept = _restart({cli.KEEP_MALLOC: "1"})
     assert len(kept) == 2 and kept[-1] == "tunables "
     own = _restart({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert len(own) == 2 and own[-1] == "tunables glibc.malloc.hugetlb=0"
+
+
+def test_an_early_failure_surfaces_as_itself(tmp_path):
+    import train
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config():\n    raise RuntimeError('the config is broken')\n")
+    with pytest.raises(RuntimeError, match="the config is broken"):
+        train.main(["--config", str(broken), "--workdir", str(tmp_path)])

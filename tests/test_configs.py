@@ -95,3 +95,13 @@ def test_sequence_length_that_the_model_degree_does_not_divide_is_refused():
     with pytest.raises(config.ConfigError, match="seq_len=30 is not divisible by the model deg"):
         Trainer(cfg, device_mesh(2, 4))
     Trainer(config.replace(cfg, model=dict(sequence_parallel=False)), device_mesh(2, 4))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_name_their_corpus_and_stop_clearly_without_it(name, tmp_path):
+    from megajax.data import loader
+
+    cfg = config.load(f"configs/{name}.py")
+    assert cfg.data.source != config.DataConfig().source  # never tiny Shakespeare by default
+    with pytest.raises(config.ConfigError, match=r"data.source: .* not found.*data.prepare"):
+        loader.loaders(cfg, workdir=tmp_path, log=lambda _: None)

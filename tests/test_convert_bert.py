@@ -197,6 +197,16 @@ def test_config_arch_is_kept_and_missing_heads_are_freshly_initialised(tmp_path)
     assert lines[0].endswith(": mlm")
 
 
+def test_explicit_model_options_win_over_the_checkpoint(tmp_path):
+    weights = convert.HFWeights(_bert_model_dir(tmp_path / "hf"))  # hidden_dropout_prob 0.1
+    sets = ["model.arch=bert", "model.dropout=0.0", "model.attention=xla"]
+    chosen = config.override(config.load("configs/bert_tiny.py"), sets)
+    cfg = convert.with_hf_model(chosen, weights, arch_chosen=True, overrides=sets)
+    assert (cfg.model.dropout, cfg.model.attention, cfg.model.hidden) == (0.0, "xla", 64)
+    with pytest.raises(config.ConfigError, match="model.hidden=128 .* checkpoint has 64"):
+        convert.with_hf_model(chosen, weights, arch_chosen=True, overrides=["model.hidden=128"])
+
+
 def test_each_tensor_is_read_once_however_many_devices_hold_it(tmp_path, monkeypatch):
     weights = convert.HFWeights(_bert_model_dir(tmp_path / "hf"))
     reads, get = [], weights.get

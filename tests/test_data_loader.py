@@ -115,3 +115,27 @@ def test_train_sources_blend_prepared_datasets_and_text_files(prepared, windows,
     char = config.replace(cfg, data=dict(tokenizer="char"))
     with pytest.raises(ConfigError, match="prepared with the gpt2 tokenizer"):
         loaders(char, workdir=tmp_path / "c", log=lambda _: None)
+
+
+def test_prefetching_builds_the_same_batches_off_the_training_thread(windows):
+    import threading
+
+    class Recording:  # a dataset that notes which thread builds its samples
+        def __init__(self, inner):
+            self.inner, self.threads = inner, set()
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            self.threads.add(threading.current_thread().name)
+            return self.inner[i]
+
+    data = Recording(windows[0])
+    ahead = Loader([data], batch_size=8, seed=3, prefetch=2)
+    plain = Loader(windows[:1], batch_size=8, seed=3)
+    assert all(_equal(next(ahead), next(plain)) for _ in range(5))
+    assert threading.current_thread().name not in data.threads
+    ahead.restore(plain.state() | {"step": 1})  # a restore drops what was built ahead
+    plain.restore(plain.state() | {"step": 1})
+    assert all(_equal(next(ahead), next(plain)) for _ in range(3)) and ahead.step == 4

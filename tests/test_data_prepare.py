@@ -182,3 +182,33 @@ def test_a_pool_of_workers_writes_the_same_rows_as_one_process(tmp_path, monkeyp
         for i in range(len(a)):
             for key in ("tokens", "sentence_lengths"):
                 np.testing.assert_array_equal(a[i][key], b[i][key])
+
+
+def test_the_readme_states_when_tokenizing_takes_a_process_per_core():
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    gpt2, bert = (prepare.POOL_CHARS[k] // 1_000_000 for k in ("gpt2", "bert"))
+    assert f"passes {gpt2} M characters ({bert} M with the pure-Python WordPiece)" in readme
+
+
+def test_one_process_prepares_a_text_source_while_the_others_wait(tmp_path, monkeypatch):
+    import threading
+
+    kw = dict(tokenizer="char", vocab_dir="data/gpt2", val_fraction=0.1, cache_dir=tmp_path)
+    calls, follower = [], {}
+    real = prepare.prepare
+    monkeypatch.setattr(prepare, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    wait = threading.Thread(
+        target=lambda: follower.update(
+            path=prepare.cached(str(WIKI), lead=False, log=lambda _: None, **kw)
+        )
+    )
+    wait.start()
+    time.sleep(1.0)
+    assert wait.is_alive() and not list(tmp_path.iterdir())  # it waits, writing nothing
+    lead = prepare.cached(str(WIKI), log=lambda _: None, **kw)
+    wait.join(timeout=60)
+    assert follower["path"] == lead and len(calls) == 1
+    # Nobody preparing where it looks (a work directory not shared by the hosts): one line.
+    with pytest.raises(ConfigError, match="process 0 is not preparing .* every host sees"):
+        prepare.cached(str(WIKI), lead=False, log=lambda _: None, wait_s=1,
+                       **{**kw, "cache_dir": tmp_path / "elsewhere"})  # fmt: skip

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import device_mesh
 
-from megajax import config, run
+from megajax import config, run, watchdog
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [
@@ -33,10 +33,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, steps, *extra, heartbeat=30):
+def _launch(workdir, steps, *extra, heartbeat=30, env_extra=None):
     """Start process 0 and 1 of a two-process job; returns the Popen objects."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env |= env_extra or {}
     sets = [a for s in [*SETTINGS, f"train.steps={steps}"] for a in ("--set", s)]
     procs = []
     for pid in (0, 1):
@@ -90,16 +91,51 @@ def test_one_process_checkpoint_resumes_in_two(reference, tmp_path):
     np.testing.assert_allclose([losses[3], losses[4]], [reference[3], reference[4]], rtol=2e-6)
 
 
-def test_a_dead_process_stops_the_other_with_a_clear_message(tmp_path):
+@pytest.mark.parametrize("signalled", [1, 0])
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(reference, tmp_path, signalled):
+    # The hook sends SIGTERM to one process, by itself, as it begins step 3.
+    procs = _launch(tmp_path, 6, env_extra={watchdog.FAULT: f"sigterm@{signalled}:3"})
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], [e[-2000:] for _, e in outs]
+    # Both agreed on the step after the signal was seen: step 4, saved once by both.
+    for i, (_, err) in enumerate(outs):
+        who = "" if i == signalled else " by another process"
+        assert f"received SIGTERM{who}: saved a checkpoint at step 4" in err, err[-2000:]
+    losses = _losses(tmp_path)
+    assert max(losses) == 4
+    first = (1, 2, 3, 4)
+    np.testing.assert_allclose([losses[s] for s in first], [reference[s] for s in first], rtol=2e-6)
+    resumed = run.train(_cfg(6), device_mesh(2, 4), tmp_path, log=lambda _: None)
+    np.testing.assert_allclose([h["loss"] for h in resumed], [reference[5], reference[6]],
+                               rtol=2e-6)  # fmt: skip
+
+
+def test_a_frozen_process_stops_the_other_with_a_clear_message(tmp_path):
     procs = _launch(tmp_path, 100_000, heartbeat=20)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(_losses(tmp_path)) >= 2):
         time.sleep(0.2)
-    procs[1].send_signal(signal.SIGKILL)
-    killed_at = time.time()
-    _, err = procs[0].communicate(timeout=120)
-    procs[1].communicate()
+    procs[1].send_signal(signal.SIGSTOP)  # alive, but none of its threads run
+    stopped_at = time.time()
+    try:
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
     assert procs[0].returncode != 0
-    assert time.time() - killed_at < 60
+    assert time.time() - stopped_at < 60
     assert "error: process 1 of 2 has been silent" in err, err[-2000:]
+
+
+def test_a_stalled_loop_stops_every_process_naming_it(tmp_path):
+    # Process 1's loop stalls loading the data of step 3; its threads (heartbeat) live on.
+    procs = _launch(tmp_path, 100_000, "--step_timeout", "10",
+                    env_extra={watchdog.FAULT: "stall@1:3"})  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 3, err[-2000:]
+        line = [x for x in err.splitlines() if x.startswith("error: ")][-1]
+        assert "no training step finished for 10s after step 2" in line, line
+        assert "stuck at process 1 of 2 (loading data for step 3)" in line, line
+    assert max(_losses(tmp_path)) == 2

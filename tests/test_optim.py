@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import device_mesh, real_batch, tiny_config
+from conftest import bert_config, device_mesh, real_batch, tiny_config
 
 from megajax import config, optim
 from megajax.config import OptimConfig
@@ -25,19 +25,18 @@ def test_warmup_then_cosine_to_min_lr_over_decay_steps():
     assert float(linear(25)) == pytest.approx(0.75)
 
 
-def test_weight_decay_skips_biases_and_layer_norms():
-    trainer = Trainer(tiny_config(), device_mesh(1, 1))
-    mask = optim.decay_mask(trainer.abstract_state()["params"])
+@pytest.mark.parametrize("arch", ["gpt", "bert", "bert_multiple_choice"])
+def test_weight_decay_takes_every_matrix_and_no_bias_or_norm(arch):
+    cfg = tiny_config() if arch == "gpt" else bert_config(arch=arch)
+    params = Trainer(cfg, device_mesh(1, 1)).abstract_state()["params"]
+    mask = optim.decay_mask(params)
     flat = {jax.tree_util.keystr(path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)}
     decayed = {k for k, v in flat.items() if v}
-    assert decayed == {
-        "['h']['attn']['proj']['kernel']",
-        "['h']['attn']['qkv']['kernel']",
-        "['h']['mlp']['fc1']['kernel']",
-        "['h']['mlp']['fc2']['kernel']",
-        "['wpe']",
-        "['wte']['embedding']",
-    }
+    vectors = {k for k in flat if k.endswith(("['bias']", "['scale']"))}
+    assert decayed == set(flat) - vectors  # embeddings (BERT's token types too) and kernels
+    assert "['h']['attn']['qkv']['kernel']" in decayed and "['wpe']" in decayed
+    if arch != "gpt":
+        assert "['wtt']" in decayed and "['mlm']['bias']" not in decayed
 
 
 def test_gradient_accumulation_equals_one_large_batch(shakespeare_tokens):

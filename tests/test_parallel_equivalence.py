@@ -100,19 +100,22 @@ def test_metrics_grads_and_params_identical_across_meshes(reference, kind, data,
     )
 
 
-# Sequence parallelism and recomputation against the same model without them on 2 x 4: each
-# row (name, mesh, model switches). A new switch (e.g. a distributed optimizer) adds rows.
+# Sequence parallelism, recomputation and the distributed optimizer against the same model
+# without them on 2 x 4: each row (name, mesh, config sections changed); "all" turns on all
+# three (SP, selective recomputation, the distributed optimizer).
 SWITCH_STEPS = 5
+ALL_THREE = dict(sequence_parallel=True, remat="selective")
 SWITCHES = [
-    ("sequence-parallel", (2, 4), dict(sequence_parallel=True)),
-    ("remat-selective", (2, 4), dict(remat="selective")),
-    ("remat-full", (2, 4), dict(remat="full")),
-    ("sp-selective-4x2", (4, 2), dict(sequence_parallel=True, remat="selective")),
-    ("sp-full-1x8", (1, 8), dict(sequence_parallel=True, remat="full")),
+    ("sequence-parallel", (2, 4), dict(model=dict(sequence_parallel=True))),
+    ("remat-selective", (2, 4), dict(model=dict(remat="selective"))),
+    ("remat-full", (2, 4), dict(model=dict(remat="full"))),
+    ("all-2x4", (2, 4), dict(model=ALL_THREE, optim=dict(distributed=True))),
+    ("all-4x2", (4, 2), dict(model=ALL_THREE, optim=dict(distributed=True))),
+    ("sp-full-1x8", (1, 8), dict(model=dict(sequence_parallel=True, remat="full"))),
 ]
 # Every row for GPT-2; for BERT one row that combines the switches per layer-norm placement.
 SWITCH_CASES = [("gpt", name) for name, _, _ in SWITCHES] + [
-    ("bert-pre", "sp-selective-4x2"),
+    ("bert-pre", "all-4x2"),
     ("bert-post", "sp-full-1x8"),
 ]
 
@@ -142,7 +145,7 @@ def switch_runs(shakespeare_tokens, bert_dataset):
             mesh, switches = (2, 4), {}
             if name != "off":
                 mesh, switches = next((m, s) for n, m, s in SWITCHES if n == name)
-            cfg = config.replace(cfg, model=switches)
+            cfg = config.replace(cfg, **switches)
             runs[kind, name] = _switch_losses(cfg, *mesh, batches)
         return runs[kind, name]
 

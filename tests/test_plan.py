@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import device_mesh
+from conftest import device_mesh, tiny_config
 
 from megajax import activations, config, plan
 from megajax.config import ModelConfig
@@ -172,3 +172,30 @@ def test_dry_run_with_sequence_parallelism_agrees_with_its_compiled_step(remat):
         count, _ = p["collectives_expected"][f"model: {what}"]
         found = [r for r in p["collectives"] if r["kind"] == kind and r["axes"] == ["model"]]
         assert sum(r["count"] for r in found if r["shapes"] == [shape]) == count, kind
+
+
+def test_state_bytes_per_parameter_follow_megatron_lms_table():
+    base = config.Config(model=SMALL)
+    for dtype, before, after in (("float16", 20, 4 + 16 / 64), ("bfloat16", 18, 6 + 12 / 64)):
+        cfg = config.replace(base, model=dict(compute_dtype=dtype))
+        assert plan.state_bytes_per_param(cfg, data_degree=64)["megatron"] == before
+        on = config.replace(cfg, optim=dict(distributed=True))
+        assert plan.state_bytes_per_param(on, data_degree=64)["megatron"] == after
+        assert plan.state_bytes_per_param(on, data_degree=64)["kept"] == 12 / 64
+
+
+def test_dry_run_with_the_distributed_optimizer_agrees_with_its_compiled_step():
+    cfg = config.replace(
+        tiny_config(compute_dtype="bfloat16"),
+        optim=dict(distributed=True),
+        train=dict(micro_batches=2),
+    )
+    p = plan.make_plan(cfg, device_mesh(2, 4), target_name="v100")
+    _check_against_compiled(p)
+    st = p["state_bytes_per_param"]
+    assert st["replicated_over_data"] == ["h/attn/qkv/bias", "h/mlp/fc1/bias"]
+    # Master weights and moments: 12 / D bytes per parameter, but for the two biases left whole.
+    assert st["kept"] == 6 < st["kept_compiled"] < 6.1
+    text = plan.report(p)
+    assert "h/attn/qkv/bias, h/mlp/fc1/bias" in text
+    assert "a V100 cannot run bfloat16" in text

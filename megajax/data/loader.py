@@ -9,14 +9,17 @@ resumed run, on any number of processes, sees exactly the batches it would have 
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from megajax.config import ConfigError
 
 PERIOD = 4096  # length of the blending pattern; realized weights are within 1/PERIOD
+PREFETCH = 4  # training batches built ahead, off the training thread
 
 
 def blend_pattern(weights: Sequence[float], period: int = PERIOD) -> np.ndarray:
@@ -50,6 +53,7 @@ class Loader:
         weights: Sequence[float] | None = None,
         shuffle: bool = True,
         rows: Sequence[int] | None = None,
+        prefetch: int = 0,
     ):
         rows = range(batch_size) if rows is None else [int(r) for r in rows]
         if not all(0 <= r < batch_size for r in rows):
@@ -70,6 +74,11 @@ class Loader:
         self.rows = rows
         self.step = 0
         self._perms = {}
+        # `prefetch` batches after the next are built by one thread while the step runs (XLA
+        # releases the GIL); one builder, so the permutation cache has a single writer.
+        self.prefetch = prefetch
+        self._ahead: collections.deque = collections.deque()  # (step, future), in order
+        self._builder = ThreadPoolExecutor(1, "megajax-batches") if prefetch else None
 
     def _permutation(self, d: int, epoch: int) -> np.ndarray:
         key = (d, epoch)
@@ -111,9 +120,19 @@ class Loader:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        out = self.batch(self.step)
+        if not self.prefetch:
+            out = self.batch(self.step)
+            self.step += 1
+            return out
+        if self._ahead and self._ahead[0][0] != self.step:  # restored elsewhere: start over
+            self._ahead.clear()
+        ahead = self._ahead[-1][0] + 1 if self._ahead else self.step
+        while len(self._ahead) <= self.prefetch:
+            self._ahead.append((ahead, self._builder.submit(self.batch, ahead)))
+            ahead += 1
+        _, future = self._ahead.popleft()
         self.step += 1
-        return out
+        return future.result()
 
     def state(self) -> dict:
         """A small JSON-serializable dict: the next step, and what it is a step of."""
@@ -222,11 +241,12 @@ def race_loaders(cfg, *, log=print, train_rows=None, eval_rows=None):
     return tokenizer, *made
 
 
-def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
+def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None, lead=True):
     """(tokenizer, train Loader, validation Loader) for cfg.data.source: prepared datasets or
     text files (prepared once into workdir/data), blended by their weights. Each loader yields
     the given rows (default all) of each global batch: for GPT {'inputs', 'targets'},
-    (rows, seq_len) int32 each; for BERT the fields of BertPairs."""
+    (rows, seq_len) int32 each; for BERT the fields of BertPairs. Text files are prepared by
+    the lead process only; the others wait for it."""
     from megajax.data import prepare, samples  # here: samples imports TFDS, the Loader does not
 
     if cfg.model.arch == "bert_multiple_choice":
@@ -248,6 +268,7 @@ def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
                 val_fraction=cfg.data.val_fraction,
                 cache_dir=f"{workdir}/data",
                 log=log,
+                lead=lead,
             )
         )
         for p in paths
@@ -267,7 +288,11 @@ def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None):
             batch_size=cfg.train.batch_size,
             seed=cfg.train.seed + offset,
             rows=rows,
+            prefetch=prefetch,
         )
-        for split, offset, rows in (("train", 0, train_rows), ("validation", 1, eval_rows))
+        for split, offset, rows, prefetch in (
+            ("train", 0, train_rows, PREFETCH),
+            ("validation", 1, eval_rows, 0),
+        )
     ]
     return datasets[0].tokenizer(), *made

@@ -279,16 +279,33 @@ def _prepare_tokens(docs, *, tmp, tokenizer, vocab_dir, val_fraction, workers, l
     return {"tokenizer": spec, "splits": splits}
 
 
-def cached(source: str, *, tokenizer: str, vocab_dir: str, val_fraction: float, cache_dir, log):
+def cached(
+    source: str,
+    *,
+    tokenizer: str,
+    vocab_dir: str,
+    val_fraction: float,
+    cache_dir,
+    log,
+    lead: bool = True,
+    wait_s: float = 120,
+):
     """A prepared dataset for `source`: itself if it is one, else the text file prepared once
-    into cache_dir (named by the fingerprint of its bytes and options, reused after)."""
+    into cache_dir (named by the fingerprint of its bytes and options, reused after).
+
+    In a multi-process job only the lead process prepares; the others (lead=False) wait for its
+    manifest, and stop with a clear line if after `wait_s` seconds nobody is preparing it in
+    cache_dir (a work directory the hosts do not share)."""
     path = Path(source)
     if (path / MANIFEST).is_file():
         return path
     if path.is_dir():
         raise ConfigError(f"data.source: {path} is not a prepared dataset (no {MANIFEST})")
     if not path.is_file():
-        raise ConfigError(f"data.source: {path} not found (a text file or a prepared dataset)")
+        raise ConfigError(
+            f"data.source: {path} not found: name a text file or a dataset prepared by "
+            f"`python -m megajax.data.prepare CORPUS --out {path}` (--set data.source=PATH)"
+        )
     options = dict(tokenizer=tokenizer, val_fraction=val_fraction, version=VERSION)
     vocab = [Path(vocab_dir)] if tokenizer != "char" else []
     out = Path(cache_dir) / f"{path.stem}-{tokenizer}-{fingerprint([path, *vocab], **options)}"
@@ -296,6 +313,8 @@ def cached(source: str, *, tokenizer: str, vocab_dir: str, val_fraction: float, 
         return out
     if out.exists():  # not a dataset (prepare renames only complete ones): made by hand
         raise ConfigError(f"{out} exists but is not a prepared dataset: remove it")
+    if not lead:
+        return _wait_for(out, wait_s, log)
     try:
         return prepare(
             [path],
@@ -310,6 +329,25 @@ def cached(source: str, *, tokenizer: str, vocab_dir: str, val_fraction: float, 
         if (out / MANIFEST).is_file():  # another process (host) finished it first
             return out
         raise
+
+
+def _wait_for(out: Path, wait_s: float, log) -> Path:
+    """`out` once the lead process has renamed it complete (its manifest inside)."""
+    began, told = time.monotonic(), time.monotonic()
+    log(f"waiting for process 0 to prepare {out}")
+    while not (out / MANIFEST).is_file():
+        now = time.monotonic()
+        underway = any(out.parent.glob(f".{out.name}.incomplete-*"))
+        if not underway and now - began > wait_s:
+            raise ConfigError(
+                f"process 0 is not preparing {out} after {wait_s:.0f}s: the work directory "
+                f"must be a file system every host sees"
+            )
+        if now - told > 300:
+            log(f"still waiting for process 0 to prepare {out} ({now - began:.0f}s)")
+            told = now
+        time.sleep(0.5)
+    return out
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ from flax import nnx
 from megajax import loss
 from megajax.config import ModelConfig
 from megajax.layers import LayerNorm, VocabEmbedding, _normal, dropout
-from megajax.models.stack import run_stack, stacked_blocks
+from megajax.models.stack import extend_stack, run_stack, stacked_blocks
 from megajax.parallel import constrain
 
 
@@ -35,6 +35,26 @@ class GPT(nnx.Module):
             self.h, x, padding=None, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers
         )
         return self.ln_f(x)
+
+    def extend(self, ids, cache: dict, *, start, positions, mask):
+        """Final hidden states of new tokens `ids` (batch, new) at cache slots start ..
+        start + new - 1 and at `positions` (batch, new), attending the KV cache where `mask`
+        (batch, 1, new, slots) allows (models.stack.extend_stack); returns (hidden, cache).
+        The training forward above does not go through here."""
+        dtype = jnp.dtype(self.cfg.compute_dtype)
+        x = self.wte(ids, dtype) + jnp.take(self.wpe[...], positions, axis=0).astype(dtype)
+        x = constrain(x, "batch", "length", "embed")
+        x, cache = extend_stack(self.h, x, cache, start=start, mask=mask)
+        return self.ln_f(x), cache
+
+    def empty_cache(self, batch: int, slots: int) -> dict:
+        """A zero KV cache for `batch` sequences of `slots` tokens: "k" and "v", (layers,
+        batch, slots, heads, head_dim) in the compute dtype, split over `model` by heads."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, slots, cfg.num_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, jnp.dtype(cfg.compute_dtype))
+        kv = constrain(zeros, "layers", "batch", "length", "heads", None)
+        return {"k": kv, "v": kv}
 
     @property
     def lm_head(self) -> jax.Array:

@@ -35,3 +35,26 @@ def run_stack(blocks: Block, x, *, padding, key, remat: str, num_layers: int):
         layer = jax.checkpoint(layer, prevent_cse=False)
     x, _ = jax.lax.scan(layer, x, (state, keys))
     return x
+
+
+def extend_stack(blocks: Block, x, cache: dict, *, start, mask):
+    """Apply stacked blocks to new tokens at cache slot `start` (Block.extend), in one scan.
+
+    `cache` holds "k" and "v", (layers, batch, slots, heads, head_dim). Each layer reads its
+    slice and returns only its new keys and values; one update after the scan writes them all,
+    so inside a decode loop XLA updates the cache in place instead of copying it per layer.
+    Returns (x, cache)."""
+    graphdef, state = nnx.split(blocks)
+
+    def layer(x, inputs):
+        layer_state, k_cache, v_cache = inputs
+        block = nnx.merge(graphdef, layer_state)
+        x, k, v = block.extend(x, k_cache, v_cache, start=start, mask=mask)
+        return x, (k, v)
+
+    x, (k, v) = jax.lax.scan(layer, x, (state, cache["k"], cache["v"]))
+    at = (0, 0, start, 0, 0)
+    return x, {
+        "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
+        "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
+    }

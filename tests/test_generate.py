@@ -1,0 +1,327 @@
+"""Text generation: the KV cache decodes exactly as recomputing the sequence would, on every
+mesh; sampling on vocabulary-sharded logits obeys its filters; an imported GPT-2 generates and
+scores as transformers does; the REST server answers Megatron-LM's API over real HTTP."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import bert_config, device_mesh, tiny_config
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from megajax import config, convert, generate, hlo, loss, sampling, serve
+from megajax.config import ConfigError
+from megajax.data.tokenizer import GPT2Tokenizer
+from megajax.trainer import Trainer
+
+MESHES = [(1, 1), (2, 4), (1, 8)]
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 4, 5]]  # unequal lengths
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def generators():
+    """The same tiny random GPT (float32) on each mesh; its vocabulary pads differently on each."""
+    cfg = tiny_config()
+    made = {}
+    for data, model in MESHES:
+        trainer = Trainer(cfg, device_mesh(data, model))
+        made[data, model] = generate.Generator(trainer, _fresh_params(trainer))
+    return made
+
+
+def _fresh_params(trainer):
+    """Freshly initialised parameters (train.seed), without optimizer state."""
+    return trainer.fresh_params(list(trainer.state_sharding["params"]))
+
+
+_PREDICT = {}  # one compiled full-sequence argmax per generator
+
+
+def _greedy_by_recompute(generator, prompts, new_tokens):
+    """Greedy decoding without a cache: the whole sequence through the model for each token."""
+    trainer, params = generator.trainer, generator.params
+    cfg = trainer.cfg.model
+    rows = -(-len(prompts) // generator.data_degree) * generator.data_degree
+
+    def predict(p, x):
+        model = trainer.model(p)
+        return loss.argmax(model(x), model.lm_head, vocab_size=cfg.vocab_size)
+
+    seqs = [list(p) for p in prompts]
+    with trainer.context():
+        predict = _PREDICT.setdefault(id(generator), jax.jit(predict))
+        for _ in range(new_tokens):
+            x = np.zeros((rows, cfg.seq_len), np.int32)  # right-padded: causal, so harmless
+            windows = [s[-cfg.seq_len :] for s in seqs]  # past seq_len: the last seq_len
+            for i, w in enumerate(windows):
+                x[i, : len(w)] = w
+            best = np.asarray(predict(params, x))
+            for s, w, b in zip(seqs, windows, best, strict=False):
+                s.append(int(b[len(w) - 1]))
+    return np.array([s[-new_tokens:] for s in seqs])
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+def test_cached_greedy_equals_recompute(generators, mesh):
+    generator = generators[mesh]
+    out = generator(PROMPTS, new_tokens=NEW, temperature=0.0)
+    np.testing.assert_array_equal(out["tokens"], _greedy_by_recompute(generator, PROMPTS, NEW))
+
+
+def test_past_seq_len_greedy_equals_recompute_on_the_last_seq_len(generators):
+    generator, new = generators[2, 4], 30  # 11 + 30 tokens: 9 past the 32 positions
+    out = generator(PROMPTS, new_tokens=new, temperature=0.0)
+    np.testing.assert_array_equal(out["tokens"], _greedy_by_recompute(generator, PROMPTS, new))
+
+
+def test_decoding_communicates_only_model_all_reduces_never_logits(generators):
+    """Per new token: the plan's 1 + 2 * layers activation all-reduces over `model` and a few of
+    one number per sequence for sampling; nothing over `data`, no logits moved."""
+    generator = generators[2, 4]
+    program = generator._compiled(4, 16, NEW, False)  # 3 prompts, padded to the data degree
+    found = hlo.collectives(program.as_text(), {"data": 2, "model": 4})
+    assert {(c.kind, c.axes) for c in found} == {("all-reduce", ("model",))}
+    rows, hidden = 2, generator.trainer.cfg.model.hidden  # rows per data shard
+    per_token = [c for c in found if c.shapes == ((rows, 1, hidden),)]
+    layers = generator.trainer.cfg.model.num_layers
+    assert sum(c.runs for c in per_token) == (NEW - 1) * (1 + 2 * layers)
+    prefill = [c for c in found if c.shapes == ((rows, 16, hidden),)]
+    scalars = [c for c in found if all(s == (rows,) for s in c.shapes)]
+    assert len(per_token) + len(prefill) + len(scalars) == len(found)
+
+
+def test_top_k_1_equals_greedy(generators):
+    generator = generators[2, 4]
+    greedy = generator(PROMPTS, new_tokens=NEW, temperature=0.0)["tokens"]
+    for seed in (0, 1):
+        sampled = generator(PROMPTS, new_tokens=NEW, temperature=2.0, top_k=1, seed=seed)
+        np.testing.assert_array_equal(sampled["tokens"], greedy)
+
+
+def test_same_seed_same_samples_on_every_mesh(generators):
+    options = dict(new_tokens=NEW, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    outs = [generators[m](PROMPTS, **options) for m in MESHES]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out["tokens"], outs[0]["tokens"])
+        np.testing.assert_allclose(out["logprobs"], outs[0]["logprobs"], rtol=1e-5)
+    other_seed = generators[2, 4](PROMPTS, **{**options, "seed": 8})["tokens"]
+    assert (other_seed != outs[0]["tokens"]).any()
+
+
+@pytest.fixture(scope="module")
+def constructed():
+    """sampling.sample on a known distribution: the head's rows are the logits (hidden size 1),
+    over a vocabulary of 61 padded to 64 and split over 4 model shards; 512 rows of keys."""
+    mesh = device_mesh(2, 4)
+    vocab, rows = 61, 512
+    logits = np.random.default_rng(0).normal(0, 2, vocab).astype(np.float32)
+    table = np.zeros((64, 1), np.float32)
+    table[:vocab, 0] = logits
+    hidden = np.ones((rows, 1), np.float32)
+    keys = jax.random.key_data(jax.random.split(jax.random.key(0), rows))
+    sample = jax.jit(
+        lambda k, t, p: sampling.sample(
+            hidden, table, k, temperature=1.0, top_k=t, top_p=p, vocab_size=vocab
+        )[0]
+    )
+
+    def draw(top_k, top_p):
+        with jax.set_mesh(mesh):
+            return np.asarray(sample(keys, top_k, top_p))
+
+    return logits, draw
+
+
+def test_top_k_never_leaves_the_k_most_likely(constructed):
+    logits, draw = constructed
+    for k in (1, 3, 10):
+        seen = set(draw(k, 1.0).tolist())
+        assert seen <= set(np.argsort(-logits)[:k].tolist())
+        assert len(seen) == k if k <= 3 else len(seen) > 3  # the set is really sampled
+
+
+def test_top_p_never_leaves_the_nucleus(constructed):
+    logits, draw = constructed
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    for p in (0.3, 0.6, 0.9):
+        size = int(np.searchsorted(np.cumsum(probs[order]), p) + 1)  # smallest set with mass >= p
+        nucleus = set(order[:size].tolist())
+        tokens = set(draw(0, p).tolist())
+        assert tokens <= nucleus
+        assert len(tokens) > 1 or size == 1
+    assert set(draw(5, 0.9).tolist()) <= set(order[:5].tolist())
+
+
+def test_bert_is_refused():
+    trainer = Trainer(bert_config(), device_mesh(1, 1))
+    with pytest.raises(ConfigError, match="needs a GPT"):
+        generate.Generator(trainer, None)
+
+
+# transformers -------------------------------------------------------------------------------
+
+HF_SHAPE = dict(vocab_size=1003, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random small GPT-2 saved by transformers, its biases made to count."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**HF_SHAPE, eos_token_id=0, bos_token_id=0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    path = tmp_path_factory.mktemp("hf_gpt2")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_generator(hf_dir):
+    weights = convert.HFWeights(hf_dir)
+    cfg = convert.with_hf_model(config.Config(), weights)
+    trainer = Trainer(cfg, device_mesh(2, 4))
+    return generate.Generator(trainer, convert.load_params(trainer, weights, log=lambda _: None))
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_generator):
+    """Greedy tokens and the log-probabilities of prompts and tokens, in one batch."""
+    return hf_generator(PROMPTS, new_tokens=NEW, temperature=0.0, prompt_logprobs=True)
+
+
+def test_imported_gpt2_greedy_equals_transformers(hf_dir, hf_greedy):
+    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    for prompt, ours in zip(PROMPTS, hf_greedy["tokens"], strict=True):
+        ids = torch.tensor([prompt])  # alone, unpadded: the batch's padding must not matter
+        theirs = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].numpy()
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_imported_gpt2_logprobs_equal_transformers(hf_dir, hf_greedy):
+    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    for i, prompt in enumerate(PROMPTS):
+        seq = torch.tensor([prompt + hf_greedy["tokens"][i].tolist()])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(seq).logits[0, :-1].double(), -1)
+        theirs = logp.gather(-1, seq[0, 1:, None])[:, 0].numpy()
+        ours = np.concatenate([hf_greedy["prompt_logprobs"][i], hf_greedy["logprobs"][i]])
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5)
+
+
+def test_generate_command_prints_samples_then_json(hf_dir, capsys):
+    argv = ["--hf_checkpoint", str(hf_dir), "--prompt", "a b c", "--max_new_tokens", "4",
+            "--num_samples", "2", "--temperature", "0", "--mesh", "data=2,model=4"]  # fmt: skip
+    assert generate.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    first, second = result["samples"]
+    assert len(first["tokens"]) == 4 and first == second and result["tokens_per_sec"] > 0
+
+
+def test_long_prompt_and_foreign_ids_are_clear_errors(hf_generator):
+    with pytest.raises(ConfigError, match="33 tokens exceeds the model's 32 positions"):
+        hf_generator([[1] * 33], new_tokens=3)
+    with pytest.raises(ConfigError, match="outside the model's 1003"):
+        hf_generator([[1, 1003]], new_tokens=3)
+
+
+# the REST server ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The API on a free loopback port, over a tiny random GPT reading GPT-2 BPE ids."""
+    cfg = tiny_config(vocab_size=50257)
+    trainer = Trainer(cfg, device_mesh(1, 2))
+    generator = generate.Generator(trainer, _fresh_params(trainer))
+    httpd = serve.make_server(serve.Service(generator, GPT2Tokenizer("data/gpt2")), "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}/api"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _put(url, body):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method="PUT", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_round_trip(server):
+    status, reply = _put(server, {"prompts": ["Hello, my", "The"], "tokens_to_generate": 4,
+                                  "temperature": 0, "logprobs": True})  # fmt: skip
+    assert status == 200, reply
+    assert reply["text"][0].startswith("Hello, my") and reply["text"][1].startswith("The")
+    for text, segments, logprobs in zip(
+        *(reply[k] for k in ("text", "segments", "logprobs")), strict=True
+    ):
+        assert "".join(segments) == text
+        assert len(logprobs) == len(segments) - 1 and all(x <= 0 for x in logprobs)
+    status, scored = _put(server, {"prompts": ["Hello, my"], "tokens_to_generate": 0,
+                                   "logprobs": True})  # fmt: skip
+    assert status == 200 and scored["text"] == ["Hello, my"]
+    np.testing.assert_allclose(scored["logprobs"][0], reply["logprobs"][0][:2], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (b"{not json", "not JSON"),
+        ({"prompts": ["a"], "tokens": 3}, "unknown fields"),
+        ({"prompts": []}, "non-empty list"),
+        ({"prompts": ["a"], "temperature": 101}, "temperature"),
+        ({"prompts": ["a"], "top_p": 1.5}, "top_p"),
+        ({"prompts": ["a"], "top_k": -1}, "top_k"),
+        ({"prompts": ["a"], "tokens_to_generate": "3"}, "integer"),
+        ({"prompts": ["a"], "tokens_to_generate": 0}, "logprobs=true"),
+        ({"prompts": ["a"] * 129}, "at most 128"),
+        ({"prompts": ["a" + " a" * 40]}, "exceeds the model's 32 positions"),
+        ({"prompts": ["a"], "tokens_to_generate": 5000}, "tokens_to_generate"),
+    ],
+)
+def test_server_bad_request_is_400_and_it_keeps_serving(server, body, message):
+    status, reply = _put(server, body)
+    assert status == 400 and message in reply["message"], reply
+    status, _ = _put(server, {"prompts": ["a"], "tokens_to_generate": 4})
+    assert status == 200
+
+
+def test_two_concurrent_clients_get_their_own_answers(server):
+    requests = [
+        {"prompts": ["Once upon a time"], "tokens_to_generate": 4, "temperature": 0},
+        {"prompts": ["To be, or not", "x"], "tokens_to_generate": 4, "random_seed": 5},
+    ]
+    alone = [_put(server, r)[1] for r in requests]
+    together = [None, None]
+
+    def client(i):
+        together[i] = _put(server, requests[i])[1]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
