@@ -609,6 +609,45 @@ def paper_table(devices) -> str:
     return "\n".join(rows)
 
 
+# Korthikanti et al.'s switches, turned on together (arXiv 2205.05198, Megatron-LM's ZeRO-1).
+MEMORY_SWITCHES = dict(
+    model=dict(sequence_parallel=True, remat="selective"), optim=dict(distributed=True)
+)
+
+
+def paper_layout_table(devices, *, data: int = 64) -> str:
+    """A markdown table of the paper's configs on its own layout, in fp16 on V100s: `data`-way
+    data parallelism times each config's T, one micro-batch of the recipe's global batch (GPT-2:
+    512, 8 sequences per device), before (the recipes' full recomputation) and after
+    MEMORY_SWITCHES."""
+    from megajax import config, mesh
+
+    rows = [
+        "| config | mesh | before: memory / device | V100 | hardware / model FLOPs | MFU "
+        "| after: memory / device | V100 | hardware / model FLOPs | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path, t in PAPER_CONFIGS:
+        base = config.replace(
+            config.load(path),
+            model=dict(compute_dtype="float16", remat="full"),
+            train=dict(micro_batches=1),
+        )
+        device_mesh = mesh.make(f"data={data},model={t}", devices=devices[: data * t])
+        cells = []
+        for cfg in (base, config.replace(base, **MEMORY_SWITCHES)):
+            p = make_plan(cfg, device_mesh, target_name="v100")
+            total, fl = p["memory"]["analytic"]["total"], p["flops_per_step"]
+            cells += [
+                _gb(total),
+                "fits" if total <= TARGETS["v100"].memory_bytes else "no",
+                f"{fl['hardware'] / fl['model']:.3f}",
+                f"{100 * p['roofline']['this mesh']['mfu']:.0f}%",
+            ]
+        rows.append(f"| `{Path(path).stem}` | {data} x {t} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -616,6 +655,12 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="README table of the paper's dry runs")
     parser.add_argument("--cpu_devices", type=int, default=8)
+    parser.add_argument(
+        "--paper_layout", action="store_true", help="the paper's own layouts (512 devices)"
+    )
     args = parser.parse_args()
     mesh.fake_cpu_devices(args.cpu_devices)
-    print(paper_table(jax.devices()))
+    if args.paper_layout:
+        print(paper_layout_table(jax.devices()))
+    else:
+        print(paper_table(jax.devices()))
