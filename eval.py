@@ -171,9 +171,10 @@ def main(argv=None) -> int:
         cli.start(args)
         import jax
 
-        cfg = cli.trained_config(args)
+        weights = cli.hf_weights(args)
+        cfg = cli.trained_config(args, weights)
         tokenizer = _gpt2_tokenizer(cfg, args.task) if args.task in GPT_TASKS else None
-        trainer, params, step = cli.load_trained(args, cfg)
+        trainer, params, step = cli.load_trained(args, cfg, weights)
         result, summary = _evaluate(args, trainer, params, tokenizer)
         result = {"task": args.task, "step": step, **result}
     except ConfigError as e:

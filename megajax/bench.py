@@ -80,18 +80,12 @@ def jax_stepper(cfg: Config, device_mesh, batches):
     return step, compile_s
 
 
-def torch_stepper(cfg: Config, batches):
-    """One eager PyTorch step of Hugging Face's GPT-2 with the same shape and AdamW."""
-    try:
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError as e:
-        raise ConfigError(
-            f"--torch needs PyTorch and transformers ({e.name} is missing): "
-            "pip install torch transformers"
-        ) from None
-    m, o = cfg.model, cfg.optim
-    hf = GPT2Config(
+def hf_gpt2_config(cfg: Config):
+    """Hugging Face's GPT2Config of the same shape, activation and dropout as cfg.model."""
+    from transformers import GPT2Config
+
+    m = cfg.model
+    return GPT2Config(
         vocab_size=m.vocab_size,
         n_positions=m.seq_len,
         n_embd=m.hidden,
@@ -103,11 +97,24 @@ def torch_stepper(cfg: Config, batches):
         embd_pdrop=m.dropout,
         attn_pdrop=m.dropout,
         layer_norm_epsilon=m.layernorm_eps,
-        bos_token_id=None,  # GPT-2's 50256 is outside a smaller vocabulary; no generation here
+        bos_token_id=None,  # GPT-2's 50256 is outside a smaller vocabulary
         eos_token_id=None,
     )
+
+
+def torch_stepper(cfg: Config, batches):
+    """One eager PyTorch step of Hugging Face's GPT-2 with the same shape and AdamW."""
+    try:
+        import torch
+        from transformers import GPT2LMHeadModel
+    except ImportError as e:
+        raise ConfigError(
+            f"--torch needs PyTorch and transformers ({e.name} is missing): "
+            "pip install torch transformers"
+        ) from None
+    m, o = cfg.model, cfg.optim
     torch.manual_seed(cfg.train.seed)
-    model = GPT2LMHeadModel(hf).train()
+    model = GPT2LMHeadModel(hf_gpt2_config(cfg)).train()
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=o.lr,

@@ -58,12 +58,12 @@ def _megajax(cfg, batches, prompt_len, new_tokens):
 def _torch(cfg, batches, prompt_len, new_tokens):
     """{batch: fn() -> seconds} generating with transformers' GPT2LMHeadModel, eager."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
+
+    from megajax.bench import hf_gpt2_config
 
     m = cfg.model
-    hf = GPT2Config(vocab_size=m.vocab_size, n_positions=m.seq_len, n_embd=m.hidden,
-                    n_layer=m.num_layers, n_head=m.num_heads)  # fmt: skip
-    model = GPT2LMHeadModel(hf).eval()
+    model = GPT2LMHeadModel(hf_gpt2_config(cfg)).eval()
 
     def run(batch):
         ids = torch.randint(0, m.vocab_size, (batch, prompt_len))

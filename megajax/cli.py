@@ -173,9 +173,20 @@ def lead_print(*values) -> None:
         print(*values, flush=True)
 
 
-def trained_config(args: argparse.Namespace) -> config.Config:
-    """The config of the model that --workdir or --hf_checkpoint names: from --config, the work
-    directory's config.json or the Hugging Face checkpoint's shape, plus --set."""
+def hf_weights(args: argparse.Namespace):
+    """The --hf_checkpoint directory opened (convert.HFWeights), or None without one; opened
+    once and handed to trained_config and load_trained."""
+    if not args.hf_checkpoint:
+        return None
+    from megajax import convert
+
+    return convert.HFWeights(args.hf_checkpoint)
+
+
+def trained_config(args: argparse.Namespace, weights=None) -> config.Config:
+    """The config of the model that --workdir or --hf_checkpoint (opened as `weights`, see
+    hf_weights) names: from --config, the work directory's config.json or the Hugging Face
+    checkpoint's shape, plus --set."""
     import json
     from pathlib import Path
 
@@ -188,30 +199,29 @@ def trained_config(args: argparse.Namespace) -> config.Config:
         cfg = config.override(config.Config(), args.set)
     else:
         raise ConfigError(f"{saved} not found: pass --config, or a --workdir that train.py wrote")
-    if args.hf_checkpoint:
+    if weights is not None:
         from megajax import convert
 
         # A config file, the work directory's config or --set model.arch chose the family.
         chosen = bool(args.config) or (bool(args.workdir) and saved.is_file())
         chosen |= any(s.startswith("model.arch=") for s in args.set)
-        weights = convert.HFWeights(args.hf_checkpoint)
         cfg = convert.with_hf_model(cfg, weights, arch_chosen=chosen)
     return cfg
 
 
-def load_trained(args: argparse.Namespace, cfg: config.Config):
+def load_trained(args: argparse.Namespace, cfg: config.Config, weights=None):
     """(Trainer, params, step) of `cfg` (trained_config) on the --mesh: the parameters of the
-    --workdir's newest (or --step) checkpoint or of --hf_checkpoint. Call after start(args)."""
+    --workdir's newest (or --step) checkpoint or of --hf_checkpoint (opened as `weights`, see
+    hf_weights). Call after start(args)."""
     from pathlib import Path
 
     from megajax.checkpoint import Checkpointer
     from megajax.trainer import Trainer
 
     trainer = Trainer(cfg, mesh.make(args.mesh))
-    if args.hf_checkpoint:
+    if weights is not None:
         from megajax import convert
 
-        weights = convert.HFWeights(args.hf_checkpoint)
         return trainer, convert.load_params(trainer, weights, log=lead_print), args.hf_checkpoint
     ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
     step = args.step if args.step is not None else ckpt.latest_step()

@@ -276,14 +276,15 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 def load(args) -> tuple[Generator, object, object]:
     """(Generator, tokenizer, step) of the model the flags name, on the --mesh."""
     cli.start(args)
-    cfg = cli.trained_config(args)
+    weights = cli.hf_weights(args)
+    cfg = cli.trained_config(args, weights)
     # Training's memory switches do not apply to decoding, which feeds one token at a time and
     # runs no backward pass; the checkpoint restores without them (its layout does not change).
     cfg = config.replace(
         cfg, model=dict(sequence_parallel=False, remat="none"), optim=dict(distributed=False)
     )
     tokenizer = tokenizer_for(cfg, workdir=args.workdir, hf_checkpoint=args.hf_checkpoint)
-    trainer, params, step = cli.load_trained(args, cfg)
+    trainer, params, step = cli.load_trained(args, cfg, weights)
     return Generator(trainer, params), tokenizer, step
 
 
