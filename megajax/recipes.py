@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from megajax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 # The paper's corpus (section 4.1): Wikipedia, CC-Stories, RealNews and OpenWebText, 174 GB
@@ -60,5 +62,24 @@ def megatron_bert(*, num_layers: int, hidden: int, num_heads: int) -> Config:
         ),
         train=TrainConfig(
             steps=2_000_000, batch_size=1024, micro_batches=32, log_every=10, eval_every=1000
+        ),
+    )
+
+
+def megatron_gpt_2021(
+    *, num_layers: int, hidden: int, num_heads: int, batch_size: int, data_degree: int
+) -> Config:
+    """GPT as scaled in arXiv 2104.04473 (Table 1): sequences of 2,048 tokens, GPT-2's
+    vocabulary padded to 51,200 at 8-way tensor parallelism, 8-way tensor parallelism inside a
+    node and pipeline stages across nodes. The table fixes the global batch and the number of
+    GPUs, hence the data-parallel degree; it does not print the micro-batch size, so one sequence
+    per data-parallel replica and micro-batch is taken here (micro_batches = batch / data). The
+    optimizer is the 2019 recipe's: the paper measured throughput, not a training run."""
+    base = megatron_gpt2(num_layers=num_layers, hidden=hidden, num_heads=num_heads)
+    return dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, seq_len=2048),
+        train=dataclasses.replace(
+            base.train, batch_size=batch_size, micro_batches=batch_size // data_degree
         ),
     )

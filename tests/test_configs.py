@@ -53,6 +53,34 @@ def test_paper_parameter_counts_match_tables_1_and_4(name):
         assert abs(n - params) / params < 0.01, n
 
 
+# Table 1 of arXiv 2104.04473 (Narayanan et al. 2021, also the Megatron-LM repository's
+# images/cases_april2021.png): parameters in billions as printed (one decimal), layers, hidden,
+# GPUs and global batch; tensor parallelism 8 and the config's pipeline degree.
+PAPER_2021 = {
+    "megatron_gpt_39b": (39.1, 48, 8192, 512, 1536, 2),
+    "megatron_gpt_146b": (145.6, 80, 12288, 1536, 2304, 8),
+    "megatron_gpt_1t": (1008.0, 128, 25600, 3072, 3072, 64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_2021))
+def test_2021_parameter_counts_and_batches_match_table_1(name):
+    billions, layers, hidden, gpus, batch, pipeline = PAPER_2021[name]
+    cfg = config.load(f"configs/{name}.py")
+    m = cfg.model
+    assert (m.num_layers, m.hidden, m.seq_len, m.padded_vocab_size(8)) == (
+        layers,
+        hidden,
+        2048,
+        51200,
+    )
+    assert round(m.num_params(8) / 1e9, 1) == billions
+    data = gpus // (8 * pipeline)
+    # One sequence per data-parallel replica and micro-batch.
+    assert cfg.train.batch_size == batch and cfg.train.micro_batches * data == batch
+    assert f"--mesh pipeline={pipeline},data={data},model=8" in open(f"configs/{name}.py").read()
+
+
 def test_vocabulary_padding_follows_the_model_degree():
     cfg = config.load("configs/gpt2_small.py").model
     assert cfg.padded_vocab_size(1) == 50304
