@@ -103,3 +103,29 @@ def test_restored_import_matches_on_another_mesh(hf_dir, ids, tmp_path):
     theirs = _hf_logits(hf_dir, ids)
     ours = _megajax_logits(trainer, state["params"], ids)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 4, 5]]  # unequal lengths
+
+
+def test_imported_llama_greedy_equals_transformers(hf_dir):
+    """On 2 x 4: the KV cache holds num_kv_heads heads of keys turned at their positions
+    (a left-padded prompt starts at position 0)."""
+    from megajax import generate
+
+    weights = convert.HFWeights(hf_dir)
+    trainer = Trainer(convert.with_hf_model(config.Config(), weights), device_mesh(2, 4))
+    params = convert.load_params(trainer, weights, log=lambda _: None)
+    out = generate.Generator(trainer, params)(PROMPTS, new_tokens=8, temperature=0.0)
+    model = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    for prompt, ours in zip(PROMPTS, out["tokens"], strict=True):
+        ids = torch.tensor([prompt])
+        theirs = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].numpy()
+        np.testing.assert_array_equal(ours, theirs)
