@@ -204,8 +204,11 @@ class DataConfig:
     # A UTF-8 text file (prepared once into the workdir), a dataset prepared by
     # `python -m megajax.data.prepare`, or several blended: "0.7:a.txt,0.3:prepared/b".
     source: str = "data/shakespeare/input.txt"
-    tokenizer: str = "gpt2"  # "gpt2" (byte-level BPE), "bert" (WordPiece) or "char"
-    vocab_dir: str = "data/gpt2"  # vocab.json and merges.txt for "gpt2", vocab.txt for "bert"
+    # "gpt2" (byte-level BPE), "bert" (WordPiece), "char", or "hf": a Hugging Face
+    # tokenizer.json (Llama's), read with the `tokenizers` package.
+    tokenizer: str = "gpt2"
+    # vocab.json and merges.txt for "gpt2", vocab.txt for "bert", tokenizer.json for "hf"
+    vocab_dir: str = "data/gpt2"
     val_fraction: float = 0.1  # the tail of the text held out for val_loss
     # BERT pairs (model.arch="bert"): the share of positions predicted (80% of them [MASK],
     # 10% random, 10% kept), shorter pairs now and then, and masking whole words.

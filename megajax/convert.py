@@ -39,7 +39,7 @@ class HFWeights:
     """Random access to the tensors of a save_pretrained directory, one tensor at a time."""
 
     def __init__(self, directory: str | Path):
-        directory = Path(directory)
+        directory = self.directory = Path(directory)
         self.config = _read_json(directory / "config.json")
         single = directory / "model.safetensors"
         index = directory / "model.safetensors.index.json"
@@ -276,7 +276,12 @@ def with_hf_model(
                 f"checkpoint has {hf[name]}: drop the option or use another checkpoint"
             )
     kept = (*COMPUTE_OPTIONS, *(explicit & set(TRAINING_OPTIONS)))
-    return config.replace(cfg, model={**hf, **{k: getattr(cfg.model, k) for k in kept}})
+    cfg = config.replace(cfg, model={**hf, **{k: getattr(cfg.model, k) for k in kept}})
+    llama = weights.config.get("model_type") == "llama"
+    if llama and cfg.data.tokenizer == "gpt2" and (weights.directory / "tokenizer.json").is_file():
+        # A Llama checkpoint's own tokenizer in place of the default GPT-2 BPE.
+        cfg = config.replace(cfg, data=dict(tokenizer="hf", vocab_dir=str(weights.directory)))
+    return cfg
 
 
 def import_hf(
