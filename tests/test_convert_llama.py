@@ -129,3 +129,28 @@ def test_imported_llama_greedy_equals_transformers(hf_dir):
             pad_token_id=0,
         )[0, len(prompt) :].numpy()
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_checkpoint_tokenizer_json_is_read_and_its_absence_said(hf_dir, tmp_path):
+    """A Llama directory with tokenizer.json trains and generates with it (data.tokenizer=hf);
+    one without keeps the configured tokenizer, and asking for hf there says what is missing."""
+    import shutil
+
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    from megajax import generate
+    from megajax.data.tokenizer import HFTokenizer
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(hf_dir / name, tmp_path / name)
+    without = convert.with_hf_model(config.Config(), convert.HFWeights(tmp_path))
+    assert without.data.tokenizer == "gpt2"
+    asked = config.replace(without, data=dict(tokenizer="hf", vocab_dir=str(tmp_path)))
+    with pytest.raises(config.ConfigError, match="tokenizer.json not found"):
+        generate.tokenizer_for(asked, workdir=None, hf_checkpoint=None)
+    bpe = ByteLevelBPETokenizer("data/gpt2/vocab.json", "data/gpt2/merges.txt")
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    cfg = convert.with_hf_model(config.Config(), convert.HFWeights(tmp_path))
+    assert (cfg.data.tokenizer, cfg.data.vocab_dir) == ("hf", str(tmp_path))
+    tokenizer = generate.tokenizer_for(cfg, workdir=None, hf_checkpoint=str(tmp_path))
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.encode("Hello") == [15496]
