@@ -44,10 +44,10 @@ def layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> 
         total += _core_bytes(m, batch=batch, model_degree=t)
     if m.dropout > 0:
         total += 2 * n / r  # residual dropout masks
-    if e != 4:
-        total += (
-            e * (3 * m.hidden * m.hidden + m.hidden * m.hidden + 2 * m.hidden * m.mlp_hidden) / t
-        )
+    if e != 4:  # the layer's matmul weights in the compute dtype
+        h, f = m.hidden, m.mlp_hidden
+        qkv = (m.num_heads + 2 * m.kv_heads) * m.head_dim
+        total += e * (h * qkv + h * h + h * f * (2 if m.mlp == "swiglu" else 1) + f * h) / t
     return total
 
 

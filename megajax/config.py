@@ -19,6 +19,9 @@ ACTIVATIONS = ("gelu_tanh", "gelu")
 BINARY_HEADS = ("sop", "nsp", "none")
 REMATS = ("none", "full", "selective")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,18 @@ class ModelConfig:
     # next-sentence ("nsp", the original BERT's) prediction, or "none".
     binary_head: str = "sop"
     num_choices: int = 4  # answer options per question of a bert_multiple_choice model (RACE)
+    # Llama-style decoders (the defaults are GPT-2's): "rmsnorm" (scale only, eps is
+    # layernorm_eps) or "layernorm"; "rope" positions (rotate-half pairing, as Hugging Face and
+    # Megatron-Core rotate) at base rope_theta, or "learned" ones; "swiglu" MLP, down(silu(gate
+    # x) * up x), or "gelu" (model.activation picks its form).
+    norm: str = "layernorm"
+    positions: str = "learned"
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"
+    ffn_hidden: int = 0  # the MLP's inner width; 0: mlp_ratio * hidden (Llama's is not 4h)
+    num_kv_heads: int = 0  # grouped-query attention's key/value heads; 0: num_heads
+    bias: bool = True  # biases in the linear layers and layer norms (Llama has none)
+    tie_embeddings: bool = True  # LM head = word embedding; false: its own (vocab, hidden)
 
     def __post_init__(self):
         for name, allowed in (
@@ -67,6 +82,9 @@ class ModelConfig:
             ("binary_head", BINARY_HEADS),
             ("remat", REMATS),
             ("compute_dtype", COMPUTE_DTYPES),
+            ("norm", NORMS),
+            ("positions", POSITIONS),
+            ("mlp", MLPS),
         ):
             if getattr(self, name) not in allowed:
                 was_bool = name == "remat" and str(self.remat).lower() in ("true", "false")
@@ -74,6 +92,20 @@ class ModelConfig:
                     f"model.{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}"
                     + ('; the old true is now "full", false "none"' if was_bool else "")
                 )
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.num_kv_heads={self.num_kv_heads} does not divide num_heads="
+                f"{self.num_heads}: each key/value head serves a whole group of query heads"
+            )
+        llama = (self.norm, self.positions, self.mlp) != ("layernorm", "learned", "gelu")
+        decoder_only = llama or self.kv_heads != self.num_heads or not self.tie_embeddings
+        if self.is_bert and (decoder_only or not self.bias):
+            raise ConfigError(
+                "model.norm, positions, mlp, num_kv_heads, bias and tie_embeddings are decoder "
+                f"(arch=gpt) options; model.arch={self.arch} keeps their defaults"
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"positions=rope needs an even head_dim, not {self.head_dim}")
 
     @property
     def is_bert(self) -> bool:
@@ -84,8 +116,23 @@ class ModelConfig:
         return self.hidden // self.num_heads
 
     @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
     def mlp_hidden(self) -> int:
-        return self.mlp_ratio * self.hidden
+        return self.ffn_hidden or self.mlp_ratio * self.hidden
+
+    def layer_params(self) -> tuple[int, int]:
+        """One transformer layer's parameters: (split over `model`, replicated). QKV (grouped
+        by key/value head), fc1 (SwiGLU: gate and up) and their biases, the attention output
+        and fc2 weights are split; the norms and the row-parallel biases are replicated."""
+        h, f, b = self.hidden, self.mlp_hidden, int(self.bias)
+        qkv = (self.num_heads + 2 * self.kv_heads) * self.head_dim
+        fc1 = 2 * f if self.mlp == "swiglu" else f
+        split = h * qkv + b * qkv + h * h + h * fc1 + b * fc1 + f * h
+        norm = (1 + b) * h if self.norm == "layernorm" else h
+        return split, 2 * norm + 2 * b * h
 
     def padded_vocab_size(self, model_degree: int) -> int:
         """Vocabulary rounded up to a multiple of make_vocab_size_divisible_by * model_degree."""
@@ -93,14 +140,15 @@ class ModelConfig:
         return math.ceil(self.vocab_size / multiple) * multiple
 
     def num_params(self, model_degree: int = 1) -> int:
-        """Parameters of the model (LM heads tied to the word embedding), counting the padded
-        vocabulary."""
-        h, f, n = self.hidden, self.mlp_hidden, self.num_layers
-        per_layer = 2 * 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+        """Parameters of the model, counting the padded vocabulary."""
+        h, n = self.hidden, self.num_layers
+        per_layer = sum(self.layer_params())
         vocab = self.padded_vocab_size(model_degree)
-        embed = vocab * h + self.seq_len * h
+        embed = vocab * h + (self.seq_len * h if self.positions == "learned" else 0)
         if self.arch == "gpt":
-            return embed + n * per_layer + 2 * h  # final layer norm
+            head = 0 if self.tie_embeddings else vocab * h
+            final_norm = (1 + int(self.bias)) * h if self.norm == "layernorm" else h
+            return embed + n * per_layer + final_norm + head
         embed += self.type_vocab_size * h + 2 * h  # token types; the embedding or final norm
         pooler = h * h + h
         if self.arch == "bert_multiple_choice":
@@ -117,11 +165,14 @@ class ModelConfig:
 
     def flops_per_token(self) -> float:
         """Model FLOPs of one token's forward and backward pass, counted as Megatron-LM does."""
-        h, n, s = self.hidden, self.num_layers, self.seq_len
-        # 24 h^2 (dense) + 4 s h (attention scores and values) per layer, 2 V h for the LM head
-        # (none for multiple choice); times 3 for forward + backward.
+        h, n, s, f = self.hidden, self.num_layers, self.seq_len, self.mlp_hidden
+        # 2 FLOPs per weight of the layer's matmuls (24 h^2 for GPT-2's) + 4 s h (attention
+        # scores and values) per layer, 2 V h for the LM head (none for multiple choice);
+        # times 3 for forward + backward.
+        qkv = (self.num_heads + 2 * self.kv_heads) * self.head_dim
+        dense = 2 * (h * qkv + h * h + h * f * (2 if self.mlp == "swiglu" else 1) + f * h)
         head = 0 if self.arch == "bert_multiple_choice" else 2 * self.vocab_size * h
-        return 3 * (n * (24 * h * h + 4 * s * h) + head)
+        return 3 * (n * (dense + 4 * s * h) + head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +204,11 @@ class DataConfig:
     # A UTF-8 text file (prepared once into the workdir), a dataset prepared by
     # `python -m megajax.data.prepare`, or several blended: "0.7:a.txt,0.3:prepared/b".
     source: str = "data/shakespeare/input.txt"
-    tokenizer: str = "gpt2"  # "gpt2" (byte-level BPE), "bert" (WordPiece) or "char"
-    vocab_dir: str = "data/gpt2"  # vocab.json and merges.txt for "gpt2", vocab.txt for "bert"
+    # "gpt2" (byte-level BPE), "bert" (WordPiece), "char", or "hf": a Hugging Face
+    # tokenizer.json (Llama's), read with the `tokenizers` package.
+    tokenizer: str = "gpt2"
+    # vocab.json and merges.txt for "gpt2", vocab.txt for "bert", tokenizer.json for "hf"
+    vocab_dir: str = "data/gpt2"
     val_fraction: float = 0.1  # the tail of the text held out for val_loss
     # BERT pairs (model.arch="bert"): the share of positions predicted (80% of them [MASK],
     # 10% random, 10% kept), shorter pairs now and then, and masking whole words.

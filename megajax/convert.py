@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 and BERT <-> megajax weights, streamed one tensor at a time.
+"""Hugging Face GPT-2, BERT and Llama <-> megajax weights, streamed one tensor at a time.
 
     python -m megajax.convert --hf DIR --out WORKDIR [--mesh data=D,model=M] [--cpu_devices N]
     python -m megajax.convert --checkpoint WORKDIR --to_hf DIR
@@ -6,320 +6,31 @@
 Import writes a megajax checkpoint at step 0 (Hugging Face weights, fresh optimizer state) and
 WORKDIR/config.json, which train.py and eval.py resume from. Each process reads each tensor
 once and gives each of its devices only the slices it holds; export writes model.safetensors
-tensor by tensor. The HF config's model_type picks a family, and the layout differences are in
-its table: GPT-2's Conv1D weights are already [in, out] like megajax's kernels but its c_attn
-columns are q | k | v, where megajax interleaves them by head; BERT's Linear weights are
-[out, in] with separate query, key and value; both vocabularies are unpadded; both tie the
-output embedding to the input one.
+tensor by tensor. The HF config's model_type picks a family; the layout differences are in its
+table (megajax.hf_tables).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import struct
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from megajax import cli, config, mesh
 from megajax.config import ConfigError, ModelConfig
-
-# --- the layout tables --------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """What the transforms need to know: the model, and its vocabulary padded for the mesh."""
-
-    model: ModelConfig
-    padded_vocab: int
-
-
-def _same(x, layout):
-    return x
-
-
-def _transpose(x, layout):  # torch Linear [out, in] <-> megajax kernel [in, out]
-    return x.T
-
-
-def _swap_groups(x, outer: int, inner: int):
-    """Last axis (outer, inner, rest) -> (inner, outer, rest)."""
-    shape = x.shape[:-1]
-    x = x.reshape(*shape, outer, inner, -1)
-    return np.swapaxes(x, -3, -2).reshape(*shape, -1)
-
-
-def _qkv_from_hf(x, layout):
-    """Columns (q|k|v, head, head_dim) -> (head, q|k|v, head_dim)."""
-    return _swap_groups(x, 3, layout.model.num_heads)
-
-
-def _qkv_to_hf(x, layout):
-    return _swap_groups(x, layout.model.num_heads, 3)
-
-
-def _vocab_from_hf(x, layout):
-    return np.pad(x, [(0, layout.padded_vocab - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-
-
-def _vocab_to_hf(x, layout):
-    return x[: layout.model.vocab_size]  # the padding rows are megajax's own
-
-
-def _positions_from_hf(x, layout):
-    """The first seq_len learned positions: a model may train on shorter sequences."""
-    return x[: layout.model.seq_len]
-
-
-SAME, LINEAR = (_same, _same), (_transpose, _transpose)
-POSITIONS = (_positions_from_hf, _same)
-QKV, VOCAB = (_qkv_from_hf, _qkv_to_hf), (_vocab_from_hf, _vocab_to_hf)
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One megajax parameter (one layer's, for the stacked `h`) as Hugging Face tensors: their
-    names ({i} = layer) and the transforms both ways, given the Layout."""
-
-    names: tuple[str, ...]
-    to_megajax: Callable  # (list of HF arrays, Layout) -> one megajax array
-    to_hf: Callable  # (megajax array, Layout) -> list of HF arrays, as `names`
-
-
-def _one(name: str, transforms=SAME) -> Rule:
-    to_megajax, to_hf = transforms
-    return Rule((name,), lambda xs, layout: to_megajax(xs[0], layout),
-                lambda x, layout: [to_hf(x, layout)])  # fmt: skip
-
-
-def _fused_qkv(pattern: str) -> Rule:
-    """torch Linear query, key and value (weights [out, in] or biases) -> one head-interleaved
-    qkv kernel [in, 3 * out] or bias, and back (.T leaves a bias as it is)."""
-
-    def to_megajax(xs, layout):
-        return _qkv_from_hf(np.concatenate([x.T for x in xs], axis=-1), layout)
-
-    def to_hf(x, layout):
-        return [part.T for part in np.split(_qkv_to_hf(x, layout), 3, axis=-1)]
-
-    return Rule(tuple(pattern.format(part, i="{i}") for part in ("query", "key", "value")),
-                to_megajax, to_hf)  # fmt: skip
-
-
-def _norm(path: tuple, name: str) -> dict:
-    return {path + ("scale",): _one(f"{name}.weight"), path + ("bias",): _one(f"{name}.bias")}
-
-
-def _dense(path: tuple, name: str, kernel=SAME) -> dict:
-    return {
-        path + ("kernel",): _one(f"{name}.weight", kernel),
-        path + ("bias",): _one(f"{name}.bias"),
-    }
-
-
-# megajax parameter path -> Rule. Names are those of the head models GPT2LMHeadModel and
-# BertFor*; a bare GPT2Model or BertModel checkpoint lacks the base prefix (HFWeights strips it).
-GPT2_TABLE = {
-    ("wte", "embedding"): _one("transformer.wte.weight", VOCAB),
-    ("wpe",): _one("transformer.wpe.weight", POSITIONS),
-    **_norm(("ln_f",), "transformer.ln_f"),
-    **_norm(("h", "ln_1"), "transformer.h.{i}.ln_1"),
-    ("h", "attn", "qkv", "kernel"): _one("transformer.h.{i}.attn.c_attn.weight", QKV),
-    ("h", "attn", "qkv", "bias"): _one("transformer.h.{i}.attn.c_attn.bias", QKV),
-    **_dense(("h", "attn", "proj"), "transformer.h.{i}.attn.c_proj"),
-    **_norm(("h", "ln_2"), "transformer.h.{i}.ln_2"),
-    **_dense(("h", "mlp", "fc1"), "transformer.h.{i}.mlp.c_fc"),
-    **_dense(("h", "mlp", "fc2"), "transformer.h.{i}.mlp.c_proj"),
-}  # lm_head is tied to wte
-
-
-def _bert_table(placement: str) -> dict:
-    """BERT's table, layer norms "post" (transformers' Bert*) or "pre" (MegatronBert*)."""
-    post, layer = placement == "post", "bert.encoder.layer.{i}."
-    return {
-        ("wte", "embedding"): _one("bert.embeddings.word_embeddings.weight", VOCAB),
-        ("wpe",): _one("bert.embeddings.position_embeddings.weight", POSITIONS),
-        ("wtt",): _one("bert.embeddings.token_type_embeddings.weight"),
-        **(_norm(("ln_embed",), "bert.embeddings.LayerNorm") if post else {}),
-        ("h", "attn", "qkv", "kernel"): _fused_qkv(layer + "attention.self.{}.weight"),
-        ("h", "attn", "qkv", "bias"): _fused_qkv(layer + "attention.self.{}.bias"),
-        **_dense(("h", "attn", "proj"), layer + "attention.output.dense", LINEAR),
-        # post: ln_1(x + attn(x)), ln_2(y + mlp(y)); pre: x + attn(ln_1(x)), y + mlp(ln_2(y))
-        **_norm(("h", "ln_1"), layer + ("attention.output.LayerNorm" if post else "attention.ln")),
-        **_dense(("h", "mlp", "fc1"), layer + "intermediate.dense", LINEAR),
-        **_dense(("h", "mlp", "fc2"), layer + "output.dense", LINEAR),
-        **_norm(("h", "ln_2"), layer + ("output.LayerNorm" if post else "ln")),
-        **({} if post else _norm(("ln_f",), "bert.encoder.ln")),
-        **_dense(("pooler",), "bert.pooler.dense", LINEAR),
-        **_dense(("mlm", "dense"), "cls.predictions.transform.dense", LINEAR),
-        **_norm(("mlm", "ln"), "cls.predictions.transform.LayerNorm"),
-        ("mlm", "bias"): _one("cls.predictions.bias", VOCAB),  # the tied decoder's bias too
-        **_dense(("binary",), "cls.seq_relationship", LINEAR),
-        **_dense(("choice",), "classifier", LINEAR),
-    }
-
-
-def _gpt2_fields(hf: dict) -> dict:
-    if hf.get("activation_function", "gelu_new") != "gelu_new":
-        raise ConfigError(f"activation {hf['activation_function']!r}: megajax GPT-2 uses gelu_new")
-    inner = hf.get("n_inner") or 4 * hf["n_embd"]
-    if inner % hf["n_embd"]:
-        raise ConfigError(f"n_inner={inner} is not a multiple of n_embd={hf['n_embd']}")
-    return dict(
-        arch="gpt",
-        vocab_size=hf["vocab_size"],
-        seq_len=hf["n_positions"],
-        num_layers=hf["n_layer"],
-        hidden=hf["n_embd"],
-        num_heads=hf["n_head"],
-        mlp_ratio=inner // hf["n_embd"],
-        dropout=hf.get("resid_pdrop", 0.1),
-        init_std=hf.get("initializer_range", 0.02),
-        layernorm_eps=hf.get("layer_norm_epsilon", 1e-5),
-    )
-
-
-def _gpt2_config(cfg: ModelConfig) -> dict:
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "activation_function": "gelu_new",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.seq_len,
-        "n_layer": cfg.num_layers,
-        "n_embd": cfg.hidden,
-        "n_head": cfg.num_heads,
-        "n_inner": cfg.mlp_hidden,
-        "resid_pdrop": cfg.dropout,
-        "embd_pdrop": cfg.dropout,
-        "attn_pdrop": cfg.dropout,
-        "initializer_range": cfg.init_std,
-        "layer_norm_epsilon": cfg.layernorm_eps,
-        "tie_word_embeddings": True,
-        "bos_token_id": min(50256, cfg.vocab_size - 1),
-        "eos_token_id": min(50256, cfg.vocab_size - 1),
-    }
-
-
-BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-
-
-def binary_head_of(hf: dict) -> str | None:
-    """What a BERT checkpoint's cls.seq_relationship predicts: "nsp" (transformers' meaning,
-    label 1 = random B, as megajax's), "sop" when megajax wrote it, None when it has none."""
-    if "megajax_binary_head" in hf:
-        return hf["megajax_binary_head"]
-    archs = hf.get("architectures") or []
-    pair = any(a.endswith(("ForPreTraining", "ForNextSentencePrediction")) for a in archs)
-    return "nsp" if pair else None
-
-
-def _bert_fields(hf: dict) -> dict:
-    act = hf.get("hidden_act", "gelu")
-    if act not in BERT_ACTIVATIONS:
-        raise ConfigError(f"hidden_act {act!r}: megajax BERT has {', '.join(BERT_ACTIVATIONS)}")
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ConfigError(f"position_embedding_type {hf['position_embedding_type']!r}: megajax "
-                          "BERT learns absolute positions")  # fmt: skip
-    hidden, inner = hf["hidden_size"], hf["intermediate_size"]
-    if inner % hidden:
-        raise ConfigError(f"intermediate_size={inner} is not a multiple of hidden_size={hidden}")
-    # The architecture decides the heads, unless the user's config chose them (with_hf_model).
-    choice = any(a.endswith("ForMultipleChoice") for a in hf.get("architectures") or [])
-    return dict(
-        arch="bert_multiple_choice" if choice else "bert",
-        binary_head=("none" if choice else binary_head_of(hf)) or "none",
-        vocab_size=hf["vocab_size"],
-        seq_len=hf["max_position_embeddings"],
-        num_layers=hf["num_hidden_layers"],
-        hidden=hidden,
-        num_heads=hf["num_attention_heads"],
-        mlp_ratio=inner // hidden,
-        dropout=hf.get("hidden_dropout_prob", 0.1),
-        init_std=hf.get("initializer_range", 0.02),
-        layernorm_eps=hf.get("layer_norm_eps", 1e-12),
-        layernorm_placement="post" if hf["model_type"] == "bert" else "pre",
-        activation=BERT_ACTIVATIONS[act],
-        type_vocab_size=hf.get("type_vocab_size", 2),
-    )
-
-
-def _bert_config(cfg: ModelConfig) -> dict:
-    base = "Bert" if cfg.layernorm_placement == "post" else "MegatronBert"
-    if cfg.arch == "bert_multiple_choice":
-        head = "ForMultipleChoice"
-    else:  # a sentence-order head is written as seq_relationship too, marked as such
-        head = "ForMaskedLM" if cfg.binary_head == "none" else "ForPreTraining"
-    hf = {
-        "architectures": [base + head],
-        "model_type": "bert" if base == "Bert" else "megatron-bert",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.mlp_hidden,
-        "hidden_act": {"gelu": "gelu", "gelu_tanh": "gelu_new"}[cfg.activation],
-        "hidden_dropout_prob": cfg.dropout,
-        "attention_probs_dropout_prob": cfg.dropout,
-        "max_position_embeddings": cfg.seq_len,
-        "type_vocab_size": cfg.type_vocab_size,
-        "initializer_range": cfg.init_std,
-        "layer_norm_eps": cfg.layernorm_eps,
-        "position_embedding_type": "absolute",
-        "pad_token_id": 0,
-        "tie_word_embeddings": True,
-    }
-    if head == "ForPreTraining" and cfg.binary_head == "sop":
-        hf["megajax_binary_head"] = "sop"
-    return hf
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """A Hugging Face model_type: its table, and its config.json <-> megajax's ModelConfig."""
-
-    base: str  # the base model's name prefix in its head models
-    table: dict
-    heads: tuple[str, ...]  # top-level parameters a checkpoint may lack: freshly initialised
-    model_fields: Callable[[dict], dict]  # config.json -> ModelConfig fields
-    hf_config: Callable[[ModelConfig], dict]
-
-
-BERT_HEADS = ("pooler", "mlm", "binary", "choice")
-FAMILIES = {
-    "gpt2": Family("transformer.", GPT2_TABLE, (), _gpt2_fields, _gpt2_config),
-    "bert": Family("bert.", _bert_table("post"), BERT_HEADS, _bert_fields, _bert_config),
-    "megatron-bert": Family("bert.", _bert_table("pre"), BERT_HEADS, _bert_fields, _bert_config),
-}
-
-
-def family_of(hf: dict) -> Family:
-    if hf.get("model_type") not in FAMILIES:
-        raise ConfigError(f"model_type {hf.get('model_type')!r} is not supported: expected one "
-                          f"of {', '.join(FAMILIES)}")  # fmt: skip
-    return FAMILIES[hf["model_type"]]
-
-
-def model_type_of(cfg: ModelConfig) -> str:
-    """The Hugging Face model_type a megajax model exports to."""
-    if not cfg.is_bert:
-        return "gpt2"
-    return "bert" if cfg.layernorm_placement == "post" else "megatron-bert"
-
-
-def model_config(hf: dict) -> ModelConfig:
-    """megajax's ModelConfig for a Hugging Face config.json (the heads its architecture has)."""
-    return ModelConfig(**family_of(hf).model_fields(hf))
-
-
-def hf_config(cfg: ModelConfig) -> dict:
-    return FAMILIES[model_type_of(cfg)].hf_config(cfg)
-
+from megajax.hf_tables import (
+    FAMILIES,
+    Layout,
+    Rule,
+    binary_head_of,
+    family_of,
+    hf_config,
+    model_type_of,
+)
 
 # --- reading and writing tensors -----------------------------------------------------------
 
@@ -328,7 +39,7 @@ class HFWeights:
     """Random access to the tensors of a save_pretrained directory, one tensor at a time."""
 
     def __init__(self, directory: str | Path):
-        directory = Path(directory)
+        directory = self.directory = Path(directory)
         self.config = _read_json(directory / "config.json")
         single = directory / "model.safetensors"
         index = directory / "model.safetensors.index.json"
@@ -565,7 +276,12 @@ def with_hf_model(
                 f"checkpoint has {hf[name]}: drop the option or use another checkpoint"
             )
     kept = (*COMPUTE_OPTIONS, *(explicit & set(TRAINING_OPTIONS)))
-    return config.replace(cfg, model={**hf, **{k: getattr(cfg.model, k) for k in kept}})
+    cfg = config.replace(cfg, model={**hf, **{k: getattr(cfg.model, k) for k in kept}})
+    llama = weights.config.get("model_type") == "llama"
+    if llama and cfg.data.tokenizer == "gpt2" and (weights.directory / "tokenizer.json").is_file():
+        # A Llama checkpoint's own tokenizer in place of the default GPT-2 BPE.
+        cfg = config.replace(cfg, data=dict(tokenizer="hf", vocab_dir=str(weights.directory)))
+    return cfg
 
 
 def import_hf(
@@ -616,7 +332,7 @@ def export_hf(workdir: str, hf_dir: str, device_mesh) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Hugging Face GPT-2, BERT <-> megajax")
+    parser = argparse.ArgumentParser(description="Hugging Face GPT-2, BERT, Llama <-> megajax")
     cli.add_flags(parser, config_required=False)
     parser.add_argument("--hf", help="a Hugging Face save_pretrained directory to import")
     parser.add_argument("--out", help="the megajax work directory to write")

@@ -238,17 +238,21 @@ class Generator:
 
 def tokenizer_for(cfg, *, workdir: str | None, hf_checkpoint: str | None):
     """The tokenizer a GPT was trained with: a run's prepared data (characters included), the
-    GPT-2 BPE files of a Hugging Face directory, or data.vocab_dir."""
+    tokenizer.json or GPT-2 BPE files of a Hugging Face directory, or data.vocab_dir."""
     from megajax.data import prepare
-    from megajax.data.tokenizer import GPT2Tokenizer
+    from megajax.data.tokenizer import GPT2Tokenizer, HFTokenizer
 
     if cfg.model.arch != "gpt" or cfg.data.tokenizer == "bert":
         raise ConfigError(
             f"text generation needs a GPT (model.arch=gpt) reading gpt2 or char ids, not "
             f"model.arch={cfg.model.arch} with data.tokenizer={cfg.data.tokenizer}"
         )
+    if hf_checkpoint and (Path(hf_checkpoint) / "tokenizer.json").is_file():
+        return HFTokenizer(hf_checkpoint)
     if hf_checkpoint and (Path(hf_checkpoint) / "vocab.json").is_file():
         return GPT2Tokenizer(hf_checkpoint)
+    if cfg.data.tokenizer == "hf":
+        return HFTokenizer(cfg.data.vocab_dir)
     if cfg.data.tokenizer == "gpt2":
         return GPT2Tokenizer(cfg.data.vocab_dir)
     if not workdir:

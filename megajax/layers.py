@@ -45,9 +45,9 @@ class LayerNorm(nnx.Module):
     """Layer norm computed in float32 whatever the compute dtype; replicated on model shards.
     `recompute`: keep only the input for the backward pass, not its float32 intermediates."""
 
-    def __init__(self, dim: int, *, eps: float, recompute: bool = False):
+    def __init__(self, dim: int, *, eps: float, recompute: bool = False, bias: bool = True):
         self.scale = nnx.Param(_ones("embed")(None, (dim,)))
-        self.bias = nnx.Param(_zeros("embed")(None, (dim,)))
+        self.bias = nnx.Param(_zeros("embed")(None, (dim,))) if bias else None
         self.eps = eps
         self.recompute = recompute
 
@@ -55,7 +55,7 @@ class LayerNorm(nnx.Module):
         norm = functools.partial(_layer_norm, eps=self.eps)
         if self.recompute:
             norm = jax.checkpoint(norm, prevent_cse=False)
-        return norm(x, self.scale[...], self.bias[...])
+        return norm(x, self.scale[...], None if self.bias is None else self.bias[...])
 
 
 def _layer_norm(x, scale, bias, *, eps):
@@ -63,7 +63,47 @@ def _layer_norm(x, scale, bias, *, eps):
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    return (y * scale + bias).astype(x.dtype)
+    return (y * scale + (0.0 if bias is None else bias)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale (Llama's), in float32 whatever the compute dtype; replicated."""
+
+    def __init__(self, dim: int, *, eps: float, recompute: bool = False):
+        self.scale = nnx.Param(_ones("embed")(None, (dim,)))
+        self.eps = eps
+        self.recompute = recompute
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        norm = functools.partial(_rms_norm, eps=self.eps)
+        if self.recompute:
+            norm = jax.checkpoint(norm, prevent_cse=False)
+        return norm(x, self.scale[...])
+
+
+def _rms_norm(x, scale, *, eps):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return (y * scale).astype(x.dtype)
+
+
+def norm(cfg, *, recompute: bool = False) -> LayerNorm | RMSNorm:
+    """The normalization model.norm names."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden, eps=cfg.layernorm_eps, recompute=recompute)
+    return LayerNorm(cfg.hidden, eps=cfg.layernorm_eps, recompute=recompute, bias=cfg.bias)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding in the rotate-half pairing (Hugging Face's and
+    Megatron-Core's): dimension i of each head turns with i + head_dim / 2. x: (batch, length,
+    heads, head_dim); positions: (batch, length). Local to each head: no communication."""
+    half = x.shape[-1] // 2
+    freqs = 1.0 / theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1])
+    angles = positions.astype(jnp.float32)[..., None, None] * freqs  # (batch, length, 1, half)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -97,15 +137,21 @@ _gathered_matmul.defvjp(_gathered_matmul_fwd, _gathered_matmul_bwd)
 class Dense(nnx.Module):
     """y = x @ kernel + bias, with logical axes (in_axis, out_axis) on the kernel."""
 
-    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, std: float, rngs):
+    def __init__(
+        self, d_in: int, d_out: int, axes: tuple[str, str], *, std: float, rngs, bias=True
+    ):
         key = rngs.params()
         self.kernel = nnx.Param(_normal(std, *axes)(key, (d_in, d_out)))
-        self.bias = nnx.Param(_zeros(axes[1])(None, (d_out,)))
+        self.bias = nnx.Param(_zeros(axes[1])(None, (d_out,))) if bias else None
         self.axes = axes
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(x.dtype)
-        return jnp.einsum("...i,io->...o", x, kernel) + self.bias[...].astype(x.dtype)
+        return _add_bias(jnp.einsum("...i,io->...o", x, kernel), self._bias())
+
+    def _bias(self):
+        """The bias, or a zero-size stand-in for a layer without one (passed to shard_map)."""
+        return jnp.zeros((0,)) if self.bias is None else self.bias[...]
 
     def column_parallel(self, x: jax.Array, *in_axes: str | None) -> jax.Array:
         """This layer on (batch, length, d_in) input laid out as the logical axes `in_axes`
@@ -118,13 +164,13 @@ class Dense(nnx.Module):
 
         def local(x, kernel, bias):
             dims = tuple(parallel.model_dims(in_spec))
-            return _gathered_matmul(x, kernel.astype(x.dtype), dims) + bias.astype(x.dtype)
+            return _add_bias(_gathered_matmul(x, kernel.astype(x.dtype), dims), bias)
 
         return jax.shard_map(
             local,
-            in_specs=(in_spec, parallel.spec(*self.axes), parallel.spec(self.axes[1])),
+            in_specs=(in_spec, parallel.spec(*self.axes), self._bias_spec()),
             out_specs=parallel.spec("batch", "length", self.axes[1]),
-        )(x, self.kernel[...], self.bias[...])
+        )(x, self.kernel[...], self._bias())
 
     def row_parallel(self, x: jax.Array, *out: str | None) -> jax.Array:
         """This layer on (batch, length, d_in) input whose d_in is split over `model`, laid out
@@ -136,14 +182,21 @@ class Dense(nnx.Module):
 
         def local(x, kernel, bias):
             partial = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
-            return parallel.sum_over_model(partial, out_spec) + bias.astype(x.dtype)
+            return _add_bias(parallel.sum_over_model(partial, out_spec), bias)
 
         in_spec = parallel.spec("batch", "length", self.axes[0])
         return jax.shard_map(
             local,
-            in_specs=(in_spec, parallel.spec(*self.axes), parallel.spec(self.axes[1])),
+            in_specs=(in_spec, parallel.spec(*self.axes), self._bias_spec()),
             out_specs=out_spec,
-        )(x, self.kernel[...], self.bias[...])
+        )(x, self.kernel[...], self._bias())
+
+    def _bias_spec(self):
+        return parallel.spec(None if self.bias is None else self.axes[1])
+
+
+def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    return y if bias.size == 0 else y + bias.astype(y.dtype)
 
 
 def padded_normal(std: float, real_rows: int):
@@ -196,13 +249,18 @@ class Attention(nnx.Module):
 
     QKV columns are laid out (head, {q, k, v}, head_dim), so splitting them over `model` gives
     each shard whole heads and their q, k and v: the heads run locally and the only
-    communication is the all-reduce after the row-parallel output projection. A causal model
-    (GPT) masks future keys; `padding` masks the keys after each sequence's length (BERT).
+    communication is the all-reduce after the row-parallel output projection. With grouped-
+    query attention (model.num_kv_heads) a group is a key/value head with the query heads that
+    share it, (kv_head, {q_1 .. q_g, k, v}, head_dim): a shard holds whole groups. A causal
+    model (GPT) masks future keys; `padding` masks the keys after each sequence's length (BERT).
+    model.positions="rope" turns q and k by their positions, head by head.
     """
 
     def __init__(self, cfg, *, out_std: float, rngs):
         h = cfg.hidden
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.kv_heads, self.group = cfg.kv_heads, cfg.num_heads // cfg.kv_heads
+        self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
         self.dropout_rate = cfg.dropout
         self.implementation = cfg.attention
         self.causal = cfg.arch == "gpt"
@@ -216,20 +274,34 @@ class Attention(nnx.Module):
                 f"model.attention={cfg.attention} has no attention dropout: set model.dropout=0 "
                 "or model.attention=einsum"
             )
-        self.qkv = Dense(h, 3 * h, ("embed", "heads"), std=cfg.init_std, rngs=rngs)
-        self.proj = Dense(h, h, ("heads", "embed"), std=out_std, rngs=rngs)
+        width = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        dense = functools.partial(Dense, rngs=rngs, bias=cfg.bias)
+        self.qkv = dense(h, width, ("embed", "heads"), std=cfg.init_std)
+        self.proj = dense(h, h, ("heads", "embed"), std=out_std)
+
+    def _split_heads(self, qkv, positions):
+        """Fused QKV output (batch, length, width) -> q, k, v (batch, length, heads, head_dim),
+        k and v repeated over their groups' query heads, q and k turned by `positions`."""
+        b, s = qkv.shape[0], qkv.shape[1]
+        g = self.group
+        qkv = qkv.reshape(b, s, self.kv_heads, g + 2, self.head_dim)
+        qkv = constrain(qkv, "batch", "length", "heads", None, None)
+        q = qkv[:, :, :, :g].reshape(b, s, self.num_heads, self.head_dim)
+        k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # (batch, length, kv_heads, head_dim)
+        if self.rope_theta is not None:
+            q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        return q, k, v
+
+    def _repeat(self, kv):
+        """(batch, length, kv_heads, head_dim) -> (..., heads, ...): each query head's own."""
+        return kv if self.group == 1 else jnp.repeat(kv, self.group, axis=2)
 
     def __call__(self, x, *, padding, key) -> jax.Array:
         """`padding`: (batch, key) bool, True on real tokens, which come first; or None."""
         b, s = x.shape[0], x.shape[1]
         qkv = self.qkv.column_parallel(x, "batch", "residual_length", "embed")
-        qkv = qkv.reshape(b, s, self.num_heads, 3, self.head_dim)
-        qkv = constrain(qkv, "batch", "length", "heads", None, None)
-        q, k, v = (
-            qkv[:, :, :, 0],
-            qkv[:, :, :, 1],
-            qkv[:, :, :, 2],
-        )  # (batch, length, heads, head_dim)
+        q, k, v = self._split_heads(qkv, jnp.arange(s)[None])
+        k, v = self._repeat(k), self._repeat(v)
         core = self._fused if self.implementation != "einsum" else self._einsum_attention
         if self.recompute_core:
             core = jax.checkpoint(core, prevent_cse=False)
@@ -251,19 +323,19 @@ class Attention(nnx.Module):
             implementation=self.implementation,
         )
 
-    def extend(self, x, k_cache, v_cache, *, start, mask):
+    def extend(self, x, k_cache, v_cache, *, start, positions, mask):
         """Attention of new tokens over a KV cache, for decoding: x (batch, new, hidden) sits at
-        cache slots start .. start + new - 1; k_cache and v_cache are (batch, slots, heads,
-        head_dim), split over `model` by heads like the QKV columns. `mask` (batch, 1, new,
-        slots) is True where a query may attend a slot. Returns the output and the new tokens'
-        keys and values (batch, new, heads, head_dim); the caller writes them into its cache."""
+        cache slots start .. start + new - 1 and at `positions` (batch, new); k_cache and
+        v_cache are (batch, slots, kv_heads, head_dim), split over `model` by heads like the
+        QKV columns, keys already turned by their positions. `mask` (batch, 1, new, slots) is
+        True where a query may attend a slot. Returns the output and the new tokens' keys and
+        values (batch, new, kv_heads, head_dim); the caller writes them into its cache."""
         b, s, _ = x.shape
-        qkv = self.qkv(x).reshape(b, s, self.num_heads, 3, self.head_dim)
-        qkv = constrain(qkv, "batch", "length", "heads", None, None)
-        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        q, k, v = self._split_heads(self.qkv(x), positions)
         k_all = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
         v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
-        out = self._masked_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, None)
+        k_all, v_all = self._repeat(k_all.astype(q.dtype)), self._repeat(v_all.astype(q.dtype))
+        out = self._masked_attention(q, k_all, v_all, mask, None)
         out = constrain(out.reshape(b, s, -1), "batch", "length", "heads")
         return constrain(self.proj(out), "batch", "length", "embed"), k, v
 
@@ -294,18 +366,30 @@ def gelu(x: jax.Array, activation: str) -> jax.Array:
     return jax.nn.gelu(x, approximate=activation == "gelu_tanh")
 
 
+def swiglu(y: jax.Array) -> jax.Array:
+    """fc1's (..., mlp * 2) output, gate and up interleaved unit by unit -> silu(gate) * up."""
+    y = y.reshape(*y.shape[:-1], -1, 2)
+    return jax.nn.silu(y[..., 0]) * y[..., 1]
+
+
 class MLP(nnx.Module):
-    """fc1 split by columns (GeLU stays local), fc2 split by rows (one all-reduce)."""
+    """fc1 split by columns (GeLU stays local), fc2 split by rows (one all-reduce). SwiGLU
+    fuses its gate and up projections into fc1, column j of each at fc1 columns 2j and 2j + 1,
+    so that a shard's columns hold matching gate and up units."""
 
     def __init__(self, cfg, *, out_std: float, rngs):
-        self.fc1 = Dense(cfg.hidden, cfg.mlp_hidden, ("embed", "mlp"), std=cfg.init_std, rngs=rngs)
-        self.fc2 = Dense(cfg.mlp_hidden, cfg.hidden, ("mlp", "embed"), std=out_std, rngs=rngs)
+        f, h = cfg.mlp_hidden, cfg.hidden
+        dense = functools.partial(Dense, rngs=rngs, bias=cfg.bias)
+        width = 2 * f if cfg.mlp == "swiglu" else f
+        self.fc1 = dense(h, width, ("embed", "mlp"), std=cfg.init_std)
+        self.fc2 = dense(f, h, ("mlp", "embed"), std=out_std)
         self.activation = cfg.activation
+        self.swiglu = cfg.mlp == "swiglu"
         self.recompute_gelu = cfg.remat == "selective"
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.fc1.column_parallel(x, "batch", "residual_length", "embed")
-        act = functools.partial(gelu, activation=self.activation)
+        act = swiglu if self.swiglu else functools.partial(gelu, activation=self.activation)
         if self.recompute_gelu:
             act = jax.checkpoint(act, prevent_cse=False)
         y = constrain(act(y), "batch", "length", "mlp")
@@ -323,9 +407,9 @@ class Block(nnx.Module):
         # Selective recomputation keeps what the paper counts (its Table 2): a layer norm's
         # input, not its float32 intermediates; GeLU's input and output, not its insides.
         selective = cfg.remat == "selective"
-        self.ln_1 = LayerNorm(cfg.hidden, eps=cfg.layernorm_eps, recompute=selective)
+        self.ln_1 = norm(cfg, recompute=selective)
         self.attn = Attention(cfg, out_std=out_std, rngs=rngs)
-        self.ln_2 = LayerNorm(cfg.hidden, eps=cfg.layernorm_eps, recompute=selective)
+        self.ln_2 = norm(cfg, recompute=selective)
         self.mlp = MLP(cfg, out_std=out_std, rngs=rngs)
         self.dropout_rate = cfg.dropout
         self.post_ln = cfg.layernorm_placement == "post"
@@ -342,13 +426,14 @@ class Block(nnx.Module):
         x = x + dropout(self.attn(self.ln_1(x), padding=padding, key=keys[0]), rate, keys[1])
         return x + dropout(self.mlp(self.ln_2(x)), rate, keys[2])
 
-    def extend(self, x, k_cache, v_cache, *, start, mask):
+    def extend(self, x, k_cache, v_cache, *, start, positions, mask):
         """The layer on new tokens attending a KV cache (Attention.extend), without dropout:
         (output, new keys, new values)."""
+        at = dict(start=start, positions=positions, mask=mask)
         if self.post_ln:
-            y, k, v = self.attn.extend(x, k_cache, v_cache, start=start, mask=mask)
+            y, k, v = self.attn.extend(x, k_cache, v_cache, **at)
             x = self.ln_1(x + y)
             return self.ln_2(x + self.mlp(x)), k, v
-        y, k, v = self.attn.extend(self.ln_1(x), k_cache, v_cache, start=start, mask=mask)
+        y, k, v = self.attn.extend(self.ln_1(x), k_cache, v_cache, **at)
         x = x + y
         return x + self.mlp(self.ln_2(x)), k, v

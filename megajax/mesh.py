@@ -70,6 +70,12 @@ def check_model(cfg: ModelConfig, model_degree: int) -> None:
                 f"model.{what}={size} is not divisible by the model degree {model_degree}: "
                 f"choose a model degree that divides it"
             )
+    if cfg.kv_heads % model_degree:
+        raise ConfigError(
+            f"model.num_kv_heads={cfg.kv_heads} is not divisible by the model degree "
+            f"{model_degree}: each model shard holds whole key/value heads with the query heads "
+            "that share them, so choose a model degree that divides num_kv_heads"
+        )
     if cfg.sequence_parallel and cfg.seq_len % model_degree:
         raise ConfigError(
             f"model.seq_len={cfg.seq_len} is not divisible by the model degree {model_degree}, "

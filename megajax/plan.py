@@ -70,16 +70,17 @@ def params_per_device(m: ModelConfig, model_degree: int) -> int:
     attention output and fc2 weights and the word embedding (with BERT's masked-LM output bias)
     are split T ways; layer norms, row-parallel biases, position and token-type embeddings and
     BERT's small heads are replicated."""
-    h, f, t = m.hidden, m.mlp_hidden, model_degree
-    split = 3 * h * h + 3 * h + h * h + h * f + f + f * h
-    replicated = 2 * 2 * h + h + h
-    vocab = m.padded_vocab_size(t)
+    t = model_degree
+    split, replicated = m.layer_params()
+    # The word embedding, and an untied LM head: both split by vocabulary rows.
+    tables = m.padded_vocab_size(t) * m.hidden * (1 if m.tie_embeddings else 2)
     layers = m.num_layers * (split // t + replicated)
     # Everything outside the layers, as num_params counts it, with the vocabulary rows split.
-    outside = m.num_params(t) - m.num_layers * (split + replicated) - vocab * h
+    outside = m.num_params(t) - m.num_layers * (split + replicated) - tables
     if m.arch == "bert":
+        vocab = m.padded_vocab_size(t)
         outside -= vocab - vocab // t  # the masked-LM head's output bias is split too
-    return vocab * h // t + layers + outside
+    return tables // t + layers + outside
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from megajax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainCo
 # ships it: a run fails at start until it exists or --set data.source names another corpus.
 GPT2_CORPUS = "data/megatron_corpus_gpt2"
 BERT_CORPUS = "data/megatron_corpus_bert"
+# A corpus for the Llama configs, prepared with the model's own tokenizer.json (none ships).
+LLAMA_CORPUS = "data/llama_corpus"
 
 
 def megatron_gpt2(*, num_layers: int, hidden: int, num_heads: int) -> Config:
@@ -81,5 +83,64 @@ def megatron_gpt_2021(
         model=dataclasses.replace(base.model, seq_len=2048),
         train=dataclasses.replace(
             base.train, batch_size=batch_size, micro_batches=batch_size // data_degree
+        ),
+    )
+
+
+def llama(
+    *,
+    vocab_size: int,
+    seq_len: int,
+    num_kv_heads: int,
+    ffn_hidden: int,
+    rope_theta: float,
+    tokenizer_dir: str,
+) -> Config:
+    """A Llama 2 / Llama 3 8B-class decoder (32 layers, hidden 4096, 32 query heads; RMSNorm,
+    RoPE, SwiGLU, no biases, untied head) trained as Touvron et al. 2023 describe: AdamW with
+    beta2 0.95, eps 1e-5, weight decay 0.1, clip 1.0, LR 3e-4 warmed up over 2,000 steps and
+    decayed by a cosine to a tenth, about 4M tokens per batch, bf16 matmuls. Its tokenizer is
+    the checkpoint's tokenizer.json (data.tokenizer="hf"); neither it nor a corpus ships.
+
+    Micro-batches of 16,384 tokens with sequence parallelism and selective recomputation: what
+    the dry run finds to fit one H100 of a model=8 group (Llama 3 8B: 40.5 GB analytic). With
+    data=D, divide train.micro_batches by D to keep that micro-batch per device."""
+    return Config(
+        model=ModelConfig(
+            vocab_size=vocab_size,
+            seq_len=seq_len,
+            num_layers=32,
+            hidden=4096,
+            num_heads=32,
+            num_kv_heads=num_kv_heads,
+            ffn_hidden=ffn_hidden,
+            dropout=0.0,
+            layernorm_eps=1e-5,
+            norm="rmsnorm",
+            positions="rope",
+            rope_theta=rope_theta,
+            mlp="swiglu",
+            bias=False,
+            tie_embeddings=False,
+            remat="selective",
+            sequence_parallel=True,
+            compute_dtype="bfloat16",
+        ),
+        data=DataConfig(source=LLAMA_CORPUS, tokenizer="hf", vocab_dir=tokenizer_dir),
+        optim=OptimConfig(
+            lr=3e-4,
+            min_lr=3e-5,
+            warmup_steps=2000,
+            decay_steps=500_000,
+            beta2=0.95,
+            eps=1e-5,
+            weight_decay=0.1,
+        ),
+        train=TrainConfig(
+            steps=500_000,
+            batch_size=4_194_304 // seq_len,
+            micro_batches=4_194_304 // 16_384,
+            log_every=10,
+            eval_every=1000,
         ),
     )

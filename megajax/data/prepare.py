@@ -30,14 +30,14 @@ import numpy as np
 
 from megajax.config import ConfigError
 from megajax.data.corpora import FORMATS, files, read_documents, read_race, split_validation
-from megajax.data.tokenizer import BertTokenizer, CharTokenizer, GPT2Tokenizer
+from megajax.data.tokenizer import BertTokenizer, CharTokenizer, GPT2Tokenizer, HFTokenizer
 
-TOKENIZERS = ("gpt2", "bert", "char")
+TOKENIZERS = ("gpt2", "bert", "char", "hf")
 MANIFEST = "megajax.json"
 ROW_TOKENS = 2048  # long documents are stored as consecutive rows of at most this many tokens
 # Characters below which a process pool costs more to start than it saves (tiktoken encodes
 # about 5 M characters/s per core, the pure-Python WordPiece about 0.5 M).
-POOL_CHARS = {"gpt2": 32_000_000, "char": 32_000_000, "bert": 2_000_000}
+POOL_CHARS = {"gpt2": 32_000_000, "char": 32_000_000, "bert": 2_000_000, "hf": 32_000_000}
 VERSION = "1.0.0"  # of the dataset layout; part of a cached dataset's name
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 
@@ -58,6 +58,8 @@ def _tokenizer(spec: dict, files: Path):
         return GPT2Tokenizer(files)
     if spec["name"] == "bert":
         return BertTokenizer(files / "vocab.txt", lowercase=spec["lowercase"])
+    if spec["name"] == "hf":
+        return HFTokenizer(files)
     return CharTokenizer("".join(spec["chars"]))
 
 
@@ -183,6 +185,11 @@ def _save_tokenizer(name: str, *, vocab_dir, docs, into: Path) -> dict:
         return {"name": "bert", "lowercase": True}
     if name == "char":
         return {"name": "char", "chars": sorted(set().union(*map(set, docs)))}
+    if name == "hf":  # a Hugging Face tokenizer.json (Llama's)
+        source = Path(vocab_dir) / "tokenizer.json" if Path(vocab_dir).is_dir() else vocab_dir
+        HFTokenizer(source)
+        shutil.copy(source, into / "tokenizer.json")
+        return {"name": "hf"}
     raise ConfigError(f"--tokenizer {name!r}: use one of {', '.join(TOKENIZERS)}")
 
 
@@ -357,7 +364,9 @@ def main(argv=None) -> int:
     parser.add_argument("--format", default="text", choices=FORMATS)
     parser.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS)
     parser.add_argument(
-        "--vocab_dir", help="vocab.json + merges.txt (gpt2) or vocab.txt (bert); default data/"
+        "--vocab_dir",
+        help="vocab.json + merges.txt (gpt2), vocab.txt (bert) or tokenizer.json (hf); "
+        "default data/gpt2 or data/bert",
     )
     parser.add_argument("--field", default="text", help="the text field of --format jsonl")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out tail")

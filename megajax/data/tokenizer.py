@@ -72,6 +72,38 @@ class GPT2Tokenizer:
         return self._enc.decode(list(ids))
 
 
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (Llama 2's and Llama 3's), run by the `tokenizers`
+    package. `path`: the file or the directory holding it (data.vocab_dir, or the checkpoint)."""
+
+    # The end-of-document token, by the names the common tokenizers give it.
+    EOT_NAMES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        file = path if path.suffix == ".json" else path / "tokenizer.json"
+        if not file.is_file():
+            raise ConfigError(
+                f"{file} not found: a Llama-style model reads its own tokenizer.json; copy the "
+                "checkpoint's into that directory (data.vocab_dir, or the --hf_checkpoint "
+                "directory), or train with data.tokenizer=gpt2 and the shipped GPT-2 BPE"
+            )
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(file))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = [self._tok.token_to_id(n) for n in self.EOT_NAMES]
+        if all(i is None for i in ids):
+            raise ConfigError(f"{file}: no end-of-text token ({', '.join(self.EOT_NAMES)})")
+        self.eot_id = next(i for i in ids if i is not None)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
 class CharTokenizer:
     """One id per distinct character of the text, in sorted order (nanoGPT's shakespeare_char)."""
 

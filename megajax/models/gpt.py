@@ -1,4 +1,8 @@
-"""GPT-2: learned positions, pre-LN blocks stacked with a scan, LM head tied to the embedding."""
+"""GPT-2: learned positions, pre-LN blocks stacked with a scan, LM head tied to the embedding.
+
+The same model is a Llama with model.norm="rmsnorm", positions="rope" (no position table: the
+blocks turn q and k), mlp="swiglu", num_kv_heads, bias=false and tie_embeddings=false (its own
+vocabulary-parallel head, (padded_vocab, hidden) split by rows like the embedding)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from flax import nnx
 
 from megajax import loss
 from megajax.config import ModelConfig
-from megajax.layers import LayerNorm, VocabEmbedding, _normal, dropout
+from megajax.layers import VocabEmbedding, _normal, dropout, norm, padded_normal
 from megajax.models.stack import extend_stack, run_stack, stacked_blocks
 from megajax.parallel import constrain
 
@@ -19,17 +23,25 @@ class GPT(nnx.Module):
         self.wte = VocabEmbedding(
             cfg.vocab_size, padded_vocab, cfg.hidden, std=cfg.init_std, rngs=rngs
         )
-        wpe_init = _normal(cfg.init_std, "position", "embed")
-        self.wpe = nnx.Param(wpe_init(rngs.params(), (cfg.seq_len, cfg.hidden)))
+        if cfg.positions == "learned":
+            wpe_init = _normal(cfg.init_std, "position", "embed")
+            self.wpe = nnx.Param(wpe_init(rngs.params(), (cfg.seq_len, cfg.hidden)))
         self.h = stacked_blocks(cfg, rngs)
-        self.ln_f = LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.ln_f = norm(cfg)
+        if not cfg.tie_embeddings:
+            head_init = nnx.with_partitioning(
+                padded_normal(cfg.init_std, cfg.vocab_size), ("vocab", "embed")
+            )
+            self.head = nnx.Param(head_init(rngs.params(), (padded_vocab, cfg.hidden)))
 
     def __call__(self, ids: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         """Final hidden states (batch, length, hidden); `key` turns dropout on."""
         cfg, (_, s) = self.cfg, ids.shape
         dtype = jnp.dtype(cfg.compute_dtype)
         embed_key, layers_key = (None, None) if key is None else jax.random.split(key)
-        x = self.wte(ids, dtype) + self.wpe[:s].astype(dtype)
+        x = self.wte(ids, dtype)
+        if cfg.positions == "learned":
+            x = x + self.wpe[:s].astype(dtype)
         x = dropout(constrain(x, "batch", "residual_length", "embed"), cfg.dropout, embed_key)
         x = run_stack(
             self.h, x, padding=None, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers
@@ -42,24 +54,27 @@ class GPT(nnx.Module):
         (batch, 1, new, slots) allows (models.stack.extend_stack); returns (hidden, cache).
         The training forward above does not go through here."""
         dtype = jnp.dtype(self.cfg.compute_dtype)
-        x = self.wte(ids, dtype) + jnp.take(self.wpe[...], positions, axis=0).astype(dtype)
+        x = self.wte(ids, dtype)
+        if self.cfg.positions == "learned":
+            x = x + jnp.take(self.wpe[...], positions, axis=0).astype(dtype)
         x = constrain(x, "batch", "length", "embed")
-        x, cache = extend_stack(self.h, x, cache, start=start, mask=mask)
+        x, cache = extend_stack(self.h, x, cache, start=start, positions=positions, mask=mask)
         return self.ln_f(x), cache
 
     def empty_cache(self, batch: int, slots: int) -> dict:
         """A zero KV cache for `batch` sequences of `slots` tokens: "k" and "v", (layers,
-        batch, slots, heads, head_dim) in the compute dtype, split over `model` by heads."""
+        batch, slots, kv_heads, head_dim) in the compute dtype, split over `model` by heads."""
         cfg = self.cfg
-        shape = (cfg.num_layers, batch, slots, cfg.num_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, slots, cfg.kv_heads, cfg.head_dim)
         zeros = jnp.zeros(shape, jnp.dtype(cfg.compute_dtype))
         kv = constrain(zeros, "layers", "batch", "length", "heads", None)
         return {"k": kv, "v": kv}
 
     @property
     def lm_head(self) -> jax.Array:
-        """The tied output embedding, (padded_vocab, hidden), split over `model` by rows."""
-        return self.wte.embedding[...]
+        """The output embedding, tied or its own, (padded_vocab, hidden), split over `model` by
+        rows."""
+        return self.wte.embedding[...] if self.cfg.tie_embeddings else self.head[...]
 
     def token_losses(self, inputs, targets, *, key=None) -> jax.Array:
         """Next-token cross-entropy per position, (batch, length)."""

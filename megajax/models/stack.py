@@ -37,10 +37,10 @@ def run_stack(blocks: Block, x, *, padding, key, remat: str, num_layers: int):
     return x
 
 
-def extend_stack(blocks: Block, x, cache: dict, *, start, mask):
+def extend_stack(blocks: Block, x, cache: dict, *, start, positions, mask):
     """Apply stacked blocks to new tokens at cache slot `start` (Block.extend), in one scan.
 
-    `cache` holds "k" and "v", (layers, batch, slots, heads, head_dim). Each layer reads its
+    `cache` holds "k" and "v", (layers, batch, slots, kv_heads, head_dim). Each layer reads its
     slice and returns only its new keys and values; one update after the scan writes them all,
     so inside a decode loop XLA updates the cache in place instead of copying it per layer.
     Returns (x, cache)."""
@@ -49,7 +49,7 @@ def extend_stack(blocks: Block, x, cache: dict, *, start, mask):
     def layer(x, inputs):
         layer_state, k_cache, v_cache = inputs
         block = nnx.merge(graphdef, layer_state)
-        x, k, v = block.extend(x, k_cache, v_cache, start=start, mask=mask)
+        x, k, v = block.extend(x, k_cache, v_cache, start=start, positions=positions, mask=mask)
         return x, (k, v)
 
     x, (k, v) = jax.lax.scan(layer, x, (state, cache["k"], cache["v"]))

@@ -1,0 +1,156 @@
+"""Hugging Face Llama interoperability (GQA, untied head, RoPE base other than 10,000), proven
+against transformers' LlamaForCausalLM."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import device_mesh
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from megajax import config, convert
+from megajax.checkpoint import Checkpointer
+from megajax.trainer import Trainer
+
+SHAPE = dict(
+    vocab_size=1003,  # odd: megajax pads it differently on each model degree
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=32,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE))
+    with torch.no_grad():  # norms start at 1: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1)
+    path = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (8, 32))
+
+
+def _hf_logits(path, ids):
+    model = LlamaForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def _megajax_logits(trainer, params, ids):
+    vocab = trainer.cfg.model.vocab_size
+    with trainer.context():
+        f = jax.jit(lambda p, x: (lambda m: m(x) @ m.lm_head.T)(trainer.model(p)))
+        batch = trainer.put_eval_batch({"inputs": ids, "targets": ids})
+        return np.asarray(f(params, batch["inputs"]))[..., :vocab]
+
+
+def test_llama_config_round_trips(hf_dir):
+    weights = convert.HFWeights(hf_dir)
+    m = convert.with_hf_model(config.Config(), weights).model
+    assert (m.norm, m.positions, m.mlp, m.bias, m.tie_embeddings) == (
+        "rmsnorm", "rope", "swiglu", False, False
+    )  # fmt: skip
+    assert (m.num_kv_heads, m.ffn_hidden, m.rope_theta) == (4, 96, 500000.0)
+    back = LlamaConfig(**convert.hf_config(m))
+    for key, value in SHAPE.items():
+        if key != "rope_theta":
+            assert getattr(back, key) == value, key
+    assert back.rope_parameters["rope_theta"] == 500000.0
+
+
+@pytest.mark.parametrize("data,model", [(1, 1), (2, 4)])
+def test_imported_llama_gives_transformers_logits(hf_dir, ids, data, model):
+    weights = convert.HFWeights(hf_dir)
+    cfg = convert.with_hf_model(config.Config(), weights)
+    trainer = Trainer(cfg, device_mesh(data, model))
+    params = convert.load_params(trainer, weights, log=lambda _: None)
+    ours, theirs = _megajax_logits(trainer, params, ids), _hf_logits(hf_dir, ids)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_exported_llama_loads_in_transformers_with_identical_outputs(hf_dir, ids, tmp_path):
+    convert.import_hf(str(hf_dir), str(tmp_path / "mj"), config.Config(), device_mesh(2, 4))
+    convert.export_hf(str(tmp_path / "mj"), str(tmp_path / "back"), device_mesh(4, 2))
+    ours = LlamaForCausalLM.from_pretrained(tmp_path / "back").state_dict()
+    theirs = LlamaForCausalLM.from_pretrained(hf_dir).state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
+    np.testing.assert_array_equal(_hf_logits(tmp_path / "back", ids), _hf_logits(hf_dir, ids))
+
+
+def test_restored_import_matches_on_another_mesh(hf_dir, ids, tmp_path):
+    """The imported checkpoint restores onto a mesh it was not written on."""
+    cfg = convert.import_hf(str(hf_dir), str(tmp_path), config.Config(), device_mesh(1, 1))
+    trainer = Trainer(cfg, device_mesh(2, 4))
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=0, keep=1)
+    state, _ = ckpt.restore(0, trainer.abstract_state())
+    ckpt.close()
+    theirs = _hf_logits(hf_dir, ids)
+    ours = _megajax_logits(trainer, state["params"], ids)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 4, 5]]  # unequal lengths
+
+
+def test_imported_llama_greedy_equals_transformers(hf_dir):
+    """On 2 x 4: the KV cache holds num_kv_heads heads of keys turned at their positions
+    (a left-padded prompt starts at position 0)."""
+    from megajax import generate
+
+    weights = convert.HFWeights(hf_dir)
+    trainer = Trainer(convert.with_hf_model(config.Config(), weights), device_mesh(2, 4))
+    params = convert.load_params(trainer, weights, log=lambda _: None)
+    out = generate.Generator(trainer, params)(PROMPTS, new_tokens=8, temperature=0.0)
+    model = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    for prompt, ours in zip(PROMPTS, out["tokens"], strict=True):
+        ids = torch.tensor([prompt])
+        theirs = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].numpy()
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_checkpoint_tokenizer_json_is_read_and_its_absence_said(hf_dir, tmp_path):
+    """A Llama directory with tokenizer.json trains and generates with it (data.tokenizer=hf);
+    one without keeps the configured tokenizer, and asking for hf there says what is missing."""
+    import shutil
+
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    from megajax import generate
+    from megajax.data.tokenizer import HFTokenizer
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(hf_dir / name, tmp_path / name)
+    without = convert.with_hf_model(config.Config(), convert.HFWeights(tmp_path))
+    assert without.data.tokenizer == "gpt2"
+    asked = config.replace(without, data=dict(tokenizer="hf", vocab_dir=str(tmp_path)))
+    with pytest.raises(config.ConfigError, match="tokenizer.json not found"):
+        generate.tokenizer_for(asked, workdir=None, hf_checkpoint=None)
+    bpe = ByteLevelBPETokenizer("data/gpt2/vocab.json", "data/gpt2/merges.txt")
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    cfg = convert.with_hf_model(config.Config(), convert.HFWeights(tmp_path))
+    assert (cfg.data.tokenizer, cfg.data.vocab_dir) == ("hf", str(tmp_path))
+    tokenizer = generate.tokenizer_for(cfg, workdir=None, hf_checkpoint=str(tmp_path))
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.encode("Hello") == [15496]
