@@ -7,6 +7,7 @@ import json
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 from megajax.config import ConfigError
@@ -68,6 +69,10 @@ class GPT2Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
+    def encode_batch(self, texts: list[str], *, threads: int = 2) -> list[list[int]]:
+        """encode() of each text, on `threads` threads (tiktoken releases the GIL)."""
+        return self._enc.encode_ordinary_batch(texts, num_threads=threads)
+
     def decode(self, ids) -> str:
         return self._enc.decode(list(ids))
 
@@ -83,6 +88,18 @@ class CharTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [self._ids[c] for c in text]
+
+    def encode_batch(self, texts: list[str], *, threads: int = 1) -> list[np.ndarray]:
+        """encode() of each text, vectorized: the sorted characters' code points are searched."""
+        codes = np.array([ord(c) for c in self.chars], np.uint32)
+        out = []
+        for text in texts:
+            points = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+            ids = np.searchsorted(codes, points)
+            if len(ids) and (ids.max() >= len(codes) or np.any(codes[ids] != points)):
+                raise ConfigError(f"a character of {text[:40]!r}... is not in the character set")
+            out.append(ids.astype(np.int32))
+        return out
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -138,6 +155,7 @@ class BertTokenizer:
         self.vocab_size = len(tokens)
         self.eot_id = None
         self.lowercase = lowercase
+        self._fast = None  # Hugging Face's WordPiece, built on first use by encode_batch
 
     def _normalize(self, text: str) -> str:
         out = []
@@ -192,12 +210,30 @@ class BertTokenizer:
     def encode(self, text: str) -> list[int]:
         return [i for word in self.words(text) for i in self._wordpiece(word)]
 
+    def encode_batch(self, texts: list[str], *, threads: int = 2) -> list[list[int]]:
+        """encode() of each text by Hugging Face's Rust WordPiece built from the same vocabulary
+        and rules (the same ids on the shipped corpora: tests/test_data_tokenizers.py), on all
+        cores (RAYON_NUM_THREADS sets how many), about 10x the pure-Python encode()."""
+        if self._fast is None:
+            from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+            fast = Tokenizer(
+                models.WordPiece(
+                    self.vocab, unk_token="[UNK]", max_input_chars_per_word=self.max_word_chars
+                )
+            )
+            fast.normalizer = normalizers.BertNormalizer(
+                clean_text=True, handle_chinese_chars=True, lowercase=self.lowercase
+            )
+            fast.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            self._fast = fast
+        encoded = self._fast.encode_batch_fast(texts, add_special_tokens=False)
+        return [e.ids for e in encoded]
+
     def decode(self, ids) -> str:
         text = " ".join(self.tokens[i] for i in ids)
         return text.replace(" ##", "")
 
     def continuation_mask(self):
         """(vocab,) bool: True for '##' pieces, which continue the word before them."""
-        import numpy as np
-
         return np.array([t.startswith("##") for t in self.tokens])
