@@ -22,8 +22,9 @@ PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of about this 
 # the whole (the break is a token of its own, and no token looks across it).
 
 
-def _blocks(path: Path, size: int = BLOCK_BYTES):
-    """The file's text in blocks of about `size` bytes, cut between characters."""
+def _blocks(path: Path):
+    """The file's text in blocks of about BLOCK_BYTES, cut between characters."""
+    size = BLOCK_BYTES
     if not path.is_file():
         raise ConfigError(f"{path} not found")
     with open(path, "rb") as f:
@@ -173,11 +174,13 @@ def read_documents(inputs, *, fmt: str, field: str = "text") -> list[str]:
     return docs
 
 
-def pieces(inputs, *, fmt: str, field: str = "text", size: int = PIECE_CHARS):
+def pieces(inputs, *, fmt: str, field: str = "text", size: int | None = None):
     """(text, ends) of the non-empty documents of read_documents(), streamed: a document longer
-    than `size` characters comes in pieces that tokenize as it does (ends=True on its last);
-    memory holds one document of --format jsonl, blocks and wikitext, a piece of text files."""
+    than `size` (PIECE_CHARS) characters comes in pieces that tokenize as it does (ends=True on
+    its last). Memory holds one document of --format jsonl, blocks and wikitext, a few pieces
+    of a text file."""
     _check(fmt)
+    size = size or PIECE_CHARS
     for path in files(inputs):
         if fmt == "text":
             yield from _cut(_blocks(path), size)
@@ -216,22 +219,3 @@ def read_race(inputs) -> list[dict]:
     if not rows:
         raise ConfigError(f"no questions in {', '.join(map(str, inputs))} (an empty corpus)")
     return rows
-
-
-def split_validation(docs: list[str], val_fraction: float):
-    """(train, validation), each a list of (text, ends_document): the validation split is the
-    tail val_fraction of the characters; the document it starts in is cut there."""
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
-    remaining = int(sum(map(len, docs)) * (1 - val_fraction))
-    train, val = [], []
-    for doc in docs:
-        if remaining >= len(doc):
-            train.append((doc, True))
-        elif remaining > 0:
-            train.append((doc[:remaining], False))
-            val.append((doc[remaining:], True))
-        else:
-            val.append((doc, True))
-        remaining -= len(doc)
-    return train, val

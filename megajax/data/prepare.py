@@ -360,7 +360,6 @@ def cached(
             tokenizer=tokenizer,
             vocab_dir=vocab_dir,
             val_fraction=val_fraction,
-            workers=1,
             log=log,
         )
     except OSError:
