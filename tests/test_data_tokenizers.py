@@ -44,6 +44,19 @@ def test_bert_wordpiece_ids_equal_the_pretrained_bert_tokenizer(real_lines):
         assert ours.encode(line) == reference.encode(line, add_special_tokens=False).ids, line[:80]
 
 
+def test_batched_wordpiece_equals_the_pure_python_wordpiece_on_the_shipped_text(real_lines):
+    """Preparation tokenizes BERT text by Hugging Face's Rust WordPiece (encode_batch), the
+    RACE evaluation sample by sample by the pure-Python one (encode): the ids agree."""
+    tok = BertTokenizer("data/bert/vocab.txt")
+    plays = Path("data/shakespeare/input.txt").read_text(encoding="utf-8")[:100_000]
+    race = [json.loads(p.read_text()) for p in sorted(Path("data/race").rglob("*.txt"))]
+    race_text = [r["article"] for r in race] + [q for r in race for q in r["questions"]]
+    race_text += [o for r in race for options in r["options"] for o in options]
+    odd = ["Ünïcödé Café, naïve ﬁ ＡＢＣ 中文字 \x00 tab\there zero\u200bwidth", "x" * 101, " ", ""]
+    texts = real_lines + plays.split("\n") + race_text + odd
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
 def test_bert_special_ids_and_word_pieces():
     tok = BertTokenizer("data/bert/vocab.txt")
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 100, 101, 102, 103)
