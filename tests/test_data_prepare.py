@@ -255,6 +255,38 @@ def test_streamed_preparation_writes_the_rows_of_whole_documents(tokenizer, tmp_
     assert len(corpora.read_documents([text], fmt="text")) == 1  # one document, in pieces
 
 
+def _peak_rss_mb(corpus: Path, out: Path) -> float:
+    """VmHWM (MB) of a process that prepares `corpus` in batches of 64 K characters."""
+    code = (
+        "import sys; from megajax.data import prepare; assert prepare.main(sys.argv[1:]) == 0; "
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
+    args = [corpus, "--out", out, "--tokenizer", "char", "--batch_chars", 65536, "--shard_mb", 4]
+    run = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.split()[-1]) / 1024
+
+
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
+    """A corpus 4 times larger (40 MB against 10 MB, one document) raises the peak RSS of its
+    preparation by less than a quarter of the added text; holding the text alone would add all
+    of it, and preparation before streaming held about 11 times it."""
+    plays = (ROOT / "data/shakespeare/input.txt").read_text()
+    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    small.write_text(plays * 9)
+    large.write_text(plays * 36)
+    added_mb = (large.stat().st_size - small.stat().st_size) / 2**20
+    growth = _peak_rss_mb(large, tmp_path / "b") - _peak_rss_mb(small, tmp_path / "a")
+    assert growth < added_mb / 4, (growth, added_mb)
+
+
 def test_datasets_of_the_previous_tfds_layout_still_read(tmp_path):
     """Layout 1.0.0 kept the rows in a TFDS dataset (tfds/); such a directory reads as before."""
     from megajax.data import builders

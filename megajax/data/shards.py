@@ -9,6 +9,7 @@ which the samples read whole (8 bytes a row, 4 a sentence): nothing else is kept
 
 from __future__ import annotations
 
+import array
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,9 @@ class Writer:
         (self.directory / "rows").mkdir(parents=True, exist_ok=True)
         self.files: list[str] = []
         self._writer, self._bytes = None, 0
-        self.row_tokens: list[int] = []
-        self.sentence_lengths: list[np.ndarray] = []  # BERT rows only
+        self.row_tokens = array.array("q")  # the index, 8 bytes a row
+        self.sentence_lengths = array.array("i")  # and 4 (BERT) a sentence
+        self.row_sentences = array.array("q")
 
     def write(self, tokens: np.ndarray, sentence_lengths: np.ndarray | None = None) -> None:
         if self._writer is None or self._bytes >= self.shard_bytes:
@@ -46,7 +48,8 @@ class Writer:
         self._bytes += len(data)
         self.row_tokens.append(len(tokens))
         if sentence_lengths is not None:
-            self.sentence_lengths.append(np.asarray(sentence_lengths, np.int32))
+            self.sentence_lengths.extend(np.asarray(sentence_lengths, np.int32).tolist())
+            self.row_sentences.append(len(sentence_lengths))
 
     def _next_shard(self) -> None:
         if self._writer is not None:
@@ -60,10 +63,10 @@ class Writer:
         """Finish the last shard and write the index; returns the split's manifest entry."""
         if self._writer is not None:
             self._writer.close()
-        index = {"row_tokens": np.array(self.row_tokens, np.int64)}
-        if self.sentence_lengths:
-            index["sentence_lengths"] = np.concatenate(self.sentence_lengths)
-            index["row_sentences"] = np.array([len(s) for s in self.sentence_lengths], np.int64)
+        index = {"row_tokens": np.frombuffer(self.row_tokens, np.int64)}
+        if self.row_sentences:
+            index["sentence_lengths"] = np.frombuffer(self.sentence_lengths, np.int32)
+            index["row_sentences"] = np.frombuffer(self.row_sentences, np.int64)
         (self.directory / "index").mkdir(exist_ok=True)
         np.savez(self.directory / "index" / f"{self.split}.npz", **index)
         return {"rows": len(self.row_tokens), "tokens": int(index["row_tokens"].sum())}

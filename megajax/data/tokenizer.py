@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ class GPT2Tokenizer:
                 raise ConfigError(f"{vocab_dir}: merges.txt line {i} does not match vocab.json")
         self.eot_id = vocab[EOT]
         self.vocab_size = len(vocab)
+        self._pool = None
         self._enc = tiktoken.Encoding(
             "gpt2-local",
             pat_str=GPT2_PATTERN,
@@ -70,8 +72,11 @@ class GPT2Tokenizer:
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str], *, threads: int = 2) -> list[list[int]]:
-        """encode() of each text, on `threads` threads (tiktoken releases the GIL)."""
-        return self._enc.encode_ordinary_batch(texts, num_threads=threads)
+        """encode() of each text, on `threads` threads (tiktoken releases the GIL). The threads
+        are kept from call to call: new ones each time would each leave a malloc arena behind."""
+        if self._pool is None or self._pool._max_workers != threads:
+            self._pool = ThreadPoolExecutor(threads, "megajax-bpe")
+        return list(self._pool.map(self._enc.encode_ordinary, texts))
 
     def decode(self, ids) -> str:
         return self._enc.decode(list(ids))
