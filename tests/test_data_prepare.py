@@ -276,7 +276,7 @@ def _peak_rss_mb(corpus: Path, out: Path) -> float:
 
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     """A corpus 4 times larger (40 MB against 10 MB, one document) raises the peak RSS of its
-    preparation by less than a quarter of the added text; holding the text alone would add all
+    preparation by less than a third of the added text; holding the text alone would add all
     of it, and preparation before streaming held about 11 times it."""
     plays = (ROOT / "data/shakespeare/input.txt").read_text()
     small, large = tmp_path / "small.txt", tmp_path / "large.txt"
@@ -284,7 +284,7 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     large.write_text(plays * 36)
     added_mb = (large.stat().st_size - small.stat().st_size) / 2**20
     growth = _peak_rss_mb(large, tmp_path / "b") - _peak_rss_mb(small, tmp_path / "a")
-    assert growth < added_mb / 4, (growth, added_mb)
+    assert growth < added_mb / 3, (growth, added_mb)
 
 
 def test_datasets_of_the_previous_tfds_layout_still_read(tmp_path):
