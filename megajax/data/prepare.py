@@ -24,6 +24,7 @@ import argparse
 import collections
 import ctypes
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -44,8 +45,6 @@ from megajax.data.tokenizer import BertTokenizer, CharTokenizer, GPT2Tokenizer
 TOKENIZERS = ("gpt2", "bert", "char")
 MANIFEST = "megajax.json"
 ROW_TOKENS = 2048  # long documents are stored as consecutive rows of at most this many tokens
-# Characters below which a process pool costs more to start than it saves (tiktoken encodes
-# about 5 M characters/s per core, the pure-Python WordPiece about 0.5 M).
 BATCH_CHARS = 1 << 21  # characters tokenized at once (in pieces of corpora.PIECE_CHARS)
 VERSION = "2.0.0"  # of the dataset layout; part of a cached dataset's name
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -80,7 +79,8 @@ def _encode(tokenizer, texts: list[str], threads: int):
     for group in sentences:
         encoded = [i for i in (next(ids) for _ in group) if i]
         lengths = np.array([len(i) for i in encoded], np.int32)
-        out.append((np.array([t for i in encoded for t in i], np.int32), lengths))
+        tokens = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum()))
+        out.append((tokens, lengths))
     return out
 
 
