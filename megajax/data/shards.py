@@ -10,6 +10,8 @@ which the samples read whole (8 bytes a row, 4 a sentence): nothing else is kept
 from __future__ import annotations
 
 import array
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +38,12 @@ class Writer:
         (self.directory / "rows").mkdir(parents=True, exist_ok=True)
         self.files: list[str] = []
         self._writer, self._bytes = None, 0
-        self.row_tokens = array.array("q")  # the index, 8 bytes a row
-        self.sentence_lengths = array.array("i")  # and 4 (BERT) a sentence
+        self.row_tokens = array.array("q")  # the index in memory: 8 bytes a row (16 for BERT)
         self.row_sentences = array.array("q")
+        # BERT's sentence lengths (4 bytes a sentence, the bulk of the index) go to a file
+        (self.directory / "index").mkdir(exist_ok=True)
+        self._sentences_path = self.directory / "index" / f".{split}.sentence_lengths"
+        self._sentences = None
 
     def write(self, tokens: np.ndarray, sentence_lengths: np.ndarray | None = None) -> None:
         if self._writer is None or self._bytes >= self.shard_bytes:
@@ -48,7 +53,9 @@ class Writer:
         self._bytes += len(data)
         self.row_tokens.append(len(tokens))
         if sentence_lengths is not None:
-            self.sentence_lengths.extend(np.asarray(sentence_lengths, np.int32).tolist())
+            if self._sentences is None:
+                self._sentences = open(self._sentences_path, "wb")  # noqa: SIM115 (closed in close)
+            self._sentences.write(np.asarray(sentence_lengths, "<i4").tobytes())
             self.row_sentences.append(len(sentence_lengths))
 
     def _next_shard(self) -> None:
@@ -63,13 +70,33 @@ class Writer:
         """Finish the last shard and write the index; returns the split's manifest entry."""
         if self._writer is not None:
             self._writer.close()
-        index = {"row_tokens": np.frombuffer(self.row_tokens, np.int64)}
-        if self.row_sentences:
-            index["sentence_lengths"] = np.frombuffer(self.sentence_lengths, np.int32)
-            index["row_sentences"] = np.frombuffer(self.row_sentences, np.int64)
-        (self.directory / "index").mkdir(exist_ok=True)
-        np.savez(self.directory / "index" / f"{self.split}.npz", **index)
-        return {"rows": len(self.row_tokens), "tokens": int(index["row_tokens"].sum())}
+        row_tokens = np.frombuffer(self.row_tokens, np.int64)
+        with zipfile.ZipFile(self.directory / "index" / f"{self.split}.npz", "w") as npz:
+            _write_npy(npz, "row_tokens", row_tokens)
+            if self._sentences is not None:
+                self._sentences.close()
+                with open(self._sentences_path, "rb") as f:
+                    _write_npy(npz, "sentence_lengths", f, dtype="<i4")
+                self._sentences_path.unlink()
+                _write_npy(npz, "row_sentences", np.frombuffer(self.row_sentences, np.int64))
+        return {"rows": len(row_tokens), "tokens": int(row_tokens.sum())}
+
+
+def _write_npy(npz: zipfile.ZipFile, name: str, data, *, dtype=None) -> None:
+    """An array into an .npz archive (as np.savez lays it out), or the raw `dtype` values of an
+    open file copied in 4 MB blocks, so that a long index never sits in memory whole."""
+    if isinstance(data, np.ndarray):
+        dtype, count = data.dtype, len(data)
+    else:
+        count = os.fstat(data.fileno()).st_size // np.dtype(dtype).itemsize
+    with npz.open(f"{name}.npy", "w", force_zip64=True) as out:
+        header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (count,)}
+        np.lib.format.write_array_header_1_0(out, header)
+        if isinstance(data, np.ndarray):
+            out.write(data.tobytes())
+            return
+        while block := data.read(1 << 22):
+            out.write(block)
 
 
 class Rows:
