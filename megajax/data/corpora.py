@@ -16,10 +16,6 @@ _BLOCK_SEPARATOR = re.compile(r"\n\s*\n")
 
 BLOCK_BYTES = 1 << 22  # read size of the streamed files
 PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of about this many characters
-# A cut just after a line break that follows a non-space character and precedes a non-space
-# one, or one space-like character and a non-space one: GPT-2's pre-tokenizer, BERT's
-# line-by-line sentences and characters tokenize the text on each side of it apart exactly as
-# the whole (the break is a token of its own, and no token looks across it).
 
 
 def _blocks(path: Path):
@@ -124,7 +120,7 @@ def _blank_line_blocks(path: Path):
 
 def _cut(blocks, size: int):
     """(piece, ends) of one document given as text blocks: pieces of about `size` characters
-    cut at line breaks that tokenize apart as together (see above); a stretch without one stays
+    cut at line breaks that tokenize apart as together (_last_cut); a stretch without one stays
     whole. The last piece has ends=True; a document of only spaces gives nothing."""
     text, start, cut_before = "", 0, False
     for block in blocks:
@@ -140,7 +136,12 @@ def _cut(blocks, size: int):
 
 
 def _last_cut(text: str, start: int, limit: int) -> int:
-    """The last position in (start, limit] just after a line break where pieces may be cut, or 0."""
+    """The last position in (start, limit] just after a line break where pieces may be cut, or 0:
+    a break that follows a non-space character and precedes a non-space one, or one space-like
+    character and a non-space one. GPT-2's pre-tokenizer, BERT's line-by-line sentences and
+    characters tokenize the text on each side of it apart exactly as the whole: the break is a
+    token of its own and no token looks across it (a longer run of spaces around it would be
+    split differently)."""
     i = text.rfind("\n", start, limit)
     while i > start:
         after = text[i + 1 : i + 3]
