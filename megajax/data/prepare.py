@@ -189,21 +189,23 @@ class _Progress:
             )
 
 
-def _save_tokenizer(name: str, *, vocab_dir, chars: set, into: Path) -> dict:
-    """Copy the tokenizer's files into the dataset (it is read with the ids it was written with)."""
+def _save_tokenizer(name: str, *, vocab_dir, chars: set, into: Path):
+    """(spec, tokenizer): the tokenizer's files copied into the dataset (it is read with the ids
+    it was written with), checked by loading them before they are copied."""
     into.mkdir(parents=True)
     if name == "gpt2":
-        GPT2Tokenizer(vocab_dir)  # checks the files before they are copied
+        tokenizer = GPT2Tokenizer(vocab_dir)
         for f in ("vocab.json", "merges.txt"):
             shutil.copy(Path(vocab_dir) / f, into / f)
-        return {"name": "gpt2"}
+        return {"name": "gpt2"}, tokenizer
     if name == "bert":
         vocab = Path(vocab_dir) / "vocab.txt" if Path(vocab_dir).is_dir() else Path(vocab_dir)
-        BertTokenizer(vocab)
+        tokenizer = BertTokenizer(vocab)
         shutil.copy(vocab, into / "vocab.txt")
-        return {"name": "bert", "lowercase": True}
+        return {"name": "bert", "lowercase": True}, tokenizer
     if name == "char":
-        return {"name": "char", "chars": sorted(chars)}
+        spec = {"name": "char", "chars": sorted(chars)}
+        return spec, _tokenizer(spec, into)
     raise ConfigError(f"--tokenizer {name!r}: use one of {', '.join(TOKENIZERS)}")
 
 
@@ -297,8 +299,7 @@ def _prepare_tokens(
             chars.update(text)
     if not total:
         raise ConfigError(f"no text in {', '.join(map(str, inputs))} (an empty corpus)")
-    spec = _save_tokenizer(tokenizer, vocab_dir=vocab_dir, chars=chars, into=tmp / "tokenizer")
-    tok = _tokenizer(spec, tmp / "tokenizer")
+    spec, tok = _save_tokenizer(tokenizer, vocab_dir=vocab_dir, chars=chars, into=tmp / "tokenizer")
     train_chars = int(total * (1 - val_fraction))
     names = ["train", "validation"] if train_chars < total else ["train"]
     dtype = shards.dtype_for(tok.vocab_size)
