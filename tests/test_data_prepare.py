@@ -145,7 +145,7 @@ def test_a_killed_preparation_is_never_read_as_a_dataset(tmp_path):
     deadline = time.time() + 60
     while not list(tmp_path.glob(".ds.incomplete-*/tokenizer")) and time.time() < deadline:
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)  # mid-way: tokenizing has begun, nothing is written yet
+    os.kill(proc.pid, signal.SIGKILL)  # mid-way: tokenizing has begun, shards may be partial
     proc.wait()
     (partial,) = tmp_path.glob(".ds.incomplete-*")
     assert not out.exists()
