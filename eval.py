@@ -105,6 +105,13 @@ def _every_target(windows) -> list[dict]:
     return out
 
 
+def _lead() -> bool:
+    """Whether this process prepares a text data.source; the others wait for its manifest."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
     """(metrics, a one-line summary) of args.task."""
     from megajax.data import corpora, loader
@@ -112,7 +119,7 @@ def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
 
     cfg, log = trainer.cfg, cli.lead_print
     if args.task == "val" and cfg.model.arch == "gpt":
-        _, _, val_data = loader.loaders(cfg, workdir=args.workdir, log=log)
+        _, _, val_data = loader.loaders(cfg, workdir=args.workdir, log=log, lead=_lead())
         windows = [w for d in val_data.datasets for w in _every_target(d)]
         scores = perplexity.score(trainer, params, windows, log=log)
         summary = f"validation loss {scores['loss']:.4f}, perplexity {scores['ppl']:.2f}"
@@ -158,7 +165,7 @@ def _objective_metrics(trainer, params, workdir) -> dict:
     from megajax import run
     from megajax.data import loader
 
-    _, _, val_data = loader.loaders(trainer.cfg, workdir=workdir, log=cli.lead_print)
+    _, _, val_data = loader.loaders(trainer.cfg, workdir=workdir, log=cli.lead_print, lead=_lead())
     batch = trainer.cfg.train.batch_size
     count = max(1, sum(len(d) for d in val_data.datasets) // batch)
     metrics = run.evaluate(trainer, trainer.compile_eval_step(), params, val_data, count)

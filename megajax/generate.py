@@ -239,6 +239,8 @@ class Generator:
 def tokenizer_for(cfg, *, workdir: str | None, hf_checkpoint: str | None):
     """The tokenizer a GPT was trained with: a run's prepared data (characters included), the
     tokenizer.json or GPT-2 BPE files of a Hugging Face directory, or data.vocab_dir."""
+    import jax
+
     from megajax.data import prepare
     from megajax.data.tokenizer import GPT2Tokenizer, HFTokenizer
 
@@ -265,6 +267,7 @@ def tokenizer_for(cfg, *, workdir: str | None, hf_checkpoint: str | None):
         val_fraction=cfg.data.val_fraction,
         cache_dir=f"{workdir}/data",
         log=lambda _: None,
+        lead=jax.process_index() == 0,
     )
     return prepare.load_tokenizer(dataset)
 

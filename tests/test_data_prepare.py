@@ -1,8 +1,10 @@
-"""`python -m megajax.data.prepare`: each corpus format becomes a TFDS dataset that reads back
-the text it was made from; bad input ends in one clear line and leaves no dataset behind."""
+"""`python -m megajax.data.prepare`: each corpus format becomes a dataset that reads back the
+text it was made from, streamed into the rows of preparing it whole, in bounded memory; bad input
+ends in one clear line and leaves no dataset behind."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import pytest
 from megajax.config import ConfigError
 from megajax.data import corpora, prepare
 from megajax.data.samples import Dataset
-from megajax.data.tokenizer import GPT2Tokenizer
+from megajax.data.tokenizer import BertTokenizer, GPT2Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT / "data/wikitext103/wiki.valid.head429.tokens"
@@ -143,7 +145,7 @@ def test_a_killed_preparation_is_never_read_as_a_dataset(tmp_path):
     deadline = time.time() + 60
     while not list(tmp_path.glob(".ds.incomplete-*/tokenizer")) and time.time() < deadline:
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)  # mid-way: tokenizing has begun, nothing is written yet
+    os.kill(proc.pid, signal.SIGKILL)  # mid-way: tokenizing has begun, shards may be partial
     proc.wait()
     (partial,) = tmp_path.glob(".ds.incomplete-*")
     assert not out.exists()
@@ -171,23 +173,138 @@ def test_a_text_source_is_prepared_once_and_then_reused(tmp_path):
         prepare.cached(str(tmp_path / "made_by_hand"), log=lines.append, **kw)
 
 
-def test_a_pool_of_workers_writes_the_same_rows_as_one_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "POOL_CHARS", {"gpt2": 0, "bert": 0, "char": 0})
-    kw = dict(fmt="wikitext", tokenizer="bert", vocab_dir="data/bert", log=lambda _: None)
-    one = Dataset(prepare.prepare([WIKI], out=tmp_path / "one", workers=1, **kw))
-    two = Dataset(prepare.prepare([WIKI], out=tmp_path / "two", workers=2, **kw))
-    for split in ("train", "validation"):
-        a, b = one.source(split), two.source(split)
-        assert len(a) == len(b) > 0
-        for i in range(len(a)):
-            for key in ("tokens", "sentence_lengths"):
-                np.testing.assert_array_equal(a[i][key], b[i][key])
+def _whole_document_rows(docs, val_fraction, tok, *, eot, row_tokens):
+    """{split: [(tokens, sentence lengths or None)]}: the rows of preparing the corpus in one
+    piece, as megajax did before streaming: the tail val_fraction of the characters held out
+    (the document it starts in cut there), each document part tokenized whole and cut into
+    rows of at most row_tokens (BERT's between sentences)."""
+    remaining = int(sum(map(len, docs)) * (1 - val_fraction))
+    parts = {"train": [], "validation": []}
+    for doc in docs:
+        if remaining >= len(doc):
+            parts["train"].append((doc, True))
+        elif remaining > 0:
+            parts["train"].append((doc[:remaining], False))
+            parts["validation"].append((doc[remaining:], True))
+        else:
+            parts["validation"].append((doc, True))
+        remaining -= len(doc)
+    rows = {}
+    for name, texts in parts.items():
+        rows[name] = []
+        for text, ends in texts:
+            if eot is None:  # BERT: sentences of each line, rows cut between them
+                sentences = [
+                    ids
+                    for line in text.split("\n")
+                    for s in prepare._SENTENCE_END.split(line)
+                    if (ids := tok.encode(s))
+                ]
+                row = []
+                for sentence in sentences:
+                    if row and sum(map(len, row)) + len(sentence) > row_tokens:
+                        rows[name].append(row)
+                        row = []
+                    row.append(sentence)
+                rows[name] += [row] if row else []
+                continue
+            ids = tok.encode(text) + [eot] * ends
+            rows[name] += [[ids[i : i + row_tokens]] for i in range(0, len(ids), row_tokens)]
+    return {
+        name: [(sum(r, []), [len(s) for s in r] if eot is None else None) for r in split_rows]
+        for name, split_rows in rows.items()
+    }
 
 
-def test_the_readme_states_when_tokenizing_takes_a_process_per_core():
-    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
-    gpt2, bert = (prepare.POOL_CHARS[k] // 1_000_000 for k in ("gpt2", "bert"))
-    assert f"passes {gpt2} M characters ({bert} M with the pure-Python WordPiece)" in readme
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bert"])
+def test_streamed_preparation_writes_the_rows_of_whole_documents(tokenizer, tmp_path, monkeypatch):
+    """Read in 7-byte blocks, cut into pieces of ~300 characters, tokenized 4,000 characters at
+    a time: the rows equal those of the whole documents (BERT: by the pure-Python WordPiece)."""
+    monkeypatch.setattr(prepare, "ROW_TOKENS", 100)
+    monkeypatch.setattr(corpora, "BLOCK_BYTES", 7)
+    monkeypatch.setattr(corpora, "PIECE_CHARS", 300)
+    text = tmp_path / "mixed.txt"  # verse (many cuts), WikiText (few: its lines end in spaces)
+    plays, wiki = (ROOT / "data/shakespeare/input.txt").read_text(), WIKI.read_text()
+    text.write_text(plays[:40_000] + wiki[:20_000] + "\n\n\nÜnïcödé — 中文字 ﬁ.\n" + plays[-5_000:])
+    corpus = [(text, "text"), (ROOT / "data/lambada/lambada_sample.jsonl", "lambada")]
+    vocab_dir = f"data/{tokenizer}"
+    for path, fmt in corpus:
+        out = prepare.prepare(
+            [path],
+            out=tmp_path / fmt,
+            fmt=fmt,
+            tokenizer=tokenizer,
+            vocab_dir=vocab_dir,
+            batch_chars=4000,
+            shard_bytes=20_000,
+            log=lambda _: None,
+        )
+        ds = Dataset(out)
+        docs = corpora.read_documents([path], fmt=fmt)
+        tok = BertTokenizer("data/bert/vocab.txt") if tokenizer == "bert" else ds.tokenizer()
+        expected = _whole_document_rows(docs, 0.1, tok, eot=ds.tokenizer().eot_id, row_tokens=100)
+        for split, rows in expected.items():
+            source = ds.source(split)
+            assert len(source) == len(rows) > 10
+            for i, (tokens, lengths) in enumerate(rows):
+                assert source[i]["tokens"].tolist() == tokens, (fmt, split, i)
+                if lengths is not None:
+                    assert source[i]["sentence_lengths"].tolist() == lengths, (fmt, split, i)
+            assert ds.manifest["splits"][split]["rows"] == len(rows)
+        assert len(ds.manifest["splits"]["train"]["files"]) > 1  # sharded as it went
+    assert len(corpora.read_documents([text], fmt="text")) == 1  # one document, in pieces
+
+
+def _peak_rss_mb(corpus: Path, out: Path) -> float:
+    """VmHWM (MB) of a process that prepares `corpus` in batches of 64 K characters."""
+    code = (
+        "import sys; from megajax.data import prepare; assert prepare.main(sys.argv[1:]) == 0; "
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
+    args = [corpus, "--out", out, "--tokenizer", "char", "--batch_chars", 65536, "--shard_mb", 4]
+    run = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.split()[-1]) / 1024
+
+
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
+    """A corpus 4 times larger (40 MB against 10 MB, one document) raises the peak RSS of its
+    preparation by less than a third of the added text; holding the text alone would add all
+    of it, and preparation before streaming held about 11 times it."""
+    plays = (ROOT / "data/shakespeare/input.txt").read_text()
+    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    small.write_text(plays * 9)
+    large.write_text(plays * 36)
+    added_mb = (large.stat().st_size - small.stat().st_size) / 2**20
+    growth = _peak_rss_mb(large, tmp_path / "b") - _peak_rss_mb(small, tmp_path / "a")
+    assert growth < added_mb / 3, (growth, added_mb)
+
+
+def test_datasets_of_the_previous_tfds_layout_still_read(tmp_path):
+    """Layout 1.0.0 kept the rows in a TFDS dataset (tfds/); such a directory reads as before."""
+    from megajax.data import builders
+
+    new = Dataset(prepare.prepare([WIKI], out=tmp_path / "new", fmt="wikitext", log=print))
+    old = tmp_path / "old"
+    shutil.copytree(new.path, old, ignore=shutil.ignore_patterns("rows"))
+    rows = {s: [new.source(s)[i] for i in range(len(new.source(s)))] for s in new.splits}
+    builders.build("tokens", data_dir=str(old / "tfds"), splits=rows)
+    manifest = json.loads((old / prepare.MANIFEST).read_text())
+    for split in manifest["splits"].values():
+        del split["files"]
+    (old / prepare.MANIFEST).write_text(json.dumps({**manifest, "version": "1.0.0"}))
+    for split, expected in rows.items():
+        source = Dataset(old).source(split)
+        assert [source[i]["tokens"].tolist() for i in range(len(source))] == [
+            r["tokens"].tolist() for r in expected
+        ]
 
 
 def test_one_process_prepares_a_text_source_while_the_others_wait(tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
-"""TFDS builders that write already-tokenized rows to array_record files (no TensorFlow needed).
+"""TFDS builders that write rows to array_record files (no TensorFlow needed): RACE's questions
+as text, and the token rows of the dataset layout before 2.0.0 (prepare.py now writes token rows
+itself, megajax/data/shards.py; tests build the old layout with TokenRows to read it back).
 
-The rows are computed before the builder runs (see prepare.py); a builder only lays them out as
-a TFDS dataset so that `tfds.builder_from_directory(...).as_data_source()` reads them back with
-random access. Rows keep their order (shuffling is the loader's job, by seed).
+The rows are computed before the builder runs; a builder only lays them out as a TFDS dataset
+so that `tfds.builder_from_directory(...).as_data_source()` reads them back with random access.
+Rows keep their order (shuffling is the loader's job, by seed).
 """
 
 from __future__ import annotations

@@ -247,7 +247,7 @@ def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None, lead=Tr
     the given rows (default all) of each global batch: for GPT {'inputs', 'targets'},
     (rows, seq_len) int32 each; for BERT the fields of BertPairs. Text files are prepared by
     the lead process only; the others wait for it."""
-    from megajax.data import prepare, samples  # here: samples imports TFDS, the Loader does not
+    from megajax.data import prepare, samples  # here: samples imports array_record, the Loader not
 
     if cfg.model.arch == "bert_multiple_choice":
         return race_loaders(cfg, log=log, train_rows=train_rows, eval_rows=eval_rows)

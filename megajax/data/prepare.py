@@ -1,4 +1,4 @@
-"""Local corpora -> a TFDS dataset (array_record) of token ids, tokenized once.
+"""Local corpora -> token rows in array_record shards (megajax/data/shards.py), streamed.
 
     python -m megajax.data.prepare --format text --tokenizer gpt2 --out prepared/shakespeare \
         data/shakespeare/input.txt
@@ -10,40 +10,44 @@ as text, one row per question). The tail --val_fraction of the characters is hel
 `validation` split. The dataset is written to a temporary directory beside --out and renamed
 only once complete, with `megajax.json` (the manifest) written last: a directory without it is
 never read as a dataset.
+
+The corpus is read twice, a block at a time: once to count its characters, once to tokenize
+batches of --batch_chars characters on --threads threads while the rows of the previous batch
+are written. Memory holds a few batches, one document of the jsonl, blocks and wikitext formats
+(text files are cut into pieces at line breaks that tokenize apart as together), and the index
+(8 bytes a row, 4 a BERT sentence); the rows are those of tokenizing each document whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import ctypes
 import hashlib
+import itertools
 import json
-import multiprocessing
 import os
 import re
 import shutil
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from megajax.config import ConfigError
-from megajax.data.corpora import FORMATS, files, read_documents, read_race, split_validation
+from megajax.data import shards
+from megajax.data.corpora import FORMATS, files, pieces, read_race
 from megajax.data.tokenizer import BertTokenizer, CharTokenizer, GPT2Tokenizer, HFTokenizer
 
 TOKENIZERS = ("gpt2", "bert", "char", "hf")
 MANIFEST = "megajax.json"
 ROW_TOKENS = 2048  # long documents are stored as consecutive rows of at most this many tokens
-# Characters below which a process pool costs more to start than it saves (tiktoken encodes
-# about 5 M characters/s per core, the pure-Python WordPiece about 0.5 M).
-POOL_CHARS = {"gpt2": 32_000_000, "char": 32_000_000, "bert": 2_000_000, "hf": 32_000_000}
-VERSION = "1.0.0"  # of the dataset layout; part of a cached dataset's name
+BATCH_CHARS = 1 << 21  # characters tokenized at once (in pieces of corpora.PIECE_CHARS)
+VERSION = "2.0.0"  # of the dataset layout; part of a cached dataset's name
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
-
-
-# Tokenizing, in this process or in a pool of workers that each load the tokenizer once.
-_TOKENIZER = None
 
 
 def load_tokenizer(dataset_or_spec):
@@ -63,63 +67,108 @@ def _tokenizer(spec: dict, files: Path):
     return CharTokenizer("".join(spec["chars"]))
 
 
-def _init_worker(spec: dict, files: str):
-    global _TOKENIZER
-    _TOKENIZER = _tokenizer(spec, Path(files))
-
-
-def _encode(docs: list[str]):
-    """[(tokens int32, sentence lengths int32 or None)] of the documents, by _TOKENIZER."""
+def _encode(tokenizer, texts: list[str], threads: int):
+    """[(tokens int32, sentence lengths int32 or None)] of the texts. BERT's sentences are the
+    text's lines split after sentence ends, each tokenized alone; empty ones are dropped."""
+    if not isinstance(tokenizer, BertTokenizer):
+        encoded = tokenizer.encode_batch(texts, threads=threads)
+        return [(np.asarray(t, np.int32), None) for t in encoded]
+    sentences = [
+        [s for line in text.split("\n") for s in _SENTENCE_END.split(line)] for text in texts
+    ]
+    ids = iter(tokenizer.encode_batch([s for group in sentences for s in group], threads=threads))
     out = []
-    for doc in docs:
-        if isinstance(_TOKENIZER, BertTokenizer):
-            sentences = [
-                ids
-                for line in doc.split("\n")
-                for s in _SENTENCE_END.split(line)
-                if (ids := _TOKENIZER.encode(s))
-            ]
-            lengths = np.array([len(s) for s in sentences], np.int32)
-            tokens = np.array([i for s in sentences for i in s], np.int32)
-            out.append((tokens, lengths))
-        else:
-            out.append((np.array(_TOKENIZER.encode(doc), np.int32), None))
+    for group in sentences:
+        encoded = [i for i in (next(ids) for _ in group) if i]
+        lengths = np.array([len(i) for i in encoded], np.int32)
+        tokens = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum()))
+        out.append((tokens, lengths))
     return out
 
 
-def _batches(docs, *, target_chars: int = 1 << 18):
-    """Documents grouped into work items of about target_chars characters."""
+class _Rows:
+    """Cuts one split's token stream into stored rows as it comes: each document's tokens (+ EOT
+    where it ends) in rows of at most ROW_TOKENS, BERT's cut between sentences (a sentence longer
+    than ROW_TOKENS is a row of its own). The same rows as cutting each document whole."""
+
+    def __init__(self, writer: shards.Writer, eot: int | None):
+        self.writer, self.eot = writer, eot
+        self.tokens: list[np.ndarray] = []  # of the part of the document not yet in a row
+        self.lengths: list[int] = []  # its sentences (BERT)
+        self.size = 0
+        self.documents = 0
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray | None, *, last: bool, eot: bool):
+        """A piece of a document; `last`: the document's part in this split ends with it,
+        `eot`: the document ends with it."""
+        self.documents += eot
+        if lengths is None:
+            if eot and self.eot is not None:
+                tokens = np.append(tokens, np.int32(self.eot))
+            self.tokens.append(tokens)
+            self.size += len(tokens)
+            if self.size >= ROW_TOKENS or last:
+                stream = np.concatenate(self.tokens)
+                whole = len(stream) if last else len(stream) - len(stream) % ROW_TOKENS
+                for start in range(0, whole, ROW_TOKENS):
+                    self.writer.write(stream[start : start + ROW_TOKENS])
+                self.tokens, self.size = [stream[whole:]], len(stream) - whole
+            return
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        for s, n in enumerate(lengths.tolist()):
+            if self.lengths and self.size + n > ROW_TOKENS:
+                self._flush_sentences()
+            self.tokens.append(tokens[bounds[s] : bounds[s + 1]])
+            self.lengths.append(n)
+            self.size += n
+        if last and self.lengths:
+            self._flush_sentences()
+
+    def _flush_sentences(self):
+        self.writer.write(np.concatenate(self.tokens), np.array(self.lengths, np.int32))
+        self.tokens, self.lengths, self.size = [], [], 0
+
+
+def _split(pieces, train_chars: int):
+    """(split, text, last, eot) of the (text, ends) pieces: the first train_chars characters go
+    to train, the rest to validation; the document the cut falls in ends its train part there."""
+    remaining = train_chars
+    for text, ends in pieces:
+        if remaining >= len(text):
+            yield "train", text, ends or remaining == len(text), ends
+        elif remaining > 0:
+            yield "train", text[:remaining], True, False
+            yield "validation", text[remaining:], ends, ends
+        else:
+            yield "validation", text, ends, ends
+        remaining -= len(text)
+
+
+def _batches(items, chars: int):
+    """Lists of items of about `chars` characters of text in all."""
     batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
-        if size >= target_chars:
+    for item in items:
+        batch.append(item)
+        size += len(item[1])
+        if size >= chars:
             yield batch
             batch, size = [], 0
     if batch:
         yield batch
 
 
-def _rows(encoded, ends, eot):
-    """Feature dicts of the stored rows: each document's tokens (+ EOT if it ends there), cut
-    into chunks of at most ROW_TOKENS (BERT rows are cut between sentences)."""
-    for (tokens, lengths), end in zip(encoded, ends, strict=True):
-        if lengths is None:
-            if end and eot is not None:
-                tokens = np.append(tokens, np.int32(eot))
-            for start in range(0, len(tokens), ROW_TOKENS):
-                yield {"tokens": tokens[start : start + ROW_TOKENS]}
-            continue
-        bounds = np.concatenate([[0], np.cumsum(lengths)])
-        first = 0
-        for s in range(1, len(lengths) + 1):
-            last = s == len(lengths)
-            if last or bounds[s + 1] - bounds[first] > ROW_TOKENS:
-                yield {
-                    "tokens": tokens[bounds[first] : bounds[s]],
-                    "sentence_lengths": lengths[first:s],
-                }
-                first = s
+def _release_free_memory():
+    """Return freed heap pages to the system (glibc): batches are allocated on one thread and
+    freed on another, and without this the two threads' heaps grow slowly with the corpus."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 (glibc only)
+except (OSError, AttributeError):
+    _LIBC = None
 
 
 class _Progress:
@@ -142,54 +191,28 @@ class _Progress:
             )
 
 
-def _tokenize_all(parts, *, spec, files, workers, log):
-    """{split: [(tokens, lengths)]} for {split: [(text, ends)]}, in a pool if it pays off."""
-    total = sum(len(t) for docs in parts.values() for t, _ in docs)
-    progress = _Progress(total, log)
-    pool = None
-    if workers > 1 and total >= POOL_CHARS[spec["name"]]:
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_init_worker, initargs=(spec, str(files))
-        )
-    else:
-        _init_worker(spec, str(files))
-    try:
-        result = {}
-        for name, docs in parts.items():
-            batches = list(_batches([t for t, _ in docs]))
-            encoded = []
-            mapped = pool.imap(_encode, batches) if pool else map(_encode, batches)
-            for batch, done in zip(batches, mapped, strict=True):
-                encoded += done
-                progress.update(sum(map(len, batch)), sum(len(t) for t, _ in done))
-            result[name] = encoded
-    finally:
-        if pool:
-            pool.terminate()
-    progress.update(0, 0, final=True)
-    return result
-
-
-def _save_tokenizer(name: str, *, vocab_dir, docs, into: Path) -> dict:
-    """Copy the tokenizer's files into the dataset (it is read with the ids it was written with)."""
+def _save_tokenizer(name: str, *, vocab_dir, chars: set, into: Path):
+    """(spec, tokenizer): the tokenizer's files copied into the dataset (it is read with the ids
+    it was written with), checked by loading them before they are copied."""
     into.mkdir(parents=True)
     if name == "gpt2":
-        GPT2Tokenizer(vocab_dir)  # checks the files before they are copied
+        tokenizer = GPT2Tokenizer(vocab_dir)
         for f in ("vocab.json", "merges.txt"):
             shutil.copy(Path(vocab_dir) / f, into / f)
-        return {"name": "gpt2"}
+        return {"name": "gpt2"}, tokenizer
     if name == "bert":
         vocab = Path(vocab_dir) / "vocab.txt" if Path(vocab_dir).is_dir() else Path(vocab_dir)
-        BertTokenizer(vocab)
+        tokenizer = BertTokenizer(vocab)
         shutil.copy(vocab, into / "vocab.txt")
-        return {"name": "bert", "lowercase": True}
+        return {"name": "bert", "lowercase": True}, tokenizer
     if name == "char":
-        return {"name": "char", "chars": sorted(set().union(*map(set, docs)))}
+        spec = {"name": "char", "chars": sorted(chars)}
+        return spec, _tokenizer(spec, into)
     if name == "hf":  # a Hugging Face tokenizer.json (Llama's)
         source = Path(vocab_dir) / "tokenizer.json" if Path(vocab_dir).is_dir() else vocab_dir
-        HFTokenizer(source)
+        tokenizer = HFTokenizer(source)
         shutil.copy(source, into / "tokenizer.json")
-        return {"name": "hf"}
+        return {"name": "hf"}, tokenizer
     raise ConfigError(f"--tokenizer {name!r}: use one of {', '.join(TOKENIZERS)}")
 
 
@@ -197,7 +220,9 @@ def fingerprint(inputs, **options) -> str:
     """sha256 (first 16) of the input files' bytes and the options: names a cached dataset."""
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for path in files(inputs):
-        h.update(path.read_bytes())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -211,7 +236,9 @@ def prepare(
     field: str = "text",
     val_fraction: float = 0.1,
     split: str = "test",
-    workers: int | None = None,
+    threads: int | None = None,
+    batch_chars: int = BATCH_CHARS,
+    shard_bytes: int = shards.SHARD_BYTES,
     log=print,
 ) -> Path:
     """Tokenize `inputs` into a dataset at `out`; returns `out`. Nothing is left at `out` (or
@@ -219,27 +246,35 @@ def prepare(
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists: remove it or choose another --out")
+    if tokenizer not in TOKENIZERS:
+        raise ConfigError(f"--tokenizer {tokenizer!r}: use one of {', '.join(TOKENIZERS)}")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
     began = time.perf_counter()
     nbytes = sum(p.stat().st_size for p in files(inputs))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.incomplete-{uuid.uuid4().hex[:12]}"
-    from megajax.data import builders  # here: tokenizing workers import this module, not TFDS
-
     try:
         manifest = {"format": fmt, "inputs": [str(p) for p in inputs], "bytes": nbytes}
         if fmt == "race":
+            from megajax.data import builders  # TFDS, for RACE's text rows only
+
             rows = read_race(inputs)
             manifest["splits"] = {split: {"rows": len(rows)}}
             builders.build("race", data_dir=str(tmp / "tfds"), splits={split: rows})
         else:
             manifest.update(
                 _prepare_tokens(
-                    read_documents(inputs, fmt=fmt, field=field),
+                    inputs,
+                    fmt=fmt,
+                    field=field,
                     tmp=tmp,
                     tokenizer=tokenizer,
                     vocab_dir=vocab_dir,
                     val_fraction=val_fraction,
-                    workers=workers or os.cpu_count() or 1,
+                    threads=threads or os.cpu_count() or 1,
+                    batch_chars=batch_chars,
+                    shard_bytes=shard_bytes,
                     log=log,
                 )
             )
@@ -257,33 +292,53 @@ def prepare(
     return out
 
 
-def _prepare_tokens(docs, *, tmp, tokenizer, vocab_dir, val_fraction, workers, log) -> dict:
-    spec = _save_tokenizer(tokenizer, vocab_dir=vocab_dir, docs=docs, into=tmp / "tokenizer")
-    train, val = split_validation(docs, val_fraction)
-    parts = {"train": train, "validation": val} if val else {"train": train}
-    encoded = _tokenize_all(parts, spec=spec, files=tmp / "tokenizer", workers=workers, log=log)
-    eot = _tokenizer(spec, tmp / "tokenizer").eot_id
-    splits, rows = {}, {}
-    (tmp / "index").mkdir()
-    for name, docs_of_split in parts.items():
-        rows[name] = list(_rows(encoded[name], [e for _, e in docs_of_split], eot))
-        if not rows[name]:
-            raise ConfigError(f"the {name} split has no tokens: use more text")
-        index = {"row_tokens": np.array([len(r["tokens"]) for r in rows[name]], np.int64)}
-        if tokenizer == "bert":
-            index["sentence_lengths"] = np.concatenate([r["sentence_lengths"] for r in rows[name]])
-            index["row_sentences"] = np.array([len(r["sentence_lengths"]) for r in rows[name]])
-        np.savez(tmp / "index" / f"{name}.npz", **index)
-        splits[name] = {
-            "rows": len(rows[name]),
-            "documents": sum(e for _, e in docs_of_split),
-            "tokens": int(index["row_tokens"].sum()),
-        }
-    from megajax.data import builders
+def _prepare_tokens(
+    inputs, *, fmt, field, tmp, tokenizer, vocab_dir, val_fraction, threads, batch_chars,
+    shard_bytes, log
+) -> dict:  # fmt: skip
+    """Two passes over the corpus, streamed: one counts its characters (where validation
+    begins) and collects the character set, the next tokenizes batches of pieces on a
+    background thread while this one cuts rows and writes shards."""
+    total, chars = 0, set()
+    for text, _ in pieces(inputs, fmt=fmt, field=field):
+        total += len(text)
+        if tokenizer == "char":
+            chars.update(text)
+    if not total:
+        raise ConfigError(f"no text in {', '.join(map(str, inputs))} (an empty corpus)")
+    spec, tok = _save_tokenizer(tokenizer, vocab_dir=vocab_dir, chars=chars, into=tmp / "tokenizer")
+    train_chars = int(total * (1 - val_fraction))
+    names = ["train", "validation"] if train_chars < total else ["train"]
+    dtype = shards.dtype_for(tok.vocab_size)
+    writers = {n: shards.Writer(tmp, n, dtype=dtype, shard_bytes=shard_bytes) for n in names}
+    rows = {n: _Rows(writers[n], tok.eot_id) for n in names}
+    progress = _Progress(total, log)
 
-    kind = "sentences" if tokenizer == "bert" else "tokens"
-    builders.build(kind, data_dir=str(tmp / "tfds"), splits=rows)
-    return {"tokenizer": spec, "splits": splits}
+    def store(batch, encoded):
+        for (name, _, last, eot), (tokens, lengths) in zip(batch, encoded, strict=True):
+            rows[name].add(tokens, lengths, last=last, eot=eot)
+        progress.update(sum(len(b[1]) for b in batch), sum(len(t) for t, _ in encoded))
+        _release_free_memory()
+
+    items = _split(pieces(inputs, fmt=fmt, field=field), train_chars)
+    with ThreadPoolExecutor(1, "megajax-tokenize") as pool:
+        ahead = collections.deque()  # (batch, its tokens), one tokenizing while one is stored
+        for batch in _batches(items, batch_chars):
+            ahead.append((batch, pool.submit(_encode, tok, [b[1] for b in batch], threads)))
+            if len(ahead) > 1:
+                batch, future = ahead.popleft()
+                store(batch, future.result())
+        while ahead:
+            batch, future = ahead.popleft()
+            store(batch, future.result())
+    progress.update(0, 0, final=True)
+    splits = {}
+    for name in names:
+        splits[name] = {**writers[name].close(), "documents": rows[name].documents}
+        splits[name]["files"] = writers[name].files
+        if not splits[name]["rows"]:
+            raise ConfigError(f"the {name} split has no tokens: use more text")
+    return {"tokenizer": spec, "dtype": dtype, "splits": splits}
 
 
 def cached(
@@ -329,7 +384,6 @@ def cached(
             tokenizer=tokenizer,
             vocab_dir=vocab_dir,
             val_fraction=val_fraction,
-            workers=1,
             log=log,
         )
     except OSError:
@@ -371,7 +425,15 @@ def main(argv=None) -> int:
     parser.add_argument("--field", default="text", help="the text field of --format jsonl")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out tail")
     parser.add_argument("--split", default="test", help="the split name of --format race")
-    parser.add_argument("--workers", type=int, default=0, help="tokenizing processes (0: all)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="tokenizing threads of GPT-2 BPE (0: one a core)"
+    )
+    parser.add_argument(
+        "--batch_chars", type=int, default=BATCH_CHARS, help="characters tokenized at once"
+    )
+    parser.add_argument(
+        "--shard_mb", type=int, default=shards.SHARD_BYTES >> 20, help="MiB of tokens a shard"
+    )
     args = parser.parse_args(argv)
     vocab_dir = args.vocab_dir or ("data/bert" if args.tokenizer == "bert" else "data/gpt2")
     try:
@@ -384,7 +446,9 @@ def main(argv=None) -> int:
             field=args.field,
             val_fraction=args.val_fraction,
             split=args.split,
-            workers=args.workers or None,
+            threads=args.threads or None,
+            batch_chars=args.batch_chars,
+            shard_bytes=args.shard_mb << 20,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
     except ConfigError as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from megajax.config import ConfigError
-from megajax.data import builders
+from megajax.data import shards
 from megajax.data.prepare import MANIFEST, load_tokenizer
 
 IGNORE = -1  # label of positions that are not predicted
@@ -32,8 +32,7 @@ class Dataset:
                 f"python -m megajax.data.prepare, or its preparation was interrupted)"
             )
         self.manifest = json.loads((self.path / MANIFEST).read_text())
-        (self._tfds_dir,) = (self.path / "tfds").glob(f"*/{builders.VERSION}")
-        self._sources = None
+        self._sources = {}
 
     @property
     def splits(self) -> list[str]:
@@ -43,11 +42,21 @@ class Dataset:
         return load_tokenizer(self.path)
 
     def source(self, split: str):
-        """Random-access rows of a split (TFDS ArrayRecordDataSource)."""
+        """Random-access rows of a split: array_record shards (shards.Rows), or the TFDS
+        datasets of RACE and of the layout before 2.0.0."""
         if split not in self.manifest["splits"]:
             raise ConfigError(f"{self.path} has no {split!r} split (it has {self.splits})")
-        if self._sources is None:
-            self._sources = builders.data_sources(str(self._tfds_dir))
+        if split not in self._sources:
+            files = self.manifest["splits"][split].get("files")
+            if files is not None:
+                self._sources[split] = shards.Rows(
+                    self.path, split, files=files, dtype=self.manifest["dtype"]
+                )
+            else:
+                from megajax.data import builders  # TFDS: imported only when read
+
+                (tfds_dir,) = (self.path / "tfds").glob(f"*/{builders.VERSION}")
+                self._sources.update(builders.data_sources(str(tfds_dir)))
         return self._sources[split]
 
     def index(self, split: str) -> dict[str, np.ndarray]:
