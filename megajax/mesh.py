@@ -59,7 +59,8 @@ def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int]:
     pipeline, data, model = (degrees[axis] for axis in AXES)
     total = pipeline * data * model
     if total != num_devices:
-        shown = ",".join(f"{a}={degrees[a]}" for a in AXES if a != parallel.PIPELINE or pipeline > 1)
+        named = [a for a in AXES if a != parallel.PIPELINE or pipeline > 1]
+        shown = ",".join(f"{a}={degrees[a]}" for a in named)
         raise ConfigError(
             f"--mesh {shown} needs {total} devices but "
             f"{num_devices} are present: change the degrees (or use -1 for one of them), "

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from megajax import config as config_lib
-from megajax import metrics, parallel, watchdog
+from megajax import metrics, watchdog
 from megajax.checkpoint import Checkpointer
 from megajax.config import Config, ConfigError
 from megajax.data import loader

@@ -338,7 +338,7 @@ def _process_rows(mesh, batch: int) -> np.ndarray:
     per_shard = batch // mesh.shape[parallel.DATA]
     me = jax.process_index()
     by_data = np.moveaxis(mesh.devices, mesh.axis_names.index(parallel.DATA), 0)
-    shards = [i for i, group in enumerate(by_data) if any(d.process_index == me for d in group.flat)]
+    shards = [i for i, grp in enumerate(by_data) if any(d.process_index == me for d in grp.flat)]
     rows = np.concatenate([np.arange(i * per_shard, (i + 1) * per_shard) for i in shards])
     if np.any(np.diff(rows) != 1):
         raise ValueError(f"process {me} holds non-adjacent data shards {shards} of the mesh")
