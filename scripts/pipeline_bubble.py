@@ -1,7 +1,7 @@
 """Measure the pipeline bubble: train-step time with m = P and m = 4P micro-batches (of a fixed
 size) on faked CPU devices, beside the schedule's formula (P - 1) / (v m + P - 1).
 
-    python scripts/pipeline_bubble.py --pipeline 4 --model 2 --cpu_devices 8
+    python scripts/pipeline_bubble.py --pipeline 4 --model 2 --cpu_devices 8 --steps 3
 
 Faked devices share the host's cores, so a bubble shows as work, not as idle time: every stage
 computes on every tick (on zeros in the bubble). The step time is then proportional to the
@@ -28,7 +28,10 @@ def main() -> None:
     parser.add_argument("--model", type=int, default=2)
     parser.add_argument("--cpu_devices", type=int, default=8)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--micro_size", type=int, default=2, help="sequences per micro-batch")
+    parser.add_argument("--micro_size", type=int, default=1, help="sequences per micro-batch")
+    parser.add_argument(
+        "--vocab", type=int, default=1024, help="a small head keeps the stages' share"
+    )
     parser.add_argument("--repeats", default="1,2", help="pipeline_repeats values to time")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; min is kept")
@@ -43,7 +46,9 @@ def main() -> None:
     p, t = args.pipeline, args.model
     data = args.cpu_devices // (p * t)
     device_mesh = mesh.make(f"pipeline={p},data={data},model={t}")
-    base = config.replace(config.load(args.config), model=dict(num_layers=args.layers))
+    base = config.replace(
+        config.load(args.config), model=dict(num_layers=args.layers, vocab_size=args.vocab)
+    )
     runs = {}
     for v in (int(x) for x in args.repeats.split(",")):
         for m in (p, 4 * p):
