@@ -221,7 +221,11 @@ class DataConfig:
 class TrainConfig:
     steps: int = 1000  # where this invocation stops (the LR schedule has its own length)
     batch_size: int = 8  # global sequences per optimizer step
-    micro_batches: int = 1  # gradient accumulation: batch_size is split into this many
+    # batch_size is split into this many micro-batches: accumulated one after another, or, on a
+    # mesh with pipeline > 1, flowing through the pipeline stages together.
+    micro_batches: int = 1
+    # v: chunks of layers per pipeline stage (circular schedule, arXiv 2104.04473); 1 is GPipe.
+    pipeline_repeats: int = 1
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200  # steps between val_loss measurements; 0 disables

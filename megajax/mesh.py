@@ -1,4 +1,6 @@
-"""The one place that builds the (data, model) device mesh and checks it against the model."""
+"""The one place that builds the (pipeline, data, model) device mesh and checks it against the
+model. The mesh always has all three axes; a degree left out is 1, so every two-axis string
+(`data=2,model=4`) builds the same programs as before the pipeline axis existed."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import os
 from megajax import parallel
 from megajax.config import ConfigError, ModelConfig
 
-AXES = (parallel.DATA, parallel.MODEL)
+AXES = (parallel.PIPELINE, parallel.DATA, parallel.MODEL)  # outermost (across nodes) first
 
 
 def fake_cpu_devices(count: int) -> None:
@@ -25,12 +27,13 @@ def fake_cpu_devices(count: int) -> None:
 
 
 def parse(text: str) -> dict[str, int]:
-    """'data=2,model=4' -> {'data': 2, 'model': 4}; a missing axis is 1, -1 means 'the rest'."""
+    """'data=2,model=4' -> {'pipeline': 1, 'data': 2, 'model': 4}; a missing axis is 1, -1 means
+    'the rest'."""
     degrees = {axis: 1 for axis in AXES}
     for part in filter(None, text.replace(" ", "").split(",")):
         name, sep, value = part.partition("=")
         if not sep or name not in AXES:
-            raise ConfigError(f"--mesh {text!r}: expected data=D,model=M (got {part!r})")
+            raise ConfigError(f"--mesh {text!r}: expected pipeline=P,data=D,model=M (got {part!r})")
         try:
             degrees[name] = int(value)
         except ValueError:
@@ -40,8 +43,9 @@ def parse(text: str) -> dict[str, int]:
     return degrees
 
 
-def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int]:
-    """Fill in a -1 degree and check that data * model equals the device count."""
+def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int]:
+    """(pipeline, data, model): fill in a -1 degree and check that the product of the degrees
+    equals the device count."""
     free = [axis for axis, d in degrees.items() if d == -1]
     if len(free) > 1:
         raise ConfigError("--mesh: at most one axis may be -1")
@@ -52,14 +56,17 @@ def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int]:
                 f"--mesh: {num_devices} devices do not divide by the fixed degrees ({fixed})"
             )
         degrees = {**degrees, free[0]: num_devices // fixed}
-    data, model = degrees[parallel.DATA], degrees[parallel.MODEL]
-    if data * model != num_devices:
+    pipeline, data, model = (degrees[axis] for axis in AXES)
+    total = pipeline * data * model
+    if total != num_devices:
+        named = [a for a in AXES if a != parallel.PIPELINE or pipeline > 1]
+        shown = ",".join(f"{a}={degrees[a]}" for a in named)
         raise ConfigError(
-            f"--mesh data={data},model={model} needs {data * model} devices but "
+            f"--mesh {shown} needs {total} devices but "
             f"{num_devices} are present: change the degrees (or use -1 for one of them), "
-            f"or pass --cpu_devices {data * model} to fake them"
+            f"or pass --cpu_devices {total} to fake them"
         )
-    return data, model
+    return pipeline, data, model
 
 
 def check_model(cfg: ModelConfig, model_degree: int) -> None:
@@ -100,17 +107,19 @@ def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
 
 
 def make(text: str, devices=None):
-    """Build the (data, model) mesh from a --mesh string over all (or the given) devices.
+    """Build the (pipeline, data, model) mesh from a --mesh string over all (or the given)
+    devices.
 
     Devices are laid out process by process, so a model group lies inside one process (one
     host) whenever the model degree divides its device count: the per-layer all-reduces then
-    stay on the fast intra-node links and only `data` crosses hosts.
+    stay on the fast intra-node links; `data` and, outermost, `pipeline` (point-to-point
+    transfers between stages only) cross hosts.
     """
     import jax
     import numpy as np
 
     devices = jax.devices() if devices is None else devices
-    data, model = resolve(parse(text), len(devices))
+    degrees = resolve(parse(text), len(devices))
     ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
-    grid = np.array(ordered, dtype=object).reshape(data, model)
-    return jax.sharding.Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    grid = np.array(ordered, dtype=object).reshape(degrees)
+    return jax.sharding.Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))

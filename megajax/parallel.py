@@ -6,6 +6,9 @@ Model code names only logical axes. With T = the `model` degree:
 - `vocab` splits the word embedding by rows; the tied LM head then yields vocabulary-sharded
   logits, which the cross-entropy reduces without gathering them;
 - `batch` splits the data over `data`; everything else is replicated on every model shard;
+- `layers` (the stacked layers' leading axis) and `stage` (the pipeline's stage axis, which
+  those layers are reshaped into) split over `pipeline`: each pipeline rank holds consecutive
+  layers, and with one pipeline rank (the default) nothing changes;
 - `residual_length` is the length of the residual stream between the tensor-parallel regions
   (layer norms, dropout, residual adds). Sequence parallelism (arXiv 2205.05198) splits it over
   `model`: each all-reduce after a row-parallel matmul becomes a reduce-scatter, and each
@@ -20,7 +23,7 @@ import jax
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
-DATA, MODEL = "data", "model"
+PIPELINE, DATA, MODEL = "pipeline", "data", "model"
 
 
 def rules(*, sequence_parallel: bool = False) -> tuple[tuple[str, str | None], ...]:
@@ -34,7 +37,8 @@ def rules(*, sequence_parallel: bool = False) -> tuple[tuple[str, str | None], .
         ("length", None),
         ("residual_length", MODEL if sequence_parallel else None),
         ("position", None),
-        ("layers", None),
+        ("layers", PIPELINE),
+        ("stage", PIPELINE),
     )
 
 

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from megajax import config as config_lib
-from megajax import metrics, parallel, watchdog
+from megajax import metrics, watchdog
 from megajax.checkpoint import Checkpointer
 from megajax.config import Config, ConfigError
 from megajax.data import loader
@@ -136,11 +136,12 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
-    mesh_degrees = {axis: int(mesh.shape[axis]) for axis in (parallel.DATA, parallel.MODEL)}
+    mesh_degrees = {axis: int(mesh.shape[axis]) for axis in mesh.axis_names}
+    degrees = " ".join(f"{axis}={d}" for axis, d in mesh_degrees.items())
     log(
         f"model {trainer.num_params:,} parameters (vocabulary {cfg.model.vocab_size} padded to "
-        f"{trainer.padded_vocab}) | mesh data={mesh_degrees['data']} "
-        f"model={mesh_degrees['model']} on {jax.device_count()} {jax.devices()[0].platform} "
+        f"{trainer.padded_vocab}) | mesh {degrees} on {jax.device_count()} "
+        f"{jax.devices()[0].platform} "
         f"devices | {_size(train_data)} train / {_size(val_data)} val"
     )
     ckpt = Checkpointer(

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megajax import loss_scale, models, optim, parallel
+from megajax import loss_scale, models, optim, parallel, pipeline
 from megajax.config import Config
 from megajax.mesh import check_batch, check_model
 
@@ -32,6 +32,16 @@ class Trainer:
         self.cfg, self.mesh = cfg, mesh
         check_model(cfg.model, mesh.shape[parallel.MODEL])
         check_batch(cfg.train.batch_size, cfg.train.micro_batches, mesh.shape[parallel.DATA])
+        stages = mesh.shape[parallel.PIPELINE]
+        self.schedule = None  # the micro-batches are accumulated one after another
+        if stages > 1:  # they flow through the pipeline stages together
+            pipeline.check(
+                num_layers=cfg.model.num_layers,
+                stages=stages,
+                repeats=cfg.train.pipeline_repeats,
+                micro_batches=cfg.train.micro_batches,
+            )
+            self.schedule = pipeline.Schedule(stages, cfg.train.pipeline_repeats)
         self.padded_vocab = cfg.model.padded_vocab_size(mesh.shape[parallel.MODEL])
         self.tx = optim.make(cfg.optim)
         self.lr = optim.schedule(cfg.optim)
@@ -219,7 +229,14 @@ class Trainer:
 
         micro = self.micro_shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
-        if micro == 1:  # no accumulation loop: no zeroed gradient buffers, no adds into them
+        if self.schedule is not None:
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(micro))
+            (_, sums), grad_sum = jax.value_and_grad(self._pipelined, has_aux=True)(
+                params, batch, keys, objective
+            )
+            if distributed:
+                grad_sum = jax.tree.map(self._to_master, grad_sum, self.state_sharding["params"])
+        elif micro == 1:  # no accumulation loop: no zeroed gradient buffers, no adds into them
             sums, grad_sum = grads_of(first, 0)
         else:
             value_shape, metric_shapes = jax.eval_shape(self.loss, params, first, None)
@@ -236,6 +253,17 @@ class Trainer:
         if scale is not None:
             grads = jax.tree.map(lambda g: g / scale, grads)
         return jax.tree.map(lambda v: v / micro, sums), grads
+
+    def _pipelined(self, params, batch, keys, objective):
+        """The sums over the micro-batches of `objective` (value, metrics), all micro-batches
+        going through the pipeline schedule together: the embedding and the heads run on each
+        micro-batch (vmapped, replicated over `pipeline`), the stacked layers as the schedule's
+        stages (models/pipeline.py)."""
+        key_axis = None if keys is None else 0  # None: no dropout
+        per_micro = jax.vmap(objective, in_axes=(None, 0, key_axis), axis_name=pipeline.MICRO)
+        with pipeline.scheduled(self.schedule):
+            values, metrics = per_micro(params, batch, keys)
+        return values.sum(), jax.tree.map(jnp.sum, metrics)
 
     @staticmethod
     def _to_master(x, sharding):
@@ -300,8 +328,20 @@ class Trainer:
         """(params, batch) -> {"loss", metrics...} without dropout, for (batch, ...) batches."""
 
         def evaluate(params, batch):
-            value, metrics = self.loss(self.compute_params(params), batch, None)
-            return {"loss": value, **metrics}
+            params = self.compute_params(params)
+            if self.schedule is None:
+                value, metrics = self.loss(params, batch, None)
+                return {"loss": value, **metrics}
+            # Through the pipeline, in the train step's micro-batches: the mean of their means.
+            micro = self.micro_shape[0]
+            split = jax.tree.map(lambda x: x.reshape(micro, -1, *x.shape[1:]), batch)
+
+            def objective(params, batch, key):
+                value, metrics = self.loss(params, batch, key)
+                return value, {"loss": value, **metrics}
+
+            _, sums = self._pipelined(params, split, None, objective)
+            return jax.tree.map(lambda v: v / micro, sums)
 
         with self.context():
             jitted = jax.jit(evaluate)
@@ -337,7 +377,8 @@ def _process_rows(mesh, batch: int) -> np.ndarray:
     process's devices: a contiguous range, as make_array_from_process_local_data needs."""
     per_shard = batch // mesh.shape[parallel.DATA]
     me = jax.process_index()
-    shards = [i for i, row in enumerate(mesh.devices) if any(d.process_index == me for d in row)]
+    by_data = np.moveaxis(mesh.devices, mesh.axis_names.index(parallel.DATA), 0)
+    shards = [i for i, grp in enumerate(by_data) if any(d.process_index == me for d in grp.flat)]
     rows = np.concatenate([np.arange(i * per_shard, (i + 1) * per_shard) for i in shards])
     if np.any(np.diff(rows) != 1):
         raise ValueError(f"process {me} holds non-adjacent data shards {shards} of the mesh")

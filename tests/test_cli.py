@@ -74,7 +74,10 @@ def test_trains_on_real_text_and_logs_every_metric(tmp_path):
             ["--config", "configs/gpt2_tiny.py", "--cpu_devices", "3", "--mesh", "model=3"],
             "num_heads=8 is not divisible by the model degree 3",
         ),
-        (["--config", "configs/gpt2_tiny.py", "--mesh", "pipeline=2"], "expected data=D,model=M"),
+        (
+            ["--config", "configs/gpt2_tiny.py", "--mesh", "expert=2"],
+            "expected pipeline=P,data=D,model=M",
+        ),
     ],
     ids=["missing-config", "unknown-key", "bad-value", "mesh-mismatch", "heads", "bad-axis"],
 )

@@ -5,8 +5,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from megajax import pipeline
 from megajax.config import ModelConfig
 from megajax.layers import Block
+from megajax.models.pipeline import run_in_pipeline, scan_layers
 
 
 def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -23,18 +25,17 @@ def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 def run_stack(blocks: Block, x, *, padding, key, remat: str, num_layers: int):
     """Apply stacked blocks in order with one `lax.scan`: compile time does not grow with depth.
     remat="full" recomputes each layer from its input in the backward pass ("selective" is the
-    attention core's own, see layers.Attention)."""
+    attention core's own, see layers.Attention). While the train step traces a pipeline
+    schedule (megajax.pipeline.scheduled), the layers run as its stages instead."""
+    schedule = pipeline.current()
+    if schedule is not None:
+        return run_in_pipeline(
+            blocks, x, padding=padding, key=key, remat=remat, num_layers=num_layers,
+            schedule=schedule,
+        )  # fmt: skip
     graphdef, state = nnx.split(blocks)
     keys = None if key is None else jax.random.split(key, num_layers)
-
-    def layer(x, inputs):
-        layer_state, layer_key = inputs
-        return nnx.merge(graphdef, layer_state)(x, padding=padding, key=layer_key), None
-
-    if remat == "full":
-        layer = jax.checkpoint(layer, prevent_cse=False)
-    x, _ = jax.lax.scan(layer, x, (state, keys))
-    return x
+    return scan_layers(graphdef, state, x, padding=padding, keys=keys, remat=remat)
 
 
 def extend_stack(blocks: Block, x, cache: dict, *, start, positions, mask):
