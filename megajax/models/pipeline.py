@@ -64,6 +64,14 @@ def _shift(a):
     return jax.shard_map(send, in_specs=P(axis), out_specs=P(axis), axis_names={axis})(a)
 
 
+@jax.checkpoint
+def _select(pred, a, b):
+    """jnp.where(pred, a, b) for a per-stage predicate pred (stages,): checkpointed, so the
+    backward pass keeps the predicate, not its broadcast to a's shape (per tick, that would be
+    one byte per element of every stage buffer)."""
+    return jnp.where(pred.reshape(-1, *(1,) * (a.ndim - 1)), a, b)
+
+
 def pipeline_stack(graphdef, state, xs, *, padding, keys, remat, stages, repeats, fill=0.0):
     """The layers applied to m micro-batches xs (m, batch, length, hidden) as the schedule
     (stages P, repeats v) runs them. padding: (m, batch, length) or None; keys: (m, layers) or
@@ -83,11 +91,12 @@ def pipeline_stack(graphdef, state, xs, *, padding, keys, remat, stages, repeats
     stage_state = jax.tree.map(by_stage, state)
     layer_ids = jnp.asarray(chunks[..., None] * per_chunk + np.arange(per_chunk))  # (P, v, .)
     stage_ids = jnp.arange(stages)
-    per_stage = lambda a: a[:, None, None, None]  # noqa: E731  (P,) -> (P, 1, 1, 1)
 
     def stage(chunk_state, ids, x, repeat, micro):
         """One stage at one tick: its chunk for round `repeat`, on micro-batch `micro`."""
-        layers = jax.tree.map(lambda w: w[repeat], chunk_state)
+        # A static index when each stage holds one chunk: the weights are then the same on
+        # every tick and autodiff keeps no copy of them per tick.
+        layers = jax.tree.map(lambda w: w[0] if repeats == 1 else w[repeat], chunk_state)
         pad = None if padding is None else padding[micro]
         layer_keys = None if keys is None else keys[micro][ids[repeat]]
         return scan_layers(graphdef, layers, x, padding=pad, keys=layer_keys, remat=remat)
@@ -100,9 +109,11 @@ def pipeline_stack(graphdef, state, xs, *, padding, keys, remat, stages, repeats
         last stage, kept in `done` for its next round or as the result."""
         shifted = _shift(outputs)
         finished = t - stages
-        kept = jax.lax.dynamic_update_index_in_dim(done, shifted[:, None], finished % m, 1)
-        on_first = (stage_ids == 0) & (finished >= 0)
-        return shifted, _on_stages(jnp.where(on_first[:, None, None, None, None], kept, done))
+        old = jax.lax.dynamic_index_in_dim(done, finished % m, 1, keepdims=False)
+        kept = _select((stage_ids == 0) & (finished >= 0), shifted, old)
+        return shifted, _on_stages(
+            jax.lax.dynamic_update_index_in_dim(done, kept[:, None], finished % m, 1)
+        )
 
     def tick(carry, t):
         outputs, done = carry
@@ -110,10 +121,10 @@ def pipeline_stack(graphdef, state, xs, *, padding, keys, remat, stages, repeats
         work = t - stage_ids  # (P,) each stage's micro-batch pass: round * m + micro-batch
         micro, repeat = work % m, work // m
         # Stage 0 takes a new micro-batch in round 0 and the last stage's output after it.
-        first = jnp.where(t < m, new[:, t % m], done[:, t % m])
-        inputs = jnp.where(per_stage(stage_ids == 0), first, shifted)
+        first = _select(jnp.full(stages, t < m), new[:, t % m], done[:, t % m])
+        inputs = _select(stage_ids == 0, first, shifted)
         active = (work >= 0) & (work < repeats * m)
-        inputs = _on_stages(jnp.where(per_stage(active), inputs, 0).astype(xs.dtype))
+        inputs = _on_stages(_select(active, inputs, jnp.zeros_like(inputs)).astype(xs.dtype))
         outputs = run(stage_state, layer_ids, inputs, jnp.clip(repeat, 0, repeats - 1), micro)
         return (_on_stages(outputs), done), None
 
