@@ -9,6 +9,8 @@ length) tensor; full recomputation keeps each layer's input only.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from megajax.config import ModelConfig
@@ -92,3 +94,36 @@ def paper_layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: in
     if m.sequence_parallel:
         return sbh / t * (34 + core)
     return sbh * (10 + 24 / t + core / t)
+
+
+def pipelined_activation_bytes(
+    m: ModelConfig, *, batch: int, model_degree: int, stages: int, repeats: int, micro: int
+) -> dict:
+    """Bytes a device keeps for the backward pass of a pipelined step (models/pipeline.py), for
+    `micro` micro-batches of `batch` sequences per device:
+    - the stack: each of the v m + P - 1 ticks runs one chunk of L / (v P) layers and keeps
+      what that chunk saves, bubble ticks included, so ticks / v micro-batches' worth of the
+      stage's layers are in flight (GPipe; a 1F1B schedule would hold at most P);
+    - the micro-batches' embedding output, the stages' copy of it and the finished outputs,
+      (m, b, s, h) each, and as many cotangents in the backward pass;
+    - the heads, run on all micro-batches at once (vmapped)."""
+    e = jnp.dtype(m.compute_dtype).itemsize
+    ticks = repeats * micro + stages - 1
+    chunk = dataclasses.replace(m, num_layers=m.num_layers // (stages * repeats))
+    stack = ticks * stack_activation_bytes(chunk, batch=batch, model_degree=model_degree)
+    if m.remat != "none":  # one layer's working set at a time, not one per tick
+        working = (
+            layer_activation_bytes(m, batch=batch, model_degree=model_degree)
+            if m.remat == "full"
+            else _core_bytes(m, batch=batch, model_degree=model_degree)
+        )
+        stack -= (ticks - 1) * working
+    buffers = 2 * 3 * micro * batch * m.seq_len * m.hidden * e
+    head = head_activation_bytes(m, batch=micro * batch, model_degree=model_degree)
+    return {
+        "stack": stack,
+        "buffers": buffers,
+        "head": head,
+        "in_flight_micro_batches": ticks / repeats,
+        "total": stack + buffers + head,
+    }

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from megajax import activations, hlo, models, parallel
+from megajax import activations, hlo, models, parallel, pipeline
 from megajax.config import Config, ConfigError, ModelConfig
 
 GB = 1e9
@@ -65,16 +65,17 @@ def target(name: str) -> Target:
 # Parameters
 
 
-def params_per_device(m: ModelConfig, model_degree: int) -> int:
+def params_per_device(m: ModelConfig, model_degree: int, stages: int = 1) -> int:
     """Parameters one device holds under the Megatron plan: QKV, fc1 (and their biases), the
     attention output and fc2 weights and the word embedding (with BERT's masked-LM output bias)
     are split T ways; layer norms, row-parallel biases, position and token-type embeddings and
-    BERT's small heads are replicated."""
+    BERT's small heads are replicated. Pipeline stages split the layers P ways; everything
+    outside them is on every stage."""
     t = model_degree
     split, replicated = m.layer_params()
     # The word embedding, and an untied LM head: both split by vocabulary rows.
     tables = m.padded_vocab_size(t) * m.hidden * (1 if m.tie_embeddings else 2)
-    layers = m.num_layers * (split // t + replicated)
+    layers = m.num_layers // stages * (split // t + replicated)
     # Everything outside the layers, as num_params counts it, with the vocabulary rows split.
     outside = m.num_params(t) - m.num_layers * (split + replicated) - tables
     if m.arch == "bert":
@@ -124,19 +125,30 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    cfg: Config, *, data_degree: int, model_degree: int, master_params: int | None = None
+    cfg: Config,
+    *,
+    data_degree: int,
+    model_degree: int,
+    master_params: int | None = None,
+    stages: int = 1,
 ) -> MemoryEstimate:
     """Per-device bytes. With optim.distributed, `master_params` is the per-device count of the
     float32 master weights (those split over `data` and those left whole); by default the
-    parameters per device over the data degree."""
+    parameters per device over the data degree. With pipeline stages, the micro-batches are in
+    flight together (activations.pipelined_activation_bytes)."""
     m, tr = cfg.model, cfg.train
-    p = params_per_device(m, model_degree)
+    p = params_per_device(m, model_degree, stages)
     batch = tr.batch_size // tr.micro_batches // data_degree  # one micro-batch on one device
     sequences = batch * (m.num_choices if m.arch == "bert_multiple_choice" else 1)
     head = activations.head_activation_bytes(m, batch=batch, model_degree=model_degree)
 
     def stack(remat):
         m_remat = dataclasses.replace(m, remat=remat)
+        if stages > 1:  # the head's and the buffers' too
+            return activations.pipelined_activation_bytes(
+                m_remat, batch=sequences, model_degree=model_degree, stages=stages,
+                repeats=tr.pipeline_repeats, micro=tr.micro_batches,
+            )["total"] - head  # fmt: skip
         return activations.stack_activation_bytes(
             m_remat, batch=sequences, model_degree=model_degree
         )
@@ -144,7 +156,7 @@ def estimate_memory(
     paper = activations.paper_layer_activation_bytes(m, batch=sequences, model_degree=model_degree)
     sample = sum(math.prod(shape) for shape in models.batch_fields(m).values())
     counters = 2 * 4 + (3 * 4 if m.compute_dtype == "float16" else 0)  # + the loss scaler
-    accumulate = 2 if tr.micro_batches > 1 else 1
+    accumulate = 2 if tr.micro_batches > 1 and stages == 1 else 1
     if cfg.optim.distributed:
         e = jnp.dtype(m.compute_dtype).itemsize
         master = master_params if master_params is not None else p / data_degree
@@ -152,6 +164,8 @@ def estimate_memory(
         gradients, copy = e * p + 4 * master * accumulate, e * p
     else:
         master, gradients, copy = p, 4 * p * accumulate, 0
+    if stages > 1:  # the layers' weights rearranged by stage, and their gradient so laid out
+        copy += 2 * 4 * (p - params_per_device(dataclasses.replace(m, num_layers=0), model_degree))
     return MemoryEstimate(
         weights=4 * master,
         optimizer=8 * master + 2 * 4,  # + the counts of scale_by_adam and scale_by_schedule
@@ -161,7 +175,7 @@ def estimate_memory(
         activations=stack("none") + head,
         activations_selective=stack("selective") + head,
         activations_remat=stack("full") + head,
-        activations_paper=m.num_layers * paper,
+        activations_paper=m.num_layers // stages * paper,
         compute_weights=copy,
     )
 
@@ -214,11 +228,22 @@ def flops_per_step(cfg: Config) -> dict[str, float]:
     return {"model": model, "hardware": model + m.num_layers * recomputed * tokens}
 
 
-def expected_collectives(cfg: Config, *, data_degree: int, model_degree: int) -> dict:
-    """Collectives the paper's plan implies per step: (count, elements) by mesh axis."""
+def expected_collectives(
+    cfg: Config, *, data_degree: int, model_degree: int, stages: int = 1
+) -> dict:
+    """Collectives the paper's plan implies per step: (count, elements) by mesh axis. With
+    pipeline stages a device runs L / (v P) layers per tick, on one micro-batch, for every
+    tick; the embedding and heads run on all micro-batches at once."""
     m, tr = cfg.model, cfg.train
     micro, b = tr.micro_batches, tr.batch_size // tr.micro_batches // data_degree
+    runs = micro * m.num_layers  # layers a device runs per step
     lm = m.arch != "bert_multiple_choice"
+    # The embedding's and the head's, one per micro-batch; pipelined, one for all of them.
+    outside, batched = micro * (2 if lm else 1), 1
+    if stages > 1:
+        ticks = pipeline.ticks(stages, tr.pipeline_repeats, micro)
+        runs = ticks * (m.num_layers // (stages * tr.pipeline_repeats))
+        outside, batched = 2 if lm else 1, micro
     b *= 1 if lm else m.num_choices  # sequences per device
     found = {}
     n = b * m.seq_len * m.hidden
@@ -229,22 +254,23 @@ def expected_collectives(cfg: Config, *, data_degree: int, model_degree: int) ->
         # and their transposes. Full recomputation adds the attention output's reduce-scatter
         # (its gathers are the backward's own).
         again = 1 if m.remat == "full" else 0
-        outside = micro * (2 if lm else 1)
-        gathers = micro * 6 * m.num_layers + outside
-        scatters = micro * (4 + again) * m.num_layers + outside
-        found["model: all-gathers (b, s, h)"] = (gathers, gathers * n)
-        found["model: reduce-scatters (b, s / T, h)"] = (scatters, scatters * n // model_degree)
+        gathers = 6 * runs + outside
+        scatters = (4 + again) * runs + outside
+        elements = (6 * runs + batched * outside) * n
+        found["model: all-gathers (b, s, h)"] = (gathers, elements)
+        elements = ((4 + again) * runs + batched * outside) * n // model_degree
+        found["model: reduce-scatters (b, s / T, h)"] = (scatters, elements)
     elif model_degree > 1:
         # 2 forward + 2 backward per layer (+1: the attention all-reduce is recomputed), the
         # embedding and the tied head's gradient, then max, sum of exp and target logit.
         per_layer = 4 + (1 if m.remat == "full" else 0)
-        acts = micro * (per_layer * m.num_layers + (2 if lm else 1))
-        found["model: activations (b, s, h)"] = (acts, acts * n)
+        acts = per_layer * runs + outside
+        found["model: activations (b, s, h)"] = (acts, (per_layer * runs + batched * outside) * n)
     if model_degree > 1:
         if lm:
             found["model: cross-entropy (b, s)"] = (3 * micro, 3 * micro * b * m.seq_len)
     if data_degree > 1:
-        p = params_per_device(m, model_degree)
+        p = params_per_device(m, model_degree, stages)
         found["data: gradients"] = (None, p)
     return found
 
@@ -269,6 +295,21 @@ def summarize_collectives(found: list[hlo.Collective]) -> list[dict]:
     return sorted(rows.values(), key=lambda r: -r["bytes"])
 
 
+def pipeline_transfer_bytes(cfg: Config, data_degree: int, model_degree: int, stages: int):
+    """Bytes one device sends to the next stage per step: pipeline.transfers() collective-
+    permutes of its (micro-batch, length, hidden) share, split over `model` too with sequence
+    parallelism."""
+    m, tr = cfg.model, cfg.train
+    if stages == 1:
+        return 0
+    r = model_degree if m.sequence_parallel else 1
+    batch = tr.batch_size // tr.micro_batches // data_degree
+    one = pipeline.transfer_bytes(
+        batch, m.seq_len // r, m.hidden, jnp.dtype(m.compute_dtype).itemsize
+    )
+    return pipeline.transfers(stages, tr.pipeline_repeats, tr.micro_batches) * one
+
+
 def allreduce_elements(kind: str, elements: float, group: int) -> float:
     """The all-reduce that moves as many bytes as a collective with `elements` in its result:
     a ring all-gather or reduce-scatter of a whole tensor moves half an all-reduce's."""
@@ -281,29 +322,61 @@ def allreduce_seconds(nbytes: float, group: int, bandwidth: float) -> float:
 
 
 def roofline(
-    cfg: Config, tgt: Target, *, data_degree: int, model_degree: int, model_elements: float
+    cfg: Config,
+    tgt: Target,
+    *,
+    data_degree: int,
+    model_degree: int,
+    model_elements: float,
+    stages: int = 1,
 ) -> dict:
     """Step time = compute at peak + model all-reduces (intra-node) + gradient all-reduce
     (inter-node once the mesh leaves a node), nothing overlapped: an optimistic compute term
-    and a pessimistic communication term. Weak-scaling efficiency = compute / step time."""
-    devices = data_degree * model_degree
+    and a pessimistic communication term. Weak-scaling efficiency = compute / step time.
+
+    With P pipeline stages (across nodes once D T fills one), the step adds the bubble (each
+    stage idles, or computes on zeros, P - 1 of its v m + P - 1 ticks), the embedding and
+    heads that every stage computes again, the stage-to-stage collective-permutes (one per
+    tick each way, on the critical path) and the all-reduce over `pipeline` of the gradients
+    of what every stage holds (the embeddings)."""
+    m, tr = cfg.model, cfg.train
+    devices = stages * data_degree * model_degree
     fl = flops_per_step(cfg)
     compute = fl["hardware"] / devices / tgt.peak_flops
-    e = jnp.dtype(cfg.model.compute_dtype).itemsize
+    e = jnp.dtype(m.compute_dtype).itemsize
     model_bytes = e * model_elements  # activations, in the compute dtype
     model_s = allreduce_seconds(model_bytes, model_degree, tgt.intra_node_bw)
-    grad_bytes = 4 * params_per_device(cfg.model, model_degree)  # float32 gradients
+    grad_bytes = 4 * params_per_device(m, model_degree, stages)  # float32 gradients
     data_bw = tgt.inter_node_bw if devices > tgt.node_size else tgt.intra_node_bw
     data_s = allreduce_seconds(grad_bytes, data_degree, data_bw)
-    step = compute + model_s + data_s
+    bubble_s = p2p_s = 0.0
+    if stages > 1:
+        v, micro = tr.pipeline_repeats, tr.micro_batches
+        tokens = tr.batch_size * m.tokens_per_sample
+        outside = dataclasses.replace(m, num_layers=0).flops_per_token()  # the LM head
+        layers = fl["hardware"] - outside * tokens
+        bubble_s = layers / devices / tgt.peak_flops * (stages - 1) / (v * micro)
+        compute += outside * tokens * (stages - 1) / devices / tgt.peak_flops
+        node = data_degree * model_degree >= tgt.node_size  # a stage fills a node
+        p2p_bw = tgt.inter_node_bw if node else tgt.intra_node_bw
+        p2p_s = pipeline_transfer_bytes(cfg, data_degree, model_degree, stages) / p2p_bw
+        shared = params_per_device(dataclasses.replace(m, num_layers=0), model_degree)
+        p2p_s += allreduce_seconds(4 * shared, stages, p2p_bw)
+        if v > 1:  # float32 layer weights to the stages that run them, gradients back
+            layer_params = params_per_device(m, model_degree, stages) - shared
+            p2p_s += 2 * 4 * layer_params * (v - 1) / v / p2p_bw
+    step = compute + model_s + data_s + bubble_s + p2p_s
     return {
         "compute_s": compute,
         "model_allreduce_s": model_s,
         "data_allreduce_s": data_s,
+        "bubble_s": bubble_s,
+        "pipeline_s": p2p_s,
         "step_s": step,
         "mfu": fl["model"] / devices / step / tgt.peak_flops,
         "weak_scaling_efficiency": compute / step,
         "tokens_per_sec": cfg.train.batch_size * cfg.model.tokens_per_sample / step,
+        "hardware_tflops_per_device": fl["hardware"] / devices / step / 1e12,
     }
 
 
@@ -317,6 +390,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
 
     tgt = target(target_name)
     data, model = device_mesh.shape[parallel.DATA], device_mesh.shape[parallel.MODEL]
+    stages = device_mesh.shape[parallel.PIPELINE]
     trainer = Trainer(cfg, device_mesh)
     abstract = trainer.abstract_state()
     per_device = sum(  # as the forward pass holds them: split over `model` only
@@ -338,8 +412,10 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     compiled, compile_s = trainer.compile_train_step()
     stats = compiled.memory_analysis()
     found = hlo.collectives(compiled.as_text(), dict(device_mesh.shape))
-    est = estimate_memory(cfg, data_degree=data, model_degree=model, master_params=master)
-    expected = expected_collectives(cfg, data_degree=data, model_degree=model)
+    est = estimate_memory(
+        cfg, data_degree=data, model_degree=model, master_params=master, stages=stages
+    )
+    expected = expected_collectives(cfg, data_degree=data, model_degree=model, stages=stages)
 
     model_elements = sum(
         c.runs * allreduce_elements(c.kind, c.elements, model)
@@ -348,14 +424,19 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     )
     plans = {
         "this mesh": roofline(
-            cfg, tgt, data_degree=data, model_degree=model, model_elements=model_elements
+            cfg,
+            tgt,
+            data_degree=data,
+            model_degree=model,
+            model_elements=model_elements,
+            stages=stages,
         )
     }
     # The paper's largest run: 512 accelerators, this model degree, the same global batch.
     # Each device then holds data / scaled of the activations (and of their all-reduces); its
     # gradient bytes do not change, only the ring's factor and the fabric do.
     scaled = 512 // model
-    if scaled != data:
+    if scaled != data and stages == 1:
         plans[f"data={scaled} (512 devices)"] = roofline(
             cfg,
             tgt,
@@ -384,7 +465,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         f32 = dataclasses.replace(cfg.model, compute_dtype="float32")
         f32_cfg = dataclasses.replace(cfg, model=f32)
         as_compiled = estimate_memory(
-            f32_cfg, data_degree=data, model_degree=model, master_params=master
+            f32_cfg, data_degree=data, model_degree=model, master_params=master, stages=stages
         )
     notes = []
     if tgt.name.startswith("V100") and cfg.model.compute_dtype == "bfloat16":
@@ -392,15 +473,22 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
             "a V100 cannot run bfloat16 (its tensor cores do float16): use "
             "--set model.compute_dtype=float16, with dynamic loss scaling"
         )
+    if stages > 1 and data == 1 and cfg.train.micro_batches < cfg.train.batch_size:
+        notes.append(
+            f"data=1 holds the whole global batch of {cfg.train.batch_size}: for one "
+            "data-parallel replica of a larger layout, --set train.batch_size=B/D "
+            "train.micro_batches=m/D"
+        )
     return {
         "config": dataclasses.asdict(cfg.model),
-        "mesh": {"data": data, "model": model},
+        "mesh": {"pipeline": stages, "data": data, "model": model},
+        "pipeline": pipeline_summary(cfg, stages=stages, data=data, model=model, found=found),
         "platform": platform,
         "compile_seconds": compile_s,
         "params": {
             "total": trainer.num_params,
             "per_device": per_device,
-            "per_device_analytic": params_per_device(cfg.model, model),
+            "per_device_analytic": params_per_device(cfg.model, model, stages),
         },
         "memory": {
             "compiled": compiled_bytes,
@@ -436,6 +524,38 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     }
 
 
+def pipeline_summary(cfg: Config, *, stages: int, data: int, model: int, found) -> dict | None:
+    """The schedule's figures: P, v, m, ticks, bubble, micro-batches in flight, and the
+    collective-permutes per step, predicted and found in the compiled program."""
+    if stages == 1:
+        return None
+    m, tr = cfg.model, cfg.train
+    v, micro = tr.pipeline_repeats, tr.micro_batches
+    batch = tr.batch_size // micro // data
+    r = model if m.sequence_parallel else 1
+    stage_input = ((1, batch, m.seq_len // r, m.hidden),)  # one stage's micro-batch share
+    permutes = [c for c in found if c.kind == "collective-permute" and c.shapes == stage_input]
+    # Anything else sent round the stages: with circular repeats the layers' weights, stored
+    # in order, go to the stages that run them (and their gradients back) in every step.
+    others = [c for c in found if c.kind == "collective-permute" and c.shapes != stage_input]
+    return {
+        "stages": stages,
+        "repeats": v,
+        "micro_batches": micro,
+        "ticks": pipeline.ticks(stages, v, micro),
+        "bubble": pipeline.bubble_fraction(stages, v, micro),
+        "in_flight_micro_batches": pipeline.ticks(stages, v, micro) / v,
+        "in_flight_bytes": activations.pipelined_activation_bytes(
+            cfg.model, batch=batch, model_degree=model, stages=stages, repeats=v, micro=micro
+        )["total"],
+        "transfers": pipeline.transfers(stages, v, micro),
+        "transfer_bytes": pipeline_transfer_bytes(cfg, data, model, stages),
+        "transfers_compiled": sum(c.runs for c in permutes),
+        "transfer_bytes_compiled": sum(c.runs * c.bytes for c in permutes),
+        "other_permute_bytes_compiled": sum(c.runs * c.bytes for c in others),
+    }
+
+
 def _gb(x: float) -> str:
     return f"{x / GB:,.2f} GB"
 
@@ -448,7 +568,8 @@ def report(plan: dict) -> str:
     acts = an["activations_used"]
     sp = "on" if plan["config"]["sequence_parallel"] else "off"
     lines = [
-        f"dry run: mesh data={plan['mesh']['data']} model={plan['mesh']['model']}, "
+        f"dry run: mesh pipeline={plan['mesh']['pipeline']} data={plan['mesh']['data']} "
+        f"model={plan['mesh']['model']}, "
         f"compiled in {plan['compile_seconds']:.1f}s on {plan['platform']}",
         f"parameters: {p['total']:,} total, {p['per_device']:,} per device "
         f"(analytic {p['per_device_analytic']:,})",
@@ -491,6 +612,27 @@ def report(plan: dict) -> str:
             + ", ".join(st["replicated_over_data"])
         )
     lines += [f"  note: {note}" for note in plan["notes"]]
+    pp = plan["pipeline"]
+    if pp:
+        lines += [
+            "",
+            f"pipeline: P={pp['stages']} stages, v={pp['repeats']} repeats, "
+            f"m={pp['micro_batches']} micro-batches: {pp['ticks']} ticks, bubble "
+            f"{100 * pp['bubble']:.1f}% = (P-1)/(v m+P-1)",
+            f"  in flight per device: {pp['in_flight_micro_batches']:.1f} micro-batches of the "
+            f"stage's layers (GPipe: all m, and the bubble ticks), "
+            f"{_gb(pp['in_flight_bytes'])} with the micro-batch buffers and heads",
+            f"  collective-permutes per step: {pp['transfers']} of "
+            f"{_gb(pp['transfer_bytes'] / max(pp['transfers'], 1))}, "
+            f"{_gb(pp['transfer_bytes'])} per device (compiled: {pp['transfers_compiled']}, "
+            f"{_gb(pp['transfer_bytes_compiled'])})",
+        ]
+        if pp["other_permute_bytes_compiled"]:
+            lines.append(
+                f"  other collective-permutes over pipeline: "
+                f"{_gb(pp['other_permute_bytes_compiled'])} per step (circular repeats: the "
+                "layers' weights to the stages that run them, their gradients back)"
+            )
     fl = plan["flops_per_step"]
     lines += [
         "",
@@ -529,8 +671,14 @@ def report(plan: dict) -> str:
         ms = {k: f"{1e3 * v:.1f}" for k, v in r.items()}
         lines.append(
             f"  {name:<28} step {ms['step_s']} ms (compute {ms['compute_s']}, model "
-            f"all-reduce {ms['model_allreduce_s']}, data all-reduce "
-            f"{ms['data_allreduce_s']}) | MFU {100 * r['mfu']:.0f}% | weak scaling "
+            f"all-reduce {ms['model_allreduce_s']}, data all-reduce {ms['data_allreduce_s']}"
+            + (
+                f", bubble {ms['bubble_s']}, pipeline transfers {ms['pipeline_s']}"
+                if r["bubble_s"] or r["pipeline_s"]
+                else ""
+            )
+            + f") | MFU {100 * r['mfu']:.0f}% | {r['hardware_tflops_per_device']:.0f} "
+            f"hardware TFLOP/s per device | weak scaling "
             f"{100 * r['weak_scaling_efficiency']:.0f}%"
         )
     paper = ", ".join(f"{k} {100 * v:.0f}%" for k, v in plan["paper_weak_scaling"].items())

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 from conftest import device_mesh, tiny_config
 
@@ -71,12 +72,12 @@ def test_ring_allreduce_time():
     assert plan.allreduce_seconds(8e9, 1, 100e9) == 0.0
 
 
-def _check_against_compiled(p: dict):
+def _check_against_compiled(p: dict, tolerance: float = 0.15):
     assert p["params"]["per_device"] == p["params"]["per_device_analytic"]
     compiled, analytic = p["memory"]["compiled"], p["memory"]["analytic_as_compiled"]
     assert compiled["arguments"] == analytic["arguments"]  # state and batch, byte for byte
     ratio = compiled["temporaries"] / analytic["temporaries"]
-    assert 0.85 < ratio < 1.15, ratio
+    assert 1 - tolerance < ratio < 1 + tolerance, ratio
     # The optimized HLO holds exactly the model-axis all-reduces the plan predicts.
     s, h = p["config"]["seq_len"], p["config"]["hidden"]
     expected = p["collectives_expected"]
@@ -87,11 +88,11 @@ def _check_against_compiled(p: dict):
         if r["axes"] == ["model"]
         for shape in r["shapes"]
     ]
-    acts = [(x, n) for x, n in model_tensors if x[1:] == [s, h]]
+    acts = [(x, n) for x, n in model_tensors if x[-2:] == [s, h]]  # (stage,) micro, b, s, h
     count, elements = expected["model: activations (b, s, h)"]
     assert sum(n for _, n in acts) == count
     assert sum(n * math.prod(x) for x, n in acts) == elements
-    ce = [(x, n) for x, n in model_tensors if x[1:] == [s]]
+    ce = [(x, n) for x, n in model_tensors if len(x) > 1 and x[-1] == s and x[-2:] != [s, h]]
     _, ce_elements = expected.get("model: cross-entropy (b, s)", (0, 0))  # none: no LM head
     assert sum(n * math.prod(x) for x, n in ce) == ce_elements
 
@@ -199,3 +200,29 @@ def test_dry_run_with_the_distributed_optimizer_agrees_with_its_compiled_step():
     text = plan.report(p)
     assert "h/attn/qkv/bias, h/mlp/fc1/bias" in text
     assert "a V100 cannot run bfloat16" in text
+
+
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_dry_run_of_a_pipelined_step_agrees_with_its_compiled_step(repeats):
+    """P=2, D=2, T=2, m=4: the schedule's transfers are the compiled collective-permutes, the
+    stage's layers run once per tick with the plan's all-reduces, the memory estimate of the
+    micro-batches in flight matches the compiled program's."""
+    from megajax import mesh, pipeline
+
+    cfg = config.replace(
+        config.load("configs/gpt2_tiny.py"),
+        model=dict(seq_len=64, remat="full"),
+        train=dict(batch_size=16, micro_batches=4, pipeline_repeats=repeats),
+    )
+    p = plan.make_plan(cfg, mesh.make("pipeline=2,data=2,model=2", devices=jax.devices()[:8]))
+    pp = p["pipeline"]
+    assert pp["ticks"] == repeats * 4 + 1 and pp["bubble"] == 1 / (repeats * 4 + 1)
+    assert pp["transfers_compiled"] == pp["transfers"] == pipeline.transfers(2, repeats, 4)
+    # XLA:CPU moves float32: the bytes of the plan's compute dtype times 4 / itemsize.
+    assert pp["transfer_bytes_compiled"] == pp["transfer_bytes"]
+    # GPipe keeps every micro-batch's buffers and heads: counted within 30% on this small
+    # model, whose 50k-token head outweighs its layers (the 145.6B model's within 3%).
+    _check_against_compiled(p, tolerance=0.3)
+    roof = p["roofline"]["this mesh"]
+    assert roof["bubble_s"] > 0 and roof["pipeline_s"] > 0
+    assert "pipeline: P=2 stages" in plan.report(p)
