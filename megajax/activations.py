@@ -118,7 +118,8 @@ def pipelined_activation_bytes(
             else _core_bytes(m, batch=batch, model_degree=model_degree)
         )
         stack -= (ticks - 1) * working
-    buffers = 2 * 3 * micro * batch * m.seq_len * m.hidden * e
+    r = model_degree if m.sequence_parallel else 1  # the stages' inputs split over `model`
+    buffers = 2 * 3 * micro * batch * m.seq_len * m.hidden * e / r
     head = head_activation_bytes(m, batch=micro * batch, model_degree=model_degree)
     return {
         "stack": stack,

@@ -337,8 +337,9 @@ def roofline(
     With P pipeline stages (across nodes once D T fills one), the step adds the bubble (each
     stage idles, or computes on zeros, P - 1 of its v m + P - 1 ticks), the embedding and
     heads that every stage computes again, the stage-to-stage collective-permutes (one per
-    tick each way, on the critical path) and the all-reduce over `pipeline` of the gradients
-    of what every stage holds (the embeddings)."""
+    tick each way, on the critical path), the two all-reduces over `pipeline` of the
+    micro-batches' (m b s h) buffers, and with circular repeats the layers' weights sent to the
+    stages that run them (and their gradients back)."""
     m, tr = cfg.model, cfg.train
     devices = stages * data_degree * model_degree
     fl = flops_per_step(cfg)
@@ -360,8 +361,11 @@ def roofline(
         node = data_degree * model_degree >= tgt.node_size  # a stage fills a node
         p2p_bw = tgt.inter_node_bw if node else tgt.intra_node_bw
         p2p_s = pipeline_transfer_bytes(cfg, data_degree, model_degree, stages) / p2p_bw
+        # Over `pipeline` also: the last stage's outputs to every stage's heads, and the
+        # gradient of the micro-batches entering stage 0 back to every stage's embedding.
+        buffers = tr.batch_size // data_degree * m.seq_len * m.hidden * e
+        p2p_s += 2 * allreduce_seconds(buffers, stages, p2p_bw)
         shared = params_per_device(dataclasses.replace(m, num_layers=0), model_degree)
-        p2p_s += allreduce_seconds(4 * shared, stages, p2p_bw)
         if v > 1:  # float32 layer weights to the stages that run them, gradients back
             layer_params = params_per_device(m, model_degree, stages) - shared
             p2p_s += 2 * 4 * layer_params * (v - 1) / v / p2p_bw
@@ -702,114 +706,3 @@ def _jsonable(x):
     if isinstance(x, np.generic):
         return x.item()
     raise TypeError(f"{type(x).__name__} is not JSON serializable")
-
-
-# The paper's models at their model-parallel degrees (Tables 1 and 4), for the README table.
-PAPER_CONFIGS = (
-    ("configs/gpt2_medium.py", 1),
-    ("configs/megatron_gpt2_1p2b.py", 1),
-    ("configs/megatron_gpt2_2p5b.py", 2),
-    ("configs/megatron_gpt2_4p2b.py", 4),
-    ("configs/megatron_gpt2_8p3b.py", 8),
-    ("configs/megatron_bert_336m.py", 1),
-    ("configs/megatron_bert_1p3b.py", 2),
-    ("configs/megatron_bert_3p9b.py", 4),
-)
-
-
-def paper_table(devices) -> str:
-    """A markdown table of the paper's GPT-2 and BERT configs, each on `devices` with
-    data = n / T.
-
-    All-reduced bytes: activations over `model` in the compute dtype (XLA:CPU would show them
-    in float32) plus float32 gradients over `data`, from the optimized HLO's counts."""
-    from megajax import config, mesh
-
-    rows = [
-        "| config | T | params | memory / device | H100 80GB | V100 32GB "
-        "| all-reduced / step / device | MFU H100 | MFU V100 | weak scaling V100 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for path, t in PAPER_CONFIGS:
-        cfg = config.load(path)
-        device_mesh = mesh.make(f"data=-1,model={t}", devices=devices)
-        p = make_plan(cfg, device_mesh, target_name="v100")
-        total = p["memory"]["analytic"]["total"]
-        grads = sum(r["bytes"] for r in p["collectives"] if r["axes"] == [parallel.DATA])
-        e = jnp.dtype(cfg.model.compute_dtype).itemsize
-        model_elements = sum(
-            r["count"] * allreduce_elements(r["kind"], sum(math.prod(s) for s in r["shapes"]), t)
-            for r in p["collectives"]
-            if r["axes"] == [parallel.MODEL]
-        )
-        data = device_mesh.shape[parallel.DATA]
-        h100 = roofline(
-            cfg, TARGETS["h100"], data_degree=data, model_degree=t, model_elements=model_elements
-        )
-        v100 = p["roofline"]["this mesh"]
-        rows.append(
-            f"| `{Path(path).stem}` | {t} | {p['params']['total'] / 1e9:.2f}B | {_gb(total)} "
-            f"| {'fits' if total <= TARGETS['h100'].memory_bytes else 'no'} "
-            f"| {'fits' if total <= TARGETS['v100'].memory_bytes else 'no'} "
-            f"| {_gb(e * model_elements + grads)} "
-            f"| {100 * h100['mfu']:.0f}% | {100 * v100['mfu']:.0f}% "
-            f"| {100 * v100['weak_scaling_efficiency']:.0f}% |"
-        )
-    return "\n".join(rows)
-
-
-# Korthikanti et al.'s switches, turned on together (arXiv 2205.05198, Megatron-LM's ZeRO-1).
-MEMORY_SWITCHES = dict(
-    model=dict(sequence_parallel=True, remat="selective"), optim=dict(distributed=True)
-)
-
-
-def paper_layout_table(devices, *, data: int = 64) -> str:
-    """A markdown table of the paper's configs on its own layout, in fp16 on V100s: `data`-way
-    data parallelism times each config's T, one micro-batch of the recipe's global batch (GPT-2:
-    512, 8 sequences per device), before (the recipes' full recomputation) and after
-    MEMORY_SWITCHES."""
-    from megajax import config, mesh
-
-    rows = [
-        "| config | mesh | before: memory / device | V100 | hardware / model FLOPs | MFU "
-        "| after: memory / device | V100 | hardware / model FLOPs | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for path, t in PAPER_CONFIGS:
-        base = config.replace(
-            config.load(path),
-            model=dict(compute_dtype="float16", remat="full"),
-            train=dict(micro_batches=1),
-        )
-        device_mesh = mesh.make(f"data={data},model={t}", devices=devices[: data * t])
-        cells = []
-        for cfg in (base, config.replace(base, **MEMORY_SWITCHES)):
-            p = make_plan(cfg, device_mesh, target_name="v100")
-            total, fl = p["memory"]["analytic"]["total"], p["flops_per_step"]
-            cells += [
-                _gb(total),
-                "fits" if total <= TARGETS["v100"].memory_bytes else "no",
-                f"{fl['hardware'] / fl['model']:.3f}",
-                f"{100 * p['roofline']['this mesh']['mfu']:.0f}%",
-            ]
-        rows.append(f"| `{Path(path).stem}` | {data} x {t} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    from megajax import mesh
-
-    parser = argparse.ArgumentParser(description="README table of the paper's dry runs")
-    parser.add_argument("--cpu_devices", type=int, default=8)
-    parser.add_argument(
-        "--paper_layout", action="store_true", help="the paper's own layouts (512 devices)"
-    )
-    args = parser.parse_args()
-    mesh.fake_cpu_devices(args.cpu_devices)
-    if args.paper_layout:
-        print(paper_layout_table(jax.devices()))
-    else:
-        print(paper_table(jax.devices()))
