@@ -481,7 +481,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         notes.append(
             f"data=1 holds the whole global batch of {cfg.train.batch_size}: for one "
             "data-parallel replica of a larger layout, --set train.batch_size=B/D "
-            "train.micro_batches=m/D"
+            "--set train.micro_batches=m/D"
         )
     return {
         "config": dataclasses.asdict(cfg.model),
