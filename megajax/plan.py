@@ -71,17 +71,27 @@ def params_per_device(m: ModelConfig, model_degree: int, stages: int = 1) -> int
     are split T ways; layer norms, row-parallel biases, position and token-type embeddings and
     BERT's small heads are replicated. Pipeline stages split the layers P ways; everything
     outside them is on every stage."""
+    return stage_layer_params(m, model_degree, stages) + outside_params(m, model_degree)
+
+
+def stage_layer_params(m: ModelConfig, model_degree: int, stages: int = 1) -> int:
+    """The transformer layers' parameters one device holds: its stage's L / P layers."""
+    split, replicated = m.layer_params()
+    return m.num_layers // stages * (split // model_degree + replicated)
+
+
+def outside_params(m: ModelConfig, model_degree: int) -> int:
+    """The parameters outside the layers one device holds (on every pipeline stage)."""
     t = model_degree
     split, replicated = m.layer_params()
     # The word embedding, and an untied LM head: both split by vocabulary rows.
     tables = m.padded_vocab_size(t) * m.hidden * (1 if m.tie_embeddings else 2)
-    layers = m.num_layers // stages * (split // t + replicated)
     # Everything outside the layers, as num_params counts it, with the vocabulary rows split.
     outside = m.num_params(t) - m.num_layers * (split + replicated) - tables
     if m.arch == "bert":
         vocab = m.padded_vocab_size(t)
         outside -= vocab - vocab // t  # the masked-LM head's output bias is split too
-    return tables // t + layers + outside
+    return tables // t + outside
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +175,7 @@ def estimate_memory(
     else:
         master, gradients, copy = p, 4 * p * accumulate, 0
     if stages > 1:  # the layers' weights rearranged by stage, and their gradient so laid out
-        copy += 2 * 4 * (p - params_per_device(dataclasses.replace(m, num_layers=0), model_degree))
+        copy += 2 * 4 * stage_layer_params(m, model_degree, stages)
     return MemoryEstimate(
         weights=4 * master,
         optimizer=8 * master + 2 * 4,  # + the counts of scale_by_adam and scale_by_schedule
@@ -365,9 +375,8 @@ def roofline(
         # gradient of the micro-batches entering stage 0 back to every stage's embedding.
         buffers = tr.batch_size // data_degree * m.seq_len * m.hidden * e
         p2p_s += 2 * allreduce_seconds(buffers, stages, p2p_bw)
-        shared = params_per_device(dataclasses.replace(m, num_layers=0), model_degree)
         if v > 1:  # float32 layer weights to the stages that run them, gradients back
-            layer_params = params_per_device(m, model_degree, stages) - shared
+            layer_params = stage_layer_params(m, model_degree, stages)
             p2p_s += 2 * 4 * layer_params * (v - 1) / v / p2p_bw
     step = compute + model_s + data_s + bubble_s + p2p_s
     return {
@@ -487,6 +496,8 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         "config": dataclasses.asdict(cfg.model),
         "mesh": {"pipeline": stages, "data": data, "model": model},
         "pipeline": pipeline_summary(cfg, stages=stages, data=data, model=model, found=found),
+        # Elements of the all-reduces over `model` that move as many bytes (the roofline's).
+        "model_allreduce_elements": model_elements,
         "platform": platform,
         "compile_seconds": compile_s,
         "params": {

@@ -7,21 +7,13 @@ python -m megajax.plan_tables --cpu_devices 512 --pipeline_2021  # arXiv 2104.04
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from megajax import parallel
-from megajax.plan import (
-    TARGETS,
-    _gb,
-    allreduce_elements,
-    estimate_memory,
-    make_plan,
-    roofline,
-)
+from megajax.plan import TARGETS, _gb, estimate_memory, make_plan, roofline
 
 # The paper's models at their model-parallel degrees (Tables 1 and 4), for the README table.
 PAPER_CONFIGS = (
@@ -56,11 +48,7 @@ def paper_table(devices) -> str:
         total = p["memory"]["analytic"]["total"]
         grads = sum(r["bytes"] for r in p["collectives"] if r["axes"] == [parallel.DATA])
         e = jnp.dtype(cfg.model.compute_dtype).itemsize
-        model_elements = sum(
-            r["count"] * allreduce_elements(r["kind"], sum(math.prod(s) for s in r["shapes"]), t)
-            for r in p["collectives"]
-            if r["axes"] == [parallel.MODEL]
-        )
+        model_elements = p["model_allreduce_elements"]
         data = device_mesh.shape[parallel.DATA]
         h100 = roofline(
             cfg, TARGETS["h100"], data_degree=data, model_degree=t, model_elements=model_elements
@@ -148,11 +136,7 @@ def pipeline_table(devices) -> str:
         cfg = config.replace(full, train=dict(batch_size=share, micro_batches=share))
         device_mesh = mesh.make(f"pipeline={stages},data=1,model=8", devices=devices[: 8 * stages])
         p = make_plan(cfg, device_mesh, target_name="a100")
-        model_elements = sum(
-            r["count"] * allreduce_elements(r["kind"], sum(math.prod(s) for s in r["shapes"]), 8)
-            for r in p["collectives"]
-            if r["axes"] == [parallel.MODEL]
-        )
+        model_elements = p["model_allreduce_elements"]
         roof = roofline(
             full, a100, data_degree=data, model_degree=8, model_elements=model_elements,
             stages=stages,
