@@ -80,3 +80,13 @@ def bert_batch(dataset, *, step: int, batch_size: int, seq_len: int, pair_task="
     rows = np.random.default_rng(step).integers(0, len(pairs), batch_size)
     samples = [pairs[int(i)] for i in rows]
     return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def lm_logits(trainer, params, ids):
+    """A GPT's logits for token ids (batch, length) on the trainer's mesh, the vocabulary's
+    padding cut off: what a Hugging Face model's logits are compared with."""
+    vocab = trainer.cfg.model.vocab_size
+    with trainer.context():
+        f = jax.jit(lambda p, x: (lambda m: m(x) @ m.lm_head.T)(trainer.model(p)))
+        batch = trainer.put_eval_batch({"inputs": ids, "targets": ids})
+        return np.asarray(f(params, batch["inputs"]))[..., :vocab]

@@ -6,11 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import torch
-from conftest import device_mesh
+from conftest import device_mesh, lm_logits
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from megajax import config, convert
@@ -46,15 +45,6 @@ def _hf_logits(path, ids):
         return model(torch.tensor(ids)).logits.numpy()
 
 
-def _megajax_logits(trainer, params, ids):
-    vocab = trainer.cfg.model.vocab_size
-    with trainer.context():
-        f = jax.jit(lambda p, x: (lambda m: m(x) @ m.lm_head.T)(trainer.model(p)))
-        return np.asarray(
-            f(params, trainer.put_eval_batch({"inputs": ids, "targets": ids})["inputs"])
-        )[..., :vocab]
-
-
 def _ids(path, batch=8):
     hf = json.loads((Path(path) / "config.json").read_text())
     rng = np.random.default_rng(0)
@@ -69,7 +59,7 @@ def test_imported_gpt2_gives_transformers_logits(hf_dir, tmp_path, data, model):
     state, _ = ckpt.restore(0, trainer.abstract_state())
     ckpt.close()
     ids = _ids(hf_dir)
-    ours, theirs = _megajax_logits(trainer, state["params"], ids), _hf_logits(hf_dir, ids)
+    ours, theirs = lm_logits(trainer, state["params"], ids), _hf_logits(hf_dir, ids)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
 
 

@@ -1,11 +1,10 @@
 """Hugging Face Llama interoperability (GQA, untied head, RoPE base other than 10,000), proven
 against transformers' LlamaForCausalLM."""
 
-import jax
 import numpy as np
 import pytest
 import torch
-from conftest import device_mesh
+from conftest import device_mesh, lm_logits
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megajax import config, convert
@@ -50,14 +49,6 @@ def _hf_logits(path, ids):
         return model(torch.tensor(ids)).logits.numpy()
 
 
-def _megajax_logits(trainer, params, ids):
-    vocab = trainer.cfg.model.vocab_size
-    with trainer.context():
-        f = jax.jit(lambda p, x: (lambda m: m(x) @ m.lm_head.T)(trainer.model(p)))
-        batch = trainer.put_eval_batch({"inputs": ids, "targets": ids})
-        return np.asarray(f(params, batch["inputs"]))[..., :vocab]
-
-
 def test_llama_config_round_trips(hf_dir):
     weights = convert.HFWeights(hf_dir)
     m = convert.with_hf_model(config.Config(), weights).model
@@ -78,7 +69,7 @@ def test_imported_llama_gives_transformers_logits(hf_dir, ids, data, model):
     cfg = convert.with_hf_model(config.Config(), weights)
     trainer = Trainer(cfg, device_mesh(data, model))
     params = convert.load_params(trainer, weights, log=lambda _: None)
-    ours, theirs = _megajax_logits(trainer, params, ids), _hf_logits(hf_dir, ids)
+    ours, theirs = lm_logits(trainer, params, ids), _hf_logits(hf_dir, ids)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
 
 
@@ -101,7 +92,7 @@ def test_restored_import_matches_on_another_mesh(hf_dir, ids, tmp_path):
     state, _ = ckpt.restore(0, trainer.abstract_state())
     ckpt.close()
     theirs = _hf_logits(hf_dir, ids)
-    ours = _megajax_logits(trainer, state["params"], ids)
+    ours = lm_logits(trainer, state["params"], ids)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
 
 
