@@ -123,16 +123,36 @@ class ModelConfig:
     def mlp_hidden(self) -> int:
         return self.ffn_hidden or self.mlp_ratio * self.hidden
 
-    def layer_params(self) -> tuple[int, int]:
-        """One transformer layer's parameters: (split over `model`, replicated). QKV (grouped
-        by key/value head), fc1 (SwiGLU: gate and up) and their biases, the attention output
-        and fc2 weights are split; the norms and the row-parallel biases are replicated."""
+    @property
+    def grouped_query(self) -> bool:
+        """Fewer key/value heads than query heads: q and kv are then two weights, not one."""
+        return self.kv_heads != self.num_heads
+
+    def kv_replicated(self, model_degree: int) -> bool:
+        """Whether the key/value weight is whole on every model shard: grouped-query attention
+        with more model shards than key/value heads. Each shard then computes only the head its
+        query heads share."""
+        return self.grouped_query and model_degree > self.kv_heads
+
+    def kv_slots(self, model_degree: int) -> int:
+        """Key/value heads the model shards hold together: the heads, or one per shard when
+        they are fewer (a head's copies sit on consecutive shards). A KV cache's heads."""
+        return max(self.kv_heads, model_degree) if self.grouped_query else self.kv_heads
+
+    def layer_params(self, model_degree: int = 1) -> tuple[int, int]:
+        """One transformer layer's parameters: (split over `model`, replicated). QKV (or q and
+        kv), fc1 (SwiGLU: gate and up) and their biases, the attention output and fc2 weights
+        are split; the norms and the row-parallel biases are replicated, and so is the kv
+        weight on more model shards than key/value heads."""
         h, f, b = self.hidden, self.mlp_hidden, int(self.bias)
-        qkv = (self.num_heads + 2 * self.kv_heads) * self.head_dim
+        q, kv = self.num_heads * self.head_dim, 2 * self.kv_heads * self.head_dim
         fc1 = 2 * f if self.mlp == "swiglu" else f
-        split = h * qkv + b * qkv + h * h + h * fc1 + b * fc1 + f * h
+        split = (h + b) * (q + kv) + h * h + h * fc1 + b * fc1 + f * h
         norm = (1 + b) * h if self.norm == "layernorm" else h
-        return split, 2 * norm + 2 * b * h
+        replicated = 2 * norm + 2 * b * h
+        if self.kv_replicated(model_degree):
+            split, replicated = split - (h + b) * kv, replicated + (h + b) * kv
+        return split, replicated
 
     def padded_vocab_size(self, model_degree: int) -> int:
         """Vocabulary rounded up to a multiple of make_vocab_size_divisible_by * model_degree."""

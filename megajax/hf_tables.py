@@ -85,18 +85,25 @@ def _one(name: str, transforms=SAME) -> Rule:
                 lambda x, layout: [to_hf(x, layout)])  # fmt: skip
 
 
-def _fused_qkv(pattern: str) -> Rule:
-    """torch Linear query, key and value (weights [out, in] or biases) -> one head-interleaved
-    qkv kernel [in, 3 * out] or bias, and back (.T leaves a bias as it is)."""
+def _by_head(pattern: str, parts: tuple[str, ...], heads: Callable[[ModelConfig], int]) -> Rule:
+    """torch Linear weights [heads * d, in] (or biases) of `parts` (query, key, value...) ->
+    one kernel [in, heads * len(parts) * d] or bias interleaved by head, (head, part,
+    head_dim), and back (.T leaves a bias as it is)."""
+    n = len(parts)
 
     def to_megajax(xs, layout):
-        return _qkv_from_hf(np.concatenate([x.T for x in xs], axis=-1), layout)
+        return _swap_groups(np.concatenate([x.T for x in xs], axis=-1), n, heads(layout.model))
 
     def to_hf(x, layout):
-        return [part.T for part in np.split(_qkv_to_hf(x, layout), 3, axis=-1)]
+        parts = np.split(_swap_groups(x, heads(layout.model), n), n, axis=-1)
+        return [part.T for part in parts]
 
-    return Rule(tuple(pattern.format(part, i="{i}") for part in ("query", "key", "value")),
-                to_megajax, to_hf)  # fmt: skip
+    return Rule(tuple(pattern.format(part, i="{i}") for part in parts), to_megajax, to_hf)
+
+
+def _fused_qkv(pattern: str, parts=("query", "key", "value")) -> Rule:
+    """Query, key and value -> one head-interleaved qkv kernel or bias (layers.Attention)."""
+    return _by_head(pattern, parts, lambda m: m.num_heads)
 
 
 def _norm(path: tuple, name: str) -> dict:
@@ -267,27 +274,6 @@ def _bert_config(cfg: ModelConfig) -> dict:
     return hf
 
 
-def _grouped_qkv(pattern: str) -> Rule:
-    """torch Linear q_proj [heads * d, in], k_proj and v_proj [kv_heads * d, in] (or their
-    biases) -> one kernel [in, (heads + 2 kv_heads) * d] whose columns are grouped by key/value
-    head, (kv_head, {q_1 .. q_g, k, v}, d), as layers.Attention splits them; and back."""
-
-    def to_megajax(xs, layout):
-        m = layout.model
-        q, k, v = (x.T.reshape(*x.T.shape[:-1], m.kv_heads, -1, m.head_dim) for x in xs)
-        return np.concatenate([q, k, v], axis=-2).reshape(*q.shape[:-3], -1)
-
-    def to_hf(x, layout):
-        m = layout.model
-        g = m.num_heads // m.kv_heads
-        x = x.reshape(*x.shape[:-1], m.kv_heads, g + 2, m.head_dim)
-        parts = (x[..., :g, :], x[..., g : g + 1, :], x[..., g + 1 :, :])
-        return [p.reshape(*x.shape[:-3], -1).T for p in parts]
-
-    return Rule(tuple(pattern.format(part, i="{i}") for part in ("q", "k", "v")),
-                to_megajax, to_hf)  # fmt: skip
-
-
 def _gate_up(pattern: str) -> Rule:
     """torch Linear gate_proj and up_proj [mlp, in] (or biases) -> fc1 [in, 2 * mlp], gate and
     up interleaved unit by unit (layers.swiglu), and back."""
@@ -314,8 +300,20 @@ LLAMA_TABLE = {
     ("head",): _one("lm_head.weight", VOCAB),  # an untied head only
     ("ln_f", "scale"): _one("model.norm.weight"),
     ("h", "ln_1", "scale"): _one(LLAMA_LAYER + "input_layernorm.weight"),
-    ("h", "attn", "qkv", "kernel"): _grouped_qkv(LLAMA_LAYER + "self_attn.{}_proj.weight"),
-    ("h", "attn", "qkv", "bias"): _grouped_qkv(LLAMA_LAYER + "self_attn.{}_proj.bias"),
+    **{
+        ("h", "attn", "qkv", kind): _fused_qkv(
+            LLAMA_LAYER + f"self_attn.{{}}_proj.{name}", ("q", "k", "v")
+        )
+        for kind, name in (("kernel", "weight"), ("bias", "bias"))
+    },
+    # Grouped-query attention: q, and k and v interleaved by key/value head.
+    **_dense(("h", "attn", "q"), LLAMA_LAYER + "self_attn.q_proj", LINEAR),
+    **{
+        ("h", "attn", "kv", kind): _by_head(
+            LLAMA_LAYER + f"self_attn.{{}}_proj.{name}", ("k", "v"), lambda m: m.kv_heads
+        )
+        for kind, name in (("kernel", "weight"), ("bias", "bias"))
+    },
     **_dense(("h", "attn", "proj"), LLAMA_LAYER + "self_attn.o_proj", LINEAR),
     ("h", "ln_2", "scale"): _one(LLAMA_LAYER + "post_attention_layernorm.weight"),
     ("h", "mlp", "fc1", "kernel"): _gate_up(LLAMA_LAYER + "mlp.{}_proj.weight"),

@@ -249,17 +249,21 @@ class Attention(nnx.Module):
 
     QKV columns are laid out (head, {q, k, v}, head_dim), so splitting them over `model` gives
     each shard whole heads and their q, k and v: the heads run locally and the only
-    communication is the all-reduce after the row-parallel output projection. With grouped-
-    query attention (model.num_kv_heads) a group is a key/value head with the query heads that
-    share it, (kv_head, {q_1 .. q_g, k, v}, head_dim): a shard holds whole groups. A causal
-    model (GPT) masks future keys; `padding` masks the keys after each sequence's length (BERT).
-    model.positions="rope" turns q and k by their positions, head by head.
+    communication is the all-reduce after the row-parallel output projection. Grouped-query
+    attention (model.num_kv_heads below num_heads) has a q weight, split by heads, and a kv
+    weight, (kv_head, {k, v}, head_dim), split by key/value heads; each shard concatenates its
+    pieces into one matmul, so the communication is the same. With more model shards than
+    key/value heads the kv weight is whole on every shard (the plan's `kv_heads` row), each
+    shard computes the one head that its query heads share, and the weight's gradient is
+    summed over `model`. A causal model (GPT) masks future keys; `padding` masks the keys after
+    each sequence's length (BERT). model.positions="rope" turns q and k by their positions,
+    head by head.
     """
 
     def __init__(self, cfg, *, out_std: float, rngs):
         h = cfg.hidden
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.kv_heads, self.group = cfg.kv_heads, cfg.num_heads // cfg.kv_heads
+        self.kv_heads, self.grouped = cfg.kv_heads, cfg.grouped_query
         self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
         self.dropout_rate = cfg.dropout
         self.implementation = cfg.attention
@@ -274,33 +278,73 @@ class Attention(nnx.Module):
                 f"model.attention={cfg.attention} has no attention dropout: set model.dropout=0 "
                 "or model.attention=einsum"
             )
-        width = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
-        dense = functools.partial(Dense, rngs=rngs, bias=cfg.bias)
-        self.qkv = dense(h, width, ("embed", "heads"), std=cfg.init_std)
-        self.proj = dense(h, h, ("heads", "embed"), std=out_std)
+        dense = functools.partial(Dense, rngs=rngs, bias=cfg.bias, std=cfg.init_std)
+        if self.grouped:
+            self.q = dense(h, h, ("embed", "heads"))
+            self.kv = dense(h, 2 * cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"))
+        else:
+            self.qkv = dense(h, 3 * h, ("embed", "heads"))
+        self.proj = Dense(h, h, ("heads", "embed"), std=out_std, rngs=rngs, bias=cfg.bias)
 
-    def _split_heads(self, qkv, positions):
-        """Fused QKV output (batch, length, width) -> q, k, v (batch, length, heads, head_dim),
-        k and v repeated over their groups' query heads, q and k turned by `positions`."""
-        b, s = qkv.shape[0], qkv.shape[1]
-        g = self.group
-        qkv = qkv.reshape(b, s, self.kv_heads, g + 2, self.head_dim)
-        qkv = constrain(qkv, "batch", "length", "heads", None, None)
-        q = qkv[:, :, :, :g].reshape(b, s, self.num_heads, self.head_dim)
-        k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # (batch, length, kv_heads, head_dim)
+    def _project(self, x, positions, *in_axes: str | None):
+        """q (batch, length, heads, head_dim) and k, v (..., kv slots, head_dim) of x, laid out
+        as the logical axes `in_axes` say; q and k turned by `positions`. The kv slots are the
+        key/value heads, or one per model shard where the shards outnumber them."""
+        b, s, d = x.shape[0], x.shape[1], self.head_dim
+        if self.grouped:
+            q, kv = self._grouped_projection(x, *in_axes)
+            kv = kv.reshape(b, s, -1, 2, d)
+        else:
+            kv = self.qkv.column_parallel(x, *in_axes).reshape(b, s, self.num_heads, 3, d)
+        kv = constrain(kv, "batch", "length", "heads", None, None)
+        if not self.grouped:
+            q, kv = kv[..., 0, :], kv[..., 1:, :]
+        q = constrain(q.reshape(b, s, self.num_heads, d), "batch", "length", "heads", None)
+        k, v = kv[..., 0, :], kv[..., 1, :]
         if self.rope_theta is not None:
             q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         return q, k, v
 
+    def _grouped_projection(self, x, *in_axes: str | None):
+        """Grouped-query attention's q and kv projections as one column-parallel matmul per
+        shard, over [this shard's q columns | its key/value heads' columns] (see
+        Dense.column_parallel for the input's layout and its all-gather)."""
+        in_spec = parallel.spec(*in_axes)
+        dims = tuple(parallel.model_dims(in_spec))
+        width = 2 * self.head_dim  # one key/value head's k and v columns
+
+        def local(x, wq, bq, wkv, bkv):
+            t = jax.lax.axis_size(parallel.MODEL)
+            if wkv.shape[1] > max(1, self.kv_heads // t) * width:  # whole: take our head
+                start = jax.lax.axis_index(parallel.MODEL) // (t // self.kv_heads) * width
+                wkv = jax.lax.dynamic_slice_in_dim(wkv, start, width, axis=1)
+                bkv = bkv if bkv.size == 0 else jax.lax.dynamic_slice_in_dim(bkv, start, width)
+            kernel = jnp.concatenate([wq.astype(x.dtype), wkv.astype(x.dtype)], axis=1)
+            if dims:
+                y = _gathered_matmul(x, kernel, dims)
+            else:
+                y = jnp.einsum("...i,io->...o", x, kernel)
+            y = _add_bias(y, jnp.concatenate([bq, bkv]))
+            return y[..., : wq.shape[1]], y[..., wq.shape[1] :]
+
+        out = parallel.spec("batch", "length", "heads")
+        q, kv = self.q, self.kv
+        return jax.shard_map(
+            local,
+            in_specs=(in_spec, parallel.spec(*q.axes), q._bias_spec())
+            + (parallel.spec(*kv.axes), kv._bias_spec()),
+            out_specs=(out, out),
+        )(x, q.kernel[...], q._bias(), kv.kernel[...], kv._bias())
+
     def _repeat(self, kv):
-        """(batch, length, kv_heads, head_dim) -> (..., heads, ...): each query head's own."""
-        return kv if self.group == 1 else jnp.repeat(kv, self.group, axis=2)
+        """(batch, length, kv slots, head_dim) -> (..., heads, ...): each query head's own."""
+        group = self.num_heads // kv.shape[2]
+        return kv if group == 1 else jnp.repeat(kv, group, axis=2)
 
     def __call__(self, x, *, padding, key) -> jax.Array:
         """`padding`: (batch, key) bool, True on real tokens, which come first; or None."""
         b, s = x.shape[0], x.shape[1]
-        qkv = self.qkv.column_parallel(x, "batch", "residual_length", "embed")
-        q, k, v = self._split_heads(qkv, jnp.arange(s)[None])
+        q, k, v = self._project(x, jnp.arange(s)[None], "batch", "residual_length", "embed")
         k, v = self._repeat(k), self._repeat(v)
         core = self._fused if self.implementation != "einsum" else self._einsum_attention
         if self.recompute_core:
@@ -326,12 +370,12 @@ class Attention(nnx.Module):
     def extend(self, x, k_cache, v_cache, *, start, positions, mask):
         """Attention of new tokens over a KV cache, for decoding: x (batch, new, hidden) sits at
         cache slots start .. start + new - 1 and at `positions` (batch, new); k_cache and
-        v_cache are (batch, slots, kv_heads, head_dim), split over `model` by heads like the
-        QKV columns, keys already turned by their positions. `mask` (batch, 1, new, slots) is
-        True where a query may attend a slot. Returns the output and the new tokens' keys and
-        values (batch, new, kv_heads, head_dim); the caller writes them into its cache."""
+        v_cache are (batch, slots, kv slots, head_dim) (see _project), split over `model`,
+        keys already turned by their positions. `mask` (batch, 1, new, slots) is True where a
+        query may attend a slot. Returns the output and the new tokens' keys and values
+        (batch, new, kv slots, head_dim); the caller writes them into its cache."""
         b, s, _ = x.shape
-        q, k, v = self._split_heads(self.qkv(x), positions)
+        q, k, v = self._project(x, positions, "batch", "length", "embed")
         k_all = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
         v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
         k_all, v_all = self._repeat(k_all.astype(q.dtype)), self._repeat(v_all.astype(q.dtype))

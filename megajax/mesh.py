@@ -77,11 +77,12 @@ def check_model(cfg: ModelConfig, model_degree: int) -> None:
                 f"model.{what}={size} is not divisible by the model degree {model_degree}: "
                 f"choose a model degree that divides it"
             )
-    if cfg.kv_heads % model_degree:
+    if cfg.kv_heads % model_degree and model_degree % cfg.kv_heads:
         raise ConfigError(
-            f"model.num_kv_heads={cfg.kv_heads} is not divisible by the model degree "
-            f"{model_degree}: each model shard holds whole key/value heads with the query heads "
-            "that share them, so choose a model degree that divides num_kv_heads"
+            f"model.num_kv_heads={cfg.kv_heads} and the model degree {model_degree} do not "
+            "divide one another: each model shard holds whole key/value heads, or the one head "
+            "that its query heads share, so choose a model degree that divides num_kv_heads or "
+            "a multiple of it"
         )
     if cfg.sequence_parallel and cfg.seq_len % model_degree:
         raise ConfigError(

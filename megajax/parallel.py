@@ -2,6 +2,8 @@
 
 Model code names only logical axes. With T = the `model` degree:
 - `heads` splits the fused QKV columns (whole heads per shard) and the attention output rows;
+  with grouped-query attention, `heads` splits the q columns and `kv_heads` the key/value
+  weight's, whole heads per shard, or (with more shards than key/value heads) replicates it;
 - `mlp` splits fc1's columns and fc2's rows;
 - `vocab` splits the word embedding by rows; the tied LM head then yields vocabulary-sharded
   logits, which the cross-entropy reduces without gathering them;
@@ -26,12 +28,15 @@ from jax.sharding import PartitionSpec as P
 PIPELINE, DATA, MODEL = "pipeline", "data", "model"
 
 
-def rules(*, sequence_parallel: bool = False) -> tuple[tuple[str, str | None], ...]:
-    """The plan's table; `sequence_parallel` decides one row."""
+def rules(
+    *, sequence_parallel: bool = False, kv_replicated: bool = False
+) -> tuple[tuple[str, str | None], ...]:
+    """The plan's table; `sequence_parallel` and `kv_replicated` decide a row each."""
     return (
         ("batch", DATA),
         ("vocab", MODEL),
         ("heads", MODEL),
+        ("kv_heads", None if kv_replicated else MODEL),
         ("mlp", MODEL),
         ("embed", None),
         ("length", None),
@@ -54,6 +59,12 @@ def spec(*logical: str | None) -> P:
     """PartitionSpec for a tensor whose dimensions carry these logical names."""
     table = _active()
     return P(*(None if name is None else table[name] for name in logical))
+
+
+def model_degree() -> int:
+    """The `model` degree of the mesh being traced under (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get(MODEL, 1)
 
 
 def constrain(x: jax.Array, *logical: str | None) -> jax.Array:

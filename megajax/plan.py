@@ -76,14 +76,14 @@ def params_per_device(m: ModelConfig, model_degree: int, stages: int = 1) -> int
 
 def stage_layer_params(m: ModelConfig, model_degree: int, stages: int = 1) -> int:
     """The transformer layers' parameters one device holds: its stage's L / P layers."""
-    split, replicated = m.layer_params()
+    split, replicated = m.layer_params(model_degree)
     return m.num_layers // stages * (split // model_degree + replicated)
 
 
 def outside_params(m: ModelConfig, model_degree: int) -> int:
     """The parameters outside the layers one device holds (on every pipeline stage)."""
     t = model_degree
-    split, replicated = m.layer_params()
+    split, replicated = m.layer_params(t)
     # The word embedding, and an untied LM head: both split by vocabulary rows.
     tables = m.padded_vocab_size(t) * m.hidden * (1 if m.tie_embeddings else 2)
     # Everything outside the layers, as num_params counts it, with the vocabulary rows split.
@@ -279,6 +279,9 @@ def expected_collectives(
     if model_degree > 1:
         if lm:
             found["model: cross-entropy (b, s)"] = (3 * micro, 3 * micro * b * m.seq_len)
+        if m.kv_replicated(model_degree):  # the whole kv weight's gradient, per layer
+            kv = (m.hidden + int(m.bias)) * 2 * m.kv_heads * m.head_dim
+            found["model: kv weight gradients"] = (runs, runs * kv)
     if data_degree > 1:
         p = params_per_device(m, model_degree, stages)
         found["data: gradients"] = (None, p)

@@ -104,7 +104,10 @@ class Trainer:
     @contextlib.contextmanager
     def context(self):
         """The mesh and the logical-axis table, active while tracing model code."""
-        table = parallel.rules(sequence_parallel=self.cfg.model.sequence_parallel)
+        m, model_degree = self.cfg.model, self.mesh.shape[parallel.MODEL]
+        table = parallel.rules(
+            sequence_parallel=m.sequence_parallel, kv_replicated=m.kv_replicated(model_degree)
+        )
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(table):
             yield
 

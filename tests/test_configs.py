@@ -160,7 +160,9 @@ def test_llama_options_refuse_what_the_plan_cannot_split():
         config.replace(config.load("configs/bert_tiny.py"), model=dict(norm="rmsnorm"))
     with pytest.raises(config.ConfigError, match="norm='batchnorm'"):
         tiny_config(norm="batchnorm")
-    cfg = tiny_config(num_kv_heads=2, positions="rope", mlp="swiglu")
-    with pytest.raises(config.ConfigError, match="num_kv_heads=2 is not divisible by the model"):
+    # 6 key/value heads on 4 model shards: neither whole heads per shard nor one head's copies.
+    cfg = tiny_config(hidden=96, num_heads=12, num_kv_heads=6, positions="rope", mlp="swiglu")
+    with pytest.raises(config.ConfigError, match="num_kv_heads=6 and the model degree 4 do not"):
         Trainer(cfg, device_mesh(2, 4))
-    Trainer(cfg, device_mesh(4, 2))
+    Trainer(cfg, device_mesh(4, 2))  # 3 heads per shard
+    Trainer(cfg, device_mesh(8, 1))

@@ -63,7 +63,8 @@ def test_llama_config_round_trips(hf_dir):
     assert back.rope_parameters["rope_theta"] == 500000.0
 
 
-@pytest.mark.parametrize("data,model", [(1, 1), (2, 4)])
+# On 8 model shards the 4 key/value heads are whole on every shard, each computing its own.
+@pytest.mark.parametrize("data,model", [(1, 1), (2, 4), (1, 8)])
 def test_imported_llama_gives_transformers_logits(hf_dir, ids, data, model):
     weights = convert.HFWeights(hf_dir)
     cfg = convert.with_hf_model(config.Config(), weights)
@@ -74,7 +75,7 @@ def test_imported_llama_gives_transformers_logits(hf_dir, ids, data, model):
 
 
 def test_exported_llama_loads_in_transformers_with_identical_outputs(hf_dir, ids, tmp_path):
-    convert.import_hf(str(hf_dir), str(tmp_path / "mj"), config.Config(), device_mesh(2, 4))
+    convert.import_hf(str(hf_dir), str(tmp_path / "mj"), config.Config(), device_mesh(1, 8))
     convert.export_hf(str(tmp_path / "mj"), str(tmp_path / "back"), device_mesh(4, 2))
     ours = LlamaForCausalLM.from_pretrained(tmp_path / "back").state_dict()
     theirs = LlamaForCausalLM.from_pretrained(hf_dir).state_dict()
@@ -85,9 +86,10 @@ def test_exported_llama_loads_in_transformers_with_identical_outputs(hf_dir, ids
 
 
 def test_restored_import_matches_on_another_mesh(hf_dir, ids, tmp_path):
-    """The imported checkpoint restores onto a mesh it was not written on."""
+    """The imported checkpoint restores onto a mesh it was not written on, one with the
+    key/value weight whole on each shard."""
     cfg = convert.import_hf(str(hf_dir), str(tmp_path), config.Config(), device_mesh(1, 1))
-    trainer = Trainer(cfg, device_mesh(2, 4))
+    trainer = Trainer(cfg, device_mesh(1, 8))
     ckpt = Checkpointer(tmp_path / "checkpoints", every=0, keep=1)
     state, _ = ckpt.restore(0, trainer.abstract_state())
     ckpt.close()
@@ -99,13 +101,14 @@ def test_restored_import_matches_on_another_mesh(hf_dir, ids, tmp_path):
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 4, 5]]  # unequal lengths
 
 
-def test_imported_llama_greedy_equals_transformers(hf_dir):
-    """On 2 x 4: the KV cache holds num_kv_heads heads of keys turned at their positions
-    (a left-padded prompt starts at position 0)."""
+@pytest.mark.parametrize("data,model", [(2, 4), (1, 8)])
+def test_imported_llama_greedy_equals_transformers(hf_dir, data, model):
+    """The KV cache holds the keys turned at their positions (a left-padded prompt starts at
+    position 0): num_kv_heads heads on 2 x 4, one per model shard on 1 x 8."""
     from megajax import generate
 
     weights = convert.HFWeights(hf_dir)
-    trainer = Trainer(convert.with_hf_model(config.Config(), weights), device_mesh(2, 4))
+    trainer = Trainer(convert.with_hf_model(config.Config(), weights), device_mesh(data, model))
     params = convert.load_params(trainer, weights, log=lambda _: None)
     out = generate.Generator(trainer, params)(PROMPTS, new_tokens=8, temperature=0.0)
     model = LlamaForCausalLM.from_pretrained(hf_dir).eval()

@@ -124,11 +124,12 @@ SWITCHES = [
                              optim=dict(initial_loss_scale=2.0**12))),
 ]  # fmt: skip
 # Every row for GPT-2 (but float16); for BERT one row that combines the switches per layer-norm
-# placement; for the Llama-style decoder all three switches on 4 x 2, and float16.
+# placement; for the Llama-style decoder all three switches on 2 x 4 (its key/value weight whole
+# on each shard), and float16.
 SWITCH_CASES = [("gpt", name) for name, _, _ in SWITCHES if name != "float16"] + [
     ("bert-pre", "all-4x2"),
     ("bert-post", "sp-full-1x8"),
-    ("llama", "all-4x2"),
+    ("llama", "all-2x4"),
     ("llama", "float16"),
 ]
 

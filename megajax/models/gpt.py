@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from megajax import loss
+from megajax import loss, parallel
 from megajax.config import ModelConfig
 from megajax.layers import VocabEmbedding, _normal, dropout, norm, padded_normal
 from megajax.models.stack import extend_stack, run_stack, stacked_blocks
@@ -63,9 +63,11 @@ class GPT(nnx.Module):
 
     def empty_cache(self, batch: int, slots: int) -> dict:
         """A zero KV cache for `batch` sequences of `slots` tokens: "k" and "v", (layers,
-        batch, slots, kv_heads, head_dim) in the compute dtype, split over `model` by heads."""
+        batch, slots, kv slots, head_dim) in the compute dtype, split over `model` by heads
+        (ModelConfig.kv_slots: a key/value head per shard where the shards outnumber them)."""
         cfg = self.cfg
-        shape = (cfg.num_layers, batch, slots, cfg.kv_heads, cfg.head_dim)
+        heads = cfg.kv_slots(parallel.model_degree())
+        shape = (cfg.num_layers, batch, slots, heads, cfg.head_dim)
         zeros = jnp.zeros(shape, jnp.dtype(cfg.compute_dtype))
         kv = constrain(zeros, "layers", "batch", "length", "heads", None)
         return {"k": kv, "v": kv}

@@ -41,7 +41,7 @@ def run_stack(blocks: Block, x, *, padding, key, remat: str, num_layers: int):
 def extend_stack(blocks: Block, x, cache: dict, *, start, positions, mask):
     """Apply stacked blocks to new tokens at cache slot `start` (Block.extend), in one scan.
 
-    `cache` holds "k" and "v", (layers, batch, slots, kv_heads, head_dim). Each layer reads its
+    `cache` holds "k" and "v", (layers, batch, slots, kv slots, head_dim). Each layer reads its
     slice and returns only its new keys and values; one update after the scan writes them all,
     so inside a decode loop XLA updates the cache in place instead of copying it per layer.
     Returns (x, cache)."""
