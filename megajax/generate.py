@@ -5,7 +5,7 @@
         --mesh data=1,model=8 --cpu_devices 8
 
 The prompt runs through the model once (prefill), filling a KV cache of (layers, batch, slots,
-heads, head_dim) split over `model` by heads; then one jitted loop decodes one token per step,
+kv heads, head_dim) split over `model` by heads; then one jitted loop decodes one token per step,
 each model shard attending with its own heads and sampling on its own vocabulary rows
 (megajax/sampling.py). Prompts of unequal length are padded on the left, with their positions
 counted from their first real token and the padding masked out of attention, so every row
