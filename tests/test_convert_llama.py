@@ -129,7 +129,7 @@ def test_checkpoint_tokenizer_json_is_read_and_its_absence_said(hf_dir, tmp_path
 
     from tokenizers.implementations import ByteLevelBPETokenizer
 
-    from megajax import generate
+    from megajax.data import loader
     from megajax.data.tokenizer import HFTokenizer
 
     for name in ("config.json", "model.safetensors"):
@@ -138,10 +138,10 @@ def test_checkpoint_tokenizer_json_is_read_and_its_absence_said(hf_dir, tmp_path
     assert without.data.tokenizer == "gpt2"
     asked = config.replace(without, data=dict(tokenizer="hf", vocab_dir=str(tmp_path)))
     with pytest.raises(config.ConfigError, match="tokenizer.json not found"):
-        generate.tokenizer_for(asked, workdir=None, hf_checkpoint=None)
+        loader.tokenizer_for(asked, workdir=None, hf_checkpoint=None)
     bpe = ByteLevelBPETokenizer("data/gpt2/vocab.json", "data/gpt2/merges.txt")
     bpe.save(str(tmp_path / "tokenizer.json"))
     cfg = convert.with_hf_model(config.Config(), convert.HFWeights(tmp_path))
     assert (cfg.data.tokenizer, cfg.data.vocab_dir) == ("hf", str(tmp_path))
-    tokenizer = generate.tokenizer_for(cfg, workdir=None, hf_checkpoint=str(tmp_path))
+    tokenizer = loader.tokenizer_for(cfg, workdir=None, hf_checkpoint=str(tmp_path))
     assert isinstance(tokenizer, HFTokenizer) and tokenizer.encode("Hello") == [15496]
