@@ -85,8 +85,8 @@ def _text_tokenizer(args, cfg: config.Config, task: str):
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-            f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size} tokens: the model reads "
-            f"other ids than this tokenizer gives"
+            f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size} tokens: it reads other "
+            f"ids (a Hugging Face Llama directory needs its own tokenizer.json beside config.json)"
         )
     return tokenizer
 

@@ -355,3 +355,11 @@ def test_a_char_model_cannot_read_wikitext(tmp_path, capsys):
             "--workdir", tmp_path]  # fmt: skip
     code, _, err = _eval_main(argv, capsys)
     assert code == 2 and "GPT-2 BPE" in err
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_is_refused(gpt2_json, tmp_path, capsys):
+    argv = ["--task", "lambada", "--data", LAMBADA, "--config", "configs/llama_tiny.py",
+            "--set", "data.tokenizer=hf", "--set", f"data.vocab_dir={gpt2_json}",
+            "--set", "model.vocab_size=32000", "--workdir", tmp_path]  # fmt: skip
+    code, _, err = _eval_main(argv, capsys)
+    assert code == 2 and "model.vocab_size=32000 is smaller than the hf tokenizer's 50257" in err
