@@ -1,4 +1,4 @@
-"""Evaluate a megajax run's newest checkpoint, or a Hugging Face GPT-2 or BERT, on one task.
+"""Evaluate a megajax run's newest checkpoint, or a Hugging Face GPT-2, Llama or BERT, on a task.
 
     python eval.py --workdir runs/tiny --cpu_devices 8 --mesh data=2,model=4
     python eval.py --task wikitext103 --data data/wikitext103/wiki.valid.head429.tokens \
@@ -9,7 +9,8 @@
 Tasks: `val` scores the held-out tail of the run's data.source (a GPT: every token once,
 non-overlapping windows; a BERT: its objective and metrics); `wikitext103` the perplexity of a
 WikiText-103 `.tokens` file, and `lambada` the last-word accuracy on a LAMBADA JSON Lines file,
-both as Megatron-LM measures them, for a GPT; `race` the accuracy of a multiple-choice BERT on
+both as Megatron-LM measures them, for a GPT over the GPT-2 BPE or a tokenizer.json (its own,
+read as training reads it); `race` the accuracy of a multiple-choice BERT on
 RACE's folders (or files), overall and per level. The mesh may differ from the training mesh.
 The last line printed is the result as one JSON object, also written to WORKDIR/eval_TASK.json
 when there is a work directory.
@@ -46,12 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--no_strict",
         dest="strict",
         action="store_false",
-        help="lambada: predict only the last BPE token, not every token of the last word",
+        help="lambada: predict only the last token, not every token of the last word",
     )
     parser.add_argument("--workdir", help="the run's work directory (checkpoints, config.json)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     parser.add_argument(
-        "--hf_checkpoint", help="evaluate a Hugging Face GPT-2 or BERT directory instead"
+        "--hf_checkpoint", help="evaluate a Hugging Face GPT-2, Llama or BERT directory instead"
     )
     args = parser.parse_args(argv)
     if not (args.workdir or args.hf_checkpoint):
@@ -65,23 +66,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _gpt2_tokenizer(cfg: config.Config, task: str):
-    from megajax.data.tokenizer import GPT2Tokenizer
+def _text_tokenizer(args, cfg: config.Config, task: str):
+    """The tokenizer the GPT was trained with (data/loader.py tokenizer_for), for a task that
+    reads text: the GPT-2 BPE or a tokenizer.json."""
+    from megajax.data import loader
 
     if cfg.model.arch != "gpt":
         raise ConfigError(
             f"--task {task} scores a GPT language model, not model.arch={cfg.model.arch}"
         )
-    if cfg.data.tokenizer != "gpt2":
+    if cfg.data.tokenizer not in ("gpt2", "hf"):
         raise ConfigError(
-            f"--task {task} reads text through the GPT-2 BPE; this model was trained on "
+            f"--task {task} reads text through the GPT-2 BPE or a tokenizer.json "
+            f"(data.tokenizer=gpt2 or hf); this model was trained on "
             f"data.tokenizer={cfg.data.tokenizer} ids"
         )
-    tokenizer = GPT2Tokenizer(cfg.data.vocab_dir)
+    tokenizer = loader.tokenizer_for(cfg, workdir=args.workdir, hf_checkpoint=args.hf_checkpoint)
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the GPT-2 BPE's "
-            f"{tokenizer.vocab_size} tokens"
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+            f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size} tokens: it reads other "
+            f"ids (a Hugging Face Llama directory needs its own tokenizer.json beside config.json)"
         )
     return tokenizer
 
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
 
         weights = cli.hf_weights(args)
         cfg = cli.trained_config(args, weights)
-        tokenizer = _gpt2_tokenizer(cfg, args.task) if args.task in GPT_TASKS else None
+        tokenizer = _text_tokenizer(args, cfg, args.task) if args.task in GPT_TASKS else None
         trainer, params, step = cli.load_trained(args, cfg, weights)
         result, summary = _evaluate(args, trainer, params, tokenizer)
         result = {"task": args.task, "step": step, **result}

@@ -28,6 +28,7 @@ import numpy as np
 
 from megajax import cli, config, parallel
 from megajax.config import ConfigError
+from megajax.data import loader
 
 PROMPT_BUCKET = 16  # prompt lengths are padded up to a multiple of this: fewer compiles
 
@@ -236,42 +237,6 @@ class Generator:
         return tokens.T, logprobs.T
 
 
-def tokenizer_for(cfg, *, workdir: str | None, hf_checkpoint: str | None):
-    """The tokenizer a GPT was trained with: a run's prepared data (characters included), the
-    tokenizer.json or GPT-2 BPE files of a Hugging Face directory, or data.vocab_dir."""
-    import jax
-
-    from megajax.data import prepare
-    from megajax.data.tokenizer import GPT2Tokenizer, HFTokenizer
-
-    if cfg.model.arch != "gpt" or cfg.data.tokenizer == "bert":
-        raise ConfigError(
-            f"text generation needs a GPT (model.arch=gpt) reading gpt2 or char ids, not "
-            f"model.arch={cfg.model.arch} with data.tokenizer={cfg.data.tokenizer}"
-        )
-    if hf_checkpoint and (Path(hf_checkpoint) / "tokenizer.json").is_file():
-        return HFTokenizer(hf_checkpoint)
-    if hf_checkpoint and (Path(hf_checkpoint) / "vocab.json").is_file():
-        return GPT2Tokenizer(hf_checkpoint)
-    if cfg.data.tokenizer == "hf":
-        return HFTokenizer(cfg.data.vocab_dir)
-    if cfg.data.tokenizer == "gpt2":
-        return GPT2Tokenizer(cfg.data.vocab_dir)
-    if not workdir:
-        raise ConfigError("a character-level model needs its --workdir (its character set)")
-    source = cfg.data.source.split(",")[0].rpartition(":")[2]  # the first of a blend
-    dataset = prepare.cached(
-        source,
-        tokenizer=cfg.data.tokenizer,
-        vocab_dir=cfg.data.vocab_dir,
-        val_fraction=cfg.data.val_fraction,
-        cache_dir=f"{workdir}/data",
-        log=lambda _: None,
-        lead=jax.process_index() == 0,
-    )
-    return prepare.load_tokenizer(dataset)
-
-
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """--workdir/--step/--hf_checkpoint plus the shared mesh and config flags."""
     cli.add_flags(parser, config_required=False)
@@ -290,7 +255,7 @@ def load(args) -> tuple[Generator, object, object]:
     cfg = config.replace(
         cfg, model=dict(sequence_parallel=False, remat="none"), optim=dict(distributed=False)
     )
-    tokenizer = tokenizer_for(cfg, workdir=args.workdir, hf_checkpoint=args.hf_checkpoint)
+    tokenizer = loader.tokenizer_for(cfg, workdir=args.workdir, hf_checkpoint=args.hf_checkpoint)
     trainer, params, step = cli.load_trained(args, cfg, weights)
     return Generator(trainer, params), tokenizer, step
 

@@ -132,7 +132,7 @@ def test_checkpoint_tokenizer_json_is_read_and_its_absence_said(hf_dir, tmp_path
 
     from tokenizers.implementations import ByteLevelBPETokenizer
 
-    from megajax import generate
+    from megajax.data import loader
     from megajax.data.tokenizer import HFTokenizer
 
     for name in ("config.json", "model.safetensors"):
@@ -141,10 +141,65 @@ def test_checkpoint_tokenizer_json_is_read_and_its_absence_said(hf_dir, tmp_path
     assert without.data.tokenizer == "gpt2"
     asked = config.replace(without, data=dict(tokenizer="hf", vocab_dir=str(tmp_path)))
     with pytest.raises(config.ConfigError, match="tokenizer.json not found"):
-        generate.tokenizer_for(asked, workdir=None, hf_checkpoint=None)
+        loader.tokenizer_for(asked, workdir=None, hf_checkpoint=None)
     bpe = ByteLevelBPETokenizer("data/gpt2/vocab.json", "data/gpt2/merges.txt")
     bpe.save(str(tmp_path / "tokenizer.json"))
     cfg = convert.with_hf_model(config.Config(), convert.HFWeights(tmp_path))
     assert (cfg.data.tokenizer, cfg.data.vocab_dir) == ("hf", str(tmp_path))
-    tokenizer = generate.tokenizer_for(cfg, workdir=None, hf_checkpoint=str(tmp_path))
+    tokenizer = loader.tokenizer_for(cfg, workdir=None, hf_checkpoint=str(tmp_path))
     assert isinstance(tokenizer, HFTokenizer) and tokenizer.encode("Hello") == [15496]
+
+
+def test_imported_llama_lambada_and_wikitext_read_its_tokenizer_and_equal_transformers(
+    hf_dir, tmp_path, capsys
+):
+    """eval.py --hf_checkpoint on a Llama directory with a SentencePiece-style tokenizer.json
+    ("▁w3" ... "▁w1002", "<s>" put first): LAMBADA's greedy predictions and WikiText's
+    perplexity are transformers' on the same ids, "<s>" first. Three of five passages end in
+    the word transformers predicts: accuracy 3/5."""
+    import importlib.util
+    import json
+    import shutil
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(hf_dir / name, tmp_path / name)
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"▁w{i}": i for i in range(3, 1003)}
+    sp = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    sp.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    sp.save(str(tmp_path / "tokenizer.json"))
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(5):
+        context = rng.integers(3, 1003, 12)
+        with torch.no_grad():
+            (next_id,) = model(torch.tensor([[1, *context]])).logits[0, -1:].argmax(-1).tolist()
+        assert next_id >= 3  # a word, not a special token
+        last = next_id if i < 3 else 3 + (next_id - 2) % 1000
+        lines.append(json.dumps({"text": " ".join(f"w{t}" for t in [*context, last])}))
+    (tmp_path / "five.jsonl").write_text("\n".join(lines) + "\n")
+    text_ids = rng.integers(3, 1003, 20)
+    (tmp_path / "wiki.tokens").write_text(" ".join(f"w{t}" for t in text_ids))
+    with torch.no_grad():
+        ids = torch.tensor([[1, *text_ids]])
+        loss = model(ids, labels=ids).loss.item()  # the mean over the 20 words after "<s>"
+
+    spec = importlib.util.spec_from_file_location("eval_cli", Path("eval.py").resolve())
+    eval_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_cli)
+    results = []
+    for task, data in (("lambada", "five.jsonl"), ("wikitext103", "wiki.tokens")):
+        argv = ["--task", task, "--data", str(tmp_path / data), "--hf_checkpoint", str(tmp_path),
+                "--mesh", "data=2,model=4"]  # fmt: skip
+        assert eval_cli.main(argv) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    lambada, wiki = results
+    assert (lambada["accuracy"], lambada["bos"], lambada["merged_boundaries"]) == (3 / 5, True, 0)
+    assert (wiki["tokens"], wiki["original_tokens"], wiki["bos"]) == (21, 20, True)
+    assert wiki["ppl"] == pytest.approx(np.exp(loss), rel=1e-4)
+    assert wiki["adjusted_ppl"] == pytest.approx(wiki["ppl"], rel=1e-6)  # 20 targets either way

@@ -15,7 +15,7 @@ from conftest import device_mesh, tiny_config
 
 from megajax import config, run
 from megajax.checkpoint import Checkpointer
-from megajax.data.tokenizer import GPT2Tokenizer
+from megajax.data.tokenizer import GPT2Tokenizer, HFTokenizer
 from megajax.evals import lambada, perplexity, wikitext
 from megajax.trainer import Trainer
 
@@ -147,7 +147,8 @@ def _plain_logits(workdir, cfg):
     return log_probs
 
 
-def test_wikitext_perplexity_equals_a_plain_computation(bpe_run, tmp_path, capsys):
+def test_wikitext_perplexity_equals_a_plain_computation(bpe_run, gpt2_json, tmp_path, capsys):
+    """... and a model read through a tokenizer.json holding GPT-2's BPE scores the same."""
     workdir, cfg = bpe_run
     text = WIKITEXT.read_bytes().decode("utf-8")[:3000]
     (tmp_path / "slice.tokens").write_bytes(text.encode("utf-8"))
@@ -157,6 +158,9 @@ def test_wikitext_perplexity_equals_a_plain_computation(bpe_run, tmp_path, capsy
     assert code == 0
     result = json.loads(out.strip().splitlines()[-1])
     assert result == json.loads((workdir / "eval_wikitext103.json").read_text())
+    hf = ["--set", "data.tokenizer=hf", "--set", f"data.vocab_dir={gpt2_json}"]
+    code, out, _ = _eval_main([*argv, *hf], capsys)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1]) == result
 
     # Slide by 12 and score the targets no earlier window reached.
     ids = GPT2Tokenizer("data/gpt2").encode(wikitext.detokenize(text))
@@ -184,6 +188,83 @@ def test_lambada_strict_target_is_the_whole_last_word():
     assert context == tokenizer.encode("I look at him.\n\nHe looked at")
     context, target = lambada.example(text, tokenizer, strict=False)
     assert context + target == tokenizer.encode(text) and target == tokenizer.encode(" Harlin")[1:]
+
+
+@pytest.fixture(scope="module")
+def gpt2_json(tmp_path_factory):
+    """A directory holding GPT-2's BPE as a tokenizer.json (data.tokenizer=hf)."""
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    path = tmp_path_factory.mktemp("gpt2_json")
+    ByteLevelBPETokenizer("data/gpt2/vocab.json", "data/gpt2/merges.txt").save(
+        str(path / "tokenizer.json")
+    )
+    return path
+
+
+def test_gpt2_ids_are_kept_and_a_tokenizer_json_of_them_gives_the_same(gpt2_json):
+    """Every shipped LAMBADA passage: the GPT-2 BPE's strict example is Megatron-LM's (context
+    encoded alone, then " " + word), and GPT-2's BPE read from a tokenizer.json gives the same
+    examples and the same WikiText ids as tiktoken's."""
+    gpt2, hf = GPT2Tokenizer("data/gpt2"), HFTokenizer(gpt2_json)
+    assert gpt2.bos_id is None and hf.bos_id is None
+    for line in LAMBADA.read_text("utf-8").splitlines():
+        text = json.loads(line)["text"]
+        word = text.split()[-1]
+        megatron = (gpt2.encode(text[: text.rfind(word)].strip()), gpt2.encode(" " + word))
+        assert lambada.example(text, gpt2) == megatron == lambada.example(text, hf)
+        assert lambada.example(text, gpt2, strict=False) == lambada.example(text, hf, strict=False)
+        assert not lambada.merged_boundary(text, hf)
+    text = WIKITEXT.read_bytes().decode("utf-8")
+    assert wikitext.token_ids(text, hf) == wikitext.token_ids(text, gpt2)
+
+
+def test_lambada_target_is_the_last_word_as_the_passage_writes_it(tmp_path):
+    """SentencePiece-style BPE with "<s>" put first by the post-processor, its prefix space
+    written as Llama 2's tokenizer.json does (a "▁" prepended to any text, so " Harlin" alone
+    gets an extra "▁" token) or by a Metaspace pre-tokenizer: the target is the passage's own
+    "▁Har", "lin", after "<s>". A pre-tokenizer that gives the space to the word before ("at ")
+    merges across the boundary: the target then starts with that token."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    pieces = ["<unk>", "<s>", "</s>", "▁", *"Healotkdrin", "▁H", "▁He", "▁a", "▁at", "▁Ha",
+              "▁Har", "li", "lin", "▁l", "oo", "▁loo", "ke", "ked", "▁looked", "▁▁"]  # fmt: skip
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = [("▁", "H"), ("▁H", "e"), ("▁", "a"), ("▁a", "t"), ("▁H", "a"), ("▁Ha", "r"),
+              ("l", "i"), ("li", "n"), ("▁", "l"), ("o", "o"), ("▁l", "oo"), ("k", "e"),
+              ("ke", "d"), ("▁loo", "ked"), ("▁", "▁")]  # fmt: skip
+    ids = [vocab[p] for p in ("▁He", "▁looked", "▁at", "▁Har", "lin")]
+    text, bos = "He looked at Harlin", vocab["<s>"]
+    for form in ("prepend", "metaspace"):
+        sp = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
+        if form == "prepend":
+            sp.normalizer = normalizers.Sequence(
+                [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+            )
+        else:
+            sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        sp.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", bos)]
+        )
+        sp.save(str(tmp_path / f"{form}.json"))
+        tokenizer = HFTokenizer(tmp_path / f"{form}.json")
+        assert (tokenizer.bos_id, tokenizer.eot_id) == (bos, vocab["</s>"])
+        assert tokenizer.encode(text) == ids
+        if form == "prepend":
+            assert tokenizer.encode(" Harlin") == [vocab["▁"], *ids[3:]]
+        assert lambada.example(text, tokenizer) == ([bos, *ids[:3]], ids[3:])
+        assert lambada.example(text, tokenizer, strict=False) == ([bos, *ids[:4]], ids[4:])
+        assert not lambada.merged_boundary(text, tokenizer)
+        assert wikitext.token_ids(text, tokenizer) == [bos, *ids]
+
+    words = {w: i for i, w in enumerate(["<unk>", "</s>", "He ", "looked ", "at", "at ", "Harlin"])}
+    before = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    before.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    before.save(str(tmp_path / "before.json"))
+    tokenizer = HFTokenizer(tmp_path / "before.json")
+    assert tokenizer.bos_id is None and tokenizer.encode("He looked at") == [2, 3, 4]
+    assert lambada.example(text, tokenizer) == ([2, 3], [5, 6])  # "at " is predicted
+    assert lambada.merged_boundary(text, tokenizer)
 
 
 def test_lambada_strict_needs_every_token_of_the_word_and_non_strict_only_the_last():
@@ -235,7 +316,8 @@ def _always_predicting(workdir, cfg, token: int):
     return workdir
 
 
-def test_lambada_accuracy_equals_a_plain_computation(tmp_path, capsys):
+def test_lambada_accuracy_equals_a_plain_computation(tmp_path, gpt2_json, capsys):
+    """... and a model read through a tokenizer.json holding GPT-2's BPE scores the same."""
     cfg = tiny_config(vocab_size=50257)
     texts = [json.loads(line)["text"] for line in LAMBADA.read_text("utf-8").splitlines()[:5]]
     # Three of five examples end in " signs", the word the model always predicts: an
@@ -262,6 +344,10 @@ def test_lambada_accuracy_equals_a_plain_computation(tmp_path, capsys):
             right += list(predicted) == target
         assert result["n"] == 5 and result["strict"] == strict
         assert result["accuracy"] == right / 5 == 3 / 5
+        if strict:
+            hf = ["--set", "data.tokenizer=hf", "--set", f"data.vocab_dir={gpt2_json}"]
+            code, out, _ = _eval_main([*argv, *hf], capsys)
+            assert code == 0 and json.loads(out.strip().splitlines()[-1]) == result
 
 
 def test_a_char_model_cannot_read_wikitext(tmp_path, capsys):
@@ -269,3 +355,11 @@ def test_a_char_model_cannot_read_wikitext(tmp_path, capsys):
             "--workdir", tmp_path]  # fmt: skip
     code, _, err = _eval_main(argv, capsys)
     assert code == 2 and "GPT-2 BPE" in err
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_is_refused(gpt2_json, tmp_path, capsys):
+    argv = ["--task", "lambada", "--data", LAMBADA, "--config", "configs/llama_tiny.py",
+            "--set", "data.tokenizer=hf", "--set", f"data.vocab_dir={gpt2_json}",
+            "--set", "model.vocab_size=32000", "--workdir", tmp_path]  # fmt: skip
+    code, _, err = _eval_main(argv, capsys)
+    assert code == 2 and "model.vocab_size=32000 is smaller than the hf tokenizer's 50257" in err

@@ -296,3 +296,42 @@ def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None, lead=Tr
         )
     ]
     return datasets[0].tokenizer(), *made
+
+
+def tokenizer_for(cfg, *, workdir: str | None, hf_checkpoint: str | None):
+    """The tokenizer a GPT was trained with, for text that generation, the server and the evals
+    read: a run's prepared data (characters included), the tokenizer.json or GPT-2 BPE files of
+    a Hugging Face directory, or data.vocab_dir."""
+    from pathlib import Path
+
+    import jax
+
+    from megajax.data import prepare
+    from megajax.data.tokenizer import GPT2Tokenizer, HFTokenizer
+
+    if cfg.model.arch != "gpt" or cfg.data.tokenizer == "bert":
+        raise ConfigError(
+            f"reading text needs a GPT (model.arch=gpt) over gpt2, hf or char ids, not "
+            f"model.arch={cfg.model.arch} with data.tokenizer={cfg.data.tokenizer}"
+        )
+    if hf_checkpoint and (Path(hf_checkpoint) / "tokenizer.json").is_file():
+        return HFTokenizer(hf_checkpoint)
+    if hf_checkpoint and (Path(hf_checkpoint) / "vocab.json").is_file():
+        return GPT2Tokenizer(hf_checkpoint)
+    if cfg.data.tokenizer == "hf":
+        return HFTokenizer(cfg.data.vocab_dir)
+    if cfg.data.tokenizer == "gpt2":
+        return GPT2Tokenizer(cfg.data.vocab_dir)
+    if not workdir:
+        raise ConfigError("a character-level model needs its --workdir (its character set)")
+    source = cfg.data.source.split(",")[0].rpartition(":")[2]  # the first of a blend
+    dataset = prepare.cached(
+        source,
+        tokenizer=cfg.data.tokenizer,
+        vocab_dir=cfg.data.vocab_dir,
+        val_fraction=cfg.data.val_fraction,
+        cache_dir=f"{workdir}/data",
+        log=lambda _: None,
+        lead=jax.process_index() == 0,
+    )
+    return prepare.load_tokenizer(dataset)

@@ -1,4 +1,5 @@
-"""Tokenizers loaded from local files only: GPT-2 byte-level BPE, BERT WordPiece, characters."""
+"""Tokenizers loaded from local files only: GPT-2 byte-level BPE, a Hugging Face tokenizer.json,
+BERT WordPiece, characters."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ class GPT2Tokenizer:
     tiktoken merges by rank; GPT-2's rank of a merged token equals its id (256 + merge index),
     which `__init__` checks against merges.txt, so the ids are those of GPT-2's own BPE.
     """
+
+    bos_id = None  # GPT-2 starts no text with a token of its own; <|endoftext|> ends documents
 
     def __init__(self, vocab_dir: str | Path):
         vocab_dir = Path(vocab_dir)
@@ -106,6 +109,10 @@ class HFTokenizer:
         if all(i is None for i in ids):
             raise ConfigError(f"{file}: no end-of-text token ({', '.join(self.EOT_NAMES)})")
         self.eot_id = next(i for i in ids if i is not None)
+        # The beginning-of-text token the file's post-processor puts before a text (Llama's <s>
+        # or <|begin_of_text|>), or None. encode() leaves it out, as data preparation must.
+        plain, special = (self._tok.encode("a", add_special_tokens=s).ids for s in (False, True))
+        self.bos_id = special[0] if plain and special[1 : len(plain) + 1] == plain else None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -1,10 +1,20 @@
 """LAMBADA accuracy as Megatron-LM's zero-shot evaluation measures it: predict a passage's last
 word from the rest, greedily and with teacher forcing.
 
-strict (whole word): the target is the BPE encoding of " " + the last whitespace-separated
-word, after the encoded text before it (stripped); every one of its tokens must be the argmax.
-Non-strict: the whole text is encoded and only its last BPE token is the target, so the last
+strict (whole word): the passage is the text before its last whitespace-separated word
+(stripped), a space and that word. The target is the passage's ids after those of the text
+before the word; every one of them must be the argmax. With GPT-2's BPE that is the encoding of
+" " + word (its pre-tokenizer gives the space to the word), as in Megatron-LM; tokenizers that
+write a word differently alone than after text (SentencePiece's prefix space, a Llama 2
+tokenizer.json's "▁" prepended to any text) get the word as it reads in the passage. Where the
+two encodings part earlier (a token spanning the end of the context and the word's start), the
+target starts at the first id where they differ: that token is predicted too, never given, and
+`evaluate` counts such passages as `merged_boundaries`.
+Non-strict: the whole text is encoded and only its last token is the target, so the last
 word's earlier tokens are context, not predictions.
+With a tokenizer whose post-processor starts a text with a beginning-of-text token (Llama's
+tokenizer.json), the context starts with it, as Llama checkpoints saw their training text; it is
+never a target.
 """
 
 from __future__ import annotations
@@ -24,13 +34,36 @@ from megajax.trainer import Trainer
 Example = tuple[list[int], list[int]]  # (context ids, target ids)
 
 
+def _split(text: str) -> tuple[str, str]:
+    """(the text before the last whitespace-separated word, stripped; the word)."""
+    word = text.split()[-1]
+    return text[: text.rfind(word)].strip(), word
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of a and b."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def example(text: str, tokenizer, *, strict: bool = True) -> Example:
     """The context and target token ids of one passage."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     if not strict:
-        ids = tokenizer.encode(text)
+        ids = bos + tokenizer.encode(text)
         return ids[:-1], ids[-1:]
-    word = text.split()[-1]
-    return tokenizer.encode(text[: text.rfind(word)].strip()), tokenizer.encode(" " + word)
+    context, word = _split(text)
+    whole = tokenizer.encode(f"{context} {word}")
+    start = min(_common_prefix(tokenizer.encode(context), whole), len(whole) - 1)
+    return bos + whole[:start], whole[start:]
+
+
+def merged_boundary(text: str, tokenizer) -> bool:
+    """Whether the tokenizer writes a token across the end of the context and the last word,
+    so that the context's ids are not a prefix of the passage's (strict `example`)."""
+    context, word = _split(text)
+    ids = tokenizer.encode(context)
+    return tokenizer.encode(f"{context} {word}")[: len(ids)] != ids
 
 
 def read(path: str | Path) -> list[str]:
@@ -93,12 +126,17 @@ def evaluate(
     strict: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """accuracy over the passages of a JSON Lines file, and their number n."""
-    examples = [example(text, tokenizer, strict=strict) for text in read(path)]
+    """accuracy over the passages of a JSON Lines file, their number n, and (strict) how many
+    have a token across the last word's boundary."""
+    texts = read(path)
+    examples = [example(text, tokenizer, strict=strict) for text in texts]
     right = correct(trainer, params, examples, log=log)
+    merged = sum(merged_boundary(text, tokenizer) for text in texts) if strict else 0
     return {
         "accuracy": right / len(examples),
         "correct": right,
         "n": len(examples),
         "strict": strict,
+        "merged_boundaries": merged,
+        "bos": tokenizer.bos_id is not None,
     }

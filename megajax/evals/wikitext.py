@@ -1,9 +1,12 @@
 """WikiText-103 perplexity as Megatron-LM's zero-shot evaluation measures it.
 
-The tokenized release (` @-@ `, spaces around punctuation) is detokenized, BPE-encoded into T
-tokens and scored in windows of seq_len + 1 tokens advanced by `overlap`. The adjusted
-perplexity spreads the same summed loss over the T_o - 1 gaps between the release's own
-tokens, so that models with different tokenizers compare: exp(nll / (T_o - 1)).
+The tokenized release (` @-@ `, spaces around punctuation) is detokenized, encoded into T
+tokens (GPT-2's BPE or the model's tokenizer.json) and scored in windows of seq_len + 1 tokens
+advanced by `overlap`. The adjusted perplexity spreads the same summed loss over the T_o - 1
+gaps between the release's own tokens, so that models with different tokenizers compare:
+exp(nll / (T_o - 1)). A tokenizer whose post-processor starts a text with a beginning-of-text
+token (Llama's) has it put before the file, once: then every one of the T text tokens is a
+target, and the first original token is predicted too, so the adjusted perplexity divides by T_o.
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ def detokenize(text: str) -> str:
     return text
 
 
+def token_ids(text: str, tokenizer) -> list[int]:
+    """The ids a WikiText file is scored as: its detokenized text encoded, after the tokenizer's
+    beginning-of-text token if it has one."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return bos + tokenizer.encode(detokenize(text))
+
+
 def count_original_tokens(text: str) -> int:
     """T_o: the release's tokens, counted as Megatron-LM counts them, by splitting the whole
     file on single spaces (a newline separates nothing; runs of spaces give empty tokens)."""
@@ -106,20 +116,23 @@ def evaluate(
     overlap: int = 32,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """loss and ppl per BPE token, adjusted_ppl per original token, and both token counts."""
+    """loss and ppl per token of the tokenizer, adjusted_ppl per original token, both token
+    counts (`tokens` includes a beginning-of-text token; `bos` says whether there is one)."""
     # Bytes decoded as they are: no newline translation, which would change T_o.
     text = Path(path).read_bytes().decode("utf-8")
     original = count_original_tokens(text)
-    ids = tokenizer.encode(detokenize(text))
+    ids = token_ids(text, tokenizer)
+    bos = tokenizer.bos_id is not None
     if log:
-        log(f"wikitext103: {original:,} original tokens, {len(ids):,} BPE tokens")
+        log(f"wikitext103: {original:,} original tokens, {len(ids) - bos:,} model tokens")
     windows = Windows(ids, seq_len=trainer.cfg.model.seq_len, overlap=overlap)
     nll = perplexity.score(trainer, params, windows, log=log, label="wikitext103 windows")["nll"]
     return {
         "loss": nll / (len(ids) - 1),
         "ppl": math.exp(nll / (len(ids) - 1)),
-        "adjusted_ppl": math.exp(nll / (original - 1)),
+        "adjusted_ppl": math.exp(nll / (original - 1 + bos)),
         "tokens": len(ids),
         "original_tokens": original,
         "overlap": overlap,
+        "bos": bos,
     }
