@@ -29,6 +29,7 @@ import numpy as np
 from megajax import cli, config, parallel
 from megajax.config import ConfigError
 from megajax.data import loader
+from megajax.data.tokenizer import text_ids
 
 PROMPT_BUCKET = 16  # prompt lengths are padded up to a multiple of this: fewer compiles
 
@@ -291,7 +292,7 @@ def main(argv=None) -> int:
             prompt = path.read_text(encoding="utf-8")
         generator, tokenizer, _ = load(args)
         try:
-            ids = tokenizer.encode(prompt)
+            ids = text_ids(tokenizer, prompt)
         except KeyError as e:
             raise ConfigError(f"the prompt has a character the model never saw: {e}") from None
         prompts = [ids] * args.num_samples

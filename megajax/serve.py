@@ -22,6 +22,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from megajax.config import ConfigError
+from megajax.data.tokenizer import text_ids
 
 MAX_PROMPTS = 128  # Megatron-LM's limit per request
 MAX_TOKENS = 4096  # past model.seq_len each token runs the whole window: bound a request
@@ -95,7 +96,7 @@ class Service:
     def answer(self, body: bytes) -> dict:
         options = parse_request(body, vocab_size=self.generator.trainer.cfg.model.vocab_size)
         try:
-            prompts = [self.tokenizer.encode(p) for p in options["prompts"]]
+            prompts = [text_ids(self.tokenizer, p) for p in options["prompts"]]
         except KeyError as e:
             raise BadRequest(f"a prompt has a character the model never saw: {e}") from None
         try:

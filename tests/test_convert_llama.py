@@ -203,3 +203,15 @@ def test_imported_llama_lambada_and_wikitext_read_its_tokenizer_and_equal_transf
     assert (wiki["tokens"], wiki["original_tokens"], wiki["bos"]) == (21, 20, True)
     assert wiki["ppl"] == pytest.approx(np.exp(loss), rel=1e-4)
     assert wiki["adjusted_ppl"] == pytest.approx(wiki["ppl"], rel=1e-6)  # 20 targets either way
+
+    # Generation reads a prompt the same way, "<s>" first: greedy tokens equal transformers'.
+    from megajax import generate
+
+    argv = ["--hf_checkpoint", str(tmp_path), "--prompt", "w5 w6 w7", "--max_new_tokens", "4",
+            "--temperature", "0", "--mesh", "data=1,model=8"]  # fmt: skip
+    assert generate.main(argv) == 0
+    ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"][0]["tokens"]
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=4, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, 4:].tolist()  # fmt: skip
+    assert ours == theirs

@@ -129,6 +129,8 @@ class HFTokenizer:
 class CharTokenizer:
     """One id per distinct character of the text, in sorted order (nanoGPT's shakespeare_char)."""
 
+    bos_id = None
+
     def __init__(self, text: str):
         self.chars = sorted(set(text))
         self._ids = {c: i for i, c in enumerate(self.chars)}
@@ -286,3 +288,11 @@ class BertTokenizer:
     def continuation_mask(self):
         """(vocab,) bool: True for '##' pieces, which continue the word before them."""
         return np.array([t.startswith("##") for t in self.tokens])
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """The ids of a text as a model reads it from its start: after the tokenizer's
+    beginning-of-text token where it has one (a Llama tokenizer.json's, which Hugging Face
+    tokenizers put first by default). For prompts and evaluation texts, not training data."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return bos + list(tokenizer.encode(text))

@@ -28,6 +28,7 @@ import numpy as np
 
 from megajax import loss
 from megajax.config import ConfigError
+from megajax.data.tokenizer import text_ids
 from megajax.evals import batched
 from megajax.trainer import Trainer
 
@@ -48,14 +49,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def example(text: str, tokenizer, *, strict: bool = True) -> Example:
     """The context and target token ids of one passage."""
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     if not strict:
-        ids = bos + tokenizer.encode(text)
+        ids = text_ids(tokenizer, text)
         return ids[:-1], ids[-1:]
     context, word = _split(text)
-    whole = tokenizer.encode(f"{context} {word}")
-    start = min(_common_prefix(tokenizer.encode(context), whole), len(whole) - 1)
-    return bos + whole[:start], whole[start:]
+    whole = text_ids(tokenizer, f"{context} {word}")
+    start = min(_common_prefix(text_ids(tokenizer, context), whole), len(whole) - 1)
+    return whole[:start], whole[start:]
 
 
 def merged_boundary(text: str, tokenizer) -> bool:

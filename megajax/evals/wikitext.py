@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from megajax.config import ConfigError
+from megajax.data.tokenizer import text_ids
 from megajax.evals import perplexity
 from megajax.trainer import Trainer
 
@@ -67,8 +68,7 @@ def detokenize(text: str) -> str:
 def token_ids(text: str, tokenizer) -> list[int]:
     """The ids a WikiText file is scored as: its detokenized text encoded, after the tokenizer's
     beginning-of-text token if it has one."""
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    return bos + tokenizer.encode(detokenize(text))
+    return text_ids(tokenizer, detokenize(text))
 
 
 def count_original_tokens(text: str) -> int:
