@@ -48,10 +48,8 @@ def layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> 
         total += 2 * n / r  # residual dropout masks
     if e != 4:  # the layer's matmul weights in the compute dtype
         h, f = m.hidden, m.mlp_hidden
-        kv = h * 2 * m.kv_heads * m.head_dim
-        whole = kv if m.kv_replicated(t) else 0  # on every model shard
-        split = h * h + kv - whole + h * h + h * f * (2 if m.mlp == "swiglu" else 1) + f * h
-        total += e * (split / t + whole)
+        kv = h * 2 * m.head_dim * m.kv_slots(t)  # a key/value head per shard at least
+        total += e * (h * h + kv + h * h + h * f * (2 if m.mlp == "swiglu" else 1) + f * h) / t
     return total
 
 

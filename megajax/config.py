@@ -129,9 +129,9 @@ class ModelConfig:
         return self.kv_heads != self.num_heads
 
     def kv_replicated(self, model_degree: int) -> bool:
-        """Whether the key/value weight is whole on every model shard: grouped-query attention
-        with more model shards than key/value heads. Each shard then computes only the head its
-        query heads share."""
+        """Whether each model shard needs the whole key/value weight to compute the one head its
+        query heads share: grouped-query attention with more model shards than key/value heads.
+        The weight is then split by rows (gathered in each layer), its bias replicated."""
         return self.grouped_query and model_degree > self.kv_heads
 
     def kv_slots(self, model_degree: int) -> int:
@@ -143,7 +143,7 @@ class ModelConfig:
         """One transformer layer's parameters: (split over `model`, replicated). QKV (or q and
         kv), fc1 (SwiGLU: gate and up) and their biases, the attention output and fc2 weights
         are split; the norms and the row-parallel biases are replicated, and so is the kv
-        weight on more model shards than key/value heads."""
+        bias on more model shards than key/value heads."""
         h, f, b = self.hidden, self.mlp_hidden, int(self.bias)
         q, kv = self.num_heads * self.head_dim, 2 * self.kv_heads * self.head_dim
         fc1 = 2 * f if self.mlp == "swiglu" else f
@@ -151,7 +151,7 @@ class ModelConfig:
         norm = (1 + b) * h if self.norm == "layernorm" else h
         replicated = 2 * norm + 2 * b * h
         if self.kv_replicated(model_degree):
-            split, replicated = split - (h + b) * kv, replicated + (h + b) * kv
+            split, replicated = split - b * kv, replicated + b * kv
         return split, replicated
 
     def padded_vocab_size(self, model_degree: int) -> int:

@@ -134,6 +134,25 @@ def _gathered_matmul_bwd(dims, saved, dy):
 _gathered_matmul.defvjp(_gathered_matmul_fwd, _gathered_matmul_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gathered_rows(w, dtype):
+    """Inside shard_map: a weight split by rows over `model`, all-gathered whole in the compute
+    `dtype`; the backward pass reduce-scatters its gradient back to the rows in the weight's
+    dtype (float32), so that the shards' partial gradients are summed at full precision."""
+    return jax.lax.all_gather(w.astype(dtype), parallel.MODEL, axis=0, tiled=True)
+
+
+def _gathered_rows_fwd(w, dtype):
+    return _gathered_rows(w, dtype), jnp.empty((0,), w.dtype)  # keeps only w's dtype
+
+
+def _gathered_rows_bwd(dtype, empty_w, dw):
+    return (jax.lax.psum_scatter(dw.astype(empty_w.dtype), parallel.MODEL, tiled=True),)
+
+
+_gathered_rows.defvjp(_gathered_rows_fwd, _gathered_rows_bwd)
+
+
 class Dense(nnx.Module):
     """y = x @ kernel + bias, with logical axes (in_axis, out_axis) on the kernel."""
 
@@ -253,11 +272,11 @@ class Attention(nnx.Module):
     attention (model.num_kv_heads below num_heads) has a q weight, split by heads, and a kv
     weight, (kv_head, {k, v}, head_dim), split by key/value heads; each shard concatenates its
     pieces into one matmul, so the communication is the same. With more model shards than
-    key/value heads the kv weight is whole on every shard (the plan's `kv_heads` row), each
-    shard computes the one head that its query heads share, and the weight's gradient is
-    summed over `model`. A causal model (GPT) masks future keys; `padding` masks the keys after
-    each sequence's length (BERT). model.positions="rope" turns q and k by their positions,
-    head by head.
+    key/value heads the kv weight is split by rows instead (the plan's `kv_embed` row): each
+    shard all-gathers it, computes the one head that its query heads share, and its gradient
+    is reduce-scattered back to the rows. A causal model (GPT) masks future keys; `padding`
+    masks the keys after each sequence's length (BERT). model.positions="rope" turns q and k by
+    their positions, head by head.
     """
 
     def __init__(self, cfg, *, out_std: float, rngs):
@@ -281,7 +300,7 @@ class Attention(nnx.Module):
         dense = functools.partial(Dense, rngs=rngs, bias=cfg.bias, std=cfg.init_std)
         if self.grouped:
             self.q = dense(h, h, ("embed", "heads"))
-            self.kv = dense(h, 2 * cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"))
+            self.kv = dense(h, 2 * cfg.kv_heads * cfg.head_dim, ("kv_embed", "kv_heads"))
         else:
             self.qkv = dense(h, 3 * h, ("embed", "heads"))
         self.proj = Dense(h, h, ("heads", "embed"), std=out_std, rngs=rngs, bias=cfg.bias)
@@ -312,10 +331,12 @@ class Attention(nnx.Module):
         in_spec = parallel.spec(*in_axes)
         dims = tuple(parallel.model_dims(in_spec))
         width = 2 * self.head_dim  # one key/value head's k and v columns
+        by_rows = parallel.spec("kv_embed")[0] == parallel.MODEL
 
         def local(x, wq, bq, wkv, bkv):
-            t = jax.lax.axis_size(parallel.MODEL)
-            if wkv.shape[1] > max(1, self.kv_heads // t) * width:  # whole: take our head
+            if by_rows:  # gathered whole; the backward pass reduce-scatters its gradient
+                wkv = _gathered_rows(wkv, x.dtype)
+                t = jax.lax.axis_size(parallel.MODEL)
                 start = jax.lax.axis_index(parallel.MODEL) // (t // self.kv_heads) * width
                 wkv = jax.lax.dynamic_slice_in_dim(wkv, start, width, axis=1)
                 bkv = bkv if bkv.size == 0 else jax.lax.dynamic_slice_in_dim(bkv, start, width)

@@ -3,7 +3,8 @@
 Model code names only logical axes. With T = the `model` degree:
 - `heads` splits the fused QKV columns (whole heads per shard) and the attention output rows;
   with grouped-query attention, `heads` splits the q columns and `kv_heads` the key/value
-  weight's, whole heads per shard, or (with more shards than key/value heads) replicates it;
+  weight's, whole heads per shard; with more shards than key/value heads, `kv_embed` splits
+  that weight by rows instead, and each shard gathers it whole to compute its own head;
 - `mlp` splits fc1's columns and fc2's rows;
 - `vocab` splits the word embedding by rows; the tied LM head then yields vocabulary-sharded
   logits, which the cross-entropy reduces without gathering them;
@@ -37,6 +38,7 @@ def rules(
         ("vocab", MODEL),
         ("heads", MODEL),
         ("kv_heads", None if kv_replicated else MODEL),
+        ("kv_embed", MODEL if kv_replicated else None),
         ("mlp", MODEL),
         ("embed", None),
         ("length", None),

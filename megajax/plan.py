@@ -279,9 +279,12 @@ def expected_collectives(
     if model_degree > 1:
         if lm:
             found["model: cross-entropy (b, s)"] = (3 * micro, 3 * micro * b * m.seq_len)
-        if m.kv_replicated(model_degree):  # the whole kv weight's gradient, per layer
-            kv = (m.hidden + int(m.bias)) * 2 * m.kv_heads * m.head_dim
-            found["model: kv weight gradients"] = (runs, runs * kv)
+        if m.kv_replicated(model_degree):  # the kv weight gathered per layer, its gradient
+            kv, again = m.hidden * 2 * m.kv_heads * m.head_dim, 2 if m.remat == "full" else 1
+            found["model: kv weight all-gathers"] = (again * runs, again * runs * kv)
+            found["model: kv gradient reduce-scatters"] = (runs, runs * kv // model_degree)
+            if m.bias:
+                found["model: kv bias gradients"] = (runs, runs * 2 * m.kv_heads * m.head_dim)
     if data_degree > 1:
         p = params_per_device(m, model_degree, stages)
         found["data: gradients"] = (None, p)

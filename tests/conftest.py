@@ -46,8 +46,8 @@ def real_batch(tokens: np.ndarray, *, step: int, batch_size: int, seq_len: int, 
 
 
 # A Llama-style decoder: grouped-query attention (16 query heads sharing 2 key/value heads, so
-# that model degrees 1 and 2 split them and 4 and 8 hold the kv weight whole on each shard),
-# SwiGLU, RMSNorm, RoPE, no biases, untied head.
+# that model degrees 1 and 2 split them and 4 and 8 split the kv weight by rows, each shard
+# gathering it to compute its own head), SwiGLU, RMSNorm, RoPE, no biases, untied head.
 LLAMA = dict(num_heads=16, num_kv_heads=2, ffn_hidden=96, norm="rmsnorm", positions="rope",
              rope_theta=500000.0, mlp="swiglu", bias=False, tie_embeddings=False)  # fmt: skip
 

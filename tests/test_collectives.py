@@ -31,7 +31,8 @@ MODELS = {
     "bert-post": lambda: bert_config(num_layers=2, layernorm_placement="post", dropout=0.1),
     # grouped-query attention, SwiGLU, RoPE, RMSNorm, no biases and an untied head: the same
     # collectives (the head's backward all-reduce is the untied head's), and with 2 key/value
-    # heads on 4 model shards, the gradient of their whole kv weight summed over `model`.
+    # heads on 4 model shards, their kv weight, split by rows, gathered and its gradient
+    # reduce-scattered.
     "llama": lambda: llama_config(num_layers=2, dropout=0.1),
 }
 
@@ -69,38 +70,43 @@ def test_two_allreduces_per_layer_forward_and_two_backward(audit):
     assert sum(t[2] for t in acts) == 4 * layers + 2
 
 
-def _kv_weight(cfg):
-    """The kv kernel's shape where it is whole on each of the MODEL shards, else None."""
-    m = cfg.model
-    return (m.hidden, 2 * m.kv_heads * m.head_dim) if m.kv_replicated(MODEL) else None
-
-
 def test_cross_entropy_reduces_only_token_sized_tensors(audit):
     cfg, _, found = audit
     b, s, h = cfg.train.batch_size // DATA, cfg.model.seq_len, cfg.model.hidden
     tensors = _model_tensors(found)
     assert sum(1 for t in tensors if t[0] == (b, s)) == 3  # max, sum of exp, target logit
     for shape, _, _ in tensors:
-        # else only the scalar pieces of the global gradient norm, and a whole kv weight's
-        assert shape in ((b, s), (b, s, h), _kv_weight(cfg)) or math.prod(shape) == 1, shape
+        # else only the scalar pieces of the global gradient norm
+        assert shape in ((b, s), (b, s, h)) or math.prod(shape) == 1, shape
 
 
-def test_whole_kv_weight_gradient_is_summed_over_model_once_per_layer(audit):
+def _is_kv_weight(cfg, c):
+    """Whether c all-gathers the whole kv weight, or reduce-scatters its gradient to rows, over
+    `model`."""
+    m = cfg.model
+    whole = (m.hidden, 2 * m.kv_heads * m.head_dim)
+    rows = (m.hidden // MODEL, whole[1])
+    kinds = (("all-gather", (whole,)), ("reduce-scatter", (rows,)))
+    return c.axes == ("model",) and (c.kind, c.shapes) in kinds
+
+
+def test_a_kv_weight_split_by_rows_is_gathered_once_per_layer(audit):
     """With more model shards than key/value heads, each shard computes its own head from the
-    whole kv weight; the weight's gradient is the sum of the shards' over `model`, once per
-    layer in the backward pass (test_sequence_parallel_... checks it with SP)."""
-    _check_kv_weight_gradient(*audit)
+    whole kv weight, which is stored split by rows: one all-gather per layer forward, one
+    reduce-scatter of its gradient backward (test_sequence_parallel_... checks it with SP)."""
+    _check_kv_weight(*audit)
 
 
-def _check_kv_weight_gradient(cfg, _, found):
-    kv = _kv_weight(cfg)
-    runs = [r for shape, _, r in _model_tensors(found) if shape == kv]
-    assert runs == ([cfg.model.num_layers] if kv else []), (kv, runs)
+def _check_kv_weight(cfg, _, found):
+    layers, split = cfg.model.num_layers, cfg.model.kv_replicated(MODEL)
+    expected = [("all-gather", layers), ("reduce-scatter", layers)] if split else []
+    assert sorted((c.kind, c.runs) for c in found if _is_kv_weight(cfg, c)) == expected
 
 
 def test_no_gather_and_no_logits_sized_collective(audit):
     cfg, trainer, found = audit
-    assert {c.kind for c in found} == {"all-reduce"}, {c.kind for c in found}
+    kinds = {c.kind for c in found if not _is_kv_weight(cfg, c)}
+    assert kinds == {"all-reduce"}, kinds
     logits_local = (
         (cfg.train.batch_size // DATA) * cfg.model.seq_len * trainer.padded_vocab // MODEL
     )
@@ -191,4 +197,4 @@ def test_sequence_parallel_leaves_no_activation_sized_allreduce(sp_audit):
         # gradients of parameters replicated over `model` (layer norms, biases, BERT's heads).
         squeezed = tuple(d for d in shape if d != 1)
         assert shape in ((b, s), (b, 1, h)) or squeezed in params or squeezed == (), shape
-    _check_kv_weight_gradient(*sp_audit)
+    _check_kv_weight(*sp_audit)

@@ -63,7 +63,8 @@ def test_llama_config_round_trips(hf_dir):
     assert back.rope_parameters["rope_theta"] == 500000.0
 
 
-# On 8 model shards the 4 key/value heads are whole on every shard, each computing its own.
+# On 8 model shards the 4 key/value heads' weight is split by rows; each shard gathers it and
+# computes its own head.
 @pytest.mark.parametrize("data,model", [(1, 1), (2, 4), (1, 8)])
 def test_imported_llama_gives_transformers_logits(hf_dir, ids, data, model):
     weights = convert.HFWeights(hf_dir)
@@ -86,8 +87,8 @@ def test_exported_llama_loads_in_transformers_with_identical_outputs(hf_dir, ids
 
 
 def test_restored_import_matches_on_another_mesh(hf_dir, ids, tmp_path):
-    """The imported checkpoint restores onto a mesh it was not written on, one with the
-    key/value weight whole on each shard."""
+    """The imported checkpoint restores onto a mesh it was not written on, one that splits the
+    key/value weight by rows, not by heads."""
     cfg = convert.import_hf(str(hf_dir), str(tmp_path), config.Config(), device_mesh(1, 1))
     trainer = Trainer(cfg, device_mesh(1, 8))
     ckpt = Checkpointer(tmp_path / "checkpoints", every=0, keep=1)

@@ -124,8 +124,8 @@ SWITCHES = [
                              optim=dict(initial_loss_scale=2.0**12))),
 ]  # fmt: skip
 # Every row for GPT-2 (but float16); for BERT one row that combines the switches per layer-norm
-# placement; for the Llama-style decoder all three switches on 2 x 4 (its key/value weight whole
-# on each shard), and float16.
+# placement; for the Llama-style decoder all three switches on 2 x 4 (its key/value weight split
+# by rows), and float16.
 SWITCH_CASES = [("gpt", name) for name, _, _ in SWITCHES if name != "float16"] + [
     ("bert-pre", "all-4x2"),
     ("bert-post", "sp-full-1x8"),

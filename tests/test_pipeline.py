@@ -25,7 +25,7 @@ REFERENCE = (1, 2, 4, 1)  # (pipeline, data, model, repeats)
 CASES = [  # each mesh once, and v = 2 wherever 8 layers and 8 micro-batches allow it
     ("gpt", (2, 2, 2, 1)),
     ("gpt", (4, 1, 2, 2)),
-    ("llama", (2, 1, 4, 2)),  # grouped-query attention, its 2 KV heads' weight whole per shard
+    ("llama", (2, 1, 4, 2)),  # grouped-query attention, its 2 KV heads' weight split by rows
     ("gpt", (8, 1, 1, 1)),
     ("bert", (2, 2, 2, 2)),
     ("bert", (4, 1, 2, 1)),
