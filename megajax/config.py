@@ -128,10 +128,10 @@ class ModelConfig:
         """Fewer key/value heads than query heads: q and kv are then two weights, not one."""
         return self.kv_heads != self.num_heads
 
-    def kv_replicated(self, model_degree: int) -> bool:
-        """Whether each model shard needs the whole key/value weight to compute the one head its
-        query heads share: grouped-query attention with more model shards than key/value heads.
-        The weight is then split by rows (gathered in each layer), its bias replicated."""
+    def kv_by_rows(self, model_degree: int) -> bool:
+        """Whether the key/value weight is split by rows rather than by heads: grouped-query
+        attention with more model shards than key/value heads, where each shard gathers the
+        whole weight to compute the one head its query heads share. Its bias is replicated."""
         return self.grouped_query and model_degree > self.kv_heads
 
     def kv_slots(self, model_degree: int) -> int:
@@ -150,7 +150,7 @@ class ModelConfig:
         split = (h + b) * (q + kv) + h * h + h * fc1 + b * fc1 + f * h
         norm = (1 + b) * h if self.norm == "layernorm" else h
         replicated = 2 * norm + 2 * b * h
-        if self.kv_replicated(model_degree):
+        if self.kv_by_rows(model_degree):
             split, replicated = split - b * kv, replicated + b * kv
         return split, replicated
 

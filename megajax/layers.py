@@ -312,12 +312,11 @@ class Attention(nnx.Module):
         b, s, d = x.shape[0], x.shape[1], self.head_dim
         if self.grouped:
             q, kv = self._grouped_projection(x, *in_axes)
-            kv = kv.reshape(b, s, -1, 2, d)
+            kv = constrain(kv.reshape(b, s, -1, 2, d), "batch", "length", "heads", None, None)
         else:
-            kv = self.qkv.column_parallel(x, *in_axes).reshape(b, s, self.num_heads, 3, d)
-        kv = constrain(kv, "batch", "length", "heads", None, None)
-        if not self.grouped:
-            q, kv = kv[..., 0, :], kv[..., 1:, :]
+            qkv = self.qkv.column_parallel(x, *in_axes).reshape(b, s, self.num_heads, 3, d)
+            qkv = constrain(qkv, "batch", "length", "heads", None, None)
+            q, kv = qkv[..., 0, :], qkv[..., 1:, :]
         q = constrain(q.reshape(b, s, self.num_heads, d), "batch", "length", "heads", None)
         k, v = kv[..., 0, :], kv[..., 1, :]
         if self.rope_theta is not None:

@@ -30,15 +30,15 @@ PIPELINE, DATA, MODEL = "pipeline", "data", "model"
 
 
 def rules(
-    *, sequence_parallel: bool = False, kv_replicated: bool = False
+    *, sequence_parallel: bool = False, kv_by_rows: bool = False
 ) -> tuple[tuple[str, str | None], ...]:
-    """The plan's table; `sequence_parallel` and `kv_replicated` decide a row each."""
+    """The plan's table; `sequence_parallel` and `kv_by_rows` decide a row each."""
     return (
         ("batch", DATA),
         ("vocab", MODEL),
         ("heads", MODEL),
-        ("kv_heads", None if kv_replicated else MODEL),
-        ("kv_embed", MODEL if kv_replicated else None),
+        ("kv_heads", None if kv_by_rows else MODEL),
+        ("kv_embed", MODEL if kv_by_rows else None),
         ("mlp", MODEL),
         ("embed", None),
         ("length", None),

@@ -279,7 +279,7 @@ def expected_collectives(
     if model_degree > 1:
         if lm:
             found["model: cross-entropy (b, s)"] = (3 * micro, 3 * micro * b * m.seq_len)
-        if m.kv_replicated(model_degree):  # the kv weight gathered per layer, its gradient
+        if m.kv_by_rows(model_degree):  # the kv weight gathered per layer, its gradient
             kv, again = m.hidden * 2 * m.kv_heads * m.head_dim, 2 if m.remat == "full" else 1
             found["model: kv weight all-gathers"] = (again * runs, again * runs * kv)
             found["model: kv gradient reduce-scatters"] = (runs, runs * kv // model_degree)

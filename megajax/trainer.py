@@ -106,7 +106,7 @@ class Trainer:
         """The mesh and the logical-axis table, active while tracing model code."""
         m, model_degree = self.cfg.model, self.mesh.shape[parallel.MODEL]
         table = parallel.rules(
-            sequence_parallel=m.sequence_parallel, kv_replicated=m.kv_replicated(model_degree)
+            sequence_parallel=m.sequence_parallel, kv_by_rows=m.kv_by_rows(model_degree)
         )
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(table):
             yield

@@ -98,8 +98,8 @@ def test_a_kv_weight_split_by_rows_is_gathered_once_per_layer(audit):
 
 
 def _check_kv_weight(cfg, _, found):
-    layers, split = cfg.model.num_layers, cfg.model.kv_replicated(MODEL)
-    expected = [("all-gather", layers), ("reduce-scatter", layers)] if split else []
+    layers, by_rows = cfg.model.num_layers, cfg.model.kv_by_rows(MODEL)
+    expected = [("all-gather", layers), ("reduce-scatter", layers)] if by_rows else []
     assert sorted((c.kind, c.runs) for c in found if _is_kv_weight(cfg, c)) == expected
 
 
