@@ -52,18 +52,22 @@ def example(text: str, tokenizer, *, strict: bool = True) -> Example:
     if not strict:
         ids = text_ids(tokenizer, text)
         return ids[:-1], ids[-1:]
-    context, word = _split(text)
-    whole = text_ids(tokenizer, f"{context} {word}")
-    start = min(_common_prefix(text_ids(tokenizer, context), whole), len(whole) - 1)
-    return whole[:start], whole[start:]
+    return _strict(text, tokenizer)[:2]
 
 
 def merged_boundary(text: str, tokenizer) -> bool:
     """Whether the tokenizer writes a token across the end of the context and the last word,
     so that the context's ids are not a prefix of the passage's (strict `example`)."""
+    return _strict(text, tokenizer)[2]
+
+
+def _strict(text: str, tokenizer) -> tuple[list[int], list[int], bool]:
+    """The strict example's context and target ids, and whether its boundary is merged."""
     context, word = _split(text)
-    ids = tokenizer.encode(context)
-    return tokenizer.encode(f"{context} {word}")[: len(ids)] != ids
+    whole, alone = text_ids(tokenizer, f"{context} {word}"), text_ids(tokenizer, context)
+    common = _common_prefix(alone, whole)
+    start = min(common, len(whole) - 1)
+    return whole[:start], whole[start:], common < len(alone)
 
 
 def read(path: str | Path) -> list[str]:
@@ -128,10 +132,12 @@ def evaluate(
 ) -> dict[str, float]:
     """accuracy over the passages of a JSON Lines file, their number n, and (strict) how many
     have a token across the last word's boundary."""
-    texts = read(path)
-    examples = [example(text, tokenizer, strict=strict) for text in texts]
+    if strict:
+        made = [_strict(text, tokenizer) for text in read(path)]
+        examples, merged = [m[:2] for m in made], sum(m[2] for m in made)
+    else:
+        examples, merged = [example(text, tokenizer, strict=False) for text in read(path)], 0
     right = correct(trainer, params, examples, log=log)
-    merged = sum(merged_boundary(text, tokenizer) for text in texts) if strict else 0
     return {
         "accuracy": right / len(examples),
         "correct": right,
