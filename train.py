@@ -54,9 +54,9 @@ def main(argv=None) -> int:
                 convert.load_params(trainer, weights, log=cli.lead_print)
             )
         if args.dry_run:
-            from megajax import plan
+            from megajax.plan import report
 
-            plan.dry_run(cfg, mesh.make(args.mesh), workdir, target_name=args.target)
+            report.dry_run(cfg, mesh.make(args.mesh), workdir, target_name=args.target)
         else:
             run.train(cfg, mesh.make(args.mesh), workdir, log=cli.lead_print, init=init)
     except ConfigError as e:

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megajax import loss_scale, models, optim, parallel, pipeline
+from megajax import loss_scale, models, optim, parallel, pipeline_arithmetic
 from megajax.config import Config
 from megajax.mesh import check_batch, check_model
 
@@ -35,13 +35,13 @@ class Trainer:
         stages = mesh.shape[parallel.PIPELINE]
         self.schedule = None  # the micro-batches are accumulated one after another
         if stages > 1:  # they flow through the pipeline stages together
-            pipeline.check(
+            pipeline_arithmetic.check(
                 num_layers=cfg.model.num_layers,
                 stages=stages,
                 repeats=cfg.train.pipeline_repeats,
                 micro_batches=cfg.train.micro_batches,
             )
-            self.schedule = pipeline.Schedule(stages, cfg.train.pipeline_repeats)
+            self.schedule = pipeline_arithmetic.Schedule(stages, cfg.train.pipeline_repeats)
         self.padded_vocab = cfg.model.padded_vocab_size(mesh.shape[parallel.MODEL])
         self.tx = optim.make(cfg.optim)
         self.lr = optim.schedule(cfg.optim)
@@ -261,10 +261,12 @@ class Trainer:
         """The sums over the micro-batches of `objective` (value, metrics), all micro-batches
         going through the pipeline schedule together: the embedding and the heads run on each
         micro-batch (vmapped, replicated over `pipeline`), the stacked layers as the schedule's
-        stages (models/pipeline.py)."""
+        stages (models/pipeline_schedule.py)."""
         key_axis = None if keys is None else 0  # None: no dropout
-        per_micro = jax.vmap(objective, in_axes=(None, 0, key_axis), axis_name=pipeline.MICRO)
-        with pipeline.scheduled(self.schedule):
+        per_micro = jax.vmap(
+            objective, in_axes=(None, 0, key_axis), axis_name=pipeline_arithmetic.MICRO
+        )
+        with pipeline_arithmetic.scheduled(self.schedule):
             values, metrics = per_micro(params, batch, keys)
         return values.sum(), jax.tree.map(jnp.sum, metrics)
 

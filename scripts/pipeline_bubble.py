@@ -40,7 +40,7 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from megajax import config, pipeline
+    from megajax import config, pipeline_arithmetic
     from megajax.trainer import Trainer
 
     p, t = args.pipeline, args.model
@@ -78,13 +78,13 @@ def main() -> None:
           f"sequences per micro-batch and data shard; {jax.devices()[0].platform}")  # fmt: skip
     print("  v   m  ticks  bubble(formula)  step s  s per micro-batch")
     for (v, m), (*_, times) in runs.items():
-        ticks = pipeline.ticks(p, v, m)
-        bubble = pipeline.bubble_fraction(p, v, m)
+        ticks = pipeline_arithmetic.ticks(p, v, m)
+        bubble = pipeline_arithmetic.bubble_fraction(p, v, m)
         print(f"  {v}  {m:2d}  {ticks:5d}  {bubble:15.3f}  {min(times):6.3f}  {min(times) / m:.4f}")
     for v in sorted({v for v, _ in runs}):
         small, large = (min(runs[v, m][4]) / m for m in (p, 4 * p))
-        predicted = (1 - pipeline.bubble_fraction(p, v, 4 * p)) / (
-            1 - pipeline.bubble_fraction(p, v, p)
+        predicted = (1 - pipeline_arithmetic.bubble_fraction(p, v, 4 * p)) / (
+            1 - pipeline_arithmetic.bubble_fraction(p, v, p)
         )
         print(
             f"  v={v}: time per micro-batch at m={p} over m={4 * p}: measured "

@@ -14,10 +14,10 @@ import pytest
 from conftest import bert_batch, bert_config, llama_config, real_batch, tiny_config
 from flax import nnx
 
-from megajax import config, hlo, mesh, pipeline
+from megajax import config, hlo, mesh, pipeline_arithmetic
 from megajax.checkpoint import Checkpointer
 from megajax.config import ConfigError
-from megajax.models.pipeline import pipeline_stack, scan_layers
+from megajax.models.pipeline_schedule import pipeline_stack, scan_layers
 from megajax.trainer import Trainer
 
 LAYERS, BATCH, MICRO, STEPS, RTOL = 8, 16, 8, 5, 2e-4
@@ -150,7 +150,7 @@ def test_stages_exchange_activation_sized_permutes_one_per_transfer(compiled, la
     share = (1, BATCH // MICRO // d, trainer.cfg.model.seq_len, trainer.cfg.model.hidden)
     over_pipeline = [c for c in permutes if c.axes == ("pipeline",)]
     assert over_pipeline and all(c.shapes == (share,) for c in over_pipeline)
-    assert sum(c.runs for c in over_pipeline) == pipeline.transfers(p, v, MICRO)
+    assert sum(c.runs for c in over_pipeline) == pipeline_arithmetic.transfers(p, v, MICRO)
     if v == 1:  # the circular schedule's stage order moves the weights (see README)
         assert over_pipeline == permutes
 
@@ -165,7 +165,7 @@ def test_no_layer_weight_crosses_pipeline_and_the_model_allreduces_are_unchanged
     per_layer = [
         c for c in found if c.kind == "all-reduce" and c.axes == ("model",) and share in c.shapes
     ]
-    ticks = pipeline.ticks(2, 1, MICRO)
+    ticks = pipeline_arithmetic.ticks(2, 1, MICRO)
     assert sorted(c.runs for c in per_layer) == [ticks * LAYERS // 2] * 4
     # Weights' gradients are reduced over `data` only; over `pipeline` go scalars (the gradient
     # norm) and activations (the micro-batches entering stage 0, the outputs of the last).
@@ -205,10 +205,13 @@ def test_layers_the_stages_cannot_split_are_refused():
 
 
 def test_schedule_arithmetic():
-    assert pipeline.ticks(4, 1, 8) == 11 and pipeline.ticks(4, 2, 8) == 19
-    assert pipeline.bubble_fraction(4, 1, 4) == pytest.approx(3 / 7)
-    assert pipeline.bubble_fraction(4, 2, 4) == pytest.approx(3 / 11)
-    assert pipeline.bubble_fraction(1, 1, 4) == 0 and pipeline.transfers(1, 1, 4) == 0
-    assert pipeline.transfers(2, 1, 8) == 20
-    assert pipeline.transfer_bytes(2, 1024, 8192, 2) == 2 * 1024 * 8192 * 2
-    assert pipeline.stage_chunks(2, 2).tolist() == [[0, 2], [1, 3]]
+    assert pipeline_arithmetic.ticks(4, 1, 8) == 11 and pipeline_arithmetic.ticks(4, 2, 8) == 19
+    assert pipeline_arithmetic.bubble_fraction(4, 1, 4) == pytest.approx(3 / 7)
+    assert pipeline_arithmetic.bubble_fraction(4, 2, 4) == pytest.approx(3 / 11)
+    assert (
+        pipeline_arithmetic.bubble_fraction(1, 1, 4) == 0
+        and pipeline_arithmetic.transfers(1, 1, 4) == 0
+    )
+    assert pipeline_arithmetic.transfers(2, 1, 8) == 20
+    assert pipeline_arithmetic.transfer_bytes(2, 1024, 8192, 2) == 2 * 1024 * 8192 * 2
+    assert pipeline_arithmetic.stage_chunks(2, 2).tolist() == [[0, 2], [1, 3]]

@@ -11,8 +11,11 @@ import jax
 import pytest
 from conftest import device_mesh, tiny_config
 
-from megajax import activations, config, plan
+from megajax import config
 from megajax.config import ModelConfig
+from megajax.plan import activations, estimates
+from megajax.plan.compiled import make_plan
+from megajax.plan.report import report
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ModelConfig(
@@ -23,18 +26,18 @@ SMALL = ModelConfig(
 def test_params_per_device_hand_count():
     # T=2: vocabulary padded to 112 -> 448 + 32 positions; per layer (3*64 + 24 + 64 + 256 + 32
     # + 256) / 2 split + 48 replicated = 460; final layer norm 16.
-    assert plan.params_per_device(SMALL, 2) == 480 + 2 * 460 + 16
-    assert plan.params_per_device(SMALL, 1) == SMALL.num_params(1) == 2624
+    assert estimates.params_per_device(SMALL, 2) == 480 + 2 * 460 + 16
+    assert estimates.params_per_device(SMALL, 1) == SMALL.num_params(1) == 2624
 
 
 def test_flops_hand_count():
     cfg = config.Config(model=SMALL, train=config.TrainConfig(batch_size=2))
     # per token 3 * (2 layers * (24 * 64 + 4 * 4 * 8) + 2 * 100 * 8) = 14784; 8 tokens.
-    assert plan.flops_per_step(cfg) == {"model": 118272, "hardware": 118272}
+    assert estimates.flops_per_step(cfg) == {"model": 118272, "hardware": 118272}
     remat = config.replace(cfg, model=dict(remat="full"))
-    assert plan.flops_per_step(remat)["hardware"] == 118272 + 2 * (1536 + 128) * 8
+    assert estimates.flops_per_step(remat)["hardware"] == 118272 + 2 * (1536 + 128) * 8
     selective = config.replace(cfg, model=dict(remat="selective"))
-    assert plan.flops_per_step(selective)["hardware"] == 118272 + 2 * 128 * 8
+    assert estimates.flops_per_step(selective)["hardware"] == 118272 + 2 * 128 * 8
 
 
 def test_activation_and_state_bytes_hand_count():
@@ -43,7 +46,7 @@ def test_activation_and_state_bytes_hand_count():
     # 2 LNs x 3 x 4n + 4n (2 + 4 + 6 * 4) + 4 * scores (float32 probs) + 4 * scores (cast).
     assert activations.layer_activation_bytes(m, batch=1, model_degree=1) == 768 + 3840 + 128 + 128
     cfg = config.Config(model=m, train=config.TrainConfig(batch_size=4, micro_batches=2))
-    est = plan.estimate_memory(cfg, data_degree=2, model_degree=1)
+    est = estimates.estimate_memory(cfg, data_degree=2, model_degree=1)
     p = 2624
     assert (est.weights, est.optimizer, est.update) == (4 * p, 8 * p + 8, 4 * p)
     assert est.gradients == 2 * 4 * p  # micro-batches accumulate into a second buffer
@@ -68,8 +71,8 @@ def test_paper_activation_formulas():
 
 
 def test_ring_allreduce_time():
-    assert plan.allreduce_seconds(8e9, 8, 100e9) == pytest.approx(2 * 7 / 8 * 0.08)
-    assert plan.allreduce_seconds(8e9, 1, 100e9) == 0.0
+    assert estimates.allreduce_seconds(8e9, 8, 100e9) == pytest.approx(2 * 7 / 8 * 0.08)
+    assert estimates.allreduce_seconds(8e9, 1, 100e9) == 0.0
 
 
 def _check_against_compiled(p: dict, tolerance: float = 0.15):
@@ -116,7 +119,7 @@ def test_dry_run_of_gpt2_tiny_from_the_command_line(tmp_path):
 
 def test_dry_run_of_the_8p3b_model_on_8_way_model_parallelism():
     cfg = config.load("configs/megatron_gpt2_8p3b.py")
-    p = plan.make_plan(cfg, device_mesh(1, 8), target_name="v100")
+    p = make_plan(cfg, device_mesh(1, 8), target_name="v100")
     assert p["params"]["total"] == cfg.model.num_params(8)
     assert p["params"]["total"] > 8.3e9
     count, _ = p["collectives_expected"]["model: activations (b, s, h)"]
@@ -142,14 +145,14 @@ def test_dry_run_of_bert_agrees_with_its_compiled_step(model):
         model=dict(seq_len=64, **model),
         train=dict(batch_size=8, micro_batches=2),
     )
-    p = plan.make_plan(cfg, device_mesh(2, 4))
+    p = make_plan(cfg, device_mesh(2, 4))
     assert p["params"]["total"] == cfg.model.num_params(4)
     _check_against_compiled(p)
 
 
 def test_bert_paper_config_plans_on_its_model_degree():
     cfg = config.load("configs/megatron_bert_3p9b.py")
-    p = plan.make_plan(cfg, device_mesh(1, 4), target_name="h100")
+    p = make_plan(cfg, device_mesh(1, 4), target_name="h100")
     assert p["params"]["total"] == cfg.model.num_params(4) and p["params"]["total"] > 3.8e9
     _check_against_compiled(p)
 
@@ -161,7 +164,7 @@ def test_dry_run_with_sequence_parallelism_agrees_with_its_compiled_step(remat):
         model=dict(sequence_parallel=True, remat=remat, seq_len=64),
         train=dict(batch_size=8, micro_batches=2),
     )
-    p = plan.make_plan(cfg, device_mesh(2, 4))
+    p = make_plan(cfg, device_mesh(2, 4))
     compiled, analytic = p["memory"]["compiled"], p["memory"]["analytic_as_compiled"]
     assert compiled["arguments"] == analytic["arguments"]
     assert 0.85 < compiled["temporaries"] / analytic["temporaries"] < 1.15
@@ -179,10 +182,10 @@ def test_state_bytes_per_parameter_follow_megatron_lms_table():
     base = config.Config(model=SMALL)
     for dtype, before, after in (("float16", 20, 4 + 16 / 64), ("bfloat16", 18, 6 + 12 / 64)):
         cfg = config.replace(base, model=dict(compute_dtype=dtype))
-        assert plan.state_bytes_per_param(cfg, data_degree=64)["megatron"] == before
+        assert estimates.state_bytes_per_param(cfg, data_degree=64)["megatron"] == before
         on = config.replace(cfg, optim=dict(distributed=True))
-        assert plan.state_bytes_per_param(on, data_degree=64)["megatron"] == after
-        assert plan.state_bytes_per_param(on, data_degree=64)["kept"] == 12 / 64
+        assert estimates.state_bytes_per_param(on, data_degree=64)["megatron"] == after
+        assert estimates.state_bytes_per_param(on, data_degree=64)["kept"] == 12 / 64
 
 
 def test_dry_run_with_the_distributed_optimizer_agrees_with_its_compiled_step():
@@ -191,13 +194,13 @@ def test_dry_run_with_the_distributed_optimizer_agrees_with_its_compiled_step():
         optim=dict(distributed=True),
         train=dict(micro_batches=2),
     )
-    p = plan.make_plan(cfg, device_mesh(2, 4), target_name="v100")
+    p = make_plan(cfg, device_mesh(2, 4), target_name="v100")
     _check_against_compiled(p)
     st = p["state_bytes_per_param"]
     assert st["replicated_over_data"] == ["h/attn/qkv/bias", "h/mlp/fc1/bias"]
     # Master weights and moments: 12 / D bytes per parameter, but for the two biases left whole.
     assert st["kept"] == 6 < st["kept_compiled"] < 6.1
-    text = plan.report(p)
+    text = report(p)
     assert "h/attn/qkv/bias, h/mlp/fc1/bias" in text
     assert "a V100 cannot run bfloat16" in text
 
@@ -207,17 +210,19 @@ def test_dry_run_of_a_pipelined_step_agrees_with_its_compiled_step(repeats):
     """P=2, D=2, T=2, m=4: the schedule's transfers are the compiled collective-permutes, the
     stage's layers run once per tick with the plan's all-reduces, the memory estimate of the
     micro-batches in flight matches the compiled program's."""
-    from megajax import mesh, pipeline
+    from megajax import mesh, pipeline_arithmetic
 
     cfg = config.replace(
         config.load("configs/gpt2_tiny.py"),
         model=dict(seq_len=64, remat="full"),
         train=dict(batch_size=16, micro_batches=4, pipeline_repeats=repeats),
     )
-    p = plan.make_plan(cfg, mesh.make("pipeline=2,data=2,model=2", devices=jax.devices()[:8]))
+    p = make_plan(cfg, mesh.make("pipeline=2,data=2,model=2", devices=jax.devices()[:8]))
     pp = p["pipeline"]
     assert pp["ticks"] == repeats * 4 + 1 and pp["bubble"] == 1 / (repeats * 4 + 1)
-    assert pp["transfers_compiled"] == pp["transfers"] == pipeline.transfers(2, repeats, 4)
+    assert (
+        pp["transfers_compiled"] == pp["transfers"] == pipeline_arithmetic.transfers(2, repeats, 4)
+    )
     # XLA:CPU moves float32: the bytes of the plan's compute dtype times 4 / itemsize.
     assert pp["transfer_bytes_compiled"] == pp["transfer_bytes"]
     # GPipe keeps every micro-batch's buffers and heads: counted within 30% on this small
@@ -225,4 +230,4 @@ def test_dry_run_of_a_pipelined_step_agrees_with_its_compiled_step(repeats):
     _check_against_compiled(p, tolerance=0.3)
     roof = p["roofline"]["this mesh"]
     assert roof["bubble_s"] > 0 and roof["pipeline_s"] > 0
-    assert "pipeline: P=2 stages" in plan.report(p)
+    assert "pipeline: P=2 stages" in report(p)

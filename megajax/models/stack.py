@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from megajax import pipeline
+from megajax import pipeline_arithmetic
 from megajax.config import ModelConfig
 from megajax.layers import Block
-from megajax.models.pipeline import run_in_pipeline, scan_layers
+from megajax.models.pipeline_schedule import run_in_pipeline, scan_layers
 
 
 def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -26,8 +26,8 @@ def run_stack(blocks: Block, x, *, padding, key, remat: str, num_layers: int):
     """Apply stacked blocks in order with one `lax.scan`: compile time does not grow with depth.
     remat="full" recomputes each layer from its input in the backward pass ("selective" is the
     attention core's own, see layers.Attention). While the train step traces a pipeline
-    schedule (megajax.pipeline.scheduled), the layers run as its stages instead."""
-    schedule = pipeline.current()
+    schedule (megajax.pipeline_arithmetic.scheduled), the layers run as its stages instead."""
+    schedule = pipeline_arithmetic.current()
     if schedule is not None:
         return run_in_pipeline(
             blocks, x, padding=padding, key=key, remat=remat, num_layers=num_layers,

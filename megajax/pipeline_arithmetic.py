@@ -1,5 +1,5 @@
 """Pipeline parallelism's schedule: its arithmetic, its checks, and the schedule in force while
-a train step is traced (models/pipeline.py runs it).
+a train step is traced (models/pipeline_schedule.py runs it).
 
 GPipe in one jitted step (as MaxText's layers/pipeline.py): the stacked layers split into P
 stages (the `pipeline` mesh axis); each tick applies every stage at once to its own micro-batch

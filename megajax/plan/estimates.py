@@ -1,14 +1,6 @@
-"""Dry run: what one train step costs on a mesh, before any accelerator is touched.
-
-The step is compiled ahead of time from abstract parameters (nothing of model size is
-allocated). The plan sets beside each other:
-- parameters in total and per device (from the shards' shapes);
-- per-device memory: the compiled program's own figures and an analytic estimate (weights,
-  gradients, Adam moments, activations with and without recomputation), and whether that
-  fits a target accelerator;
-- model FLOPs (Megatron-LM's count) and hardware FLOPs (plus the recomputed forward);
-- the collectives of the optimized HLO (megajax.hlo) beside the counts the paper predicts;
-- a roofline step time, MFU and weak-scaling efficiency on the target.
+"""What one train step needs, from the model's sizes alone: parameters and memory per device,
+FLOPs, the collectives the Megatron plan implies, and a roofline step time on a target
+accelerator.
 
 The formulas use only transformer sizes (hidden, MLP width, heads, layers, length, vocabulary),
 so an encoder (BERT) plugs in by its own parameter count and FLOPs per token.
@@ -17,16 +9,13 @@ so an encoder (BERT) plugs in by its own parameter count and FLOPs per token.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from megajax import activations, hlo, models, parallel, pipeline
+from megajax import models, pipeline_arithmetic
 from megajax.config import Config, ConfigError, ModelConfig
+from megajax.plan import activations
 
 GB = 1e9
 
@@ -251,7 +240,7 @@ def expected_collectives(
     # The embedding's and the head's, one per micro-batch; pipelined, one for all of them.
     outside, batched = micro * (2 if lm else 1), 1
     if stages > 1:
-        ticks = pipeline.ticks(stages, tr.pipeline_repeats, micro)
+        ticks = pipeline_arithmetic.ticks(stages, tr.pipeline_repeats, micro)
         runs = ticks * (m.num_layers // (stages * tr.pipeline_repeats))
         outside, batched = 2 if lm else 1, micro
     b *= 1 if lm else m.num_choices  # sequences per device
@@ -291,39 +280,19 @@ def expected_collectives(
     return found
 
 
-def summarize_collectives(found: list[hlo.Collective]) -> list[dict]:
-    """One row per (kind, mesh axes, shape): executions per step and bytes per step."""
-    rows: dict[tuple, dict] = {}
-    for c in found:
-        key = (c.kind, c.axes, c.shapes)
-        row = rows.setdefault(
-            key,
-            {
-                "kind": c.kind,
-                "axes": list(c.axes),
-                "shapes": [list(s) for s in c.shapes],
-                "count": 0,
-                "bytes": 0,
-            },
-        )
-        row["count"] += c.runs
-        row["bytes"] += c.runs * c.bytes
-    return sorted(rows.values(), key=lambda r: -r["bytes"])
-
-
 def pipeline_transfer_bytes(cfg: Config, data_degree: int, model_degree: int, stages: int):
-    """Bytes one device sends to the next stage per step: pipeline.transfers() collective-
-    permutes of its (micro-batch, length, hidden) share, split over `model` too with sequence
-    parallelism."""
+    """Bytes one device sends to the next stage per step: pipeline_arithmetic.transfers()
+    collective-permutes of its (micro-batch, length, hidden) share, split over `model` too with
+    sequence parallelism."""
     m, tr = cfg.model, cfg.train
     if stages == 1:
         return 0
     r = model_degree if m.sequence_parallel else 1
     batch = tr.batch_size // tr.micro_batches // data_degree
-    one = pipeline.transfer_bytes(
+    one = pipeline_arithmetic.transfer_bytes(
         batch, m.seq_len // r, m.hidden, jnp.dtype(m.compute_dtype).itemsize
     )
-    return pipeline.transfers(stages, tr.pipeline_repeats, tr.micro_batches) * one
+    return pipeline_arithmetic.transfers(stages, tr.pipeline_repeats, tr.micro_batches) * one
 
 
 def allreduce_elements(kind: str, elements: float, group: int) -> float:
@@ -397,329 +366,3 @@ def roofline(
         "tokens_per_sec": cfg.train.batch_size * cfg.model.tokens_per_sample / step,
         "hardware_tflops_per_device": fl["hardware"] / devices / step / 1e12,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# The plan
-
-
-def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
-    """Compile one train step for `device_mesh` from abstract state and describe its cost."""
-    from megajax.trainer import Trainer
-
-    tgt = target(target_name)
-    data, model = device_mesh.shape[parallel.DATA], device_mesh.shape[parallel.MODEL]
-    stages = device_mesh.shape[parallel.PIPELINE]
-    trainer = Trainer(cfg, device_mesh)
-    abstract = trainer.abstract_state()
-    per_device = sum(  # as the forward pass holds them: split over `model` only
-        math.prod(s.shard_shape(a.shape))
-        for a, s in zip(
-            jax.tree.leaves(abstract["params"]),
-            jax.tree.leaves(trainer.compute_sharding),
-            strict=True,
-        )
-    )
-    master = sum(
-        math.prod(s.shard_shape(a.shape))
-        for a, s in zip(
-            jax.tree.leaves(abstract["params"]),
-            jax.tree.leaves(trainer.state_sharding["params"]),
-            strict=True,
-        )
-    )
-    compiled, compile_s = trainer.compile_train_step()
-    stats = compiled.memory_analysis()
-    found = hlo.collectives(compiled.as_text(), dict(device_mesh.shape))
-    est = estimate_memory(
-        cfg, data_degree=data, model_degree=model, master_params=master, stages=stages
-    )
-    expected = expected_collectives(cfg, data_degree=data, model_degree=model, stages=stages)
-
-    model_elements = sum(
-        c.runs * allreduce_elements(c.kind, c.elements, model)
-        for c in found
-        if c.axes == (parallel.MODEL,)
-    )
-    plans = {
-        "this mesh": roofline(
-            cfg,
-            tgt,
-            data_degree=data,
-            model_degree=model,
-            model_elements=model_elements,
-            stages=stages,
-        )
-    }
-    # The paper's largest run: 512 accelerators, this model degree, the same global batch.
-    # Each device then holds data / scaled of the activations (and of their all-reduces); its
-    # gradient bytes do not change, only the ring's factor and the fabric do.
-    scaled = 512 // model
-    if scaled != data and stages == 1:
-        plans[f"data={scaled} (512 devices)"] = roofline(
-            cfg,
-            tgt,
-            data_degree=scaled,
-            model_degree=model,
-            model_elements=model_elements * data / scaled,
-        )
-    compiled_bytes = {
-        "arguments": stats.argument_size_in_bytes,
-        "outputs": stats.output_size_in_bytes,
-        "aliased": stats.alias_size_in_bytes,
-        "temporaries": stats.temp_size_in_bytes,
-    }
-    compiled_bytes["total"] = (
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        - stats.alias_size_in_bytes
-        + stats.temp_size_in_bytes
-    )
-    remat = cfg.model.remat
-    analytic_total = est.total(remat=remat)
-    platform = jax.devices()[0].platform
-    # XLA:CPU computes and stores bfloat16 as float32: the comparable estimate uses float32.
-    as_compiled = est
-    if platform == "cpu":
-        f32 = dataclasses.replace(cfg.model, compute_dtype="float32")
-        f32_cfg = dataclasses.replace(cfg, model=f32)
-        as_compiled = estimate_memory(
-            f32_cfg, data_degree=data, model_degree=model, master_params=master, stages=stages
-        )
-    notes = []
-    if tgt.name.startswith("V100") and cfg.model.compute_dtype == "bfloat16":
-        notes.append(
-            "a V100 cannot run bfloat16 (its tensor cores do float16): use "
-            "--set model.compute_dtype=float16, with dynamic loss scaling"
-        )
-    if stages > 1 and data == 1 and cfg.train.micro_batches < cfg.train.batch_size:
-        notes.append(
-            f"data=1 holds the whole global batch of {cfg.train.batch_size}: for one "
-            "data-parallel replica of a larger layout, --set train.batch_size=B/D "
-            "--set train.micro_batches=m/D"
-        )
-    return {
-        "config": dataclasses.asdict(cfg.model),
-        "mesh": {"pipeline": stages, "data": data, "model": model},
-        "pipeline": pipeline_summary(cfg, stages=stages, data=data, model=model, found=found),
-        # Elements of the all-reduces over `model` that move as many bytes (the roofline's).
-        "model_allreduce_elements": model_elements,
-        "platform": platform,
-        "compile_seconds": compile_s,
-        "params": {
-            "total": trainer.num_params,
-            "per_device": per_device,
-            "per_device_analytic": params_per_device(cfg.model, model, stages),
-        },
-        "memory": {
-            "compiled": compiled_bytes,
-            "analytic": {
-                **dataclasses.asdict(est),
-                "arguments": est.arguments,
-                "temporaries": est.temporaries(remat=remat),
-                "activations_used": est.activations_for(remat),
-                "total": analytic_total,
-            },
-            "analytic_as_compiled": {
-                "arguments": as_compiled.arguments,
-                "temporaries": as_compiled.temporaries(remat=remat),
-            },
-            "target": tgt.name,
-            "target_bytes": tgt.memory_bytes,
-            "fits": analytic_total <= tgt.memory_bytes,
-        },
-        "state_bytes_per_param": {
-            "distributed": cfg.optim.distributed,
-            "compute_dtype": cfg.model.compute_dtype,
-            **state_bytes_per_param(cfg, data_degree=data),
-            # float32 master weights and moments, from the compiled program's arguments
-            "kept_compiled": (stats.argument_size_in_bytes - est.inputs) / per_device,
-            "replicated_over_data": trainer.replicated_over_data,
-        },
-        "notes": notes,
-        "flops_per_step": flops_per_step(cfg),
-        "collectives": summarize_collectives(found),
-        "collectives_expected": {k: list(v) for k, v in expected.items()},
-        "roofline": {"target": tgt.name, **plans},
-        "paper_weak_scaling": PAPER_WEAK_SCALING,
-    }
-
-
-def pipeline_summary(cfg: Config, *, stages: int, data: int, model: int, found) -> dict | None:
-    """The schedule's figures: P, v, m, ticks, bubble, micro-batches in flight, and the
-    collective-permutes per step, predicted and found in the compiled program."""
-    if stages == 1:
-        return None
-    m, tr = cfg.model, cfg.train
-    v, micro = tr.pipeline_repeats, tr.micro_batches
-    batch = tr.batch_size // micro // data
-    r = model if m.sequence_parallel else 1
-    stage_input = ((1, batch, m.seq_len // r, m.hidden),)  # one stage's micro-batch share
-    permutes = [c for c in found if c.kind == "collective-permute" and c.shapes == stage_input]
-    # Anything else sent round the stages: with circular repeats the layers' weights, stored
-    # in order, go to the stages that run them (and their gradients back) in every step.
-    others = [c for c in found if c.kind == "collective-permute" and c.shapes != stage_input]
-    return {
-        "stages": stages,
-        "repeats": v,
-        "micro_batches": micro,
-        "ticks": pipeline.ticks(stages, v, micro),
-        "bubble": pipeline.bubble_fraction(stages, v, micro),
-        "in_flight_micro_batches": pipeline.ticks(stages, v, micro) / v,
-        "in_flight_bytes": activations.pipelined_activation_bytes(
-            cfg.model, batch=batch, model_degree=model, stages=stages, repeats=v, micro=micro
-        )["total"],
-        "transfers": pipeline.transfers(stages, v, micro),
-        "transfer_bytes": pipeline_transfer_bytes(cfg, data, model, stages),
-        "transfers_compiled": sum(c.runs for c in permutes),
-        "transfer_bytes_compiled": sum(c.runs * c.bytes for c in permutes),
-        "other_permute_bytes_compiled": sum(c.runs * c.bytes for c in others),
-    }
-
-
-def _gb(x: float) -> str:
-    return f"{x / GB:,.2f} GB"
-
-
-def report(plan: dict) -> str:
-    """The plan as a few readable tables."""
-    mem, p = plan["memory"], plan["params"]
-    an, co = mem["analytic"], mem["compiled"]
-    remat = plan["config"]["remat"]
-    acts = an["activations_used"]
-    sp = "on" if plan["config"]["sequence_parallel"] else "off"
-    lines = [
-        f"dry run: mesh pipeline={plan['mesh']['pipeline']} data={plan['mesh']['data']} "
-        f"model={plan['mesh']['model']}, "
-        f"compiled in {plan['compile_seconds']:.1f}s on {plan['platform']}",
-        f"parameters: {p['total']:,} total, {p['per_device']:,} per device "
-        f"(analytic {p['per_device_analytic']:,})",
-        "",
-        f"memory per device (remat={remat}, sequence parallel {sp})",
-        "                                      analytic      compiled",
-        f"  weights + Adam moments + batch  {_gb(an['arguments']):>12}  "
-        f"{_gb(co['arguments']):>12}  (arguments)",
-        f"  gradients + update              {_gb(an['gradients'] + an['update']):>12}",
-        f"  activations, remat none         {_gb(an['activations']):>12}",
-        f"  activations, remat selective    {_gb(an['activations_selective']):>12}",
-        f"  activations, remat full         {_gb(an['activations_remat']):>12}",
-        f"  layers' activations, paper      {_gb(an['activations_paper']):>12}  "
-        "(arXiv 2205.05198 Table 2, 16-bit)",
-        f"  gradients, update, activations  {_gb(an['temporaries']):>12}  "
-        f"{_gb(co['temporaries']):>12}  (temporaries)",
-        f"  total                           {_gb(an['total']):>12}  {_gb(co['total']):>12}",
-    ]
-    if plan["platform"] == "cpu":
-        lines.append(
-            f"  XLA:CPU (faked devices) computes bf16 as float32; the estimate at float32 is "
-            f"{_gb(plan['memory']['analytic_as_compiled']['temporaries'])} of temporaries"
-        )
-    lines.append(
-        f"  fits a {mem['target']} ({_gb(mem['target_bytes'])}): "
-        f"{'yes' if mem['fits'] else 'NO'} (analytic, {plan['config']['compute_dtype']} "
-        f"activations {_gb(acts)})"
-    )
-    st = plan["state_bytes_per_param"]
-    lines.append(
-        f"  weights, gradients, Adam state per parameter (optim.distributed="
-        f"{str(st['distributed']).lower()}, D={plan['mesh']['data']}, {st['compute_dtype']}): "
-        f"Megatron-LM {st['megatron_formula']} = {st['megatron']:.2f} B; here "
-        f"{st['here_formula']} = {st['here']:.2f} B, of which master weights + moments "
-        f"{st['kept']:.2f} B (compiled {st['kept_compiled']:.2f} B)"
-    )
-    if st["replicated_over_data"]:
-        lines.append(
-            "  replicated over data (no dimension the data degree divides): "
-            + ", ".join(st["replicated_over_data"])
-        )
-    lines += [f"  note: {note}" for note in plan["notes"]]
-    pp = plan["pipeline"]
-    if pp:
-        lines += [
-            "",
-            f"pipeline: P={pp['stages']} stages, v={pp['repeats']} repeats, "
-            f"m={pp['micro_batches']} micro-batches: {pp['ticks']} ticks, bubble "
-            f"{100 * pp['bubble']:.1f}% = (P-1)/(v m+P-1)",
-            f"  in flight per device: {pp['in_flight_micro_batches']:.1f} micro-batches of the "
-            f"stage's layers (GPipe: all m, and the bubble ticks), "
-            f"{_gb(pp['in_flight_bytes'])} with the micro-batch buffers and heads",
-            f"  collective-permutes per step: {pp['transfers']} of "
-            f"{_gb(pp['transfer_bytes'] / max(pp['transfers'], 1))}, "
-            f"{_gb(pp['transfer_bytes'])} per device (compiled: {pp['transfers_compiled']}, "
-            f"{_gb(pp['transfer_bytes_compiled'])})",
-        ]
-        if pp["other_permute_bytes_compiled"]:
-            lines.append(
-                f"  other collective-permutes over pipeline: "
-                f"{_gb(pp['other_permute_bytes_compiled'])} per step (circular repeats: the "
-                "layers' weights to the stages that run them, their gradients back)"
-            )
-    fl = plan["flops_per_step"]
-    lines += [
-        "",
-        f"FLOPs per step: model {fl['model']:.3e}, hardware {fl['hardware']:.3e} (remat={remat})",
-        "",
-        "collectives per step (optimized HLO)",
-        f"  {'kind':<12} {'axes':<8} {'shape':<28} {'count':>7} {'bytes':>14}",
-    ]
-    for row in plan["collectives"]:
-        shape = ",".join("x".join(map(str, s)) or "()" for s in row["shapes"])
-        shape = shape if len(shape) <= 28 else shape[:25] + "..."
-        axes = ",".join(row["axes"]) or "-"
-        lines.append(
-            f"  {row['kind']:<12} {axes:<8} {shape:<28} {row['count']:>7} {row['bytes']:>14,}"
-        )
-    for what, (count, elements) in plan["collectives_expected"].items():
-        lines.append(
-            f"  expected by the plan: {what}: {count if count is not None else 'per parameter'}"
-            f" collectives, {elements:,} elements"
-        )
-    data_bytes = sum(r["bytes"] for r in plan["collectives"] if r["axes"] == [parallel.DATA])
-    if "data: gradients" in plan["collectives_expected"]:
-        once = 4 * plan["collectives_expected"]["data: gradients"][1]
-        if data_bytes > 1.5 * once:
-            lines.append(
-                f"  note: the gradients cross `data` {data_bytes / once:.1f}x per step in this "
-                "XLA:CPU program (reduced inside the micro-batch loop, the tied embedding's two "
-                "terms apart); XLA:GPU's collective passes sink and reassociate such "
-                "all-reduces; the roofline counts once"
-            )
-    roof = plan["roofline"]
-    lines += ["", f"roofline on {roof['target']} (compute at peak, communication not overlapped)"]
-    for name, r in roof.items():
-        if name == "target":
-            continue
-        ms = {k: f"{1e3 * v:.1f}" for k, v in r.items()}
-        lines.append(
-            f"  {name:<28} step {ms['step_s']} ms (compute {ms['compute_s']}, model "
-            f"all-reduce {ms['model_allreduce_s']}, data all-reduce {ms['data_allreduce_s']}"
-            + (
-                f", bubble {ms['bubble_s']}, pipeline transfers {ms['pipeline_s']}"
-                if r["bubble_s"] or r["pipeline_s"]
-                else ""
-            )
-            + f") | MFU {100 * r['mfu']:.0f}% | {r['hardware_tflops_per_device']:.0f} "
-            f"hardware TFLOP/s per device | weak scaling "
-            f"{100 * r['weak_scaling_efficiency']:.0f}%"
-        )
-    paper = ", ".join(f"{k} {100 * v:.0f}%" for k, v in plan["paper_weak_scaling"].items())
-    lines.append(f"  paper, measured on V100s: {paper}")
-    return "\n".join(lines)
-
-
-def dry_run(cfg: Config, device_mesh, workdir: str | Path, *, target_name: str, log=print):
-    """Make the plan, print it and write it to workdir/plan.json."""
-    plan = make_plan(cfg, device_mesh, target_name=target_name)
-    log(report(plan))
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "plan.json"
-    path.write_text(json.dumps(plan, indent=2, default=_jsonable))
-    log(f"wrote {path}")
-    return plan
-
-
-def _jsonable(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(f"{type(x).__name__} is not JSON serializable")

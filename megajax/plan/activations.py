@@ -99,8 +99,8 @@ def paper_layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: in
 def pipelined_activation_bytes(
     m: ModelConfig, *, batch: int, model_degree: int, stages: int, repeats: int, micro: int
 ) -> dict:
-    """Bytes a device keeps for the backward pass of a pipelined step (models/pipeline.py), for
-    `micro` micro-batches of `batch` sequences per device:
+    """Bytes a device keeps for the backward pass of a pipelined step
+    (models/pipeline_schedule.py), for `micro` micro-batches of `batch` sequences per device:
     - the stack: each of the v m + P - 1 ticks runs one chunk of L / (v P) layers and keeps
       what that chunk saves, bubble ticks included, so ticks / v micro-batches' worth of the
       stage's layers are in flight (GPipe; a 1F1B schedule would hold at most P);

@@ -1,4 +1,5 @@
-"""Stacked layers run as a pipeline schedule (megajax/pipeline.py) inside one jitted step.
+"""Stacked layers run as a pipeline schedule (megajax/pipeline_arithmetic.py) inside one jitted
+step.
 
 The layers' leading axis, split over `pipeline` in consecutive blocks by the plan table, is
 reshaped into (stages, chunks per stage, layers per chunk). One `lax.scan` over the ticks
@@ -16,7 +17,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from megajax import parallel
-from megajax.pipeline import MICRO, stage_chunks
+from megajax.pipeline_arithmetic import MICRO, stage_chunks
 
 
 def scan_layers(graphdef, state, x, *, padding, keys, remat: str):

@@ -1,0 +1,220 @@
+"""The dry run's plan: one train step compiled ahead of time from abstract parameters (nothing
+of model size is allocated), its compiled memory and collectives read off the program and set
+beside the estimates (plan/estimates.py) and a roofline."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+
+from megajax import hlo, parallel, pipeline_arithmetic
+from megajax.config import Config
+from megajax.plan import activations
+from megajax.plan.estimates import (
+    PAPER_WEAK_SCALING,
+    allreduce_elements,
+    estimate_memory,
+    expected_collectives,
+    flops_per_step,
+    params_per_device,
+    pipeline_transfer_bytes,
+    roofline,
+    state_bytes_per_param,
+    target,
+)
+
+
+def summarize_collectives(found: list[hlo.Collective]) -> list[dict]:
+    """One row per (kind, mesh axes, shape): executions per step and bytes per step."""
+    rows: dict[tuple, dict] = {}
+    for c in found:
+        key = (c.kind, c.axes, c.shapes)
+        row = rows.setdefault(
+            key,
+            {
+                "kind": c.kind,
+                "axes": list(c.axes),
+                "shapes": [list(s) for s in c.shapes],
+                "count": 0,
+                "bytes": 0,
+            },
+        )
+        row["count"] += c.runs
+        row["bytes"] += c.runs * c.bytes
+    return sorted(rows.values(), key=lambda r: -r["bytes"])
+
+
+def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
+    """Compile one train step for `device_mesh` from abstract state and describe its cost."""
+    from megajax.trainer import Trainer
+
+    tgt = target(target_name)
+    data, model = device_mesh.shape[parallel.DATA], device_mesh.shape[parallel.MODEL]
+    stages = device_mesh.shape[parallel.PIPELINE]
+    trainer = Trainer(cfg, device_mesh)
+    abstract = trainer.abstract_state()
+    per_device = sum(  # as the forward pass holds them: split over `model` only
+        math.prod(s.shard_shape(a.shape))
+        for a, s in zip(
+            jax.tree.leaves(abstract["params"]),
+            jax.tree.leaves(trainer.compute_sharding),
+            strict=True,
+        )
+    )
+    master = sum(
+        math.prod(s.shard_shape(a.shape))
+        for a, s in zip(
+            jax.tree.leaves(abstract["params"]),
+            jax.tree.leaves(trainer.state_sharding["params"]),
+            strict=True,
+        )
+    )
+    compiled, compile_s = trainer.compile_train_step()
+    stats = compiled.memory_analysis()
+    found = hlo.collectives(compiled.as_text(), dict(device_mesh.shape))
+    est = estimate_memory(
+        cfg, data_degree=data, model_degree=model, master_params=master, stages=stages
+    )
+    expected = expected_collectives(cfg, data_degree=data, model_degree=model, stages=stages)
+
+    model_elements = sum(
+        c.runs * allreduce_elements(c.kind, c.elements, model)
+        for c in found
+        if c.axes == (parallel.MODEL,)
+    )
+    plans = {
+        "this mesh": roofline(
+            cfg,
+            tgt,
+            data_degree=data,
+            model_degree=model,
+            model_elements=model_elements,
+            stages=stages,
+        )
+    }
+    # The paper's largest run: 512 accelerators, this model degree, the same global batch.
+    # Each device then holds data / scaled of the activations (and of their all-reduces); its
+    # gradient bytes do not change, only the ring's factor and the fabric do.
+    scaled = 512 // model
+    if scaled != data and stages == 1:
+        plans[f"data={scaled} (512 devices)"] = roofline(
+            cfg,
+            tgt,
+            data_degree=scaled,
+            model_degree=model,
+            model_elements=model_elements * data / scaled,
+        )
+    compiled_bytes = {
+        "arguments": stats.argument_size_in_bytes,
+        "outputs": stats.output_size_in_bytes,
+        "aliased": stats.alias_size_in_bytes,
+        "temporaries": stats.temp_size_in_bytes,
+    }
+    compiled_bytes["total"] = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+    )
+    remat = cfg.model.remat
+    analytic_total = est.total(remat=remat)
+    platform = jax.devices()[0].platform
+    # XLA:CPU computes and stores bfloat16 as float32: the comparable estimate uses float32.
+    as_compiled = est
+    if platform == "cpu":
+        f32 = dataclasses.replace(cfg.model, compute_dtype="float32")
+        f32_cfg = dataclasses.replace(cfg, model=f32)
+        as_compiled = estimate_memory(
+            f32_cfg, data_degree=data, model_degree=model, master_params=master, stages=stages
+        )
+    notes = []
+    if tgt.name.startswith("V100") and cfg.model.compute_dtype == "bfloat16":
+        notes.append(
+            "a V100 cannot run bfloat16 (its tensor cores do float16): use "
+            "--set model.compute_dtype=float16, with dynamic loss scaling"
+        )
+    if stages > 1 and data == 1 and cfg.train.micro_batches < cfg.train.batch_size:
+        notes.append(
+            f"data=1 holds the whole global batch of {cfg.train.batch_size}: for one "
+            "data-parallel replica of a larger layout, --set train.batch_size=B/D "
+            "--set train.micro_batches=m/D"
+        )
+    return {
+        "config": dataclasses.asdict(cfg.model),
+        "mesh": {"pipeline": stages, "data": data, "model": model},
+        "pipeline": pipeline_summary(cfg, stages=stages, data=data, model=model, found=found),
+        # Elements of the all-reduces over `model` that move as many bytes (the roofline's).
+        "model_allreduce_elements": model_elements,
+        "platform": platform,
+        "compile_seconds": compile_s,
+        "params": {
+            "total": trainer.num_params,
+            "per_device": per_device,
+            "per_device_analytic": params_per_device(cfg.model, model, stages),
+        },
+        "memory": {
+            "compiled": compiled_bytes,
+            "analytic": {
+                **dataclasses.asdict(est),
+                "arguments": est.arguments,
+                "temporaries": est.temporaries(remat=remat),
+                "activations_used": est.activations_for(remat),
+                "total": analytic_total,
+            },
+            "analytic_as_compiled": {
+                "arguments": as_compiled.arguments,
+                "temporaries": as_compiled.temporaries(remat=remat),
+            },
+            "target": tgt.name,
+            "target_bytes": tgt.memory_bytes,
+            "fits": analytic_total <= tgt.memory_bytes,
+        },
+        "state_bytes_per_param": {
+            "distributed": cfg.optim.distributed,
+            "compute_dtype": cfg.model.compute_dtype,
+            **state_bytes_per_param(cfg, data_degree=data),
+            # float32 master weights and moments, from the compiled program's arguments
+            "kept_compiled": (stats.argument_size_in_bytes - est.inputs) / per_device,
+            "replicated_over_data": trainer.replicated_over_data,
+        },
+        "notes": notes,
+        "flops_per_step": flops_per_step(cfg),
+        "collectives": summarize_collectives(found),
+        "collectives_expected": {k: list(v) for k, v in expected.items()},
+        "roofline": {"target": tgt.name, **plans},
+        "paper_weak_scaling": PAPER_WEAK_SCALING,
+    }
+
+
+def pipeline_summary(cfg: Config, *, stages: int, data: int, model: int, found) -> dict | None:
+    """The schedule's figures: P, v, m, ticks, bubble, micro-batches in flight, and the
+    collective-permutes per step, predicted and found in the compiled program."""
+    if stages == 1:
+        return None
+    m, tr = cfg.model, cfg.train
+    v, micro = tr.pipeline_repeats, tr.micro_batches
+    batch = tr.batch_size // micro // data
+    r = model if m.sequence_parallel else 1
+    stage_input = ((1, batch, m.seq_len // r, m.hidden),)  # one stage's micro-batch share
+    permutes = [c for c in found if c.kind == "collective-permute" and c.shapes == stage_input]
+    # Anything else sent round the stages: with circular repeats the layers' weights, stored
+    # in order, go to the stages that run them (and their gradients back) in every step.
+    others = [c for c in found if c.kind == "collective-permute" and c.shapes != stage_input]
+    return {
+        "stages": stages,
+        "repeats": v,
+        "micro_batches": micro,
+        "ticks": pipeline_arithmetic.ticks(stages, v, micro),
+        "bubble": pipeline_arithmetic.bubble_fraction(stages, v, micro),
+        "in_flight_micro_batches": pipeline_arithmetic.ticks(stages, v, micro) / v,
+        "in_flight_bytes": activations.pipelined_activation_bytes(
+            cfg.model, batch=batch, model_degree=model, stages=stages, repeats=v, micro=micro
+        )["total"],
+        "transfers": pipeline_arithmetic.transfers(stages, v, micro),
+        "transfer_bytes": pipeline_transfer_bytes(cfg, data, model, stages),
+        "transfers_compiled": sum(c.runs for c in permutes),
+        "transfer_bytes_compiled": sum(c.runs * c.bytes for c in permutes),
+        "other_permute_bytes_compiled": sum(c.runs * c.bytes for c in others),
+    }
