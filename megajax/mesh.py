@@ -7,10 +7,12 @@ from __future__ import annotations
 import math
 import os
 
-from megajax import parallel
 from megajax.config import ConfigError, ModelConfig
 
-AXES = (parallel.PIPELINE, parallel.DATA, parallel.MODEL)  # outermost (across nodes) first
+# The mesh axes, outermost (across nodes) first. This module imports JAX only to build a mesh,
+# so that a command line checks its flags, and says what is wrong, before JAX loads.
+PIPELINE, DATA, MODEL = "pipeline", "data", "model"
+AXES = (PIPELINE, DATA, MODEL)
 
 
 def fake_cpu_devices(count: int) -> None:
@@ -59,7 +61,7 @@ def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int]:
     pipeline, data, model = (degrees[axis] for axis in AXES)
     total = pipeline * data * model
     if total != num_devices:
-        named = [a for a in AXES if a != parallel.PIPELINE or pipeline > 1]
+        named = [a for a in AXES if a != PIPELINE or pipeline > 1]
         shown = ",".join(f"{a}={degrees[a]}" for a in named)
         raise ConfigError(
             f"--mesh {shown} needs {total} devices but "

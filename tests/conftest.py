@@ -1,7 +1,27 @@
-"""Every test runs on 8 faked CPU devices; meshes take subsets of them."""
+"""Every test runs on 8 faked CPU devices; meshes take subsets of them.
+
+Compiling is nearly all of the suite's time, so the tests compile cheaply and once:
+- XLA:CPU's LLVM back end runs at -O0 (`TEST_XLA_FLAGS`): the optimized HLO, and so every
+  collective the audits read, is the same; only the machine code is less optimized, which tiny
+  test shapes do not notice (a third less compile time);
+- one compilation cache per test run (`JAX_COMPILATION_CACHE_DIR`, a fresh directory unless
+  set): a program that several tests, or several processes a test starts, compile is compiled
+  once per run. Set MEGAJAX_TEST_CACHE=DIR to keep the cache between local runs.
+Processes that tests start get the same settings (`subprocess_env`).
+"""
+
+import os
+import tempfile
 
 from megajax import mesh
 
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("MEGAJAX_TEST_CACHE") or tempfile.mkdtemp(
+    prefix="megajax-tests-xla-"
+)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 mesh.fake_cpu_devices(8)  # before anything initialises JAX's backend
 
 import jax  # noqa: E402
@@ -14,6 +34,12 @@ from megajax.data.samples import BertPairs, Dataset  # noqa: E402
 from megajax.data.tokenizer import GPT2Tokenizer  # noqa: E402
 
 WIKI = "data/wikitext103/wiki.valid.head429.tokens"
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a megajax command a test starts: this run's compiler settings and
+    cache; the command fakes its own devices (--cpu_devices replaces the device count)."""
+    return {**os.environ, **extra}
 
 
 def device_mesh(data: int, model: int):
