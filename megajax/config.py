@@ -13,6 +13,46 @@ class ConfigError(ValueError):
     """A config file or override the user must fix; the message says how."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take: low <= value (low < value if low_open), and
+    value <= high (value < high if high_open); None: unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        return (
+            f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+            f"{')' if self.high_open else ']'}"
+        )
+
+
+def _number(x) -> str:
+    return "2**32" if x == 2**32 else f"{x:g}"
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = Range(1), Range(0), Range(0, 1, high_open=True)
+
+
+def check_ranges(section: str, fields) -> None:
+    """Raise a ConfigError naming the first field of `fields` (a config section's dataclass)
+    whose value is outside its RANGES entry."""
+    for name, allowed in type(fields).RANGES.items():
+        value = getattr(fields, name)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{name}={value}: must be {allowed}")
+
+
 ARCHS = ("gpt", "bert", "bert_multiple_choice")
 PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu")
@@ -74,7 +114,16 @@ class ModelConfig:
     bias: bool = True  # biases in the linear layers and layer norms (Llama has none)
     tie_embeddings: bool = True  # LM head = word embedding; false: its own (vocab, hidden)
 
+    RANGES: typing.ClassVar[dict[str, Range]] = dict(
+        vocab_size=POSITIVE, make_vocab_size_divisible_by=POSITIVE, seq_len=POSITIVE,
+        num_layers=POSITIVE, hidden=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE,
+        dropout=FRACTION, init_std=NON_NEGATIVE, layernorm_eps=Range(0, low_open=True),
+        type_vocab_size=POSITIVE, num_choices=POSITIVE, rope_theta=Range(0, low_open=True),
+        ffn_hidden=NON_NEGATIVE, num_kv_heads=NON_NEGATIVE,
+    )  # fmt: skip
+
     def __post_init__(self):
+        check_ranges("model", self)
         for name, allowed in (
             ("arch", ARCHS),
             ("layernorm_placement", PLACEMENTS),
@@ -218,6 +267,17 @@ class OptimConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
 
+    RANGES: typing.ClassVar[dict[str, Range]] = dict(
+        lr=NON_NEGATIVE, min_lr=NON_NEGATIVE, warmup_steps=NON_NEGATIVE,
+        decay_steps=NON_NEGATIVE, beta1=FRACTION, beta2=FRACTION, eps=NON_NEGATIVE,
+        weight_decay=NON_NEGATIVE, clip_norm=NON_NEGATIVE,
+        initial_loss_scale=Range(0, low_open=True), min_loss_scale=Range(0, low_open=True),
+        loss_scale_window=POSITIVE, hysteresis=POSITIVE,
+    )  # fmt: skip
+
+    def __post_init__(self):
+        check_ranges("optim", self)
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -236,6 +296,15 @@ class DataConfig:
     short_seq_prob: float = 0.1
     whole_word_masking: bool = False
 
+    RANGES: typing.ClassVar[dict[str, Range]] = dict(
+        val_fraction=FRACTION,
+        mask_prob=Range(0, 1, low_open=True),
+        short_seq_prob=Range(0, 1),
+    )
+
+    def __post_init__(self):
+        check_ranges("data", self)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -252,12 +321,28 @@ class TrainConfig:
     eval_batches: int = 4  # batches of batch_size averaged for one val_loss
     on_nonfinite: str = "skip"  # a non-finite loss or gradient: "skip" the update, or "stop"
 
+    RANGES: typing.ClassVar[dict[str, Range]] = dict(
+        steps=NON_NEGATIVE, batch_size=POSITIVE, micro_batches=POSITIVE,
+        pipeline_repeats=POSITIVE, seed=Range(0, 2**32, high_open=True), log_every=POSITIVE,
+        eval_every=NON_NEGATIVE, eval_batches=POSITIVE,
+    )  # fmt: skip
+
+    def __post_init__(self):
+        check_ranges("train", self)
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ConfigError(f"train.on_nonfinite={self.on_nonfinite!r}: use skip or stop")
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints; 0 saves only when the run ends or is signalled
     keep: int = 3  # newest checkpoints kept
     async_save: bool = True  # write in the background while training goes on
+
+    RANGES: typing.ClassVar[dict[str, Range]] = dict(every=NON_NEGATIVE, keep=POSITIVE)
+
+    def __post_init__(self):
+        check_ranges("checkpoint", self)
 
 
 @dataclasses.dataclass(frozen=True)

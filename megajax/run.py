@@ -116,8 +116,6 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
     """
     workdir = Path(workdir)
     lead = jax.process_index() == 0
-    if cfg.train.on_nonfinite not in ("skip", "stop"):
-        raise ConfigError(f"train.on_nonfinite={cfg.train.on_nonfinite!r}: use skip or stop")
     trainer = Trainer(cfg, mesh)
     tokenizer, train_data, val_data = loader.loaders(
         cfg,
@@ -177,15 +175,21 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
     history, began = [], time.perf_counter()
     clock, steps_timed, unchecked = time.perf_counter(), 0, []
 
-    def check_finite():
-        """Report steps whose update was skipped; stop the run if so configured."""
-        for step, finite in unchecked:
-            if not bool(finite):
+    def check_faults():
+        """Report steps whose update was skipped for a fault (not a float16 overflow, which the
+        loss scaler handles); stop the run if so configured."""
+        for step, fault in unchecked:
+            if bool(fault):
                 why = f"step {step}: non-finite loss or gradient norm; the update was skipped"
                 if cfg.train.on_nonfinite == "stop":
+                    latest = ckpt.latest_step()
+                    saved = (
+                        f"the newest checkpoint is step {latest} in {ckpt.directory}"
+                        if latest is not None
+                        else f"no checkpoint has been saved in {ckpt.directory}"
+                    )
                     raise Stopped(
-                        f"{why} and the run stops (train.on_nonfinite=stop); the newest "
-                        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}",
+                        f"{why} and the run stops (train.on_nonfinite=stop); {saved}",
                         exit_code=3,
                     )
                 log(why)
@@ -204,16 +208,18 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
                 state, step_metrics = step_fn(state, trainer.put_batch(b))
                 signum = agreed.poll()  # waits for the previous step, not this one
                 done, steps_timed = step + 1, steps_timed + 1
-                unchecked.append((done, step_metrics["finite"]))
+                unchecked.append((done, step_metrics["fault"]))
                 if cfg.train.on_nonfinite == "stop":
-                    check_finite()
+                    check_faults()
                 evaluate_now = cfg.train.eval_every and (
                     done % cfg.train.eval_every == 0 or done == cfg.train.steps
                 )
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps or evaluate_now:
-                    check_finite()
+                    check_faults()
                     scalars = jax.device_get(step_metrics)
-                    scalars = {k: float(v) for k, v in scalars.items() if k != "finite"}
+                    scalars = {
+                        k: float(v) for k, v in scalars.items() if k not in ("finite", "fault")
+                    }
                     scalars["skipped_steps"] = int(jax.device_get(state["skipped"]))
                     seconds = time.perf_counter() - clock
                     scalars["tokens_per_sec"] = steps_timed * tokens_per_step / seconds
@@ -231,7 +237,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
                     log(metrics.progress_line(done, cfg.train.steps, scalars, elapsed))
                     clock, steps_timed = time.perf_counter(), 0
                 if signum:
-                    check_finite()
+                    check_faults()
                     watchdog.stretch()
                     watchdog.doing("saving", done)
                     ckpt.save(done, state, meta(done), force=True)
@@ -248,7 +254,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
                     watchdog.doing("saving", done)
                     ckpt.save(done, state, meta(done))
                 watchdog.progress(done)
-            check_finite()
+            check_faults()
             watchdog.stretch()
             watchdog.doing("saving", cfg.train.steps)
             ckpt.save(cfg.train.steps, state, meta(cfg.train.steps), force=True)

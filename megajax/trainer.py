@@ -301,10 +301,17 @@ class Trainer:
             # optax's schedule counts applied updates: skipped steps do not advance it.
             "learning_rate": self.lr(state["step"] - state["skipped"]),
             "finite": finite,
+            "fault": ~finite,  # a skipped update that train.on_nonfinite acts on
         }
         if self.loss_scaled:
+            scale = state["scaler"]["scale"]
             new_state["scaler"] = loss_scale.update(state["scaler"], finite, self.cfg.optim)
-            metrics["loss_scale"] = state["scaler"]["scale"]
+            metrics["loss_scale"] = scale
+            # An overflowing backward pass is the scaler's to handle (it skips the update and
+            # backs off): a fault only when the loss itself is not finite, or when the scale
+            # has no lower value left to try.
+            handled = jnp.isfinite(loss) & (scale > self.cfg.optim.min_loss_scale)
+            metrics["fault"] = ~finite & ~handled
         return new_state, metrics
 
     def abstract_batch(self, *, micro: bool) -> dict:
@@ -319,7 +326,8 @@ class Trainer:
     def compile_train_step(self):
         """The train step compiled ahead of time for this mesh: (compiled, seconds to compile).
         It maps (state, batch) to (state, metrics): loss, the objective's own metrics,
-        grad_norm, learning_rate and finite."""
+        grad_norm, learning_rate, finite (the update was applied) and fault (a skipped update
+        that is not float16's loss scaling at work)."""
         start = time.perf_counter()
         state = self.abstract_state()
         with self.context():

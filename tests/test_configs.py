@@ -166,3 +166,23 @@ def test_llama_options_refuse_what_the_plan_cannot_split():
         Trainer(cfg, device_mesh(2, 4))
     Trainer(cfg, device_mesh(4, 2))  # 3 heads per shard
     Trainer(cfg, device_mesh(8, 1))
+
+
+@pytest.mark.parametrize(
+    "assignment,message",
+    [
+        ("train.log_every=0", "train.log_every=0: must be >= 1"),
+        ("train.micro_batches=0", "train.micro_batches=0: must be >= 1"),
+        ("model.dropout=1", "model.dropout=1.0: must be in [0, 1)"),
+        ("train.seed=4294967296", "train.seed=4294967296: must be in [0, 2**32)"),
+        ("optim.beta2=1", "optim.beta2=1.0: must be in [0, 1)"),
+        ("checkpoint.keep=0", "checkpoint.keep=0: must be >= 1"),
+        ("train.on_nonfinite=halt", "train.on_nonfinite='halt': use skip or stop"),
+    ],
+)
+def test_values_out_of_range_name_the_key_and_the_range(assignment, message):
+    """Every section checks its numeric fields when it is made: from a config file, --set or a
+    saved config.json alike."""
+    with pytest.raises(config.ConfigError) as error:
+        config.override(config.Config(), [assignment])
+    assert str(error.value) == message

@@ -145,3 +145,28 @@ def test_scaler_is_checkpointed_and_optional_on_restore(runs, tmp_path):
     ckpt.close()
     assert float(again["scaler"]["scale"]) == 2.0**12
     jax.tree.map(np.testing.assert_array_equal, again["params"], back["params"])
+
+
+def test_float16_overflows_the_scaler_handles_do_not_stop_a_run(tmp_path):
+    """With on_nonfinite=stop a float16 run goes on through the overflows its scaler handles
+    (Megatron-LM's initial 2^32 overflows the first steps), and stops on a non-finite loss."""
+    from megajax import run
+
+    cfg = config.replace(
+        tiny_config(vocab_size=65, compute_dtype="float16"),
+        data=dict(tokenizer="char"),
+        train=dict(steps=3, log_every=1, eval_every=0, on_nonfinite="stop"),
+        checkpoint=dict(every=0),
+    )
+    history = run.train(cfg, device_mesh(1, 1), tmp_path / "scaled", log=lambda _: None)
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert history[-1]["skipped_steps"] >= 1 and history[-1]["loss_scale"] < 2.0**32
+
+    def poisoned(trainer):  # an infinite weight: the loss itself is not finite
+        state = trainer.init_state()
+        params = jax.tree.map(np.array, jax.device_get(state["params"]))
+        params["ln_f"]["scale"][0] = np.inf
+        return {**state, "params": jax.device_put(params, trainer.state_sharding["params"])}
+
+    with pytest.raises(run.Stopped, match=r"step 1: non-finite .*train.on_nonfinite=stop"):
+        run.train(cfg, device_mesh(1, 1), tmp_path / "poisoned", log=lambda _: None, init=poisoned)
