@@ -329,3 +329,33 @@ def test_one_process_prepares_a_text_source_while_the_others_wait(tmp_path, monk
     with pytest.raises(ConfigError, match="process 0 is not preparing .* every host sees"):
         prepare.cached(str(WIKI), lead=False, log=lambda _: None, wait_s=1,
                        **{**kw, "cache_dir": tmp_path / "elsewhere"})  # fmt: skip
+
+
+def test_a_cached_dataset_is_named_by_its_tokenizer_files_not_their_directory(tmp_path):
+    """A text data.source trained with --hf_checkpoint: data.vocab_dir is the checkpoint's
+    directory, and only the tokenizer's own files (tokenizer.json; GPT-2's vocab.json and
+    merges.txt) name the cached dataset, so weights beside them are never read. The GPT-2 BPE's
+    cached datasets keep the names they had when the whole directory was hashed."""
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(ROOT / "data/gpt2", checkpoint)
+    ByteLevelBPETokenizer(str(checkpoint / "vocab.json"), str(checkpoint / "merges.txt")).save(
+        str(checkpoint / "tokenizer.json")
+    )
+    weights = checkpoint / "model.safetensors"
+    kw = dict(val_fraction=0.1, cache_dir=tmp_path / "cache", log=lambda _: None)
+    names = {}
+    for tokenizer in ("gpt2", "hf"):
+        weights.write_bytes(b"the first weights")
+        names[tokenizer] = prepare.cached(
+            str(WIKI), tokenizer=tokenizer, vocab_dir=str(checkpoint), **kw
+        )
+        weights.write_bytes(b"other weights")
+        again = prepare.cached(str(WIKI), tokenizer=tokenizer, vocab_dir=str(checkpoint), **kw)
+        assert again == names[tokenizer]
+    file = checkpoint / "tokenizer.json"  # named itself
+    assert prepare.cached(str(WIKI), tokenizer="hf", vocab_dir=str(file), **kw) == names["hf"]
+    shipped = prepare.cached(str(WIKI), tokenizer="gpt2", vocab_dir="data/gpt2", **kw)
+    assert shipped == names["gpt2"] and len(list((tmp_path / "cache").iterdir())) == 2
+    assert shipped.name == "wiki.valid.head429-gpt2-6ec04571802f892e"  # as before

@@ -43,6 +43,14 @@ from megajax.data.corpora import FORMATS, files, pieces, read_race
 from megajax.data.tokenizer import BertTokenizer, CharTokenizer, GPT2Tokenizer, HFTokenizer
 
 TOKENIZERS = ("gpt2", "bert", "char", "hf")
+# Each tokenizer's files, as data.vocab_dir and a dataset's tokenizer/ folder hold them (gpt2's
+# sorted, the order cached datasets were always named by); char's characters come from the text.
+TOKENIZER_FILES = {
+    "gpt2": ("merges.txt", "vocab.json"),
+    "bert": ("vocab.txt",),
+    "hf": ("tokenizer.json",),
+    "char": (),
+}
 MANIFEST = "megajax.json"
 ROW_TOKENS = 2048  # long documents are stored as consecutive rows of at most this many tokens
 BATCH_CHARS = 1 << 21  # characters tokenized at once (in pieces of corpora.PIECE_CHARS)
@@ -191,29 +199,41 @@ class _Progress:
             )
 
 
+def tokenizer_files(name: str, vocab_dir) -> list[Path]:
+    """The files the tokenizer is read from: all of vocab_dir that a cached dataset's name
+    hashes: gpt2's two in vocab_dir; bert's and hf's one in vocab_dir, or the file it names."""
+    directory, names = Path(vocab_dir), TOKENIZER_FILES.get(name, ())
+    if len(names) == 1 and not directory.is_dir():  # vocab.txt or tokenizer.json named itself
+        found = [directory]
+    else:
+        found = [directory / f for f in names]
+    for f in found:
+        if not f.is_file():
+            raise ConfigError(
+                f"{f} not found: data.vocab_dir (--vocab_dir) holds the {name} tokenizer's files"
+            )
+    return found
+
+
 def _save_tokenizer(name: str, *, vocab_dir, chars: set, into: Path):
     """(spec, tokenizer): the tokenizer's files copied into the dataset (it is read with the ids
     it was written with), checked by loading them before they are copied."""
     into.mkdir(parents=True)
-    if name == "gpt2":
-        tokenizer = GPT2Tokenizer(vocab_dir)
-        for f in ("vocab.json", "merges.txt"):
-            shutil.copy(Path(vocab_dir) / f, into / f)
-        return {"name": "gpt2"}, tokenizer
-    if name == "bert":
-        vocab = Path(vocab_dir) / "vocab.txt" if Path(vocab_dir).is_dir() else Path(vocab_dir)
-        tokenizer = BertTokenizer(vocab)
-        shutil.copy(vocab, into / "vocab.txt")
-        return {"name": "bert", "lowercase": True}, tokenizer
     if name == "char":
         spec = {"name": "char", "chars": sorted(chars)}
         return spec, _tokenizer(spec, into)
-    if name == "hf":  # a Hugging Face tokenizer.json (Llama's)
-        source = Path(vocab_dir) / "tokenizer.json" if Path(vocab_dir).is_dir() else vocab_dir
-        tokenizer = HFTokenizer(source)
-        shutil.copy(source, into / "tokenizer.json")
-        return {"name": "hf"}, tokenizer
-    raise ConfigError(f"--tokenizer {name!r}: use one of {', '.join(TOKENIZERS)}")
+    if name not in TOKENIZERS:
+        raise ConfigError(f"--tokenizer {name!r}: use one of {', '.join(TOKENIZERS)}")
+    sources = tokenizer_files(name, vocab_dir)
+    if name == "gpt2":
+        tokenizer, spec = GPT2Tokenizer(vocab_dir), {"name": "gpt2"}
+    elif name == "bert":
+        tokenizer, spec = BertTokenizer(sources[0]), {"name": "bert", "lowercase": True}
+    else:  # a Hugging Face tokenizer.json (Llama's)
+        tokenizer, spec = HFTokenizer(sources[0]), {"name": "hf"}
+    for source, kept in zip(sources, TOKENIZER_FILES[name], strict=True):
+        shutil.copy(source, into / kept)
+    return spec, tokenizer
 
 
 def fingerprint(inputs, **options) -> str:
@@ -369,7 +389,7 @@ def cached(
             f"`python -m megajax.data.prepare CORPUS --out {path}` (--set data.source=PATH)"
         )
     options = dict(tokenizer=tokenizer, val_fraction=val_fraction, version=VERSION)
-    vocab = [Path(vocab_dir)] if tokenizer != "char" else []
+    vocab = tokenizer_files(tokenizer, vocab_dir)
     out = Path(cache_dir) / f"{path.stem}-{tokenizer}-{fingerprint([path, *vocab], **options)}"
     if (out / MANIFEST).is_file():
         return out
