@@ -139,3 +139,23 @@ def test_prefetching_builds_the_same_batches_off_the_training_thread(windows):
     ahead.restore(plain.state() | {"step": 1})  # a restore drops what was built ahead
     plain.restore(plain.state() | {"step": 1})
     assert all(_equal(next(ahead), next(plain)) for _ in range(3)) and ahead.step == 4
+
+
+def test_a_char_models_tokenizer_reads_the_first_source_as_the_loader_does(tmp_path):
+    """data.source is parsed in one place: generation and the evaluations take a character-level
+    model's characters from the first source of the blend that trained it, a path with a colon
+    in it included."""
+    from megajax.data.loader import tokenizer_for
+
+    folder = tmp_path / "corpus:2024"
+    folder.mkdir()
+    (folder / "text.txt").write_text("a colon in the folder's name\n" * 40, encoding="utf-8")
+    for source in (f"{folder}/text.txt", f"0.5:{folder}/text.txt,0.5:{folder}/text.txt"):
+        cfg = config.replace(
+            config.load("configs/gpt2_tiny.py"),
+            model=dict(seq_len=32),
+            data=dict(source=source, tokenizer="char"),
+        )
+        trained, _, _ = loaders(cfg, workdir=tmp_path, log=lambda _: None)
+        read = tokenizer_for(cfg, workdir=str(tmp_path), hf_checkpoint=None)
+        assert read.chars == trained.chars == sorted(set("a colon in the folder's name\n"))

@@ -325,9 +325,9 @@ def tokenizer_for(cfg, *, workdir: str | None, hf_checkpoint: str | None):
         return GPT2Tokenizer(cfg.data.vocab_dir)
     if not workdir:
         raise ConfigError("a character-level model needs its --workdir (its character set)")
-    source = cfg.data.source.split(",")[0].rpartition(":")[2]  # the first of a blend
+    paths, _ = _sources(cfg.data.source)  # a blend's datasets share one character set
     dataset = prepare.cached(
-        source,
+        paths[0],
         tokenizer=cfg.data.tokenizer,
         vocab_dir=cfg.data.vocab_dir,
         add_bos=cfg.data.add_bos,
