@@ -209,8 +209,8 @@ class _Progress:
 
 
 def tokenizer_files(name: str, vocab_dir) -> list[Path]:
-    """The files the tokenizer is read from: all of vocab_dir that a cached dataset's name
-    hashes: gpt2's two in vocab_dir; bert's and hf's one in vocab_dir, or the file it names."""
+    """The files the tokenizer is read from, the only ones of vocab_dir that a cached dataset's
+    name hashes: gpt2's two in vocab_dir; bert's and hf's one in vocab_dir, or the file it names."""
     directory, names = Path(vocab_dir), TOKENIZER_FILES.get(name, ())
     if len(names) == 1 and not directory.is_dir():  # vocab.txt or tokenizer.json named itself
         found = [directory]
