@@ -91,25 +91,6 @@ def _text_tokenizer(args, cfg: config.Config, task: str):
     return tokenizer
 
 
-def _every_target(windows) -> list[dict]:
-    """A held-out split's GPTWindows weighed 1, then the tail they leave (fewer than seq_len
-    targets) in one zero-padded window: every target of the split scored once."""
-    import numpy as np
-
-    s, ones = windows.seq_len, np.ones(windows.seq_len, np.float32)
-    out = [{**windows[i], "weights": ones} for i in range(len(windows))]
-    start = len(windows) * s
-    if start < windows.num_tokens - 1:
-        offsets = windows.offsets
-        first = int(np.searchsorted(offsets, start, side="right")) - 1
-        rows = [windows.source[r]["tokens"] for r in range(first, len(offsets) - 1)]
-        tail = np.concatenate(rows)[start - offsets[first] :]
-        padded, weights = np.zeros(s + 1, np.int32), np.zeros(s, np.float32)
-        padded[: len(tail)], weights[: len(tail) - 1] = tail, 1
-        out.append({"inputs": padded[:-1], "targets": padded[1:], "weights": weights})
-    return out
-
-
 def _lead() -> bool:
     """Whether this process prepares a text data.source; the others wait for its manifest."""
     import jax
@@ -125,7 +106,7 @@ def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
     cfg, log = trainer.cfg, cli.lead_print
     if args.task == "val" and cfg.model.arch == "gpt":
         _, _, val_data = loader.loaders(cfg, workdir=args.workdir, log=log, lead=_lead())
-        windows = [w for d in val_data.datasets for w in _every_target(d)]
+        windows = perplexity.EveryTarget(val_data.datasets)
         scores = perplexity.score(trainer, params, windows, log=log)
         summary = f"validation loss {scores['loss']:.4f}, perplexity {scores['ppl']:.2f}"
         return {"data": cfg.data.source, **scores}, summary

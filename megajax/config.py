@@ -290,6 +290,11 @@ class DataConfig:
     # vocab.json and merges.txt for "gpt2", vocab.txt for "bert", tokenizer.json for "hf"
     vocab_dir: str = "data/gpt2"
     val_fraction: float = 0.1  # the tail of the text held out for val_loss
+    # Prepare each document of a text source with the tokenizer's beginning-of-text token in
+    # front (a tokenizer.json's, as Llama's <s>; Megatron-LM's Llama preprocessing does the
+    # same), as evaluation and generation start their texts. GPT-2 BPE, char and WordPiece have
+    # none: their data is the same either way.
+    add_bos: bool = True
     # BERT pairs (model.arch="bert"): the share of positions predicted (80% of them [MASK],
     # 10% random, 10% kept), shorter pairs now and then, and masking whole words.
     mask_prob: float = 0.15

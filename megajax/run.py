@@ -92,7 +92,7 @@ def _restore_or_init(trainer: Trainer, ckpt: Checkpointer, train_data: loader.Lo
     start = time.perf_counter()
     state, meta = ckpt.restore(latest, trainer.abstract_state(), optional=trainer.optional_state())
     if "data" in meta:  # an imported checkpoint (step 0) has no data position yet
-        train_data.restore(meta["data"])
+        train_data.restore(meta["data"], log=log)
     saved_mesh = meta.get("mesh", {})
     log(
         f"resumed from step {latest} in {ckpt.directory} ({time.perf_counter() - start:.1f}s; "

@@ -1,6 +1,7 @@
 """Batches are a pure function of (seed, step): reproducible, resumable from a JSON state,
 split disjointly over processes, epoch by epoch permutations, blended by weight."""
 
+import collections
 import json
 
 import numpy as np
@@ -139,3 +140,84 @@ def test_prefetching_builds_the_same_batches_off_the_training_thread(windows):
     ahead.restore(plain.state() | {"step": 1})  # a restore drops what was built ahead
     plain.restore(plain.state() | {"step": 1})
     assert all(_equal(next(ahead), next(plain)) for _ in range(3)) and ahead.step == 4
+
+
+def test_a_char_models_tokenizer_reads_the_first_source_as_the_loader_does(tmp_path):
+    """data.source is parsed in one place: generation and the evaluations take a character-level
+    model's characters from the first source of the blend that trained it, a path with a colon
+    in it included."""
+    from megajax.data.loader import tokenizer_for
+
+    folder = tmp_path / "corpus:2024"
+    folder.mkdir()
+    (folder / "text.txt").write_text("a colon in the folder's name\n" * 40, encoding="utf-8")
+    for source in (f"{folder}/text.txt", f"0.5:{folder}/text.txt,0.5:{folder}/text.txt"):
+        cfg = config.replace(
+            config.load("configs/gpt2_tiny.py"),
+            model=dict(seq_len=32),
+            data=dict(source=source, tokenizer="char"),
+        )
+        trained, _, _ = loaders(cfg, workdir=tmp_path, log=lambda _: None)
+        read = tokenizer_for(cfg, workdir=str(tmp_path), hf_checkpoint=None)
+        assert read.chars == trained.chars == sorted(set("a colon in the folder's name\n"))
+
+
+class _Sized:
+    """A dataset of n samples, each its own index."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"index": np.array(i)}
+
+
+def test_an_epochs_order_is_a_permutation_computed_index_by_index():
+    """Each epoch's order is a bijection of range(n) computed per index (a keyed Feistel network,
+    walked back into range): every size gives a permutation, one of its own for each seed,
+    dataset and epoch."""
+    from megajax.data.permutation import Permutation
+
+    for n in (1, 2, 3, 4, 5, 7, 8, 16, 17, 31, 64, 97, 127, 128, 1000, 1024, 4099):
+        assert sorted(Permutation(n, (0, 0, 0))[i] for i in range(n)) == list(range(n)), n
+    orders = {
+        key: [Permutation(97, key)[i] for i in range(97)]
+        for key in ((0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0))
+    }
+    assert len({tuple(o) for o in orders.values()}) == 4
+    assert orders[0, 0, 0] == [Permutation(97, (0, 0, 0))[i] for i in range(97)]  # pure
+    firsts = collections.Counter(Permutation(7, (seed, 0, 0))[0] for seed in range(700))
+    assert sorted(firsts) == list(range(7)) and max(firsts.values()) < 140  # 100 each expected
+
+
+def test_locating_a_sample_among_a_billion_builds_nothing_of_their_size():
+    import time
+    import tracemalloc
+
+    loader = Loader([_Sized(10**9)], batch_size=8, seed=0)
+    tracemalloc.start()
+    began = time.perf_counter()
+    located = [loader.locate(j) for j in (0, 1, 10**9 - 1, 10**9, 3 * 10**9 + 7)]
+    seconds, (_, peak) = time.perf_counter() - began, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 100_000 and seconds < 1
+    assert [(d, epoch) for d, epoch, _ in located] == [(0, 0), (0, 0), (0, 0), (0, 1), (0, 3)]
+    assert len({i for *_, i in located}) == 5 and all(0 <= i < 10**9 for *_, i in located)
+
+
+def test_a_state_saved_in_the_order_before_resumes_at_its_step_with_a_line(windows):
+    """Loader states saved before the order was computed per index (no "order") continue at
+    their step in the new order, saying so; one of a newer order is refused."""
+    loader = Loader(windows, weights=[0.3, 0.7], batch_size=8, seed=0)
+    assert loader.state()["order"] == 2
+    older = {k: v for k, v in loader.state().items() if k != "order"} | {"step": 5}
+    lines = []
+    loader.restore(older, log=lines.append)
+    expected = Loader(windows, weights=[0.3, 0.7], batch_size=8, seed=0).batch(5)
+    assert loader.step == 5 and _equal(next(loader), expected)
+    assert len(lines) == 1 and "order 1" in lines[0] and "step 5" in lines[0]
+    with pytest.raises(ConfigError, match="order 3, newer"):
+        loader.restore(loader.state() | {"order": 3}, log=lines.append)

@@ -329,3 +329,90 @@ def test_one_process_prepares_a_text_source_while_the_others_wait(tmp_path, monk
     with pytest.raises(ConfigError, match="process 0 is not preparing .* every host sees"):
         prepare.cached(str(WIKI), lead=False, log=lambda _: None, wait_s=1,
                        **{**kw, "cache_dir": tmp_path / "elsewhere"})  # fmt: skip
+
+
+def test_a_cached_dataset_is_named_by_its_tokenizer_files_not_their_directory(tmp_path):
+    """A text data.source trained with --hf_checkpoint: data.vocab_dir is the checkpoint's
+    directory, and only the tokenizer's own files (tokenizer.json; GPT-2's vocab.json and
+    merges.txt) name the cached dataset, so weights beside them are never read. The GPT-2 BPE's
+    cached datasets keep the names they had when the whole directory was hashed."""
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(ROOT / "data/gpt2", checkpoint)
+    ByteLevelBPETokenizer(str(checkpoint / "vocab.json"), str(checkpoint / "merges.txt")).save(
+        str(checkpoint / "tokenizer.json")
+    )
+    weights = checkpoint / "model.safetensors"
+    kw = dict(val_fraction=0.1, cache_dir=tmp_path / "cache", log=lambda _: None)
+    names = {}
+    for tokenizer in ("gpt2", "hf"):
+        weights.write_bytes(b"the first weights")
+        names[tokenizer] = prepare.cached(
+            str(WIKI), tokenizer=tokenizer, vocab_dir=str(checkpoint), **kw
+        )
+        weights.write_bytes(b"other weights")
+        again = prepare.cached(str(WIKI), tokenizer=tokenizer, vocab_dir=str(checkpoint), **kw)
+        assert again == names[tokenizer]
+    file = checkpoint / "tokenizer.json"  # named itself
+    assert prepare.cached(str(WIKI), tokenizer="hf", vocab_dir=str(file), **kw) == names["hf"]
+    shipped = prepare.cached(str(WIKI), tokenizer="gpt2", vocab_dir="data/gpt2", **kw)
+    assert shipped == names["gpt2"] and len(list((tmp_path / "cache").iterdir())) == 2
+    assert shipped.name == "wiki.valid.head429-gpt2-6ec04571802f892e"  # as before
+
+
+def test_documents_begin_with_a_tokenizer_jsons_beginning_of_text_token(tmp_path):
+    """A tokenizer.json whose post-processor starts a text with <s> (Llama's; here GPT-2's BPE
+    with one added): each document is prepared as <s>, its ids, end of text, as Megatron-LM's
+    Llama preprocessing writes it and as evaluation and generation read text; the held-out part
+    of the document the cut falls in continues it, without <s>. data.add_bos=False (--no_bos)
+    writes none; the switch is in the manifest and names the cached dataset."""
+    from tokenizers import processors
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    from megajax import config
+    from megajax.data import loader
+
+    bpe = ByteLevelBPETokenizer("data/gpt2/vocab.json", "data/gpt2/merges.txt")
+    bpe.add_special_tokens(["<s>"])
+    bos = bpe.token_to_id("<s>")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    first, second = "The first document.\n", "The second, cut by the held-out tail of the corpus."
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(first, encoding="utf-8")
+    b.write_text(second, encoding="utf-8")
+    cut = int(0.7 * len(first + second)) - len(first)  # in the second document
+    gpt2 = GPT2Tokenizer("data/gpt2")
+    train = [*gpt2.encode(first), EOT, *gpt2.encode(second[:cut])]
+    with_bos = [bos, *gpt2.encode(first), EOT, bos, *gpt2.encode(second[:cut])]
+    validation = [*gpt2.encode(second[cut:]), EOT]
+    kw = dict(tokenizer="hf", vocab_dir=str(tmp_path), val_fraction=0.3, log=lambda _: None)
+    ds = Dataset(prepare.prepare([a, b], out=tmp_path / "bos", **kw))
+    assert np.concatenate(_rows(ds, "train")).tolist() == with_bos
+    assert np.concatenate(_rows(ds, "validation")).tolist() == validation
+    assert (ds.manifest["add_bos"], ds.manifest["bos"]) == (True, bos)
+    argv = [a, b, "--out", tmp_path / "plain", "--tokenizer", "hf", "--vocab_dir", tmp_path]
+    assert prepare.main([str(x) for x in [*argv, "--val_fraction", "0.3", "--no_bos"]]) == 0
+    plain = Dataset(tmp_path / "plain")
+    assert np.concatenate(_rows(plain, "train")).tolist() == train
+    assert (plain.manifest["add_bos"], plain.manifest["bos"]) == (False, None)
+
+    firsts = {}
+    for tokenizer, vocab_dir in (("hf", tmp_path), ("gpt2", "data/gpt2")):
+        for add_bos in (True, False):
+            cfg = config.replace(
+                config.load("configs/gpt2_tiny.py"),
+                model=dict(seq_len=32),
+                data=dict(source=str(WIKI), tokenizer=tokenizer, vocab_dir=str(vocab_dir),
+                          add_bos=add_bos),
+            )  # fmt: skip
+            _, train_data, _ = loader.loaders(cfg, workdir=tmp_path / "run", log=lambda _: None)
+            (windows,) = train_data.datasets
+            firsts[tokenizer, add_bos] = (windows.name, int(windows[0]["inputs"][0]))
+    assert firsts["hf", True][1] == bos and firsts["hf", False][1] != bos
+    assert firsts["hf", True][0] != firsts["hf", False][0]  # cached apart
+    assert firsts["gpt2", True] == firsts["gpt2", False]  # no such token: the same dataset
+    assert firsts["gpt2", True][0].startswith("wiki.valid.head429-gpt2-6ec04571802f892e")

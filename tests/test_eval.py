@@ -363,3 +363,56 @@ def test_a_tokenizer_with_more_tokens_than_the_model_is_refused(gpt2_json, tmp_p
             "--set", "model.vocab_size=32000", "--workdir", tmp_path]  # fmt: skip
     code, _, err = _eval_main(argv, capsys)
     assert code == 2 and "model.vocab_size=32000 is smaller than the hf tokenizer's 50257" in err
+
+
+def test_held_out_windows_are_built_only_for_the_rows_a_process_feeds(tmp_path, monkeypatch):
+    """eval.py --task val scores perplexity.EveryTarget: each held-out split's windows weighed 1,
+    then its tail in one zero-padded window, item by item the list eval.py built before (so the
+    scores are those of the list), but each window built only when its row is fed: a process
+    feeding rows 2 and 3 of each batch of 8 builds only those windows, and a score builds each
+    window once (the token count comes from the same pass)."""
+    import collections
+    from types import SimpleNamespace
+
+    from megajax.data import prepare, samples
+    from megajax.evals import batched
+
+    text = tmp_path / "plays.txt"
+    text.write_text(open(config.DataConfig().source, encoding="utf-8").read()[:5000])
+    dataset = samples.Dataset(
+        prepare.prepare([text], out=tmp_path / "char", tokenizer="char", val_fraction=0.5,
+                        log=lambda _: None)
+    )  # fmt: skip
+    splits = [samples.GPTWindows(dataset, s, seq_len=32) for s in ("train", "validation")]
+    listed = []  # as eval.py built them: every window of every split, then each tail
+    for windows in splits:
+        tokens = np.concatenate([windows.source[r]["tokens"] for r in range(len(windows.source))])
+        for start in range(0, len(tokens) - 1, 32):
+            chunk = np.zeros(33, np.int32)
+            chunk[: len(tokens[start : start + 33])] = tokens[start : start + 33]
+            weights = (np.arange(32) < len(tokens) - 1 - start).astype(np.float32)
+            listed.append({"inputs": chunk[:-1], "targets": chunk[1:], "weights": weights})
+    every = perplexity.EveryTarget(splits)
+    assert len(every) == len(listed) == len(splits[0]) + len(splits[1]) + 2  # both have tails
+    for i, expected in enumerate(listed):
+        assert all(np.array_equal(every[i][k], v) for k, v in expected.items()), i
+
+    built = []
+    plain = samples.GPTWindows.__getitem__
+    monkeypatch.setattr(
+        samples.GPTWindows, "__getitem__", lambda w, i: built.append((w.name, i)) or plain(w, i)
+    )
+    items = [(w.name, j) for w in splits for j in [*range(len(w)), None]]  # None: a tail
+    process = SimpleNamespace(cfg=tiny_config(), eval_rows=np.array([2, 3]))  # of batches of 8
+    assert len(list(batched.padded_batches(process, every))) == -(-len(every) // 8)
+    fed = [items[i] for b in range(0, len(every), 8) for i in (b + 2, b + 3) if i < len(every)]
+    assert sorted(built) == sorted(item for item in fed if item[1] is not None)
+    built.clear()
+    trainer = Trainer(tiny_config(vocab_size=65), device_mesh(1, 1))
+    params = trainer.init_state()["params"]
+    streamed = perplexity.score(trainer, params, every)
+    once = collections.Counter(item for item in items if item[1] is not None)
+    once[items[0]] += -len(every) % 8  # the last batch's rows past the end copy item 0
+    assert collections.Counter(built) == once
+    assert streamed["tokens"] == sum(w.num_tokens - 1 for w in splits)
+    assert streamed == pytest.approx(perplexity.score(trainer, params, listed), rel=1e-6)

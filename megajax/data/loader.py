@@ -2,9 +2,10 @@
 
 Position j of the global sample stream (batch k holds j = k * batch_size ... + batch_size - 1)
 is given to a dataset by a fixed blending pattern, and the dataset's c-th sample is element
-c mod N of that dataset's permutation for epoch c // N, drawn from (seed, dataset, epoch). No
-state is carried from batch to batch, so `state()` is the next step and `restore()` sets it: a
-resumed run, on any number of processes, sees exactly the batches it would have seen.
+c mod N of that dataset's permutation for epoch c // N, drawn from (seed, dataset, epoch) and
+computed for that one element (permutation.py: nothing of size N is built). No state is carried
+from batch to batch, so `state()` is the next step and `restore()` sets it: a resumed run, on
+any number of processes, sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from megajax.config import ConfigError
+from megajax.data.permutation import Permutation
 
 PERIOD = 4096  # length of the blending pattern; realized weights are within 1/PERIOD
 PREFETCH = 4  # training batches built ahead, off the training thread
+# The sample order, saved in state(): 1 shuffled each epoch with a permutation held in memory
+# (numpy's, before this version); 2 with permutation.Permutation, one index at a time.
+ORDER = 2
 
 
 def blend_pattern(weights: Sequence[float], period: int = PERIOD) -> np.ndarray:
@@ -75,19 +80,19 @@ class Loader:
         self.step = 0
         self._perms = {}
         # `prefetch` batches after the next are built by one thread while the step runs (XLA
-        # releases the GIL); one builder, so the permutation cache has a single writer.
+        # releases the GIL); one builder, so the permutations' cache has a single writer.
         self.prefetch = prefetch
         self._ahead: collections.deque = collections.deque()  # (step, future), in order
         self._builder = ThreadPoolExecutor(1, "megajax-batches") if prefetch else None
 
-    def _permutation(self, d: int, epoch: int) -> np.ndarray:
+    def _permutation(self, d: int, epoch: int) -> Permutation | range:
+        """Dataset d's order in `epoch` (its round keys kept for the epochs in use)."""
         key = (d, epoch)
         if key not in self._perms:
             if len(self._perms) > 2 * len(self.datasets):
                 self._perms.clear()  # only the current (and maybe next) epochs are in use
             n = len(self.datasets[d])
-            rng = np.random.default_rng([self.seed, d, epoch])
-            self._perms[key] = rng.permutation(n) if self.shuffle else np.arange(n)
+            self._perms[key] = Permutation(n, (self.seed, d, epoch)) if self.shuffle else range(n)
         return self._perms[key]
 
     def locate(self, position: int) -> tuple[int, int, int]:
@@ -142,17 +147,34 @@ class Loader:
             "batch_size": self.batch_size,
             "sizes": [len(d) for d in self.datasets],
             "weights": self.weights,
+            "order": ORDER,
         }
 
-    def restore(self, state: dict) -> None:
-        """Continue from `state()`; refuses one taken over other data, seed or batch size."""
+    def restore(self, state: dict, *, log=print) -> None:
+        """Continue from `state()`; refuses one taken over other data, seed or batch size. A
+        state of the order before (1, no "order" saved) continues at its step in this order,
+        with a line saying so: its position is kept, but the epoch under way is reshuffled."""
         mine = self.state()
-        changed = [k for k in mine if k != "step" and state.get(k) != mine[k]]
+        changed = [k for k in mine if k not in ("step", "order") and state.get(k) != mine[k]]
         if changed:
             raise ConfigError(
                 f"the data loader's saved state does not match this run ({', '.join(changed)} "
                 f"changed: saved {[state.get(k) for k in changed]}, now "
                 f"{[mine[k] for k in changed]})"
+            )
+        order = int(state.get("order", 1))
+        if order > ORDER:
+            raise ConfigError(
+                f"the data loader's saved state is of sample order {order}, newer than this "
+                f"megajax's {ORDER}: resume with the megajax that saved it"
+            )
+        if order < ORDER:
+            log(
+                f"data: the checkpoint's loader state (step {state['step']}) is of sample order "
+                f"{order}, whose per-epoch permutations this version no longer builds; "
+                f"continuing from step {state['step']} in order {ORDER}: every dataset keeps "
+                f"its epoch and position in it, but the rest of the epoch under way is drawn "
+                f"anew (some of its samples come twice, others wait for the next epoch)"
             )
         self.step = int(state["step"])
 
@@ -265,6 +287,7 @@ def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None, lead=Tr
                 p,
                 tokenizer=cfg.data.tokenizer,
                 vocab_dir=cfg.data.vocab_dir,
+                add_bos=cfg.data.add_bos,
                 val_fraction=cfg.data.val_fraction,
                 cache_dir=f"{workdir}/data",
                 log=log,
@@ -324,11 +347,12 @@ def tokenizer_for(cfg, *, workdir: str | None, hf_checkpoint: str | None):
         return GPT2Tokenizer(cfg.data.vocab_dir)
     if not workdir:
         raise ConfigError("a character-level model needs its --workdir (its character set)")
-    source = cfg.data.source.split(",")[0].rpartition(":")[2]  # the first of a blend
+    paths, _ = _sources(cfg.data.source)  # a blend's datasets share one character set
     dataset = prepare.cached(
-        source,
+        paths[0],
         tokenizer=cfg.data.tokenizer,
         vocab_dir=cfg.data.vocab_dir,
+        add_bos=cfg.data.add_bos,
         val_fraction=cfg.data.val_fraction,
         cache_dir=f"{workdir}/data",
         log=lambda _: None,

@@ -6,10 +6,12 @@
 Formats: `text` (a document per file), `blocks` (documents separated by blank lines), `jsonl`
 (a document per line, in --field), `lambada` (jsonl with "text"), `wikitext` (WikiText's
 tokenized files, a document per ` = Title = ` article) and `race` (RACE's question files, kept
-as text, one row per question). The tail --val_fraction of the characters is held out as the
-`validation` split. The dataset is written to a temporary directory beside --out and renamed
-only once complete, with `megajax.json` (the manifest) written last: a directory without it is
-never read as a dataset.
+as text, one row per question). A document ends with the tokenizer's end-of-text token and,
+unless --no_bos, begins with its beginning-of-text token if it has one (a tokenizer.json's, as
+Llama's <s>). The tail --val_fraction of the characters is held out as the `validation` split.
+The dataset is written to a temporary directory beside --out and renamed only once complete,
+with `megajax.json` (the manifest) written last: a directory without it is never read as a
+dataset.
 
 The corpus is read twice, a block at a time: once to count its characters, once to tokenize
 batches of --batch_chars characters on --threads threads while the rows of the previous batch
@@ -43,6 +45,14 @@ from megajax.data.corpora import FORMATS, files, pieces, read_race
 from megajax.data.tokenizer import BertTokenizer, CharTokenizer, GPT2Tokenizer, HFTokenizer
 
 TOKENIZERS = ("gpt2", "bert", "char", "hf")
+# Each tokenizer's files, as data.vocab_dir and a dataset's tokenizer/ folder hold them (gpt2's
+# sorted, the order cached datasets were always named by); char's characters come from the text.
+TOKENIZER_FILES = {
+    "gpt2": ("merges.txt", "vocab.json"),
+    "bert": ("vocab.txt",),
+    "hf": ("tokenizer.json",),
+    "char": (),
+}
 MANIFEST = "megajax.json"
 ROW_TOKENS = 2048  # long documents are stored as consecutive rows of at most this many tokens
 BATCH_CHARS = 1 << 21  # characters tokenized at once (in pieces of corpora.PIECE_CHARS)
@@ -87,22 +97,27 @@ def _encode(tokenizer, texts: list[str], threads: int):
 
 
 class _Rows:
-    """Cuts one split's token stream into stored rows as it comes: each document's tokens (+ EOT
-    where it ends) in rows of at most ROW_TOKENS, BERT's cut between sentences (a sentence longer
-    than ROW_TOKENS is a row of its own). The same rows as cutting each document whole."""
+    """Cuts one split's token stream into stored rows as it comes: each document's tokens (after
+    BOS where it begins, + EOT where it ends) in rows of at most ROW_TOKENS, BERT's cut between
+    sentences (a sentence longer than ROW_TOKENS is a row of its own). The same rows as cutting
+    each document whole."""
 
-    def __init__(self, writer: shards.Writer, eot: int | None):
-        self.writer, self.eot = writer, eot
+    def __init__(self, writer: shards.Writer, *, bos: int | None, eot: int | None):
+        self.writer, self.bos, self.eot = writer, bos, eot
         self.tokens: list[np.ndarray] = []  # of the part of the document not yet in a row
         self.lengths: list[int] = []  # its sentences (BERT)
         self.size = 0
         self.documents = 0
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray | None, *, last: bool, eot: bool):
-        """A piece of a document; `last`: the document's part in this split ends with it,
-        `eot`: the document ends with it."""
+    def add(
+        self, tokens: np.ndarray, lengths: np.ndarray | None, *, first: bool, last: bool, eot: bool
+    ):
+        """A piece of a document; `first`: the document begins with it, `last`: the document's
+        part in this split ends with it, `eot`: the document ends with it."""
         self.documents += eot
         if lengths is None:
+            if first and self.bos is not None:
+                tokens = np.concatenate([np.int32([self.bos]), tokens])
             if eot and self.eot is not None:
                 tokens = np.append(tokens, np.int32(self.eot))
             self.tokens.append(tokens)
@@ -130,18 +145,20 @@ class _Rows:
 
 
 def _split(pieces, train_chars: int):
-    """(split, text, last, eot) of the (text, ends) pieces: the first train_chars characters go
-    to train, the rest to validation; the document the cut falls in ends its train part there."""
-    remaining = train_chars
+    """(split, text, first, last, eot) of the (text, ends) pieces: the first train_chars
+    characters go to train, the rest to validation; the document the cut falls in ends its train
+    part there, and its validation part continues it (it does not begin a document)."""
+    remaining, first = train_chars, True
     for text, ends in pieces:
         if remaining >= len(text):
-            yield "train", text, ends or remaining == len(text), ends
+            yield "train", text, first, ends or remaining == len(text), ends
         elif remaining > 0:
-            yield "train", text[:remaining], True, False
-            yield "validation", text[remaining:], ends, ends
+            yield "train", text[:remaining], first, True, False
+            yield "validation", text[remaining:], False, ends, ends
         else:
-            yield "validation", text, ends, ends
+            yield "validation", text, first, ends, ends
         remaining -= len(text)
+        first = ends
 
 
 def _batches(items, chars: int):
@@ -191,29 +208,41 @@ class _Progress:
             )
 
 
+def tokenizer_files(name: str, vocab_dir) -> list[Path]:
+    """The files the tokenizer is read from, the only ones of vocab_dir that a cached dataset's
+    name hashes: gpt2's two in vocab_dir; bert's and hf's one in vocab_dir, or the file it names."""
+    directory, names = Path(vocab_dir), TOKENIZER_FILES.get(name, ())
+    if len(names) == 1 and not directory.is_dir():  # vocab.txt or tokenizer.json named itself
+        found = [directory]
+    else:
+        found = [directory / f for f in names]
+    for f in found:
+        if not f.is_file():
+            raise ConfigError(
+                f"{f} not found: data.vocab_dir (--vocab_dir) holds the {name} tokenizer's files"
+            )
+    return found
+
+
 def _save_tokenizer(name: str, *, vocab_dir, chars: set, into: Path):
     """(spec, tokenizer): the tokenizer's files copied into the dataset (it is read with the ids
     it was written with), checked by loading them before they are copied."""
     into.mkdir(parents=True)
-    if name == "gpt2":
-        tokenizer = GPT2Tokenizer(vocab_dir)
-        for f in ("vocab.json", "merges.txt"):
-            shutil.copy(Path(vocab_dir) / f, into / f)
-        return {"name": "gpt2"}, tokenizer
-    if name == "bert":
-        vocab = Path(vocab_dir) / "vocab.txt" if Path(vocab_dir).is_dir() else Path(vocab_dir)
-        tokenizer = BertTokenizer(vocab)
-        shutil.copy(vocab, into / "vocab.txt")
-        return {"name": "bert", "lowercase": True}, tokenizer
     if name == "char":
         spec = {"name": "char", "chars": sorted(chars)}
         return spec, _tokenizer(spec, into)
-    if name == "hf":  # a Hugging Face tokenizer.json (Llama's)
-        source = Path(vocab_dir) / "tokenizer.json" if Path(vocab_dir).is_dir() else vocab_dir
-        tokenizer = HFTokenizer(source)
-        shutil.copy(source, into / "tokenizer.json")
-        return {"name": "hf"}, tokenizer
-    raise ConfigError(f"--tokenizer {name!r}: use one of {', '.join(TOKENIZERS)}")
+    if name not in TOKENIZERS:
+        raise ConfigError(f"--tokenizer {name!r}: use one of {', '.join(TOKENIZERS)}")
+    sources = tokenizer_files(name, vocab_dir)
+    if name == "gpt2":
+        tokenizer, spec = GPT2Tokenizer(vocab_dir), {"name": "gpt2"}
+    elif name == "bert":
+        tokenizer, spec = BertTokenizer(sources[0]), {"name": "bert", "lowercase": True}
+    else:  # a Hugging Face tokenizer.json (Llama's)
+        tokenizer, spec = HFTokenizer(sources[0]), {"name": "hf"}
+    for source, kept in zip(sources, TOKENIZER_FILES[name], strict=True):
+        shutil.copy(source, into / kept)
+    return spec, tokenizer
 
 
 def fingerprint(inputs, **options) -> str:
@@ -233,6 +262,7 @@ def prepare(
     fmt: str = "text",
     tokenizer: str = "gpt2",
     vocab_dir: str = "data/gpt2",
+    add_bos: bool = True,
     field: str = "text",
     val_fraction: float = 0.1,
     split: str = "test",
@@ -241,7 +271,8 @@ def prepare(
     shard_bytes: int = shards.SHARD_BYTES,
     log=print,
 ) -> Path:
-    """Tokenize `inputs` into a dataset at `out`; returns `out`. Nothing is left at `out` (or
+    """Tokenize `inputs` into a dataset at `out`; returns `out`. `add_bos`: each document begins
+    with the tokenizer's beginning-of-text token, if it has one. Nothing is left at `out` (or
     anywhere) unless it completes."""
     out = Path(out)
     if out.exists():
@@ -271,6 +302,7 @@ def prepare(
                     tmp=tmp,
                     tokenizer=tokenizer,
                     vocab_dir=vocab_dir,
+                    add_bos=add_bos,
                     val_fraction=val_fraction,
                     threads=threads or os.cpu_count() or 1,
                     batch_chars=batch_chars,
@@ -293,8 +325,8 @@ def prepare(
 
 
 def _prepare_tokens(
-    inputs, *, fmt, field, tmp, tokenizer, vocab_dir, val_fraction, threads, batch_chars,
-    shard_bytes, log
+    inputs, *, fmt, field, tmp, tokenizer, vocab_dir, add_bos, val_fraction, threads,
+    batch_chars, shard_bytes, log
 ) -> dict:  # fmt: skip
     """Two passes over the corpus, streamed: one counts its characters (where validation
     begins) and collects the character set, the next tokenizes batches of pieces on a
@@ -311,12 +343,13 @@ def _prepare_tokens(
     names = ["train", "validation"] if train_chars < total else ["train"]
     dtype = shards.dtype_for(tok.vocab_size)
     writers = {n: shards.Writer(tmp, n, dtype=dtype, shard_bytes=shard_bytes) for n in names}
-    rows = {n: _Rows(writers[n], tok.eot_id) for n in names}
+    bos = tok.bos_id if add_bos else None
+    rows = {n: _Rows(writers[n], bos=bos, eot=tok.eot_id) for n in names}
     progress = _Progress(total, log)
 
     def store(batch, encoded):
-        for (name, _, last, eot), (tokens, lengths) in zip(batch, encoded, strict=True):
-            rows[name].add(tokens, lengths, last=last, eot=eot)
+        for (name, _, first, last, eot), (tokens, lengths) in zip(batch, encoded, strict=True):
+            rows[name].add(tokens, lengths, first=first, last=last, eot=eot)
         progress.update(sum(len(b[1]) for b in batch), sum(len(t) for t, _ in encoded))
         _release_free_memory()
 
@@ -338,7 +371,8 @@ def _prepare_tokens(
         splits[name]["files"] = writers[name].files
         if not splits[name]["rows"]:
             raise ConfigError(f"the {name} split has no tokens: use more text")
-    return {"tokenizer": spec, "dtype": dtype, "splits": splits}
+    # add_bos: what was asked; bos: the token each document begins with (None: none written).
+    return {"tokenizer": spec, "add_bos": add_bos, "bos": bos, "dtype": dtype, "splits": splits}
 
 
 def cached(
@@ -349,6 +383,7 @@ def cached(
     val_fraction: float,
     cache_dir,
     log,
+    add_bos: bool = True,
     lead: bool = True,
     wait_s: float = 120,
 ):
@@ -369,7 +404,9 @@ def cached(
             f"`python -m megajax.data.prepare CORPUS --out {path}` (--set data.source=PATH)"
         )
     options = dict(tokenizer=tokenizer, val_fraction=val_fraction, version=VERSION)
-    vocab = [Path(vocab_dir)] if tokenizer != "char" else []
+    if tokenizer == "hf":  # the one that can have a beginning-of-text token; the others' names stay
+        options["add_bos"] = add_bos
+    vocab = tokenizer_files(tokenizer, vocab_dir)
     out = Path(cache_dir) / f"{path.stem}-{tokenizer}-{fingerprint([path, *vocab], **options)}"
     if (out / MANIFEST).is_file():
         return out
@@ -383,6 +420,7 @@ def cached(
             out=out,
             tokenizer=tokenizer,
             vocab_dir=vocab_dir,
+            add_bos=add_bos,
             val_fraction=val_fraction,
             log=log,
         )
@@ -422,6 +460,12 @@ def main(argv=None) -> int:
         help="vocab.json + merges.txt (gpt2), vocab.txt (bert) or tokenizer.json (hf); "
         "default data/gpt2 or data/bert",
     )
+    parser.add_argument(
+        "--no_bos",
+        dest="add_bos",
+        action="store_false",
+        help="no beginning-of-text token before each document (a tokenizer.json's, as Llama's <s>)",
+    )
     parser.add_argument("--field", default="text", help="the text field of --format jsonl")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out tail")
     parser.add_argument("--split", default="test", help="the split name of --format race")
@@ -443,6 +487,7 @@ def main(argv=None) -> int:
             fmt=args.format,
             tokenizer=args.tokenizer,
             vocab_dir=vocab_dir,
+            add_bos=args.add_bos,
             field=args.field,
             val_fraction=args.val_fraction,
             split=args.split,

@@ -1,10 +1,11 @@
 """Training samples read with random access from a prepared dataset.
 
 GPTWindows: the split's documents joined end to end (each followed by the end-of-text token,
-written at preparation), cut into windows of seq_len + 1 tokens advanced by seq_len, so every
-token is a target exactly once (Megatron-LM's GPT dataset). BertPairs: sentence pairs with
-sentence-order prediction and masked positions (Megatron-LM's BERT dataset, ALBERT's SOP).
-Sample i is a pure function of i (and the seed): any process can build any sample.
+and preceded by a tokenizer.json's beginning-of-text token, written at preparation), cut into
+windows of seq_len + 1 tokens advanced by seq_len, so every token is a target exactly once
+(Megatron-LM's GPT dataset). BertPairs: sentence pairs with sentence-order prediction and
+masked positions (Megatron-LM's BERT dataset, ALBERT's SOP). Sample i is a pure function of i
+(and the seed): any process can build any sample.
 """
 
 from __future__ import annotations

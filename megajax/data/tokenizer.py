@@ -110,7 +110,8 @@ class HFTokenizer:
             raise ConfigError(f"{file}: no end-of-text token ({', '.join(self.EOT_NAMES)})")
         self.eot_id = next(i for i in ids if i is not None)
         # The beginning-of-text token the file's post-processor puts before a text (Llama's <s>
-        # or <|begin_of_text|>), or None. encode() leaves it out, as data preparation must.
+        # or <|begin_of_text|>), or None. encode() leaves it out: preparation puts it before a
+        # document, not before each piece of one.
         plain, special = (self._tok.encode("a", add_special_tokens=s).ids for s in (False, True))
         self.bos_id = special[0] if plain and special[1 : len(plain) + 1] == plain else None
 
@@ -187,6 +188,7 @@ class BertTokenizer:
     """
 
     max_word_chars = 100  # longer words become [UNK], as in BERT
+    bos_id = None  # [CLS] starts a pair, put there by the samples, not by preparation
 
     def __init__(self, vocab_file: str | Path, *, lowercase: bool = True):
         vocab_file = Path(vocab_file)

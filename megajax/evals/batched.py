@@ -2,8 +2,9 @@
 
 A window is a dict of (seq_len,) arrays: 'inputs', 'targets' and 'weights' (1 where a target is
 scored, 0 elsewhere; all ones when absent). A per-row function of a (batch, seq_len) batch gives
-one value per window; the sum over all windows comes back as a replicated scalar, so nothing
-larger than a scalar crosses to the host and every process of a multi-host job reads it.
+one value per window (or a tuple of them); the sum over all windows comes back as a replicated
+scalar (or a tuple), so nothing larger than a scalar crosses to the host and every process of a
+multi-host job reads it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from jax.sharding import PartitionSpec as P
 from megajax import parallel
 from megajax.trainer import Trainer
 
-# (params, inputs, targets, weights) -> (batch,) float32, traced under trainer.context()
-RowFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
+# (params, inputs, targets, weights) -> (batch,) values, or a tuple of them; traced under
+# trainer.context()
+RowFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array | tuple[jax.Array, ...]]
 
 
 def padded_batches(
@@ -53,19 +55,23 @@ def total(
     *,
     log: Callable[[str], None] | None = None,
     label: str = "windows",
-) -> float:
-    """Sum of row_fn over every window, in batches of train.batch_size (padded_batches; the
-    filler windows weigh nothing)."""
+):
+    """Sum of row_fn over every window (a tuple of sums where row_fn gives a tuple), in batches
+    of train.batch_size (padded_batches; the filler windows weigh nothing): float32 values are
+    summed in float32 per batch, integers exactly."""
     batch, n = trainer.cfg.train.batch_size, len(windows)
-    summed = jax.jit(lambda p, x, y, w, keep: (row_fn(p, x, y, w) * keep).sum(dtype=jnp.float32))
+
+    summed = jax.jit(
+        lambda p, x, y, w, keep: jax.tree.map(lambda v: _kept_sum(v, keep), row_fn(p, x, y, w))
+    )
     keep_sharding = NamedSharding(trainer.mesh, P(parallel.DATA))
     row_sharding = trainer.eval_sharding["inputs"]  # (batch, length) split over `data`
-    # Batches add up in a Python float (float64). One batch stays in flight while the host
-    # builds the next.
-    result, pending = 0.0, jnp.float32(0)
+    # Batches add up in Python numbers (float64, or int). One batch stays in flight while the
+    # host builds the next.
+    result, pending = None, None
     with trainer.context():
         for start, rows in padded_batches(trainer, windows, log=log, label=label):
-            keep = (np.arange(start, start + batch) < n).astype(np.float32)
+            keep = np.arange(start, start + batch) < n
             weights = rows.get("weights", np.ones_like(rows["inputs"], np.float32))
             local = (rows["inputs"], rows["targets"], weights)
             dtypes = (np.int32, np.int32, np.float32)
@@ -77,5 +83,20 @@ def total(
             k = jax.make_array_from_process_local_data(
                 keep_sharding, keep[trainer.eval_rows], (batch,)
             )
-            result, pending = result + float(pending), summed(params, x, y, w, k)
-    return result + float(pending)
+            result, pending = _add(result, pending), summed(params, x, y, w, k)
+    return _add(result, pending)
+
+
+def _kept_sum(values: jax.Array, keep: jax.Array) -> jax.Array:
+    """The sum of the kept rows' values: float32 for floating values, exact for integers."""
+    if jnp.issubdtype(values.dtype, jnp.integer):
+        return jnp.where(keep, values, 0).sum()
+    return jnp.where(keep, values, 0).sum(dtype=jnp.float32)
+
+
+def _add(result, pending):
+    """result + pending (a batch's device sums, or None), in Python numbers on the host."""
+    if pending is None:
+        return result
+    done = jax.tree.map(lambda v: v.item(), pending)
+    return done if result is None else jax.tree.map(lambda a, b: a + b, result, done)

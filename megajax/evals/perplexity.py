@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import jax.numpy as jnp
+import numpy as np
+
 from megajax.evals import batched
 from megajax.trainer import Trainer
 
@@ -19,11 +22,46 @@ def score(
 ) -> dict[str, float]:
     """Summed and mean negative log-likelihood and perplexity over `windows` (samples with
     'inputs', 'targets' and optional 'weights', (seq_len,) each, whose weights together cover
-    every scored target once)."""
+    every scored target once). Each process builds only the windows of its rows, once."""
 
-    def nll(params, inputs, targets, weights):
-        return (trainer.token_losses(params, inputs, targets) * weights).sum(-1)
+    def nll_and_targets(params, inputs, targets, weights):
+        nll = (trainer.token_losses(params, inputs, targets) * weights).sum(-1)
+        return nll, weights.sum(-1).astype(jnp.int32)
 
-    total = batched.total(trainer, params, nll, windows, log=log, label=label)
-    tokens = sum(int(w["weights"].sum()) if "weights" in w else len(w["targets"]) for w in windows)
+    total, tokens = batched.total(trainer, params, nll_and_targets, windows, log=log, label=label)
     return {"tokens": tokens, "nll": total, "loss": total / tokens, "ppl": math.exp(total / tokens)}
+
+
+class EveryTarget(Sequence):
+    """Every target of held-out splits (samples.GPTWindows) once, each window built when it is
+    asked for, so that a process builds only the rows it feeds: each split's windows weighed 1,
+    then the tail they leave (fewer than seq_len targets) in one zero-padded window."""
+
+    def __init__(self, splits: Sequence):
+        self.splits = list(splits)
+        # A split's windows, and one more for its tail if targets are left after them.
+        sizes = [len(w) + (len(w) * w.seq_len < w.num_tokens - 1) for w in self.splits]
+        self._starts = np.cumsum([0, *sizes])  # the first item of each split
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        windows, j = self.splits[k], i - int(self._starts[k])
+        if j < len(windows):
+            return {**windows[j], "weights": np.ones(windows.seq_len, np.float32)}
+        return _tail(windows)
+
+
+def _tail(windows) -> dict[str, np.ndarray]:
+    """The targets after the last whole window of a split, zero-padded into one window."""
+    s, start, offsets = windows.seq_len, len(windows) * windows.seq_len, windows.offsets
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    rows = [windows.source[r]["tokens"] for r in range(first, len(offsets) - 1)]
+    tail = np.concatenate(rows)[start - offsets[first] :]
+    padded, weights = np.zeros(s + 1, np.int32), np.zeros(s, np.float32)
+    padded[: len(tail)], weights[: len(tail) - 1] = tail, 1
+    return {"inputs": padded[:-1], "targets": padded[1:], "weights": weights}
