@@ -65,7 +65,8 @@ def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int]:
         shown = ",".join(f"{a}={degrees[a]}" for a in named)
         raise ConfigError(
             f"--mesh {shown} needs {total} devices but "
-            f"{num_devices} are present: change the degrees (or use -1 for one of them), "
+            f"{num_devices} {'is' if num_devices == 1 else 'are'} present: change the degrees "
+            "(or use -1 for one of them), "
             f"or pass --cpu_devices {total} to fake them"
         )
     return pipeline, data, model

@@ -30,8 +30,10 @@ def test_pipeline_axis_is_outermost_and_model_innermost():
 
 
 def test_mesh_that_does_not_match_the_devices_is_refused():
-    with pytest.raises(ConfigError, match="needs 8 devices but 6"):
+    with pytest.raises(ConfigError, match="needs 8 devices but 6 are present"):
         mesh.resolve(mesh.parse("data=2,model=4"), 6)
+    with pytest.raises(ConfigError, match="needs 2 devices but 1 is present"):
+        mesh.resolve(mesh.parse("data=2"), 1)
     with pytest.raises(ConfigError, match="do not divide"):
         mesh.resolve(mesh.parse("data=-1,model=3"), 8)
     with pytest.raises(ConfigError, match="at most one axis"):

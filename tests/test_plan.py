@@ -109,6 +109,7 @@ def test_dry_run_of_gpt2_tiny_from_the_command_line(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "collectives per step" in run.stdout and "roofline on H100" in run.stdout
+    assert "fits one H100" in run.stdout and "V100s" not in run.stdout  # the paper's own figures
     p = json.loads((tmp_path / "plan.json").read_text())
     assert p["params"]["total"] == config.load("configs/gpt2_tiny.py").model.num_params(4)
     count, _ = p["collectives_expected"]["model: activations (b, s, h)"]
@@ -128,6 +129,7 @@ def test_dry_run_of_the_8p3b_model_on_8_way_model_parallelism():
     assert not p["memory"]["fits"]  # a 32 GB V100 holds only a 1.04B-parameter shard's states
     roof = p["roofline"]["this mesh"]
     assert 0 < roof["weak_scaling_efficiency"] < 1 and 0 < roof["mfu"] < 1
+    assert "the 2019 paper, measured on V100s: 8-way model parallel 77%" in report(p)
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ def report(plan: dict) -> str:
             f"{gb(plan['memory']['analytic_as_compiled']['temporaries'])} of temporaries"
         )
     lines.append(
-        f"  fits a {mem['target']} ({gb(mem['target_bytes'])}): "
+        f"  fits one {mem['target']} ({gb(mem['target_bytes'])}): "
         f"{'yes' if mem['fits'] else 'NO'} (analytic, {plan['config']['compute_dtype']} "
         f"activations {gb(acts)})"
     )
@@ -138,8 +138,9 @@ def report(plan: dict) -> str:
             f"hardware TFLOP/s per device | weak scaling "
             f"{100 * r['weak_scaling_efficiency']:.0f}%"
         )
-    paper = ", ".join(f"{k} {100 * v:.0f}%" for k, v in plan["paper_weak_scaling"].items())
-    lines.append(f"  paper, measured on V100s: {paper}")
+    if plan["paper_weak_scaling"]:
+        paper = ", ".join(f"{k} {100 * v:.0f}%" for k, v in plan["paper_weak_scaling"].items())
+        lines.append(f"  the 2019 paper, measured on V100s: {paper}")
     return "\n".join(lines)
 
 
