@@ -159,7 +159,44 @@ def _initialize(args, coordinator, num_processes, process_id) -> bool:
     # sync, which megajax does not use) that swallows the signal: until the training loop
     # catches it, SIGTERM must end the process as it does a process alone.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        _drop_gloo_lines()
     return jax.process_count() > 1
+
+
+GLOO_LINE = b"[Gloo] Rank "
+
+
+def _drop_gloo_lines() -> None:
+    """Gloo, the CPU collectives of a multi-process job, prints a line to stdout from C++ for
+    each rank of each communicator it connects ("[Gloo] Rank 3 is connected to 7 peer ranks.
+    ..."): sixteen lines on every process of a 2 x 4 job. Route file descriptor 1 through a pipe
+    whose reader forwards every other line; at exit the descriptor is restored and the reader
+    drains what is left."""
+    import atexit
+    import threading
+
+    sys.stdout.flush()
+    read, write = os.pipe()
+    real = os.dup(1)
+    os.dup2(write, 1)
+    os.close(write)
+
+    def forward():
+        with os.fdopen(read, "rb") as lines, os.fdopen(os.dup(real), "wb", buffering=0) as out:
+            for line in lines:
+                if not line.startswith(GLOO_LINE):
+                    out.write(line)
+
+    reader = threading.Thread(target=forward, daemon=True, name="megajax-stdout")
+    reader.start()
+
+    def restore():
+        sys.stdout.flush()
+        os.dup2(real, 1)  # the pipe's last writer closes: the reader sees its end
+        reader.join(timeout=5)
+
+    atexit.register(restore)
 
 
 def load_config(args: argparse.Namespace) -> config.Config:

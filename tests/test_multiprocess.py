@@ -82,6 +82,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(reference, tmp
         who = "" if i == signalled else " by another process"
         assert f"received SIGTERM{who}: saved a checkpoint at step 4" in err, err[-2000:]
     assert "step 4/6" in outs[0][0] and "step" not in outs[1][0]  # process 0 alone reports
+    assert not any("[Gloo]" in out for out, _ in outs)  # nor do Gloo's connections
     losses = _losses(tmp_path)
     assert max(losses) == 4
     steps = range(first, 5)
