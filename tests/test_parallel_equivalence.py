@@ -71,7 +71,7 @@ def _run(cfg, data, model, batches) -> Run:
         state, m = step_fn(state, trainer.put_batch(batch))
         metrics.append({k: float(v) for k, v in m.items() if k != "learning_rate"})
         if grads is None:
-            first_moment = optax.tree.get(state["opt_state"], "mu")
+            first_moment = jax.device_get(optax.tree.get(state["opt_state"], "mu"))
             grads = jax.tree.map(lambda mu: mu / (1 - cfg.optim.beta1), first_moment)
             grads = _unpad(grads, cfg.model.vocab_size)
     params = _unpad(state["params"], cfg.model.vocab_size)
