@@ -12,8 +12,9 @@ import torch
 from conftest import device_mesh, lm_logits
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from megajax import config, convert
+from megajax import config
 from megajax.checkpoint import Checkpointer
+from megajax.hf import weights as convert  # the conversion, without its command line
 from megajax.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,10 @@ import torch
 from conftest import bert_config, device_mesh, tiny_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from megajax import config, convert, generate, hlo, loss, sampling, serve
+from megajax import config, generate, hlo, loss, sampling, serve
 from megajax.config import ConfigError
 from megajax.data.tokenizer import GPT2Tokenizer
+from megajax.hf import weights as convert  # the conversion, without its command line
 from megajax.trainer import Trainer
 
 MESHES = [(1, 1), (2, 4), (1, 8)]
