@@ -228,6 +228,8 @@ def load_trained(args: argparse.Namespace, cfg: config.Config, weights=None):
     step = args.step if args.step is not None else ckpt.latest_step()
     if step is None:
         raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
-    params = ckpt.restore(step, trainer.abstract_state())[0]["params"]
-    ckpt.close()
+    try:
+        params = ckpt.restore_params(step, trainer.abstract_state()["params"])
+    finally:
+        ckpt.close()
     return trainer, params, step

@@ -1,7 +1,7 @@
 """Hugging Face GPT-2, BERT and Llama <-> megajax checkpoints: the command line.
 
     python -m megajax.convert --hf DIR --out WORKDIR [--mesh data=D,model=M] [--cpu_devices N]
-    python -m megajax.convert --checkpoint WORKDIR --to_hf DIR
+    python -m megajax.convert --checkpoint WORKDIR --to_hf DIR [--step N]
 
 Import writes a megajax checkpoint at step 0 (Hugging Face weights, fresh optimizer state) and
 WORKDIR/config.json, which train.py and eval.py resume from; export writes model.safetensors
@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="the megajax work directory to write")
     parser.add_argument("--checkpoint", help="a megajax work directory to export")
     parser.add_argument("--to_hf", help="the Hugging Face directory to write")
+    parser.add_argument("--step", type=int, help="export: checkpoint step (default: the newest)")
     args = parser.parse_args(argv)
     try:
         importing, exporting = bool(args.hf and args.out), bool(args.checkpoint and args.to_hf)
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
             )
             cli.lead_print(f"imported {args.hf} into {args.out} (step 0): {cfg.model}")
         else:
-            weights.export_hf(args.checkpoint, args.to_hf, mesh.make(args.mesh))
+            weights.export_hf(args.checkpoint, args.to_hf, mesh.make(args.mesh), step=args.step)
             cli.lead_print(f"exported {args.checkpoint} to {args.to_hf}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -309,19 +309,22 @@ def import_hf(
     return cfg
 
 
-def export_hf(workdir: str, hf_dir: str, device_mesh) -> None:
+def export_hf(workdir: str, hf_dir: str, device_mesh, *, step: int | None = None) -> None:
+    """The run's checkpoint at `step` (default: the newest) as a Hugging Face directory."""
     from megajax.checkpoint import Checkpointer
     from megajax.trainer import Trainer
 
     cfg = config.from_dict(_read_json(Path(workdir) / "config.json"))
     trainer = Trainer(cfg, device_mesh)
     ckpt = Checkpointer(Path(workdir) / "checkpoints", every=0, keep=1)
-    step = ckpt.latest_step()
-    if step is None:
-        raise ConfigError(f"no checkpoint in {ckpt.directory}")
-    state, _ = ckpt.restore(step, trainer.abstract_state())
-    ckpt.close()
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"no checkpoint in {ckpt.directory}")
+        params = ckpt.restore_params(step, trainer.abstract_state()["params"])
+    finally:
+        ckpt.close()
     out = Path(hf_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", hf_tensors(trainer, state["params"]))
+    write_safetensors(out / "model.safetensors", hf_tensors(trainer, params))
     (out / "config.json").write_text(json.dumps(hf_config(cfg.model), indent=2))
