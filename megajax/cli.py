@@ -211,25 +211,25 @@ def trained_config(args: argparse.Namespace, weights=None) -> config.Config:
 
 
 def load_trained(args: argparse.Namespace, cfg: config.Config, weights=None):
-    """(Trainer, params, step) of `cfg` (trained_config) on the --mesh: the parameters of the
-    --workdir's newest (or --step) checkpoint or of --hf_checkpoint (opened as `weights`, see
-    hf_weights). Call after start(args)."""
+    """(ShardedModel, params, step) of `cfg` (trained_config) on the --mesh: the parameters
+    alone of the --workdir's newest (or --step) checkpoint, or of --hf_checkpoint (opened as
+    `weights`, see hf_weights). Call after start(args)."""
     from pathlib import Path
 
     from megajax.checkpoint import Checkpointer
-    from megajax.trainer import Trainer
+    from megajax.sharded_model import ShardedModel
 
-    trainer = Trainer(cfg, mesh.make(args.mesh))
+    sharded = ShardedModel(cfg, mesh.make(args.mesh))
     if weights is not None:
         from megajax.hf.weights import load_params
 
-        return trainer, load_params(trainer, weights, log=lead_print), args.hf_checkpoint
+        return sharded, load_params(sharded, weights, log=lead_print), args.hf_checkpoint
     ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
-    step = args.step if args.step is not None else ckpt.latest_step()
-    if step is None:
-        raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
     try:
-        params = ckpt.restore_params(step, trainer.abstract_state()["params"])
+        step = args.step if args.step is not None else ckpt.latest_step()
+        if step is None:
+            raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
+        params = ckpt.restore_params(step, sharded.abstract_params())
     finally:
         ckpt.close()
-    return trainer, params, step
+    return sharded, params, step

@@ -94,7 +94,7 @@ class Service:
         self.lock = threading.Lock()
 
     def answer(self, body: bytes) -> dict:
-        options = parse_request(body, vocab_size=self.generator.trainer.cfg.model.vocab_size)
+        options = parse_request(body, vocab_size=self.generator.vocab_size)
         try:
             prompts = [text_ids(self.tokenizer, p) for p in options["prompts"]]
         except KeyError as e:

@@ -78,3 +78,11 @@ def test_a_step_never_saved_is_named_with_the_saved_ones(trained, tmp_path, caps
     argv = ["--checkpoint", str(workdir), "--to_hf", str(tmp_path), "--step", "3"]
     assert convert.main(argv) == 2
     assert "no checkpoint at step 3" in capsys.readouterr().err
+
+
+def test_loading_builds_no_optimizer(trained):
+    """eval.py, generation and the server get the model's graph and layout alone."""
+    workdir, cfg = trained
+    sharded, params, _ = cli.load_trained(_args(workdir), cfg)
+    assert not isinstance(sharded, Trainer) and not hasattr(sharded, "tx")
+    assert jax.tree.structure(params) == jax.tree.structure(sharded.abstract_params())

@@ -6,11 +6,11 @@ import math
 from collections.abc import Callable, Sequence
 
 from megajax.evals import batched
-from megajax.trainer import Trainer
+from megajax.sharded_model import ShardedModel
 
 
 def score(
-    trainer: Trainer,
+    sharded: ShardedModel,
     params,
     windows: Sequence[dict],
     *,
@@ -22,8 +22,8 @@ def score(
     every scored target once)."""
 
     def nll(params, inputs, targets, weights):
-        return (trainer.token_losses(params, inputs, targets) * weights).sum(-1)
+        return (sharded.token_losses(params, inputs, targets) * weights).sum(-1)
 
-    total = batched.total(trainer, params, nll, windows, log=log, label=label)
+    total = batched.total(sharded, params, nll, windows, log=log, label=label)
     tokens = sum(int(w["weights"].sum()) if "weights" in w else len(w["targets"]) for w in windows)
     return {"tokens": tokens, "nll": total, "loss": total / tokens, "ppl": math.exp(total / tokens)}

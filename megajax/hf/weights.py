@@ -129,19 +129,19 @@ def _names(rule: Rule, key: tuple, num_layers: int) -> list[str]:
     return [name.format(i=i) for i in layers for name in rule.names]
 
 
-def load_params(trainer, weights: HFWeights, *, log=print):
+def load_params(sharded, weights: HFWeights, *, log=print):
     """The model's parameters from Hugging Face weights: each tensor read once per process, each
     local device given only its slices.
 
     Heads the model has but the checkpoint lacks (a BertModel has no masked-LM or choice head)
     or holds for another task (an NSP head for a model with SOP) are freshly initialised, as
-    Trainer.init_state would; a missing encoder tensor is an error."""
+    ShardedModel.fresh_params would; a missing encoder tensor is an error."""
     import jax
 
-    cfg = trainer.cfg.model
-    layout = Layout(cfg, trainer.padded_vocab)
+    cfg = sharded.cfg.model
+    layout = Layout(cfg, sharded.padded_vocab)
     table, heads = weights.family.table, weights.family.heads
-    abstract = trainer.abstract_state()["params"]
+    abstract = sharded.abstract_params()
     keys = [_path_key(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
     absent = {k: [n for n in _names(table[k], k, cfg.num_layers) if not weights.has(n)]
               for k in keys}  # fmt: skip
@@ -153,11 +153,11 @@ def load_params(trainer, weights: HFWeights, *, log=print):
         raise ConfigError(f"the Hugging Face checkpoint lacks {len(missing)} tensors of the "
                           f"model, e.g. {', '.join(missing[:3])}")  # fmt: skip
     if fresh:
-        log(f"freshly initialised (train.seed={trainer.cfg.train.seed}), not in the Hugging Face "
+        log(f"freshly initialised (train.seed={sharded.cfg.train.seed}), not in the Hugging Face "
             f"checkpoint for model.arch={cfg.arch}"
             f"{f', binary_head={cfg.binary_head}' if cfg.arch == 'bert' else ''}: "
             f"{', '.join(fresh)}")  # fmt: skip
-    initial = trainer.fresh_params(fresh) if fresh else {}
+    initial = sharded.fresh_params(fresh) if fresh else {}
 
     def leaf(path, target):
         key = _path_key(path)
@@ -206,12 +206,12 @@ def _from_host_reads(target, read, *, stacked: bool, num_layers: int):
     return jax.make_array_from_single_device_arrays(target.shape, target.sharding, arrays)
 
 
-def hf_tensors(trainer, params):
+def hf_tensors(sharded, params):
     """(name, shape, producer) of every Hugging Face tensor; producers fetch one at a time."""
     import jax
 
-    cfg = trainer.cfg.model
-    layout = Layout(cfg, trainer.padded_vocab)
+    cfg = sharded.cfg.model
+    layout = Layout(cfg, sharded.padded_vocab)
     out = []
     for path, node in jax.tree_util.tree_flatten_with_path(params)[0]:
         key = _path_key(path)
@@ -312,19 +312,19 @@ def import_hf(
 def export_hf(workdir: str, hf_dir: str, device_mesh, *, step: int | None = None) -> None:
     """The run's checkpoint at `step` (default: the newest) as a Hugging Face directory."""
     from megajax.checkpoint import Checkpointer
-    from megajax.trainer import Trainer
+    from megajax.sharded_model import ShardedModel
 
     cfg = config.from_dict(_read_json(Path(workdir) / "config.json"))
-    trainer = Trainer(cfg, device_mesh)
+    sharded = ShardedModel(cfg, device_mesh)
     ckpt = Checkpointer(Path(workdir) / "checkpoints", every=0, keep=1)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise ConfigError(f"no checkpoint in {ckpt.directory}")
-        params = ckpt.restore_params(step, trainer.abstract_state()["params"])
+        params = ckpt.restore_params(step, sharded.abstract_params())
     finally:
         ckpt.close()
     out = Path(hf_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", hf_tensors(trainer, params))
+    write_safetensors(out / "model.safetensors", hf_tensors(sharded, params))
     (out / "config.json").write_text(json.dumps(hf_config(cfg.model), indent=2))
