@@ -103,3 +103,27 @@ def test_train_and_eval_start_from_a_hugging_face_directory(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())["model"]
     assert saved["vocab_size"] == hf_vocab  # the Hugging Face shape, not the config file's
     assert before == pytest.approx(np.log(hf_vocab), rel=0.1)  # a random model: near uniform
+
+
+def test_import_into_a_trained_run_is_refused_before_its_config_is_touched(tmp_path, capsys):
+    """Check first, write last: a directory holding checkpoints keeps its config.json, and a
+    checkpoint that cannot be read writes nothing."""
+    import jax.numpy as jnp
+
+    from megajax.convert import main as convert_command
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"trained": "config"}')
+    ckpt = Checkpointer(run / "checkpoints", every=0, keep=1)
+    ckpt.save(3, {"x": jnp.zeros(2)}, {"step": 3}, force=True)
+    ckpt.close()
+    hf_dir = _save_hf("vocab1003-h64-l2", tmp_path / "hf")
+    assert convert_command(["--hf", str(hf_dir), "--out", str(run)]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == '{"trained": "config"}'
+
+    hf = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**hf, "n_layer": 3}))  # a layer too many
+    assert convert_command(["--hf", str(hf_dir), "--out", str(tmp_path / "new")]) == 2
+    assert "lacks" in capsys.readouterr().err and not (tmp_path / "new").exists()

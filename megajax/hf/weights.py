@@ -290,20 +290,30 @@ def import_hf(
     overrides=(),
     log=print,
 ) -> config.Config:
+    """A megajax work directory `out` (config.json, a checkpoint at step 0) from the Hugging
+    Face directory `hf_dir`. A directory that holds checkpoints already is refused before
+    anything is read or written; nothing is written until the weights have been read."""
+    import jax
+
     from megajax.checkpoint import Checkpointer
     from megajax.trainer import Trainer
 
+    out = Path(out)
+    if (out / "checkpoints").is_dir():
+        held = Checkpointer(out / "checkpoints", every=0, keep=3)
+        step = held.latest_step()
+        held.close()
+        if step is not None:
+            raise ConfigError(f"{out} already holds checkpoints (step {step}): choose an empty "
+                              "--out")  # fmt: skip
     weights = HFWeights(hf_dir)
     cfg = with_hf_model(cfg, weights, arch_chosen=arch_chosen, overrides=overrides)
     trainer = Trainer(cfg, device_mesh)
     state = trainer.state_from_params(load_params(trainer, weights, log=log))
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
+    if jax.process_index() == 0:
+        (out / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
     ckpt = Checkpointer(out / "checkpoints", every=0, keep=3)
-    if ckpt.latest_step() is not None:
-        ckpt.close()
-        raise ConfigError(f"{out} already holds checkpoints: choose an empty --out")
     ckpt.save(0, state, {"step": 0, "source": str(hf_dir)}, force=True)
     ckpt.close()
     return cfg
