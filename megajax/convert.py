@@ -1,12 +1,12 @@
 """Hugging Face GPT-2, BERT and Llama <-> megajax checkpoints: the command line.
 
     python -m megajax.convert --hf DIR --out WORKDIR [--mesh data=D,model=M] [--cpu_devices N]
-    python -m megajax.convert --checkpoint WORKDIR --to_hf DIR [--step N]
+    python -m megajax.convert --checkpoint WORKDIR --to_hf DIR [--step N] [--dtype bfloat16]
 
 Import writes a megajax checkpoint at step 0 (Hugging Face weights, fresh optimizer state) and
-WORKDIR/config.json, which train.py and eval.py resume from; export writes model.safetensors
-and config.json. The conversion itself is megajax/hf/weights.py, its tables
-megajax/hf/families.py.
+WORKDIR/config.json, which train.py and eval.py resume from; export writes model.safetensors,
+config.json and the run's tokenizer files (process 0 alone writes). The conversion itself is
+megajax/hf/weights.py, its tables megajax/hf/families.py.
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="a megajax work directory to export")
     parser.add_argument("--to_hf", help="the Hugging Face directory to write")
     parser.add_argument("--step", type=int, help="export: checkpoint step (default: the newest)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="export: the safetensors' dtype (bfloat16 rounds to nearest, as Llama 3 ships)",
+    )
     args = parser.parse_args(argv)
     try:
         importing, exporting = bool(args.hf and args.out), bool(args.checkpoint and args.to_hf)
@@ -50,7 +56,14 @@ def main(argv=None) -> int:
             )
             cli.lead_print(f"imported {args.hf} into {args.out} (step 0): {cfg.model}")
         else:
-            weights.export_hf(args.checkpoint, args.to_hf, mesh.make(args.mesh), step=args.step)
+            weights.export_hf(
+                args.checkpoint,
+                args.to_hf,
+                mesh.make(args.mesh),
+                step=args.step,
+                dtype=args.dtype,
+                log=cli.lead_print,
+            )
             cli.lead_print(f"exported {args.checkpoint} to {args.to_hf}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

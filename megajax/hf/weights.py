@@ -11,10 +11,14 @@ megajax/convert.py.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
+import jax
+import ml_dtypes  # bfloat16 for numpy: safetensors' numpy reader needs it registered
 import numpy as np
+from jax.experimental import multihost_utils
 
 from megajax import config
 from megajax.config import ConfigError, ModelConfig
@@ -90,15 +94,23 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def write_safetensors(path: Path, tensors) -> None:
-    """Write (name, shape, producer) triples as one safetensors file, one tensor in memory at a
-    time: the header is known from the shapes, then each tensor's bytes follow in order."""
+# Export dtypes: safetensors' name and numpy's type for each.
+DTYPES = {"float32": ("F32", np.dtype("<f4")), "bfloat16": ("BF16", np.dtype(ml_dtypes.bfloat16))}
+
+
+def write_safetensors(path: Path, tensors, *, dtype: str = "float32") -> None:
+    """Write (name, shape, producer) triples as one safetensors file of `dtype` (DTYPES), one
+    tensor in memory at a time: the header is known from the shapes, then each tensor's bytes
+    follow in order. bfloat16 rounds each float32 value to the nearest (ties to even)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    name_of, np_dtype = DTYPES[dtype]
     tensors = list(tensors)
     header, offset = {}, 0
     for name, shape, _ in tensors:
-        size = 4 * int(np.prod(shape))
+        size = np_dtype.itemsize * int(np.prod(shape))
         header[name] = {
-            "dtype": "F32",
+            "dtype": name_of,
             "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
@@ -110,7 +122,7 @@ def write_safetensors(path: Path, tensors) -> None:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, produce in tensors:
-            array = np.ascontiguousarray(produce(), dtype="<f4")
+            array = np.ascontiguousarray(np.asarray(produce(), np.float32).astype(np_dtype))
             if array.shape != tuple(shape):
                 raise ValueError(f"{name}: produced {array.shape}, header says {tuple(shape)}")
             f.write(array.tobytes())
@@ -136,8 +148,6 @@ def load_params(sharded, weights: HFWeights, *, log=print):
     Heads the model has but the checkpoint lacks (a BertModel has no masked-LM or choice head)
     or holds for another task (an NSP head for a model with SOP) are freshly initialised, as
     ShardedModel.fresh_params would; a missing encoder tensor is an error."""
-    import jax
-
     cfg = sharded.cfg.model
     layout = Layout(cfg, sharded.padded_vocab)
     table, heads = weights.family.table, weights.family.heads
@@ -182,8 +192,6 @@ def _from_host_reads(target, read, *, stacked: bool, num_layers: int):
     read(layer) (read(None) for an unstacked parameter). Each tensor is read once per process
     however many local devices hold a piece of it; stacked layers are read one at a time, so
     the host holds one whole layer beside the local shards."""
-    import jax
-
     indices = target.sharding.addressable_devices_indices_map(target.shape)
     key_of = {
         device: tuple(s.indices(n) for s, n in zip(index, target.shape, strict=True))
@@ -208,7 +216,6 @@ def _from_host_reads(target, read, *, stacked: bool, num_layers: int):
 
 def hf_tensors(sharded, params):
     """(name, shape, producer) of every Hugging Face tensor; producers fetch one at a time."""
-    import jax
 
     cfg = sharded.cfg.model
     layout = Layout(cfg, sharded.padded_vocab)
@@ -224,7 +231,10 @@ def hf_tensors(sharded, params):
         def produce(part, layer, node=node, rule=rule, last=last):
             if last.get("layer", -1) != layer:
                 x = node if layer is None else node[layer]
-                last.update(layer=layer, parts=rule.to_hf(np.asarray(jax.device_get(x)), layout))
+                # Whole on every process (a collective where the mesh spans several): every
+                # process must call the producers in the same order.
+                whole = multihost_utils.process_allgather(x, tiled=True)
+                last.update(layer=layer, parts=rule.to_hf(np.asarray(whole), layout))
             return last["parts"][part]
 
         for i in range(cfg.num_layers) if key[0] == "h" else [None]:
@@ -293,8 +303,6 @@ def import_hf(
     """A megajax work directory `out` (config.json, a checkpoint at step 0) from the Hugging
     Face directory `hf_dir`. A directory that holds checkpoints already is refused before
     anything is read or written; nothing is written until the weights have been read."""
-    import jax
-
     from megajax.checkpoint import Checkpointer
     from megajax.trainer import Trainer
 
@@ -319,11 +327,23 @@ def import_hf(
     return cfg
 
 
-def export_hf(workdir: str, hf_dir: str, device_mesh, *, step: int | None = None) -> None:
-    """The run's checkpoint at `step` (default: the newest) as a Hugging Face directory."""
+def export_hf(
+    workdir: str,
+    hf_dir: str,
+    device_mesh,
+    *,
+    step: int | None = None,
+    dtype: str = "float32",
+    log=print,
+) -> None:
+    """The run's checkpoint at `step` (default: the newest) as a Hugging Face directory:
+    model.safetensors in `dtype`, config.json and the run's tokenizer files (tokenizer_files).
+    Every process reads and gathers; process 0 alone writes."""
     from megajax.checkpoint import Checkpointer
     from megajax.sharded_model import ShardedModel
 
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     cfg = config.from_dict(_read_json(Path(workdir) / "config.json"))
     sharded = ShardedModel(cfg, device_mesh)
     ckpt = Checkpointer(Path(workdir) / "checkpoints", every=0, keep=1)
@@ -334,7 +354,66 @@ def export_hf(workdir: str, hf_dir: str, device_mesh, *, step: int | None = None
         params = ckpt.restore_params(step, sharded.abstract_params())
     finally:
         ckpt.close()
+    tensors = hf_tensors(sharded, params)
+    if jax.process_index() != 0:
+        for _, _, produce in tensors:  # the gathers are collectives: take part, write nothing
+            produce()
+        return
     out = Path(hf_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", hf_tensors(sharded, params))
-    (out / "config.json").write_text(json.dumps(hf_config(cfg.model), indent=2))
+    write_safetensors(out / "model.safetensors", tensors, dtype=dtype)
+    hf = {**hf_config(cfg.model), "dtype": dtype}
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    files = tokenizer_files(cfg, workdir)
+    for f in files:
+        shutil.copy(f, out / f.name)
+    if files:
+        log(f"tokenizer: {', '.join(f.name for f in files)} from {files[0].parent}")
+    else:
+        log(f"no Hugging Face tokenizer files for data.tokenizer={cfg.data.tokenizer} "
+            f"(vocab_dir {cfg.data.vocab_dir}): {out} holds the model alone")  # fmt: skip
+
+
+# --- the tokenizer beside the weights ------------------------------------------------------
+
+# The files transformers' AutoTokenizer reads, by data.tokenizer: those that must be there, and
+# those copied when present.
+TOKENIZER_FILES = {
+    "hf": ("tokenizer.json",),
+    "gpt2": ("vocab.json", "merges.txt"),
+    "bert": ("vocab.txt",),
+}
+COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def tokenizer_files(cfg: config.Config, workdir: str | Path) -> list[Path]:
+    """The run's tokenizer as Hugging Face files: from its prepared data (WORKDIR/data/*, or a
+    prepared data.source), which holds the files the run was trained with, else from
+    data.vocab_dir; tokenizer_config.json and the like from the first directory holding
+    them. Empty for a character-level run, a BERT over GPT-2 ids (a config's default, e.g. an
+    imported BERT's) or a GPT over WordPiece, or where the files are gone."""
+    from megajax.data import prepare
+
+    required = TOKENIZER_FILES.get(cfg.data.tokenizer)
+    bert = cfg.model.is_bert
+    if required is None or (cfg.data.tokenizer, bert) in (("gpt2", True), ("bert", False)):
+        return []  # characters; or a family's default left in a config it never read with
+    prepared = [Path(cfg.data.source.split(",")[0].rpartition(":")[2])]
+    prepared += sorted(p for p in (Path(workdir) / "data").glob("*") if p.is_dir())
+    places = []
+    for dataset in prepared:
+        manifest = dataset / prepare.MANIFEST
+        if manifest.is_file():
+            if json.loads(manifest.read_text())["tokenizer"]["name"] == cfg.data.tokenizer:
+                places.append(dataset / "tokenizer")
+    vocab = Path(cfg.data.vocab_dir)
+    places.append(vocab if vocab.is_dir() or not vocab.suffix else vocab.parent)
+    source = next((d for d in places if all((d / f).is_file() for f in required)), None)
+    if source is None:
+        return []
+    found = [source / f for f in required]
+    for name in COMPANION_FILES:
+        where = next((d / name for d in [source, *places] if (d / name).is_file()), None)
+        if where is not None:
+            found.append(where)
+    return found
