@@ -1,4 +1,4 @@
-"""Sample text from a trained GPT, or from a Hugging Face GPT-2, with a KV cache.
+"""Sample text from a trained GPT, or a Hugging Face GPT-2 or Llama, with a KV cache.
 
     python -m megajax.generate --workdir runs/sc --prompt "ROMEO:" --max_new_tokens 200
     python -m megajax.generate --hf_checkpoint HF_DIR --prompt FILE:prompt.txt --temperature 0 \
@@ -244,7 +244,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     cli.add_flags(parser, config_required=False)
     parser.add_argument("--workdir", help="a run's work directory (checkpoints, config.json)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    parser.add_argument("--hf_checkpoint", help="a Hugging Face GPT-2 directory instead")
+    parser.add_argument(
+        "--hf_checkpoint", help="a Hugging Face GPT-2 or Llama directory instead of --workdir"
+    )
 
 
 def load(args) -> tuple[Generator, object, object]:

@@ -343,3 +343,22 @@ def test_a_sharded_model_without_optimizer_generates_as_the_trainer_does(generat
     out = generate.Generator(sharded, params)(PROMPTS, new_tokens=NEW, temperature=0.0)
     expected = on_trainer(PROMPTS, new_tokens=NEW, temperature=0.0)
     np.testing.assert_array_equal(out["tokens"], expected["tokens"])
+
+
+@pytest.mark.parametrize("method", ["POST", "GET", "DELETE"])
+def test_a_method_other_than_put_gets_405_in_json_saying_to_use_put(server, method):
+    body = json.dumps({"prompts": ["a"]}).encode() if method == "POST" else None
+    request = urllib.request.Request(server, data=body, method=method)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert caught.value.code == 405 and caught.value.headers["Allow"] == "PUT"
+    assert "PUT" in json.loads(caught.value.read())["message"]
+
+
+def test_help_texts_name_llama_beside_gpt2(capsys):
+    for parse in (generate.parse_args, serve.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "Llama" in text.split("options:")[0]  # the description
+        assert "Hugging Face GPT-2 or Llama directory" in text  # --hf_checkpoint
