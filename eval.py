@@ -98,32 +98,32 @@ def _lead() -> bool:
     return jax.process_index() == 0
 
 
-def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
+def _evaluate(args, sharded, params, tokenizer) -> tuple[dict, str]:
     """(metrics, a one-line summary) of args.task."""
     from megajax.data import corpora, loader
     from megajax.evals import lambada, perplexity, race, wikitext
 
-    cfg, log = trainer.cfg, cli.lead_print
+    cfg, log = sharded.cfg, cli.lead_print
     if args.task == "val" and cfg.model.arch == "gpt":
         _, _, val_data = loader.loaders(cfg, workdir=args.workdir, log=log, lead=_lead())
         windows = perplexity.EveryTarget(val_data.datasets)
-        scores = perplexity.score(trainer, params, windows, log=log)
+        scores = perplexity.score(sharded, params, windows, log=log)
         summary = f"validation loss {scores['loss']:.4f}, perplexity {scores['ppl']:.2f}"
         return {"data": cfg.data.source, **scores}, summary
     if args.task == "val":
-        scores = _objective_metrics(trainer, params, args.workdir)
+        scores = _objective_metrics(sharded, params, args.workdir)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "samples")
         return {"data": cfg.data.source, **scores}, summary
     if args.task == "wikitext103":
         scores = wikitext.evaluate(
-            trainer, params, args.data, tokenizer, overlap=args.overlap, log=log
+            sharded, params, args.data, tokenizer, overlap=args.overlap, log=log
         )
         return {"data": args.data, **scores}, (
             f"perplexity {scores['ppl']:.2f}, adjusted {scores['adjusted_ppl']:.2f}"
         )
     if args.task == "lambada":
         scores = lambada.evaluate(
-            trainer, params, args.data, tokenizer, strict=args.strict, log=log
+            sharded, params, args.data, tokenizer, strict=args.strict, log=log
         )
         return {"data": args.data, **scores}, (
             f"{'strict' if args.strict else 'non-strict'} accuracy {scores['accuracy']:.4f} "
@@ -136,7 +136,7 @@ def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
             f"{cfg.model.arch}"
         )
     questions = loader.race_questions(cfg, corpora.read_race([args.data]), name=args.data)
-    scores = race.score(trainer, params, questions, log=log)
+    scores = race.score(sharded, params, questions, log=log)
     levels = ", ".join(
         f"{k[len('accuracy_') :]} {v:.4f}" for k, v in scores.items() if k.startswith("accuracy_")
     )
@@ -145,16 +145,16 @@ def _evaluate(args, trainer, params, tokenizer) -> tuple[dict, str]:
     )
 
 
-def _objective_metrics(trainer, params, workdir) -> dict:
+def _objective_metrics(sharded, params, workdir) -> dict:
     """A BERT's training objective and its metrics over every full batch of its validation
     samples, without dropout."""
     from megajax import run
     from megajax.data import loader
 
-    _, _, val_data = loader.loaders(trainer.cfg, workdir=workdir, log=cli.lead_print, lead=_lead())
-    batch = trainer.cfg.train.batch_size
+    _, _, val_data = loader.loaders(sharded.cfg, workdir=workdir, log=cli.lead_print, lead=_lead())
+    batch = sharded.cfg.train.batch_size
     count = max(1, sum(len(d) for d in val_data.datasets) // batch)
-    metrics = run.evaluate(trainer, trainer.compile_eval_step(), params, val_data, count)
+    metrics = run.evaluate(sharded, sharded.compile_eval_step(), params, val_data, count)
     return {"samples": count * batch, **metrics}
 
 
@@ -167,8 +167,8 @@ def main(argv=None) -> int:
         weights = cli.hf_weights(args)
         cfg = cli.trained_config(args, weights)
         tokenizer = _text_tokenizer(args, cfg, args.task) if args.task in GPT_TASKS else None
-        trainer, params, step = cli.load_trained(args, cfg, weights)
-        result, summary = _evaluate(args, trainer, params, tokenizer)
+        sharded, params, step = cli.load_trained(args, cfg, weights)
+        result, summary = _evaluate(args, sharded, params, tokenizer)
         result = {"task": args.task, "step": step, **result}
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -46,12 +46,12 @@ def main(argv=None) -> int:
         workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
         init = None
         if args.hf_checkpoint:
-            from megajax import convert
+            from megajax.hf.weights import HFWeights, load_params, with_hf_model
 
-            weights = convert.HFWeights(args.hf_checkpoint)
-            cfg = convert.with_hf_model(cfg, weights, arch_chosen=True, overrides=args.set)
+            weights = HFWeights(args.hf_checkpoint)
+            cfg = with_hf_model(cfg, weights, arch_chosen=True, overrides=args.set)
             init = lambda trainer: trainer.state_from_params(  # noqa: E731
-                convert.load_params(trainer, weights, log=cli.lead_print)
+                load_params(trainer, weights, log=cli.lead_print)
             )
         if args.dry_run:
             from megajax.plan import report

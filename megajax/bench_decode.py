@@ -41,11 +41,10 @@ def _megajax(cfg, batches, prompt_len, new_tokens):
 
     from megajax import mesh
     from megajax.generate import Generator
-    from megajax.trainer import Trainer
+    from megajax.sharded_model import ShardedModel
 
-    trainer = Trainer(cfg, mesh.make("data=1,model=1", devices=jax.devices()[:1]))
-    params = trainer.fresh_params(list(trainer.state_sharding["params"]))
-    generator = Generator(trainer, params)
+    sharded = ShardedModel(cfg, mesh.make("data=1,model=1", devices=jax.devices()[:1]))
+    generator = Generator(sharded, sharded.fresh_params())
     rng = np.random.default_rng(0)
 
     def run(batch):

@@ -5,6 +5,10 @@ moments, step, counters) and a small JSON record (data position, model shape, th
 Orbax writes a checkpoint into a temporary directory and renames it when complete, so a crash
 at any moment leaves the newest *complete* checkpoint to resume from.
 
+Evaluation, generation, serving and export read the parameters alone (restore_params): Orbax's
+partial restore through the PyTree handler, which reads the same on-disk format and leaves the
+Adam moments (two thirds of the state's bytes) unread.
+
 On restore the target layout is the current mesh's. The vocabulary padding depends on the model
 degree (128 x T), so padded leaves are read at their saved size and re-padded: their padding rows
 are zero in parameters and moments alike, which makes the re-padding exact.
@@ -24,6 +28,7 @@ from megajax import parallel
 from megajax.config import ConfigError
 
 STATE, META = "state", "meta"
+PARAMS = "params"  # the train state's entry that restore_params reads
 
 
 class Checkpointer:
@@ -75,6 +80,7 @@ class Checkpointer:
         scaler, absent from float32 and bfloat16 runs) to the values to use then; such an entry
         saved but not in `target` is read and dropped.
         """
+        self._check_step(step)
         saved = self._saved_shapes(step)
         optional = optional or {}
         missing = [k for k in optional if k in target and not _holds(saved, k)]
@@ -105,6 +111,46 @@ class Checkpointer:
         state = {k: v for k, v in restored[STATE].items() if k in target}
         state = _repad(state, target)
         return {**state, **{k: optional[k] for k in missing}}, restored[META]
+
+    def restore_params(self, step: int, target):
+        """The parameters alone of the checkpoint at `step`, laid out as `target` (the
+        parameters' pytree of jax.ShapeDtypeStruct with the current mesh's shardings): the
+        optimizer moments and counters are neither read nor allocated."""
+        self._check_step(step)
+        saved = {p[1:]: s for p, s in self._saved_shapes(step).items() if p[0] == PARAMS}
+        _check_shapes(saved, target, step)
+        read_as = jax.tree_util.tree_map_with_path(
+            lambda path, want: _read_layout(saved[_names(path)], want), target
+        )
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape),
+            read_as,
+        )
+        # StandardRestore has no partial option; the PyTree handler reads what StandardSave
+        # wrote, and with partial_restore only the leaves `item` names.
+        reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        try:
+            restored = reader.restore(
+                self.directory / str(step) / STATE,
+                args=ocp.args.PyTreeRestore(
+                    item={PARAMS: read_as},
+                    restore_args={PARAMS: restore_args},
+                    partial_restore=True,
+                ),
+            )
+        except Exception as e:  # Orbax and TensorStore raise many kinds for damaged files
+            raise self._damaged(step, e) from None
+        finally:
+            reader.close()
+        return _repad(restored[PARAMS], target)
+
+    def _check_step(self, step: int) -> None:
+        steps = sorted(self._manager.all_steps())
+        if step not in steps:
+            raise ConfigError(
+                f"no checkpoint at step {step} in {self.directory}; steps saved: "
+                f"{', '.join(map(str, steps)) or 'none'}"
+            )
 
     def _saved_shapes(self, step: int):
         try:

@@ -212,13 +212,13 @@ def lead_print(*values) -> None:
 
 
 def hf_weights(args: argparse.Namespace):
-    """The --hf_checkpoint directory opened (convert.HFWeights), or None without one; opened
-    once and handed to trained_config and load_trained."""
+    """The --hf_checkpoint directory opened (megajax.hf.weights.HFWeights), or None without
+    one; opened once and handed to trained_config and load_trained."""
     if not args.hf_checkpoint:
         return None
-    from megajax import convert
+    from megajax.hf.weights import HFWeights
 
-    return convert.HFWeights(args.hf_checkpoint)
+    return HFWeights(args.hf_checkpoint)
 
 
 def trained_config(args: argparse.Namespace, weights=None) -> config.Config:
@@ -238,33 +238,35 @@ def trained_config(args: argparse.Namespace, weights=None) -> config.Config:
     else:
         raise ConfigError(f"{saved} not found: pass --config, or a --workdir that train.py wrote")
     if weights is not None:
-        from megajax import convert
+        from megajax.hf.weights import with_hf_model
 
         # A config file, the work directory's config or --set model.arch chose the family.
         chosen = bool(args.config) or (bool(args.workdir) and saved.is_file())
         chosen |= any(s.startswith("model.arch=") for s in args.set)
-        cfg = convert.with_hf_model(cfg, weights, arch_chosen=chosen)
+        cfg = with_hf_model(cfg, weights, arch_chosen=chosen)
     return cfg
 
 
 def load_trained(args: argparse.Namespace, cfg: config.Config, weights=None):
-    """(Trainer, params, step) of `cfg` (trained_config) on the --mesh: the parameters of the
-    --workdir's newest (or --step) checkpoint or of --hf_checkpoint (opened as `weights`, see
-    hf_weights). Call after start(args)."""
+    """(ShardedModel, params, step) of `cfg` (trained_config) on the --mesh: the parameters
+    alone of the --workdir's newest (or --step) checkpoint, or of --hf_checkpoint (opened as
+    `weights`, see hf_weights). Call after start(args)."""
     from pathlib import Path
 
     from megajax.checkpoint import Checkpointer
-    from megajax.trainer import Trainer
+    from megajax.sharded_model import ShardedModel
 
-    trainer = Trainer(cfg, mesh.make(args.mesh))
+    sharded = ShardedModel(cfg, mesh.make(args.mesh))
     if weights is not None:
-        from megajax import convert
+        from megajax.hf.weights import load_params
 
-        return trainer, convert.load_params(trainer, weights, log=lead_print), args.hf_checkpoint
+        return sharded, load_params(sharded, weights, log=lead_print), args.hf_checkpoint
     ckpt = Checkpointer(Path(args.workdir) / "checkpoints", every=0, keep=1)
-    step = args.step if args.step is not None else ckpt.latest_step()
-    if step is None:
-        raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
-    params = ckpt.restore(step, trainer.abstract_state())[0]["params"]
-    ckpt.close()
-    return trainer, params, step
+    try:
+        step = args.step if args.step is not None else ckpt.latest_step()
+        if step is None:
+            raise ConfigError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
+        params = ckpt.restore_params(step, sharded.abstract_params())
+    finally:
+        ckpt.close()
+    return sharded, params, step

@@ -1,334 +1,21 @@
-"""Hugging Face GPT-2, BERT and Llama <-> megajax weights, streamed one tensor at a time.
+"""Hugging Face GPT-2, BERT and Llama <-> megajax checkpoints: the command line.
 
     python -m megajax.convert --hf DIR --out WORKDIR [--mesh data=D,model=M] [--cpu_devices N]
-    python -m megajax.convert --checkpoint WORKDIR --to_hf DIR
+    python -m megajax.convert --checkpoint WORKDIR --to_hf DIR [--step N] [--dtype bfloat16]
 
 Import writes a megajax checkpoint at step 0 (Hugging Face weights, fresh optimizer state) and
-WORKDIR/config.json, which train.py and eval.py resume from. Each process reads each tensor
-once and gives each of its devices only the slices it holds; export writes model.safetensors
-tensor by tensor. The HF config's model_type picks a family; the layout differences are in its
-table (megajax.hf_tables).
+WORKDIR/config.json, which train.py and eval.py resume from; export writes model.safetensors,
+config.json and the run's tokenizer files (process 0 alone writes). The conversion itself is
+megajax/hf/weights.py, its tables megajax/hf/families.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import struct
 import sys
-from pathlib import Path
-
-import numpy as np
 
 from megajax import cli, config, mesh
-from megajax.config import ConfigError, ModelConfig
-from megajax.hf_tables import (
-    FAMILIES,
-    Layout,
-    Rule,
-    binary_head_of,
-    family_of,
-    hf_config,
-    model_type_of,
-)
-
-# --- reading and writing tensors -----------------------------------------------------------
-
-
-class HFWeights:
-    """Random access to the tensors of a save_pretrained directory, one tensor at a time."""
-
-    def __init__(self, directory: str | Path):
-        directory = self.directory = Path(directory)
-        self.config = _read_json(directory / "config.json")
-        single = directory / "model.safetensors"
-        index = directory / "model.safetensors.index.json"
-        if single.is_file() or index.is_file():
-            from safetensors import safe_open
-
-            files = [single] if single.is_file() else sorted(
-                {directory / f for f in _read_json(index)["weight_map"].values()}
-            )  # fmt: skip
-            self._files = [safe_open(str(f), framework="numpy") for f in files]
-            self._where = {k: f for f in self._files for k in f.keys()}  # noqa: SIM118
-        elif (directory / "pytorch_model.bin").is_file():
-            try:
-                import torch
-            except ImportError:
-                raise ConfigError("reading pytorch_model.bin needs torch installed") from None
-            state = torch.load(
-                directory / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True
-            )
-            self._where = {k: _TorchTensor(v) for k, v in state.items()}
-        else:
-            raise ConfigError(f"{directory}: no model.safetensors or pytorch_model.bin")
-        self.family = family_of(self.config)
-        # A bare base model (GPT2Model, BertModel) names its tensors without the base prefix.
-        base = self.family.base
-        self._strip = "" if any(n.startswith(base) for n in self._where) else base
-
-    def _key(self, name: str) -> str:
-        return name.removeprefix(self._strip) if self._strip else name
-
-    def has(self, name: str) -> bool:
-        return self._key(name) in self._where
-
-    def get(self, name: str) -> np.ndarray:
-        key = self._key(name)
-        if key not in self._where:
-            raise ConfigError(f"the Hugging Face checkpoint has no tensor {key!r}")
-        return np.asarray(self._where[key].get_tensor(key), dtype=np.float32)
-
-
-class _TorchTensor:
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-    def get_tensor(self, _name):
-        return self.tensor.float().numpy()
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: expected a Hugging Face save_pretrained directory")
-    return json.loads(path.read_text())
-
-
-def write_safetensors(path: Path, tensors) -> None:
-    """Write (name, shape, producer) triples as one safetensors file, one tensor in memory at a
-    time: the header is known from the shapes, then each tensor's bytes follow in order."""
-    tensors = list(tensors)
-    header, offset = {}, 0
-    for name, shape, _ in tensors:
-        size = 4 * int(np.prod(shape))
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, produce in tensors:
-            array = np.ascontiguousarray(produce(), dtype="<f4")
-            if array.shape != tuple(shape):
-                raise ValueError(f"{name}: produced {array.shape}, header says {tuple(shape)}")
-            f.write(array.tobytes())
-
-
-# --- import and export ---------------------------------------------------------------------
-
-
-def _path_key(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", k)) for k in path)
-
-
-def _names(rule: Rule, key: tuple, num_layers: int) -> list[str]:
-    """Every Hugging Face tensor a parameter is made of, over all layers for the stacked `h`."""
-    layers = range(num_layers) if key[0] == "h" else [None]
-    return [name.format(i=i) for i in layers for name in rule.names]
-
-
-def load_params(trainer, weights: HFWeights, *, log=print):
-    """The model's parameters from Hugging Face weights: each tensor read once per process, each
-    local device given only its slices.
-
-    Heads the model has but the checkpoint lacks (a BertModel has no masked-LM or choice head)
-    or holds for another task (an NSP head for a model with SOP) are freshly initialised, as
-    Trainer.init_state would; a missing encoder tensor is an error."""
-    import jax
-
-    cfg = trainer.cfg.model
-    layout = Layout(cfg, trainer.padded_vocab)
-    table, heads = weights.family.table, weights.family.heads
-    abstract = trainer.abstract_state()["params"]
-    keys = [_path_key(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
-    absent = {k: [n for n in _names(table[k], k, cfg.num_layers) if not weights.has(n)]
-              for k in keys}  # fmt: skip
-    fresh = sorted({k[0] for k in keys if absent[k] and k[0] in heads})
-    if "binary" in abstract and binary_head_of(weights.config) not in (None, cfg.binary_head):
-        fresh = sorted({*fresh, "binary"})
-    missing = [n for k in keys if k[0] not in heads for n in absent[k]]
-    if missing:
-        raise ConfigError(f"the Hugging Face checkpoint lacks {len(missing)} tensors of the "
-                          f"model, e.g. {', '.join(missing[:3])}")  # fmt: skip
-    if fresh:
-        log(f"freshly initialised (train.seed={trainer.cfg.train.seed}), not in the Hugging Face "
-            f"checkpoint for model.arch={cfg.arch}"
-            f"{f', binary_head={cfg.binary_head}' if cfg.arch == 'bert' else ''}: "
-            f"{', '.join(fresh)}")  # fmt: skip
-    initial = trainer.fresh_params(fresh) if fresh else {}
-
-    def leaf(path, target):
-        key = _path_key(path)
-        if key[0] in initial:
-            node = initial
-            for k in key:
-                node = node[k]
-            return node
-        rule = table[key]
-
-        def read(layer: int | None) -> np.ndarray:
-            parts = [weights.get(name.format(i=layer)) for name in rule.names]
-            return rule.to_megajax(parts, layout)
-
-        return _from_host_reads(target, read, stacked=key[0] == "h", num_layers=cfg.num_layers)
-
-    return jax.tree_util.tree_map_with_path(leaf, abstract)
-
-
-def _from_host_reads(target, read, *, stacked: bool, num_layers: int):
-    """A global array of `target`'s shape and sharding whose local shards are filled from
-    read(layer) (read(None) for an unstacked parameter). Each tensor is read once per process
-    however many local devices hold a piece of it; stacked layers are read one at a time, so
-    the host holds one whole layer beside the local shards."""
-    import jax
-
-    indices = target.sharding.addressable_devices_indices_map(target.shape)
-    key_of = {
-        device: tuple(s.indices(n) for s, n in zip(index, target.shape, strict=True))
-        for device, index in indices.items()
-    }
-    distinct = {key_of[device]: index for device, index in indices.items()}  # data replicas: once
-    if stacked:
-        shape = target.sharding.shard_shape(target.shape)
-        shards = {k: np.empty(shape, dtype=target.dtype) for k in distinct}
-        rows = {k: range(num_layers)[index[0]] for k, index in distinct.items()}
-        for layer in range(num_layers):
-            whole = read(layer)
-            for k, index in distinct.items():
-                if layer in rows[k]:
-                    shards[k][rows[k].index(layer)] = whole[index[1:]]
-    else:
-        whole = read(None)
-        shards = {k: whole[index].astype(target.dtype) for k, index in distinct.items()}
-    arrays = [jax.device_put(shards[key_of[device]], device) for device in indices]
-    return jax.make_array_from_single_device_arrays(target.shape, target.sharding, arrays)
-
-
-def hf_tensors(trainer, params):
-    """(name, shape, producer) of every Hugging Face tensor; producers fetch one at a time."""
-    import jax
-
-    cfg = trainer.cfg.model
-    layout = Layout(cfg, trainer.padded_vocab)
-    out = []
-    for path, node in jax.tree_util.tree_flatten_with_path(params)[0]:
-        key = _path_key(path)
-        rule = FAMILIES[model_type_of(cfg)].table[key]
-        shape = node.shape[1:] if key[0] == "h" else node.shape
-        # HF shapes from a zero-strided stand-in: the transforms only slice and view it.
-        shapes = [x.shape for x in rule.to_hf(np.broadcast_to(np.float32(0), shape), layout)]
-        last = {}  # query, key and value come from one fetch of their fused qkv
-
-        def produce(part, layer, node=node, rule=rule, last=last):
-            if last.get("layer", -1) != layer:
-                x = node if layer is None else node[layer]
-                last.update(layer=layer, parts=rule.to_hf(np.asarray(jax.device_get(x)), layout))
-            return last["parts"][part]
-
-        for i in range(cfg.num_layers) if key[0] == "h" else [None]:
-            for part, (name, s) in enumerate(zip(rule.names, shapes, strict=True)):
-                out.append((name.format(i=i), s, lambda f=produce, p=part, i=i: f(p, i)))
-    return out
-
-
-# Model options that are not the checkpoint's shape: the config's values are kept, and an
-# explicit --set wins over the checkpoint's (GPT-2's resid_pdrop, BERT's hidden_dropout_prob...).
-COMPUTE_OPTIONS = ("remat", "compute_dtype", "make_vocab_size_divisible_by", "attention")
-TRAINING_OPTIONS = ("dropout", "init_std", "layernorm_eps")
-
-
-def with_hf_model(
-    cfg: config.Config, weights: HFWeights, *, arch_chosen: bool = False, overrides=()
-):
-    """`cfg` with the model shape of the Hugging Face checkpoint (compute options kept).
-
-    `arch_chosen`: the user's config chose model.arch (a config file, or --set); then its
-    family must be the checkpoint's, a BERT keeps the config's arch and heads, and a shorter
-    model.seq_len than the checkpoint's positions is kept (its first positions are read).
-    Otherwise the checkpoint's architecture decides them.
-
-    `overrides`: the user's explicit SECTION.FIELD=VALUE assignments (--set). Those of
-    model.dropout, init_std and layernorm_eps win over the checkpoint's values; one that
-    contradicts the checkpoint's shape is an error."""
-    fields = weights.family.model_fields(weights.config)
-    if arch_chosen:
-        if cfg.model.is_bert != (fields["arch"] != "gpt"):
-            raise ConfigError(
-                f"the Hugging Face checkpoint is a {weights.config['model_type']} model but the "
-                f"config asks for model.arch={cfg.model.arch}: use a config of its family"
-            )
-        if cfg.model.is_bert:
-            fields |= {k: getattr(cfg.model, k) for k in ("arch", "binary_head", "num_choices")}
-        # Train on shorter sequences than the checkpoint has positions for: its first ones.
-        fields["seq_len"] = min(fields["seq_len"], cfg.model.seq_len)
-    hf = config.to_dict(config.Config(model=ModelConfig(**fields)))["model"]
-    explicit = {k.partition("=")[0][len("model.") :] for k in overrides if k.startswith("model.")}
-    for name in sorted(explicit - set(COMPUTE_OPTIONS) - set(TRAINING_OPTIONS)):
-        if getattr(cfg.model, name) != hf[name]:
-            raise ConfigError(
-                f"model.{name}={getattr(cfg.model, name)} was set but the Hugging Face "
-                f"checkpoint has {hf[name]}: drop the option or use another checkpoint"
-            )
-    kept = (*COMPUTE_OPTIONS, *(explicit & set(TRAINING_OPTIONS)))
-    cfg = config.replace(cfg, model={**hf, **{k: getattr(cfg.model, k) for k in kept}})
-    llama = weights.config.get("model_type") == "llama"
-    if llama and cfg.data.tokenizer == "gpt2" and (weights.directory / "tokenizer.json").is_file():
-        # A Llama checkpoint's own tokenizer in place of the default GPT-2 BPE.
-        cfg = config.replace(cfg, data=dict(tokenizer="hf", vocab_dir=str(weights.directory)))
-    return cfg
-
-
-def import_hf(
-    hf_dir: str,
-    out: str,
-    cfg: config.Config,
-    device_mesh,
-    *,
-    arch_chosen=False,
-    overrides=(),
-    log=print,
-) -> config.Config:
-    from megajax.checkpoint import Checkpointer
-    from megajax.trainer import Trainer
-
-    weights = HFWeights(hf_dir)
-    cfg = with_hf_model(cfg, weights, arch_chosen=arch_chosen, overrides=overrides)
-    trainer = Trainer(cfg, device_mesh)
-    state = trainer.state_from_params(load_params(trainer, weights, log=log))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
-    ckpt = Checkpointer(out / "checkpoints", every=0, keep=3)
-    if ckpt.latest_step() is not None:
-        ckpt.close()
-        raise ConfigError(f"{out} already holds checkpoints: choose an empty --out")
-    ckpt.save(0, state, {"step": 0, "source": str(hf_dir)}, force=True)
-    ckpt.close()
-    return cfg
-
-
-def export_hf(workdir: str, hf_dir: str, device_mesh) -> None:
-    from megajax.checkpoint import Checkpointer
-    from megajax.trainer import Trainer
-
-    cfg = config.from_dict(_read_json(Path(workdir) / "config.json"))
-    trainer = Trainer(cfg, device_mesh)
-    ckpt = Checkpointer(Path(workdir) / "checkpoints", every=0, keep=1)
-    step = ckpt.latest_step()
-    if step is None:
-        raise ConfigError(f"no checkpoint in {ckpt.directory}")
-    state, _ = ckpt.restore(step, trainer.abstract_state())
-    ckpt.close()
-    out = Path(hf_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", hf_tensors(trainer, state["params"]))
-    (out / "config.json").write_text(json.dumps(hf_config(cfg.model), indent=2))
+from megajax.config import ConfigError
 
 
 def main(argv=None) -> int:
@@ -338,6 +25,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="the megajax work directory to write")
     parser.add_argument("--checkpoint", help="a megajax work directory to export")
     parser.add_argument("--to_hf", help="the Hugging Face directory to write")
+    parser.add_argument("--step", type=int, help="export: checkpoint step (default: the newest)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="export: the safetensors' dtype (bfloat16 rounds to nearest, as Llama 3 ships)",
+    )
     args = parser.parse_args(argv)
     try:
         importing, exporting = bool(args.hf and args.out), bool(args.checkpoint and args.to_hf)
@@ -347,9 +41,11 @@ def main(argv=None) -> int:
             )
         cfg = cli.load_config(args) if args.config else config.Config()
         cli.start(args)
+        from megajax.hf import weights
+
         if importing:
             chosen = bool(args.config) or any(s.startswith("model.arch=") for s in args.set)
-            cfg = import_hf(
+            cfg = weights.import_hf(
                 args.hf,
                 args.out,
                 cfg,
@@ -358,10 +54,17 @@ def main(argv=None) -> int:
                 overrides=args.set,
                 log=cli.lead_print,
             )
-            print(f"imported {args.hf} into {args.out} (step 0): {cfg.model}")
+            cli.lead_print(f"imported {args.hf} into {args.out} (step 0): {cfg.model}")
         else:
-            export_hf(args.checkpoint, args.to_hf, mesh.make(args.mesh))
-            print(f"exported {args.checkpoint} to {args.to_hf}")
+            weights.export_hf(
+                args.checkpoint,
+                args.to_hf,
+                mesh.make(args.mesh),
+                step=args.step,
+                dtype=args.dtype,
+                log=cli.lead_print,
+            )
+            cli.lead_print(f"exported {args.checkpoint} to {args.to_hf}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

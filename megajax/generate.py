@@ -1,4 +1,4 @@
-"""Sample text from a trained GPT, or from a Hugging Face GPT-2, with a KV cache.
+"""Sample text from a trained GPT, or a Hugging Face GPT-2 or Llama, with a KV cache.
 
     python -m megajax.generate --workdir runs/sc --prompt "ROMEO:" --max_new_tokens 200
     python -m megajax.generate --hf_checkpoint HF_DIR --prompt FILE:prompt.txt --temperature 0 \
@@ -35,21 +35,22 @@ PROMPT_BUCKET = 16  # prompt lengths are padded up to a multiple of this: fewer 
 
 
 class Generator:
-    """Batched generation with a trained GPT's sharded parameters on the trainer's mesh."""
+    """Batched generation with a trained GPT's parameters on its mesh: `sharded` is the
+    model's ShardedModel (a Trainer serves too), `params` laid out as its param_sharding."""
 
-    def __init__(self, trainer, params):
+    def __init__(self, sharded, params):
         import jax
 
-        if trainer.cfg.model.arch != "gpt":
+        if sharded.cfg.model.arch != "gpt":
             raise ConfigError(
                 f"text generation needs a GPT (model.arch=gpt), not model.arch="
-                f"{trainer.cfg.model.arch}: a BERT does not predict the next token"
+                f"{sharded.cfg.model.arch}: a BERT does not predict the next token"
             )
-        self.trainer, self.params = trainer, params
-        self.seq_len, self.vocab_size = trainer.cfg.model.seq_len, trainer.cfg.model.vocab_size
-        self.data_degree = trainer.mesh.shape[parallel.DATA]
+        self.sharded, self.params = sharded, params
+        self.seq_len, self.vocab_size = sharded.cfg.model.seq_len, sharded.cfg.model.vocab_size
+        self.data_degree = sharded.mesh.shape[parallel.DATA]
         self._programs = {}  # (rows, width, new_tokens, prompt_logprobs) -> compiled
-        self._replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
+        self._replicated = jax.sharding.NamedSharding(sharded.mesh, jax.sharding.PartitionSpec())
 
     def check_length(self, prompt_len: int) -> None:
         if prompt_len < 1:
@@ -123,7 +124,7 @@ class Generator:
         fn = functools.partial(
             self._generate, new_tokens=new_tokens, prompt_logprobs=prompt_logprobs
         )
-        with self.trainer.context():
+        with self.sharded.context():
             self._programs[key] = jax.jit(fn).lower(self.params, *args).compile()
         return self._programs[key]
 
@@ -137,8 +138,8 @@ class Generator:
         from megajax import loss, sampling
         from megajax.parallel import constrain
 
-        model = self.trainer.model(params)
-        vocab, head = self.trainer.cfg.model.vocab_size, model.lm_head
+        model = self.sharded.model(params)
+        vocab, head = self.vocab_size, model.lm_head
         (batch, width), slots = ids.shape, min(ids.shape[1] + new_tokens, self.seq_len)
         slot = jnp.arange(slots)
         real = slot[None, :] >= pads[:, None]  # (batch, slots): False on the left padding
@@ -243,7 +244,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     cli.add_flags(parser, config_required=False)
     parser.add_argument("--workdir", help="a run's work directory (checkpoints, config.json)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    parser.add_argument("--hf_checkpoint", help="a Hugging Face GPT-2 directory instead")
+    parser.add_argument(
+        "--hf_checkpoint", help="a Hugging Face GPT-2 or Llama directory instead of --workdir"
+    )
 
 
 def load(args) -> tuple[Generator, object, object]:
@@ -252,13 +255,11 @@ def load(args) -> tuple[Generator, object, object]:
     weights = cli.hf_weights(args)
     cfg = cli.trained_config(args, weights)
     # Training's memory switches do not apply to decoding, which feeds one token at a time and
-    # runs no backward pass; the checkpoint restores without them (its layout does not change).
-    cfg = config.replace(
-        cfg, model=dict(sequence_parallel=False, remat="none"), optim=dict(distributed=False)
-    )
+    # runs no backward pass; the parameters restore without them (their layout does not change).
+    cfg = config.replace(cfg, model=dict(sequence_parallel=False, remat="none"))
     tokenizer = loader.tokenizer_for(cfg, workdir=args.workdir, hf_checkpoint=args.hf_checkpoint)
-    trainer, params, step = cli.load_trained(args, cfg, weights)
-    return Generator(trainer, params), tokenizer, step
+    sharded, params, step = cli.load_trained(args, cfg, weights)
+    return Generator(sharded, params), tokenizer, step
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from megajax import parallel
 
 
-def _local_logits(hidden, table, bias, vocab_size):
+def local_logits(hidden, table, bias, vocab_size):
     """This shard's logits, (batch, length, vocab / T), with padded vocabulary rows at -inf."""
     logits = jnp.einsum(
         "bsh,vh->bsv", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32
@@ -27,7 +27,7 @@ def _local_logits(hidden, table, bias, vocab_size):
 
 
 def _cross_entropy_shard(hidden, table, bias, targets, vocab_size):
-    logits, start = _local_logits(hidden, table, bias, vocab_size)
+    logits, start = local_logits(hidden, table, bias, vocab_size)
     row_max = jax.lax.pmax(jax.lax.stop_gradient(logits.max(-1)), parallel.MODEL)
     shifted = logits - row_max[..., None]
     sum_exp = jax.lax.psum(jnp.exp(shifted).sum(-1), parallel.MODEL)
@@ -41,13 +41,19 @@ def _cross_entropy_shard(hidden, table, bias, targets, vocab_size):
     return jnp.log(sum_exp) - target_logit, target_logit >= 0
 
 
-def _argmax_shard(hidden, table, bias, vocab_size):
-    logits, start = _local_logits(hidden, table, bias, vocab_size)
-    best = logits.max(-1)
+def global_argmax(scores, start):
+    """The id of the largest score over all model shards, from this shard's scores (..., vocab
+    / T) whose first id is `start`: ties go to the lowest id, as a single-device argmax breaks
+    them (the max, then the min of the candidate ids, over `model`)."""
+    best = scores.max(-1)
     global_best = jax.lax.pmax(best, parallel.MODEL)
-    # Lowest id among the shards holding the maximum, as a single-device argmax breaks ties.
-    candidate = jnp.where(best == global_best, start + logits.argmax(-1), jnp.iinfo(jnp.int32).max)
+    candidate = jnp.where(best == global_best, start + scores.argmax(-1), jnp.iinfo(jnp.int32).max)
     return jax.lax.pmin(candidate, parallel.MODEL)
+
+
+def _argmax_shard(hidden, table, bias, vocab_size):
+    logits, start = local_logits(hidden, table, bias, vocab_size)
+    return global_argmax(logits, start)
 
 
 def _vocab_sharded(fn, hidden, table, bias, *rest, vocab_size, out_specs):

@@ -19,6 +19,7 @@ from megajax import metrics, watchdog
 from megajax.checkpoint import Checkpointer
 from megajax.config import Config, ConfigError
 from megajax.data import loader
+from megajax.sharded_model import ShardedModel
 from megajax.trainer import Trainer
 
 
@@ -31,11 +32,11 @@ class Stopped(Exception):
 
 
 def evaluate(
-    trainer: Trainer, eval_fn, params, val_data: loader.Loader, batches: int
+    sharded: ShardedModel, eval_fn, params, val_data: loader.Loader, batches: int
 ) -> dict[str, float]:
     """The loss and the objective's metrics averaged over the first `batches` fixed batches of
-    held-out samples, without dropout (eval_fn: Trainer.compile_eval_step)."""
-    results = [eval_fn(params, trainer.put_eval_batch(val_data.batch(i))) for i in range(batches)]
+    held-out samples, without dropout (eval_fn: ShardedModel.compile_eval_step)."""
+    results = [eval_fn(params, sharded.put_eval_batch(val_data.batch(i))) for i in range(batches)]
     results = jax.device_get(results)
     return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 

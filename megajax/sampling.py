@@ -45,7 +45,7 @@ def sample(hidden, table, keys, *, temperature, top_k, top_p, vocab_size: int):
 
 
 def _sample_shard(hidden, table, keys, temperature, top_k, top_p, vocab_size):
-    logits, start = loss._local_logits(hidden[:, None], table, None, vocab_size)
+    logits, start = loss.local_logits(hidden[:, None], table, None, vocab_size)
     logits = logits[:, 0]  # (batch / D, vocab / T), padded rows at -inf
     ids = start + jnp.arange(logits.shape[-1])
     sampled = temperature > 0
@@ -58,7 +58,7 @@ def _sample_shard(hidden, table, keys, temperature, top_k, top_p, vocab_size):
         lambda: jax.vmap(_gumbel, in_axes=(0, None))(keys, ids),
         lambda: jnp.zeros_like(scaled),
     )
-    token = _global_argmax(scaled + noise, start)
+    token = loss.global_argmax(scaled + noise, start)
     # log p(token) = logit - log sum exp(logits), every term reduced over the shards.
     row_max = jax.lax.pmax(logits.max(-1), parallel.MODEL)
     sum_exp = jax.lax.psum(jnp.exp(logits - row_max[:, None]).sum(-1), parallel.MODEL)
@@ -70,14 +70,6 @@ def _gumbel(key_data, ids):
     """Standard Gumbel noise for each token id, a function of (key, id) alone."""
     key = jax.random.wrap_key_data(key_data)
     return jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(key, i)))(ids)
-
-
-def _global_argmax(scores, start):
-    """The id of the largest score over all shards, ties to the lowest id."""
-    best = scores.max(-1)
-    global_best = jax.lax.pmax(best, parallel.MODEL)
-    candidate = jnp.where(best == global_best, start + scores.argmax(-1), jnp.iinfo(jnp.int32).max)
-    return jax.lax.pmin(candidate, parallel.MODEL)
 
 
 def _keep_top_k(scaled, top_k):

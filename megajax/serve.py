@@ -1,4 +1,4 @@
-"""Megatron-LM's text generation REST server for a trained GPT or a Hugging Face GPT-2.
+"""Megatron-LM's text generation REST server for a trained GPT or a Hugging Face GPT-2 or Llama.
 
     python -m megajax.serve --workdir runs/sc --port 5000
     curl -X PUT localhost:5000/api -H 'Content-Type: application/json' \
@@ -9,8 +9,9 @@
 `random_seed` and `logprobs`; it answers `text` (each prompt plus its completion), `segments`
 (each token of it as text) and, when asked, `logprobs` (log p of every token after the first).
 `tokens_to_generate: 0` with `logprobs: true` scores the prompts. A bad request gets HTTP 400
-and a message. Requests are served one at a time, each a batch of its prompts: concurrent
-clients queue on a lock and never share the model mid-request.
+and a message, any other method than PUT HTTP 405 (both JSON). Requests are served one at a
+time, each a batch of its prompts: concurrent clients queue on a lock and never share the model
+mid-request.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class Service:
         self.lock = threading.Lock()
 
     def answer(self, body: bytes) -> dict:
-        options = parse_request(body, vocab_size=self.generator.trainer.cfg.model.vocab_size)
+        options = parse_request(body, vocab_size=self.generator.vocab_size)
         try:
             prompts = [text_ids(self.tokenizer, p) for p in options["prompts"]]
         except KeyError as e:
@@ -141,13 +142,29 @@ def make_server(service: Service, host: str, port: int) -> ThreadingHTTPServer:
             except Exception as e:  # the server keeps serving the next request
                 return self._send(500, {"message": f"{type(e).__name__}: {e}"})
 
-        def _send(self, status: int, payload: dict):
+        def __getattr__(self, name):
+            # http.server answers a method without a do_METHOD with an HTML 501 page: any
+            # method but PUT gets a JSON answer instead.
+            if name.startswith("do_"):
+                return self._not_put
+            raise AttributeError(name)
+
+        def _not_put(self):
+            if self.path.rstrip("/") != "/api":
+                return self._send(404, {"message": f"no such endpoint {self.path}: use /api"})
+            message = f"{self.command} /api is not served: send the JSON request with PUT /api"
+            return self._send(405, {"message": message}, Allow="PUT")
+
+        def _send(self, status: int, payload: dict, **headers):
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for key, value in headers.items():
+                self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
         def log_message(self, fmt, *args):
             print(f"{self.address_string()} {fmt % args}", file=sys.stderr, flush=True)

@@ -12,8 +12,9 @@ import torch
 from conftest import device_mesh, lm_logits
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from megajax import config, convert
+from megajax import config
 from megajax.checkpoint import Checkpointer
+from megajax.hf import weights as convert  # the conversion, without its command line
 from megajax.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +103,83 @@ def test_train_and_eval_start_from_a_hugging_face_directory(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())["model"]
     assert saved["vocab_size"] == hf_vocab  # the Hugging Face shape, not the config file's
     assert before == pytest.approx(np.log(hf_vocab), rel=0.1)  # a random model: near uniform
+
+
+def test_import_into_a_trained_run_is_refused_before_its_config_is_touched(tmp_path, capsys):
+    """Check first, write last: a directory holding checkpoints keeps its config.json, and a
+    checkpoint that cannot be read writes nothing."""
+    import jax.numpy as jnp
+
+    from megajax.convert import main as convert_command
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"trained": "config"}')
+    ckpt = Checkpointer(run / "checkpoints", every=0, keep=1)
+    ckpt.save(3, {"x": jnp.zeros(2)}, {"step": 3}, force=True)
+    ckpt.close()
+    hf_dir = _save_hf("vocab1003-h64-l2", tmp_path / "hf")
+    assert convert_command(["--hf", str(hf_dir), "--out", str(run)]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == '{"trained": "config"}'
+
+    hf = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**hf, "n_layer": 3}))  # a layer too many
+    assert convert_command(["--hf", str(hf_dir), "--out", str(tmp_path / "new")]) == 2
+    assert "lacks" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+class _NotProcess0:
+    """jax as a process other than 0 of a job sees it."""
+
+    def __getattr__(self, name):
+        import jax
+
+        return getattr(jax, name)
+
+    @staticmethod
+    def process_index():
+        return 1
+
+
+def test_export_writes_from_process_0_alone_with_the_runs_tokenizer(tmp_path, monkeypatch):
+    """Every process gathers each tensor, process 0 alone writes; the directory carries the
+    GPT-2 BPE files the run was prepared with (its data.vocab_dir gone since), and
+    transformers' AutoTokenizer loads it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from megajax.convert import main as convert_command
+    from megajax.data import prepare
+
+    hf_dir = _save_hf("vocab1003-h64-l2", tmp_path / "hf")
+    run = tmp_path / "run"
+    convert.import_hf(str(hf_dir), str(run), config.Config(), device_mesh(1, 1))
+    saved = json.loads((run / "config.json").read_text())
+    saved["data"]["vocab_dir"] = str(tmp_path / "moved")
+    (run / "config.json").write_text(json.dumps(saved))
+    prepared = run / "data" / "input-gpt2-0123"
+    (prepared / "tokenizer").mkdir(parents=True)
+    (prepared / prepare.MANIFEST).write_text(json.dumps({"tokenizer": {"name": "gpt2"}}))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(ROOT / "data/gpt2" / name, prepared / "tokenizer" / name)
+    gathered, real_gather = [], convert.multihost_utils.process_allgather
+    monkeypatch.setattr(
+        convert.multihost_utils,
+        "process_allgather",
+        lambda x, tiled: gathered.append(x.shape) or real_gather(x, tiled=tiled),
+    )
+    argv = ["--checkpoint", str(run), "--mesh", "data=2,model=4", "--to_hf"]
+    with monkeypatch.context() as elsewhere:
+        elsewhere.setattr(convert, "jax", _NotProcess0())
+        assert convert_command([*argv, str(tmp_path / "other")]) == 0
+    assert not (tmp_path / "other").exists()
+    as_other, gathered[:] = list(gathered), []
+    assert convert_command([*argv, str(tmp_path / "out")]) == 0
+    assert as_other == gathered and len(gathered) == 4 + 12 * 2  # each parameter, each layer
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").encode("Hello world") == [15496, 995]
+    ids = _ids(hf_dir)
+    np.testing.assert_array_equal(_hf_logits(tmp_path / "out", ids), _hf_logits(hf_dir, ids))

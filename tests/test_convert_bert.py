@@ -16,8 +16,9 @@ from conftest import WIKI, device_mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megajax import config, convert, parallel
+from megajax import config, parallel
 from megajax.data.tokenizer import BertTokenizer
+from megajax.hf import weights as convert  # the conversion, without its command line
 from megajax.models import bert
 from megajax.trainer import Trainer
 

@@ -7,8 +7,9 @@ import torch
 from conftest import device_mesh, lm_logits
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from megajax import config, convert
+from megajax import config
 from megajax.checkpoint import Checkpointer
+from megajax.hf import weights as convert  # the conversion, without its command line
 from megajax.trainer import Trainer
 
 SHAPE = dict(
@@ -216,3 +217,58 @@ def test_imported_llama_lambada_and_wikitext_read_its_tokenizer_and_equal_transf
         theirs = model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=4, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, 4:].tolist()  # fmt: skip
     assert ours == theirs
+
+
+def test_a_bfloat16_checkpoint_imports_with_transformers_logits(hf_dir, ids, tmp_path):
+    """What Llama 3 ships: bfloat16 safetensors written by transformers. The weights read
+    exactly (bfloat16 widens to float32 without rounding), so the logits are transformers'
+    run in float32 on the same bfloat16 values, to float32 rounding."""
+    LlamaForCausalLM.from_pretrained(hf_dir).to(torch.bfloat16).save_pretrained(tmp_path)
+    weights = convert.HFWeights(tmp_path)
+    assert weights.get("model.norm.weight").dtype == np.float32
+    trainer = Trainer(convert.with_hf_model(config.Config(), weights), device_mesh(2, 4))
+    params = convert.load_params(trainer, weights, log=lambda _: None)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(ids)).logits.numpy()
+    ours = lm_logits(trainer, params, ids)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_bfloat16_export_loads_in_transformers_with_its_tokenizer(hf_dir, tmp_path):
+    """--to_hf --dtype bfloat16: BF16 safetensors whose weights are the float32 ones rounded to
+    nearest, loaded by transformers; the run's tokenizer.json and tokenizer_config.json travel
+    along and AutoTokenizer reads them."""
+    import json
+    import shutil
+    import struct
+
+    from tokenizers.implementations import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer
+
+    from megajax.convert import main as convert_command
+    from megajax.data.tokenizer import HFTokenizer
+
+    source, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
+    shutil.copytree(hf_dir, source)
+    bpe = ByteLevelBPETokenizer("data/gpt2/vocab.json", "data/gpt2/merges.txt")
+    bpe.save(str(source / "tokenizer.json"))
+    (source / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 32}))
+    assert convert_command(["--hf", str(source), "--out", str(run), "--mesh", "model=8"]) == 0
+    argv = ["--checkpoint", str(run), "--to_hf", str(out), "--dtype", "bfloat16"]
+    assert convert_command([*argv, "--mesh", "data=2,model=4"]) == 0
+
+    raw = (out / "model.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    ours = LlamaForCausalLM.from_pretrained(out)
+    assert ours.dtype == torch.bfloat16
+    ours = ours.state_dict()
+    theirs = LlamaForCausalLM.from_pretrained(hf_dir).state_dict()  # the imported float32
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor.to(torch.bfloat16), rtol=0, atol=0, msg=name)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "Hello world, again"
+    assert tokenizer.encode(text) == HFTokenizer(source).encode(text)
+    assert tokenizer.model_max_length == 32

@@ -14,9 +14,10 @@ import torch
 from conftest import bert_config, device_mesh, tiny_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from megajax import config, convert, generate, hlo, loss, sampling, serve
+from megajax import config, generate, hlo, loss, sampling, serve
 from megajax.config import ConfigError
 from megajax.data.tokenizer import GPT2Tokenizer
+from megajax.hf import weights as convert  # the conversion, without its command line
 from megajax.trainer import Trainer
 
 MESHES = [(1, 1), (2, 4), (1, 8)]
@@ -45,7 +46,7 @@ _PREDICT = {}  # one compiled full-sequence argmax per generator
 
 def _greedy_by_recompute(generator, prompts, new_tokens):
     """Greedy decoding without a cache: the whole sequence through the model for each token."""
-    trainer, params = generator.trainer, generator.params
+    trainer, params = generator.sharded, generator.params
     cfg = trainer.cfg.model
     rows = -(-len(prompts) // generator.data_degree) * generator.data_degree
 
@@ -87,9 +88,9 @@ def test_decoding_communicates_only_model_all_reduces_never_logits(generators):
     program = generator._compiled(4, 16, NEW, False)  # 3 prompts, padded to the data degree
     found = hlo.collectives(program.as_text(), {"data": 2, "model": 4})
     assert {(c.kind, c.axes) for c in found} == {("all-reduce", ("model",))}
-    rows, hidden = 2, generator.trainer.cfg.model.hidden  # rows per data shard
+    rows, hidden = 2, generator.sharded.cfg.model.hidden  # rows per data shard
     per_token = [c for c in found if c.shapes == ((rows, 1, hidden),)]
-    layers = generator.trainer.cfg.model.num_layers
+    layers = generator.sharded.cfg.model.num_layers
     assert sum(c.runs for c in per_token) == (NEW - 1) * (1 + 2 * layers)
     prefill = [c for c in found if c.shapes == ((rows, 16, hidden),)]
     scalars = [c for c in found if all(s == (rows,) for s in c.shapes)]
@@ -325,3 +326,39 @@ def test_two_concurrent_clients_get_their_own_answers(server):
     for t in threads:
         t.join()
     assert together == alone
+
+
+def test_a_sharded_model_without_optimizer_generates_as_the_trainer_does(generators):
+    """Generation needs the model's graph and layout, not a Trainer: the same fresh
+    parameters, the same greedy tokens."""
+    from megajax.sharded_model import ShardedModel
+
+    sharded = ShardedModel(tiny_config(), device_mesh(2, 4))
+    params = sharded.fresh_params()
+    on_trainer = generators[2, 4]
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(on_trainer.params), strict=True)
+    for ours, theirs in pairs:
+        assert ours.sharding == theirs.sharding
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    out = generate.Generator(sharded, params)(PROMPTS, new_tokens=NEW, temperature=0.0)
+    expected = on_trainer(PROMPTS, new_tokens=NEW, temperature=0.0)
+    np.testing.assert_array_equal(out["tokens"], expected["tokens"])
+
+
+@pytest.mark.parametrize("method", ["POST", "GET", "DELETE"])
+def test_a_method_other_than_put_gets_405_in_json_saying_to_use_put(server, method):
+    body = json.dumps({"prompts": ["a"]}).encode() if method == "POST" else None
+    request = urllib.request.Request(server, data=body, method=method)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert caught.value.code == 405 and caught.value.headers["Allow"] == "PUT"
+    assert "PUT" in json.loads(caught.value.read())["message"]
+
+
+def test_help_texts_name_llama_beside_gpt2(capsys):
+    for parse in (generate.parse_args, serve.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "Llama" in text.split("options:")[0]  # the description
+        assert "Hugging Face GPT-2 or Llama directory" in text  # --hf_checkpoint

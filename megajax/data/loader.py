@@ -179,7 +179,7 @@ class Loader:
         self.step = int(state["step"])
 
 
-def _sources(source: str) -> tuple[list[str], list[float]]:
+def sources(source: str) -> tuple[list[str], list[float]]:
     """'PATH' or 'W1:PATH1,W2:PATH2' (blending weights, as Megatron-LM's --data-path)."""
     paths, weights = [], []
     for item in source.split(","):
@@ -245,7 +245,7 @@ def race_loaders(cfg, *, log=print, train_rows=None, eval_rows=None):
     from megajax.data.tokenizer import BertTokenizer
 
     tokenizer = BertTokenizer(f"{cfg.data.vocab_dir}/vocab.txt")
-    paths, _ = _sources(cfg.data.source)
+    paths, _ = sources(cfg.data.source)
     train, val = race_splits(cfg, paths)
     log(f"RACE: {len(train)} training and {len(val)} validation questions from {cfg.data.source}")
     made = [
@@ -280,7 +280,7 @@ def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None, lead=Tr
             "models gpt2 or char ids"
         )
 
-    paths, weights = _sources(cfg.data.source)
+    paths, weights = sources(cfg.data.source)
     datasets = [
         samples.Dataset(
             prepare.cached(
@@ -347,7 +347,7 @@ def tokenizer_for(cfg, *, workdir: str | None, hf_checkpoint: str | None):
         return GPT2Tokenizer(cfg.data.vocab_dir)
     if not workdir:
         raise ConfigError("a character-level model needs its --workdir (its character set)")
-    paths, _ = _sources(cfg.data.source)  # a blend's datasets share one character set
+    paths, _ = sources(cfg.data.source)  # a blend's datasets share one character set
     dataset = prepare.cached(
         paths[0],
         tokenizer=cfg.data.tokenizer,

@@ -18,29 +18,29 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from megajax import parallel
-from megajax.trainer import Trainer
+from megajax.sharded_model import ShardedModel
 
 # (params, inputs, targets, weights) -> (batch,) values, or a tuple of them; traced under
-# trainer.context()
+# sharded.context()
 RowFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array | tuple[jax.Array, ...]]
 
 
 def padded_batches(
-    trainer: Trainer,
+    sharded: ShardedModel,
     samples: Sequence[dict],
     *,
     log: Callable[[str], None] | None = None,
     label: str = "samples",
 ):
     """Yield (start, rows): each batch of train.batch_size samples from `start`, as this
-    process's rows of it (trainer.eval_rows) stacked field by field. The last batch is filled up
+    process's rows of it (sharded.eval_rows) stacked field by field. The last batch is filled up
     with copies of sample 0: its rows at start + r >= len(samples) are fillers. About ten
     progress lines are logged, each once its batch has been used."""
-    batch, n = trainer.cfg.train.batch_size, len(samples)
+    batch, n = sharded.cfg.train.batch_size, len(samples)
     num_batches = -(-n // batch)
     every = max(1, num_batches // 10)
     for b, start in enumerate(range(0, n, batch)):
-        ids = np.arange(start, start + batch)[trainer.eval_rows]
+        ids = np.arange(start, start + batch)[sharded.eval_rows]
         mine = [samples[i if i < n else 0] for i in ids]
         yield start, {k: np.stack([s[k] for s in mine]) for k in mine[0]}
         if log and ((b + 1) % every == 0 or b + 1 == num_batches):
@@ -48,7 +48,7 @@ def padded_batches(
 
 
 def total(
-    trainer: Trainer,
+    sharded: ShardedModel,
     params,
     row_fn: RowFn,
     windows: Sequence[dict],
@@ -59,18 +59,18 @@ def total(
     """Sum of row_fn over every window (a tuple of sums where row_fn gives a tuple), in batches
     of train.batch_size (padded_batches; the filler windows weigh nothing): float32 values are
     summed in float32 per batch, integers exactly."""
-    batch, n = trainer.cfg.train.batch_size, len(windows)
+    batch, n = sharded.cfg.train.batch_size, len(windows)
 
     summed = jax.jit(
         lambda p, x, y, w, keep: jax.tree.map(lambda v: _kept_sum(v, keep), row_fn(p, x, y, w))
     )
-    keep_sharding = NamedSharding(trainer.mesh, P(parallel.DATA))
-    row_sharding = trainer.eval_sharding["inputs"]  # (batch, length) split over `data`
+    keep_sharding = NamedSharding(sharded.mesh, P(parallel.DATA))
+    row_sharding = sharded.eval_sharding["inputs"]  # (batch, length) split over `data`
     # Batches add up in Python numbers (float64, or int). One batch stays in flight while the
     # host builds the next.
     result, pending = None, None
-    with trainer.context():
-        for start, rows in padded_batches(trainer, windows, log=log, label=label):
+    with sharded.context():
+        for start, rows in padded_batches(sharded, windows, log=log, label=label):
             keep = np.arange(start, start + batch) < n
             weights = rows.get("weights", np.ones_like(rows["inputs"], np.float32))
             local = (rows["inputs"], rows["targets"], weights)
@@ -81,7 +81,7 @@ def total(
                 for a, t in zip(local, dtypes, strict=True)
             )
             k = jax.make_array_from_process_local_data(
-                keep_sharding, keep[trainer.eval_rows], (batch,)
+                keep_sharding, keep[sharded.eval_rows], (batch,)
             )
             result, pending = _add(result, pending), summed(params, x, y, w, k)
     return _add(result, pending)

@@ -30,7 +30,7 @@ from megajax import loss
 from megajax.config import ConfigError
 from megajax.data.tokenizer import text_ids
 from megajax.evals import batched
-from megajax.trainer import Trainer
+from megajax.sharded_model import ShardedModel
 
 Example = tuple[list[int], list[int]]  # (context ids, target ids)
 
@@ -107,22 +107,22 @@ class Windows(Sequence):
         return {"inputs": padded[:-1], "targets": padded[1:], "weights": weights}
 
 
-def correct(trainer: Trainer, params, examples: Sequence[Example], *, log=None) -> int:
+def correct(sharded: ShardedModel, params, examples: Sequence[Example], *, log=None) -> int:
     """How many examples have every target token predicted right (greedy, teacher-forced)."""
 
     def all_right(params, inputs, targets, weights):
-        model = trainer.model(params)
+        model = sharded.model(params)
         predicted = loss.argmax(
-            model(inputs), model.lm_head, vocab_size=trainer.cfg.model.vocab_size
+            model(inputs), model.lm_head, vocab_size=sharded.cfg.model.vocab_size
         )
         return jnp.all((predicted == targets) | (weights == 0), axis=-1).astype(jnp.float32)
 
-    windows = Windows(examples, seq_len=trainer.cfg.model.seq_len)
-    return round(batched.total(trainer, params, all_right, windows, log=log, label="lambada"))
+    windows = Windows(examples, seq_len=sharded.cfg.model.seq_len)
+    return round(batched.total(sharded, params, all_right, windows, log=log, label="lambada"))
 
 
 def evaluate(
-    trainer: Trainer,
+    sharded: ShardedModel,
     params,
     path: str | Path,
     tokenizer,
@@ -137,7 +137,7 @@ def evaluate(
         examples, merged = [m[:2] for m in made], sum(m[2] for m in made)
     else:
         examples, merged = [example(text, tokenizer, strict=False) for text in read(path)], 0
-    right = correct(trainer, params, examples, log=log)
+    right = correct(sharded, params, examples, log=log)
     return {
         "accuracy": right / len(examples),
         "correct": right,

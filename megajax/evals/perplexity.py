@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from megajax.evals import batched
-from megajax.trainer import Trainer
+from megajax.sharded_model import ShardedModel
 
 
 def score(
-    trainer: Trainer,
+    sharded: ShardedModel,
     params,
     windows: Sequence[dict],
     *,
@@ -25,10 +25,10 @@ def score(
     every scored target once). Each process builds only the windows of its rows, once."""
 
     def nll_and_targets(params, inputs, targets, weights):
-        nll = (trainer.token_losses(params, inputs, targets) * weights).sum(-1)
+        nll = (sharded.token_losses(params, inputs, targets) * weights).sum(-1)
         return nll, weights.sum(-1).astype(jnp.int32)
 
-    total, tokens = batched.total(trainer, params, nll_and_targets, windows, log=log, label=label)
+    total, tokens = batched.total(sharded, params, nll_and_targets, windows, log=log, label=label)
     return {"tokens": tokens, "nll": total, "loss": total / tokens, "ppl": math.exp(total / tokens)}
 
 

@@ -8,20 +8,20 @@ import numpy as np
 from megajax.data.samples import RaceQuestions
 from megajax.evals import batched
 from megajax.models import bert
-from megajax.trainer import Trainer
+from megajax.sharded_model import ShardedModel
 
 
-def score(trainer: Trainer, params, questions: RaceQuestions, *, log=None) -> dict:
+def score(sharded: ShardedModel, params, questions: RaceQuestions, *, log=None) -> dict:
     """Predict each question's option (the highest score of its four [CLS] encodings) in
     batches sharded like training (batched.padded_batches: fillers are not counted). Returns
     accuracy, n, and accuracy_<level>, n_<level>."""
     n = len(questions)
-    with trainer.context():
-        scores = jax.jit(lambda p, b: bert.choice_logits(trainer.model(p), b))
+    with sharded.context():
+        scores = jax.jit(lambda p, b: bert.choice_logits(sharded.model(p), b))
     predictions = []
-    for start, rows in batched.padded_batches(trainer, questions, log=log, label="questions"):
-        with trainer.context():
-            logits = scores(params, trainer.put_eval_batch(rows))
+    for start, rows in batched.padded_batches(sharded, questions, log=log, label="questions"):
+        with sharded.context():
+            logits = scores(params, sharded.put_eval_batch(rows))
         # Every process needs every prediction to count them: (batch, options) is tiny.
         predictions += list(_gather(logits).argmax(-1)[: n - start])
     return _accuracies(questions.rows, predictions)

@@ -21,7 +21,7 @@ import numpy as np
 from megajax.config import ConfigError
 from megajax.data.tokenizer import text_ids
 from megajax.evals import perplexity
-from megajax.trainer import Trainer
+from megajax.sharded_model import ShardedModel
 
 # Megatron-LM's WikiText detokenizer (tasks/zeroshot_gpt/detokenizer.py), rule by rule and in its
 # order, which matters. Megatron-LM also lists a pattern for "' 9" whose slashes are literal;
@@ -108,7 +108,7 @@ class Windows(Sequence):
 
 
 def evaluate(
-    trainer: Trainer,
+    sharded: ShardedModel,
     params,
     path: str | Path,
     tokenizer,
@@ -125,8 +125,8 @@ def evaluate(
     bos = tokenizer.bos_id is not None
     if log:
         log(f"wikitext103: {original:,} original tokens, {len(ids) - bos:,} model tokens")
-    windows = Windows(ids, seq_len=trainer.cfg.model.seq_len, overlap=overlap)
-    nll = perplexity.score(trainer, params, windows, log=log, label="wikitext103 windows")["nll"]
+    windows = Windows(ids, seq_len=sharded.cfg.model.seq_len, overlap=overlap)
+    nll = perplexity.score(sharded, params, windows, log=log, label="wikitext103 windows")["nll"]
     return {
         "loss": nll / (len(ids) - 1),
         "ppl": math.exp(nll / (len(ids) - 1)),

@@ -1,6 +1,6 @@
 """The Hugging Face model families megajax converts: for each model_type, a table from megajax
 parameters to Hugging Face tensor names with the layout transforms both ways, and the mapping
-between its config.json and megajax's ModelConfig. megajax.convert streams tensors through them.
+between its config.json and megajax's ModelConfig. megajax.hf.weights streams tensors through them.
 
 GPT-2's Conv1D weights are already [in, out] like megajax's kernels but its c_attn columns are
 q | k | v, where megajax interleaves them by head; BERT's and Llama's Linear weights are

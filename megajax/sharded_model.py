@@ -1,0 +1,194 @@
+"""A model's graph and its parameters' layout on a mesh: what training, evaluation, generation
+and conversion share. Trainer (trainer.py) adds the optimizer, the train state and the train
+step; evaluation, generation, the server and conversion need nothing more than this."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from megajax import models, parallel, pipeline_arithmetic
+from megajax.config import Config
+from megajax.mesh import check_batch, check_model
+
+
+class ShardedModel:
+    """A model (models.build's class) on `mesh`: its graph, its parameters' shardings
+    (parallel.rules()), and its compiled eval step over (batch, ...) batches split over `data`.
+
+    Parameters are a plain nested dict of float32 arrays. Eval batches hold train.batch_size
+    samples, so that a run evaluates in the batches it trains in; with a pipeline axis they go
+    through the schedule in the train step's micro-batches.
+    """
+
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
+        self.cfg, self.mesh = cfg, mesh
+        check_model(cfg.model, mesh.shape[parallel.MODEL])
+        check_batch(cfg.train.batch_size, cfg.train.micro_batches, mesh.shape[parallel.DATA])
+        stages = mesh.shape[parallel.PIPELINE]
+        self.schedule = None  # the micro-batches are accumulated one after another
+        if stages > 1:  # they flow through the pipeline stages together
+            pipeline_arithmetic.check(
+                num_layers=cfg.model.num_layers,
+                stages=stages,
+                repeats=cfg.train.pipeline_repeats,
+                micro_batches=cfg.train.micro_batches,
+            )
+            self.schedule = pipeline_arithmetic.Schedule(stages, cfg.train.pipeline_repeats)
+        self.padded_vocab = cfg.model.padded_vocab_size(mesh.shape[parallel.MODEL])
+        with self.context():
+            abstract = nnx.eval_shape(lambda: self._new_model(0))
+            self.graphdef, self._abstract_variables = nnx.split(abstract)
+            self.compute_specs = nnx.to_pure_dict(nnx.get_partition_spec(self._abstract_variables))
+            self._abstract_params = nnx.to_pure_dict(self._abstract_variables)
+        # The forward pass's layout, and where the parameters are held (a Trainer with the
+        # distributed optimizer holds them further split over `data`).
+        self.compute_sharding = jax.tree.map(self._named, self.compute_specs, is_leaf=_is_spec)
+        self.param_sharding = self.compute_sharding
+        micro = (cfg.train.micro_batches, cfg.train.batch_size // cfg.train.micro_batches)
+        self.micro_shape = micro
+        self.fields = models.batch_fields(cfg.model)
+        self.objective = models.objective(cfg.model)
+        # Samples are split over `data` by rows.
+        self.eval_sharding = {
+            k: self._named(P(parallel.DATA, *[None] * len(s))) for k, s in self.fields.items()
+        }
+        # Rows of a global (batch, ...) eval batch that this process feeds to its devices.
+        self.eval_rows = process_rows(mesh, cfg.train.batch_size)
+        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self._abstract_params))
+
+    def _named(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    @contextlib.contextmanager
+    def context(self):
+        """The mesh and the logical-axis table, active while tracing model code."""
+        m, model_degree = self.cfg.model, self.mesh.shape[parallel.MODEL]
+        table = parallel.rules(
+            sequence_parallel=m.sequence_parallel, kv_by_rows=m.kv_by_rows(model_degree)
+        )
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(table):
+            yield
+
+    def _new_model(self, seed):
+        return models.build(self.cfg.model, padded_vocab=self.padded_vocab, rngs=nnx.Rngs(seed))
+
+    def _initial_params(self):
+        """The parameters as train.seed initialises them (trace under context())."""
+        return nnx.to_pure_dict(nnx.split(self._new_model(self.cfg.train.seed))[1])
+
+    def fresh_params(self, keys=None):
+        """Freshly initialised parameters (train.seed), created shard by shard; with `keys`,
+        only those under these top-level keys (XLA drops the others' initializers)."""
+        keys = list(self.param_sharding) if keys is None else list(keys)
+
+        def init():
+            params = self._initial_params()
+            return {k: params[k] for k in keys}
+
+        shardings = {k: self.param_sharding[k] for k in keys}
+        with self.context():
+            return jax.jit(init, out_shardings=shardings)()
+
+    def abstract_params(self):
+        """The parameters' shapes, dtypes and shardings, with nothing allocated: the target a
+        checkpoint's parameters restore onto."""
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            self._abstract_params,
+            self.param_sharding,
+        )
+
+    def model(self, params):
+        """The model (models.build's class) holding `params`."""
+        return nnx.merge(self.graphdef, params)
+
+    def token_losses(self, params, inputs, targets, key=None):
+        """A GPT's next-token cross-entropy per position, (batch, length); `key=None` disables
+        dropout."""
+        return self.model(params).token_losses(inputs, targets, key=key)
+
+    def loss(self, params, batch: dict, key):
+        """(objective, metrics) of a batch of samples (a dict of models.batch_fields arrays)."""
+        return self.objective(self.model(params), batch, key)
+
+    def compute_params(self, params):
+        """The parameters as the forward pass reads them: here, as they are held."""
+        return params
+
+    def _pipelined(self, params, batch, keys, objective):
+        """The sums over the micro-batches of `objective` (value, metrics), all micro-batches
+        going through the pipeline schedule together: the embedding and the heads run on each
+        micro-batch (vmapped, replicated over `pipeline`), the stacked layers as the schedule's
+        stages (models/pipeline_schedule.py)."""
+        key_axis = None if keys is None else 0  # None: no dropout
+        per_micro = jax.vmap(
+            objective, in_axes=(None, 0, key_axis), axis_name=pipeline_arithmetic.MICRO
+        )
+        with pipeline_arithmetic.scheduled(self.schedule):
+            values, metrics = per_micro(params, batch, keys)
+        return values.sum(), jax.tree.map(jnp.sum, metrics)
+
+    def abstract_eval_batch(self) -> dict:
+        """Shapes and shardings of an eval batch, (train.batch_size, ...) per field."""
+        return {
+            k: jax.ShapeDtypeStruct(
+                (self.cfg.train.batch_size, *s), jnp.int32, sharding=self.eval_sharding[k]
+            )
+            for k, s in self.fields.items()
+        }
+
+    def compile_eval_step(self):
+        """(params, batch) -> {"loss", metrics...} without dropout, for (batch, ...) batches."""
+
+        def evaluate(params, batch):
+            params = self.compute_params(params)
+            if self.schedule is None:
+                value, metrics = self.loss(params, batch, None)
+                return {"loss": value, **metrics}
+            # Through the pipeline, in the train step's micro-batches: the mean of their means.
+            micro = self.micro_shape[0]
+            split = jax.tree.map(lambda x: x.reshape(micro, -1, *x.shape[1:]), batch)
+
+            def objective(params, batch, key):
+                value, metrics = self.loss(params, batch, key)
+                return value, {"loss": value, **metrics}
+
+            _, sums = self._pipelined(params, split, None, objective)
+            return jax.tree.map(lambda v: v / micro, sums)
+
+        with self.context():
+            jitted = jax.jit(evaluate)
+            return jitted.lower(self.abstract_params(), self.abstract_eval_batch()).compile()
+
+    def put_eval_batch(self, batch: dict) -> dict:
+        """This process's rows (eval_rows) of a (batch, ...) batch -> global device arrays."""
+        return {
+            k: jax.make_array_from_process_local_data(
+                self.eval_sharding[k], np.asarray(batch[k]), (self.cfg.train.batch_size, *s)
+            )
+            for k, s in self.fields.items()
+        }
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def process_rows(mesh, batch: int) -> np.ndarray:
+    """Indices of the rows of a (batch, ...) array split over `data` that live on this
+    process's devices: a contiguous range, as make_array_from_process_local_data needs."""
+    per_shard = batch // mesh.shape[parallel.DATA]
+    me = jax.process_index()
+    by_data = np.moveaxis(mesh.devices, mesh.axis_names.index(parallel.DATA), 0)
+    shards = [i for i, grp in enumerate(by_data) if any(d.process_index == me for d in grp.flat)]
+    rows = np.concatenate([np.arange(i * per_shard, (i + 1) * per_shard) for i in shards])
+    if np.any(np.diff(rows) != 1):
+        raise ValueError(f"process {me} holds non-adjacent data shards {shards} of the mesh")
+    return rows
