@@ -16,7 +16,7 @@ from megajax import cli, mesh
 from megajax.config import ConfigError
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cli.add_flags(parser, config_required=True)
     parser.add_argument("--workdir", help="checkpoints and metrics (default runs/CONFIG)")
@@ -33,7 +33,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--target", default="h100", help="accelerator of the dry run: h100, a100 or v100"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         cfg = cli.load_config(args)
         cli.start(args)

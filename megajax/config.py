@@ -236,12 +236,14 @@ class ModelConfig:
         """Model FLOPs of one token's forward and backward pass, counted as Megatron-LM does."""
         h, n, s, f = self.hidden, self.num_layers, self.seq_len, self.mlp_hidden
         # 2 FLOPs per weight of the layer's matmuls (24 h^2 for GPT-2's) + 4 s h (attention
-        # scores and values) per layer, 2 V h for the LM head (none for multiple choice);
-        # times 3 for forward + backward.
+        # scores and values) per layer, and the LM head; times 3 for forward + backward.
         qkv = (self.num_heads + 2 * self.kv_heads) * self.head_dim
         dense = 2 * (h * qkv + h * h + h * f * (2 if self.mlp == "swiglu" else 1) + f * h)
-        head = 0 if self.arch == "bert_multiple_choice" else 2 * self.vocab_size * h
-        return 3 * (n * (dense + 4 * s * h) + head)
+        return 3 * n * (dense + 4 * s * h) + self.head_flops_per_token()
+
+    def head_flops_per_token(self) -> float:
+        """The LM head's share of flops_per_token: 2 V h, times 3 (none for multiple choice)."""
+        return 0 if self.arch == "bert_multiple_choice" else 3 * 2 * self.vocab_size * self.hidden
 
 
 @dataclasses.dataclass(frozen=True)

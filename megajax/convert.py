@@ -18,7 +18,7 @@ from megajax import cli, config, mesh
 from megajax.config import ConfigError
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Hugging Face GPT-2, BERT, Llama <-> megajax")
     cli.add_flags(parser, config_required=False)
     parser.add_argument("--hf", help="a Hugging Face save_pretrained directory to import")
@@ -32,7 +32,11 @@ def main(argv=None) -> int:
         choices=("float32", "bfloat16"),
         help="export: the safetensors' dtype (bfloat16 rounds to nearest, as Llama 3 ships)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         importing, exporting = bool(args.hf and args.out), bool(args.checkpoint and args.to_hf)
         if importing == exporting:

@@ -101,12 +101,20 @@ def bert_dataset(tmp_path_factory):
     return Dataset(prepare.prepare([WIKI], out=out, log=lambda _: None, **kw))
 
 
-def bert_batch(dataset, *, step: int, batch_size: int, seq_len: int, pair_task="sop") -> dict:
-    """Real BERT samples (masked, sentence pairs) stacked into one batch."""
+def bert_batch(
+    dataset, *, step: int, batch_size: int, seq_len: int, pair_task="sop", vocab_size=None
+) -> dict:
+    """Real BERT samples (masked, sentence pairs) stacked into one batch; with `vocab_size`, the
+    word pieces at or above it folded into it (the special tokens, ids 0 to 103, stay), so that a
+    test model's vocabulary and head can be small."""
     pairs = BertPairs(dataset, "train", max_len=seq_len, pair_task=pair_task, seed=1)
     rows = np.random.default_rng(step).integers(0, len(pairs), batch_size)
     samples = [pairs[int(i)] for i in rows]
-    return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+    batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+    if vocab_size is not None:
+        for k in ("tokens", "labels"):
+            batch[k] = np.where(batch[k] >= vocab_size, batch[k] % vocab_size, batch[k])
+    return batch
 
 
 def lm_logits(trainer, params, ids):

@@ -94,7 +94,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(reference, tmp
 
 
 def test_a_frozen_process_stops_the_other_with_a_clear_message(tmp_path):
-    procs = _launch(tmp_path, 100_000, heartbeat=10)
+    procs = _launch(tmp_path, 100_000, heartbeat=20)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(_losses(tmp_path)) >= 2):
@@ -107,7 +107,7 @@ def test_a_frozen_process_stops_the_other_with_a_clear_message(tmp_path):
         procs[1].kill()
         procs[1].communicate()
     assert procs[0].returncode != 0
-    assert time.time() - stopped_at < 30
+    assert time.time() - stopped_at < 60
     assert "error: process 1 of 2 has been silent" in err, err[-2000:]
 
 

@@ -449,7 +449,7 @@ def _wait_for(out: Path, wait_s: float, log) -> Path:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="files or directories of the corpus")
     parser.add_argument("--out", required=True, help="the dataset directory to create")
@@ -478,7 +478,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--shard_mb", type=int, default=shards.SHARD_BYTES >> 20, help="MiB of tokens a shard"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     vocab_dir = args.vocab_dir or ("data/bert" if args.tokenizer == "bert" else "data/gpt2")
     try:
         prepare(

@@ -339,7 +339,7 @@ def roofline(
     if stages > 1:
         v, micro = tr.pipeline_repeats, tr.micro_batches
         tokens = tr.batch_size * m.tokens_per_sample
-        outside = dataclasses.replace(m, num_layers=0).flops_per_token()  # the LM head
+        outside = m.head_flops_per_token()
         layers = fl["hardware"] - outside * tokens
         bubble_s = layers / devices / tgt.peak_flops * (stages - 1) / (v * micro)
         compute += outside * tokens * (stages - 1) / devices / tgt.peak_flops
