@@ -84,6 +84,16 @@ class GPT2Tokenizer:
     def decode(self, ids) -> str:
         return self._enc.decode(list(ids))
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of a text whose <|endoftext|> are the token itself (a rendered chat), and
+        each token's (start, end) characters."""
+        ids = self._enc.encode(text, allowed_special={EOT})
+        _, starts = self._enc.decode_with_offsets(ids)
+        return ids, list(zip(starts, [*starts[1:], len(text)], strict=True))
+
+    def token_text(self, i: int) -> str:
+        return self._enc.decode([i])
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer.json (Llama 2's and Llama 3's), run by the `tokenizers`
@@ -125,6 +135,15 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of a text, its special tokens parsed and none added (a rendered chat), and
+        each token's (start, end) characters."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    def token_text(self, i: int) -> str:
+        return self._tok.id_to_token(i)
 
 
 class CharTokenizer:
