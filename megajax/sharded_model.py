@@ -53,7 +53,7 @@ class ShardedModel:
         self.param_sharding = self.compute_sharding
         micro = (cfg.train.micro_batches, cfg.train.batch_size // cfg.train.micro_batches)
         self.micro_shape = micro
-        self.fields = models.batch_fields(cfg.model)
+        self.fields = models.batch_fields(cfg.model, documents=cfg.data.documents)
         self.objective = models.objective(cfg.model)
         # Samples are split over `data` by rows.
         self.eval_sharding = {

@@ -84,9 +84,15 @@ class GPT(nnx.Module):
         return loss.cross_entropy(hidden, self.lm_head, targets, vocab_size=self.cfg.vocab_size)
 
 
-def batch_fields(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Each field of a training sample and its shape (all int32)."""
-    return {"inputs": (cfg.seq_len,), "targets": (cfg.seq_len,)}
+def batch_fields(cfg: ModelConfig, *, documents: bool = False) -> dict[str, tuple[int, ...]]:
+    """Each field of a training sample and its shape (all int32). With `documents` (packed
+    conversations or documents): `weights` (1 where the target is trained on), `segments` (the
+    document of each position, from 1; 0 on padding) and `positions` (within the document)."""
+    s = (cfg.seq_len,)
+    fields = {"inputs": s, "targets": s}
+    if documents:
+        fields |= {"weights": s, "segments": s, "positions": s}
+    return fields
 
 
 def objective(model: GPT, batch: dict, key) -> tuple[jax.Array, dict]:
