@@ -10,7 +10,7 @@ from flax import nnx
 from scipy.special import erf
 
 from megajax import config
-from megajax.layers import Block
+from megajax.layers import Attend, Block
 from megajax.models import bert
 from megajax.trainer import Trainer
 
@@ -63,7 +63,7 @@ def test_layer_norm_placements_compute_their_formula(placement):
         params = jax.device_get(nnx.to_pure_dict(nnx.state(block)))
         x = rng.standard_normal((2, 16, cfg.model.hidden)).astype(np.float32)
         keys = np.arange(16)[None, :] < np.array([[16], [11]])  # the second row is padded
-        out = jax.jit(lambda x, m: block(x, padding=m, key=None))(x, keys)
+        out = jax.jit(lambda x, m: block(x, attend=Attend(padding=m), key=None))(x, keys)
     expected = _numpy_layer(
         params, x, keys, post=placement == "post", eps=cfg.model.layernorm_eps, heads=8
     )
