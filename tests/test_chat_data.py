@@ -1,15 +1,19 @@
 """Conversations for fine-tuning: rendered as transformers renders them (ids and assistant masks
-equal to apply_chat_template's), from the template where transformers finds it."""
+equal to apply_chat_template's), prepared once into records that read back, in bounded memory,
+refused in one line when bad."""
 
 import importlib.util
 import json
+import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from megajax.config import ConfigError
-from megajax.data import chat
+from megajax.data import chat, corpora, prepare
+from megajax.data.samples import Dataset
 from megajax.data.tokenizer import GPT2Tokenizer, HFTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,6 +322,205 @@ def test_the_mask_marks_the_tokens_transformers_sweep_marks():
         points = np.sort(rng.integers(0, 62, 2 * rng.integers(0, 5))).tolist()
         spans = list(zip(points[::2], points[1::2], strict=True))
         assert chat._overlapping(offsets, spans).tolist() == sweep(offsets, spans)
+
+
+GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+CONTENT_ONLY = (  # a template whose generation blocks hold the reply alone
+    "{% for m in messages %}{{ m['role'] + ': ' }}{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}"
+    "{% endif %}{{ '\n' }}{% endfor %}"
+)
+BAD = {
+    "not JSON": ("{'messages': []}", None, "not JSON (Expecting property name"),
+    "not an object": ('["user", "hi"]', None, "must be a JSON object with 'messages'"),
+    "neither form": ('{"text": "hi"}', None, "needs 'messages' or 'prompt' and 'completion'"),
+    "unknown role": (
+        '{"messages": [{"role": "tool", "content": "x"}]}',
+        None,
+        "message 1: unknown role 'tool': use one of system, user, assistant",
+    ),
+    "empty conversation": ('{"messages": []}', None, "'messages' must be a non-empty list"),
+    "no assistant message": (
+        '{"messages": [{"role": "user", "content": "hi"}]}',
+        None,
+        "a conversation with no assistant message has nothing to train on",
+    ),
+    "content not a string": (
+        '{"messages": [{"role": "assistant", "content": [{"type": "text"}]}]}',
+        None,
+        "message 1 (assistant): the content must be a string, not list",
+    ),
+    "no assistant token": (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}',
+        CONTENT_ONLY,
+        "no token of the assistant's messages to train on",
+    ),
+    "template raises": (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, '
+        '{"role": "assistant", "content": "c"}]}',
+        LLAMA2,
+        "the chat template raised: Conversation roles must alternate user/assistant",
+    ),
+    "template fails in Python": (
+        '{"messages": [{"role": "user", "content": "boom"}, '
+        '{"role": "assistant", "content": "!"}]}',
+        "{% for m in messages %}{% if m['content'] == 'boom' %}{{ m['content'] + 1 }}{% endif %}"
+        "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}",
+        "the chat template raised TypeError: can only concatenate str",
+    ),
+    "empty completion": ('{"prompt": "p", "completion": ""}', None, "the completion non-empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_fails_in_one_line_naming_file_and_line_and_leaves_nothing(case, tmp_path):
+    line, template, message = BAD[case]
+    source = tmp_path / "in" / "chats.jsonl"
+    source.parent.mkdir()
+    source.write_text(f"{GOOD}\n\n{GOOD}\n{line}\n{GOOD}\n", encoding="utf-8")
+    override = ""
+    if template is not None:
+        override = tmp_path / "in" / "template.jinja"
+        override.write_text(template, encoding="utf-8")
+    out = tmp_path / "out" / "chats"
+    with pytest.raises(ConfigError) as e:
+        prepare.prepare([source], out=out, fmt="chat", chat_template=str(override), log=quiet)
+    assert str(e.value).startswith(f"{source} line 4: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
+    assert list((tmp_path / "out").iterdir()) == []  # no dataset, no partial one
+
+
+def test_the_command_line_prepares_conversations_and_refuses_bad_ones_in_one_line(tmp_path, capsys):
+    source = tmp_path / "chats.jsonl"
+    source.write_text(f"{GOOD}\n" * 9 + '{"messages": []}\n', encoding="utf-8")
+    args = ["--format", "chat", "--out", str(tmp_path / "bad"), str(source)]
+    assert prepare.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {source} line 10: 'messages' must be a non-empty list"
+    assert not (tmp_path / "bad").exists()
+    template = tmp_path / "broken.jinja"
+    template.write_text("{% for m in messages %}", encoding="utf-8")
+    assert prepare.main([*args, "--chat_template", str(template)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(rf"error: {template}: the chat template does not parse: .*", err[-1])
+    source.write_text(f"{GOOD}\n" * 10, encoding="utf-8")
+    assert prepare.main(args) == 0
+    assert Dataset(tmp_path / "bad").manifest["splits"]["validation"]["rows"] == 1
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The shipped demo conversations prepared with the GPT-2 BPE and the default template."""
+    out = tmp_path_factory.mktemp("chat") / "demo"
+    return Dataset(prepare.prepare([DEMO], out=out, fmt="chat", log=quiet))
+
+
+def _stored(dataset: Dataset, split: str) -> list[dict]:
+    source = dataset.source(split)
+    return [source[i] for i in range(len(source))]
+
+
+def test_a_prepared_dataset_reads_back_each_conversation_encoded(demo):
+    """Each line's record holds its ids and loss mask, in order; the tail tenth of the
+    conversations is the validation split; the manifest says how records are laid out and
+    which template made them, and that template is read back from the dataset."""
+    template = chat.template_for(GPT2Tokenizer(ROOT / "data/gpt2"))
+    records = [json.loads(line) for line in DEMO.read_text(encoding="utf-8").splitlines()]
+    stored = _stored(demo, "train") + _stored(demo, "validation")
+    assert len(stored) == len(records) and len(_stored(demo, "validation")) == round(
+        0.1 * len(records)
+    )
+    for record, row in zip(records, stored, strict=True):
+        ids, mask = template.encode(record)
+        np.testing.assert_array_equal(row["tokens"], ids)
+        np.testing.assert_array_equal(row["mask"], mask)
+    m = demo.manifest
+    assert m["format"] == "chat" and m["dtype"] == "uint16" and m["record"] == prepare.CHAT_RECORD
+    assert m["chat"] == {
+        "template": "tokenizer/chat_template.jinja",
+        "origin": "default",
+        "specials": {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")},
+        "mask": "generation blocks",
+    }
+    index = demo.index("train")
+    n = len(index["row_tokens"])
+    assert index["line"].tolist() == list(range(1, n + 1)) and set(index["file"]) == {0}
+    firsts = [int(np.flatnonzero(r["mask"][1:])[0]) + 1 for r in stored[:n]]
+    assert index["first"].tolist() == firsts
+    for split in ("train", "validation"):
+        rows = _stored(demo, split)
+        assert m["splits"][split]["tokens"] == sum(len(r["tokens"]) for r in rows)
+        assert m["splits"][split]["scored"] == sum(int(r["mask"][1:].sum()) for r in rows)
+    again = prepare.load_chat_template(demo.path)
+    assert again.source == chat.DEFAULT_TEMPLATE
+    assert again.encode(records[0])[0].tolist() == stored[0]["tokens"].tolist()
+
+
+def test_a_conversation_source_is_prepared_once_named_by_its_template_and_tokenizer(
+    tokenizer_json, tmp_path
+):
+    """data.source=FILE.jsonl with data.format=chat is prepared once into the work directory
+    with the checkpoint's tokenizer and template (as transformers encodes it), and prepared
+    anew when the file, the template or the tokenizer's special tokens change."""
+    directory = _checkpoint(tmp_path / "ckpt", tokenizer_json, LLAMA3, **LLAMA3_TOKENS)
+    source = tmp_path / "chats.jsonl"
+    source.write_text("".join(line + "\n" for line in DEMO.read_text().splitlines()[:20]))
+    lines = []
+    kw = dict(tokenizer="hf", vocab_dir=str(directory), val_fraction=0.1, fmt="chat")
+    kw |= dict(cache_dir=tmp_path / "work", log=lines.append)
+    first = prepare.cached(str(source), **kw)
+    assert prepare.cached(str(source), **kw) == first
+    assert sum(line.startswith("prepared") for line in lines) == 1
+    assert first.name.startswith("chats-hf-chat-")
+    ds = Dataset(first)
+    assert ds.manifest["chat"]["origin"] == str(directory)
+    hf = _auto(directory)
+    row = ds.source("train")[0]
+    expected = _prefix_mask(hf, json.loads(source.read_text().splitlines()[0])["messages"], LLAMA3)
+    assert row["tokens"].tolist() == expected[0] and row["mask"].tolist() == expected[1]
+    assert ds.manifest["dtype"] == "uint16"  # 50,266 tokens fit
+    override = tmp_path / "chatml.jinja"
+    override.write_text(CHATML, encoding="utf-8")
+    others = {prepare.cached(str(source), **{**kw, "chat_template": str(override)})}
+    _checkpoint(directory, tokenizer_json, LLAMA3, **{**LLAMA3_TOKENS, "eos_token": "</s>"})
+    others.add(prepare.cached(str(source), **kw))
+    source.write_text(source.read_text() + GOOD + "\n")
+    others.add(prepare.cached(str(source), **kw))
+    assert len(others | {first}) == 4
+    text = prepare.cached(str(source), **{**kw, "fmt": "text"})  # the same file as text
+    assert text not in others | {first} and not Dataset(text).is_chat
+
+
+def test_preparation_streams_conversations_in_bounded_memory(tmp_path, monkeypatch):
+    """Five times the conversations raise the peak of Python's allocations (traced after the
+    first conversation, once the tokenizer is loaded and the template compiled) by the index
+    alone, 32 bytes a conversation, not by the text (a quarter of the added text at most;
+    holding it would add all of it): the file is read a block at a time."""
+    monkeypatch.setattr(corpora, "BLOCK_BYTES", 1 << 14)
+    lines = DEMO.read_text(encoding="utf-8").splitlines(keepends=True)[:100]
+    streamed = prepare.conversation_lines
+
+    def tracing(inputs):
+        for k, item in enumerate(streamed(inputs)):
+            if k == 1:  # the first conversation is encoded and written
+                tracemalloc.reset_peak()
+            yield item
+
+    monkeypatch.setattr(prepare, "conversation_lines", tracing)
+    peaks, sizes = [], []
+    for copies in (1, 5):
+        source = tmp_path / f"x{copies}.jsonl"
+        source.write_text("".join(lines) * copies, encoding="utf-8")
+        tracemalloc.start()
+        try:
+            prepare.prepare([source], out=tmp_path / f"o{copies}", fmt="chat", log=quiet)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        sizes.append(source.stat().st_size)
+    # 34 to 64 bytes a conversation measured: the index's arrays, each copied as it grows
+    growth, added = peaks[1] - peaks[0], 4 * len(lines)
+    assert growth < 96 * added and growth < (sizes[1] - sizes[0]) / 4, (peaks, sizes)
 
 
 def test_the_demo_conversations_are_made_from_the_shipped_plays():

@@ -36,6 +36,11 @@ class Dataset:
         self._sources = {}
 
     @property
+    def is_chat(self) -> bool:
+        """Whether it holds conversations (a token mask with each row), not documents."""
+        return self.manifest.get("format") == "chat"
+
+    @property
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
 
@@ -51,7 +56,11 @@ class Dataset:
             files = self.manifest["splits"][split].get("files")
             if files is not None:
                 self._sources[split] = shards.Rows(
-                    self.path, split, files=files, dtype=self.manifest["dtype"]
+                    self.path,
+                    split,
+                    files=files,
+                    dtype=self.manifest["dtype"],
+                    masked=self.is_chat,
                 )
             else:
                 from megajax.data import builders  # TFDS: imported only when read
