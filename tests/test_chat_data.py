@@ -1,6 +1,7 @@
 """Conversations for fine-tuning: rendered as transformers renders them (ids and assistant masks
-equal to apply_chat_template's), prepared once into records that read back, in bounded memory,
-refused in one line when bad."""
+equal to apply_chat_template's), prepared once into records that read back, refused in one line
+when bad, packed into rows where every trained target appears once; text windows with their
+documents' bounds as Megatron-LM resets them; all through the deterministic, resumable loader."""
 
 import importlib.util
 import json
@@ -10,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
+from megajax import config, models
 from megajax.config import ConfigError
-from megajax.data import chat, corpora, prepare
-from megajax.data.samples import Dataset
+from megajax.data import chat, corpora, prepare, shards
+from megajax.data.loader import loaders
+from megajax.data.samples import ChatRows, Dataset, GPTWindows
 from megajax.data.tokenizer import GPT2Tokenizer, HFTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -521,6 +525,212 @@ def test_preparation_streams_conversations_in_bounded_memory(tmp_path, monkeypat
     # 34 to 64 bytes a conversation measured: the index's arrays, each copied as it grows
     growth, added = peaks[1] - peaks[0], 4 * len(lines)
     assert growth < 96 * added and growth < (sizes[1] - sizes[0]) / 4, (peaks, sizes)
+
+
+def _segments(sample: dict) -> list[slice]:
+    """The positions of each segment of a row, in order."""
+    seg = sample["segments"]
+    return [slice(int(np.argmax(seg == s)), int(len(seg) - np.argmax(seg[::-1] == s)))
+            for s in range(1, int(seg.max()) + 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("seq_len", [64, 256])
+def test_packed_rows_hold_every_scored_target_once_in_order(demo, seq_len):
+    """Rows hold the conversations in order, greedily, each whole (or cut to seq_len + 1
+    tokens, counted in one line), as a segment numbered from 1 with positions from 0 and its
+    loss mask as the targets' weights; the rest is padding, all zero."""
+    lines = []
+    rows = ChatRows(demo, "train", seq_len=seq_len, log=lines.append)
+    stored = _stored(demo, "train")
+    lengths = np.array([len(r["tokens"]) for r in stored])
+    long = int((lengths > seq_len + 1).sum())
+    kept = [
+        r for r in stored if np.flatnonzero(r["mask"][1 : seq_len + 1]).size
+    ]  # a target left after the cut
+    assert long and (len(kept) < len(stored)) == (seq_len == 64)  # both cases happen
+    if long:
+        assert len(lines) == 1 and f"{long:,} of {len(stored):,} conversations" in lines[0]
+        assert f"longer than model.seq_len + 1 = {seq_len + 1}" in lines[0]
+        left_out = f"{len(stored) - len(kept):,} of them keep no assistant token"
+        assert (left_out in lines[0]) == (len(kept) < len(stored))
+    else:
+        assert lines == []
+    found, used = [], []
+    for i in range(len(rows)):
+        sample = rows[i]
+        assert {k: (v.shape, v.dtype) for k, v in sample.items()} == {
+            k: ((seq_len,), np.int32)
+            for k in ("inputs", "targets", "weights", "segments", "positions")
+        }
+        spans = _segments(sample)
+        end = spans[-1].stop
+        for s, span in enumerate(spans):
+            assert (sample["segments"][span] == s + 1).all()
+            np.testing.assert_array_equal(
+                sample["positions"][span], np.arange(span.stop - span.start)
+            )
+            tokens = np.r_[sample["inputs"][span], sample["targets"][span][-1:]]
+            np.testing.assert_array_equal(sample["targets"][span][:-1], sample["inputs"][span][1:])
+            found.append((tokens, sample["weights"][span]))
+        assert spans[0].start == 0
+        assert all(a.stop == b.start for a, b in zip(spans, spans[1:], strict=False))
+        assert all((v[end:] == 0).all() for v in sample.values())
+        used.append(end)
+    assert len(found) == len(kept)
+    for (tokens, weights), row in zip(found, kept, strict=True):
+        n = min(len(row["tokens"]), seq_len + 1)
+        np.testing.assert_array_equal(tokens, row["tokens"][:n])
+        np.testing.assert_array_equal(weights, row["mask"][1:n])
+    scored = sum(int(r["mask"][1 : seq_len + 1].sum()) for r in kept)
+    assert sum(int(rows[i]["weights"].sum()) for i in range(len(rows))) == scored
+    firsts = np.cumsum([0] + [int(rows[i]["segments"].max()) for i in range(len(rows))])
+    pairs = [min(len(r["tokens"]), seq_len + 1) - 1 for r in kept]
+    for i in range(len(rows) - 1):  # greedy: the next row's first would not have fitted
+        assert used[i] + pairs[firsts[i + 1]] > seq_len
+    assert rows.num_tokens == sum(p + 1 for p in pairs)
+
+
+def test_unpacked_rows_hold_one_conversation_each_and_long_ones_can_be_refused(demo):
+    rows = ChatRows(demo, "validation", seq_len=512, pack=False, log=quiet)
+    stored = _stored(demo, "validation")
+    assert len(rows) == len(stored)
+    for i, row in enumerate(stored):
+        sample, n = rows[i], len(row["tokens"])
+        assert sample["segments"].tolist() == [1] * (n - 1) + [0] * (513 - n)
+        np.testing.assert_array_equal(sample["inputs"][: n - 1], row["tokens"][:-1])
+        np.testing.assert_array_equal(sample["weights"][: n - 1], row["mask"][1:])
+    index = demo.index("train")
+    c = int(np.argmax(index["row_tokens"] > 129))
+    with pytest.raises(ConfigError) as e:
+        ChatRows(demo, "train", seq_len=128, truncate=False, log=quiet)
+    message = str(e.value)
+    assert f"the first (line {index['line'][c]} of {DEMO}) with {index['row_tokens'][c]}" in message
+    assert (
+        "longer than model.seq_len + 1 = 129 tokens" in message and "data.truncate=true" in message
+    )
+
+
+def test_the_packing_plan_reads_no_token_and_samples_are_pure_functions_of_their_index(
+    demo, monkeypatch
+):
+    def no_reads(self, i):
+        raise AssertionError("a token was read to plan the rows")
+
+    with monkeypatch.context() as m:
+        m.setattr(shards.Rows, "__getitem__", no_reads)
+        rows = ChatRows(demo, "train", seq_len=128, log=quiet)
+    again = ChatRows(Dataset(demo.path), "train", seq_len=128, log=quiet)
+    for i in (len(rows) - 1, 0, 7, 0):
+        a, b = rows[i], again[i]
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(IndexError):
+        rows[len(rows)]
+
+
+def _megatron_masks(tokens: np.ndarray, eod: int):
+    """Megatron-LM's _get_ltor_masks_and_position_ids with reset_position_ids,
+    reset_attention_mask and no eod_mask_loss, in numpy: (attention allowed (s, s), loss mask,
+    position ids)."""
+    s = len(tokens)
+    allowed = np.tril(np.ones((s, s), bool))
+    position_ids = np.arange(s)
+    prev = 0
+    for i in np.flatnonzero(tokens == eod):
+        allowed[i + 1 :, : i + 1] = False
+        position_ids[i + 1 :] -= i + 1 - prev
+        prev = i + 1
+    return allowed, np.ones(s), position_ids
+
+
+def test_text_windows_with_reset_attention_restart_segments_after_each_end_of_text(tmp_path):
+    """data.reset_attention: the windows are the same, every target is trained on, and
+    segments and positions give exactly Megatron-LM's reset attention mask and position ids."""
+    source = tmp_path / "docs.jsonl"
+    lambada = (ROOT / "data/lambada/lambada_sample.jsonl").read_text().splitlines()[:60]
+    source.write_text("\n".join(lambada) + "\n", encoding="utf-8")
+    out = prepare.prepare([source], out=tmp_path / "ds", fmt="lambada", log=quiet)
+    plain = GPTWindows(Dataset(out), "train", seq_len=128)
+    windows = GPTWindows(Dataset(out), "train", seq_len=128, documents=True)
+    assert len(windows) == len(plain) > 10
+    eot = 50256
+    restarts = 0
+    for i in range(len(windows)):
+        w, p = windows[i], plain[i]
+        assert all(np.array_equal(w[k], p[k]) for k in p)
+        allowed, loss, positions = _megatron_masks(w["inputs"], eot)
+        same = w["segments"][:, None] == w["segments"][None, :]
+        np.testing.assert_array_equal(same & np.tril(np.ones((128, 128), bool)), allowed)
+        np.testing.assert_array_equal(w["positions"], positions)
+        np.testing.assert_array_equal(w["weights"], loss)
+        assert w["segments"][0] == 1 and set(np.diff(w["segments"])) <= {0, 1}
+        assert all(v.dtype == np.int32 for v in w.values())
+        restarts += int((w["inputs"] == eot).sum())
+    assert restarts > 20
+    char = prepare.prepare([source], out=tmp_path / "c", tokenizer="char", log=quiet)
+    with pytest.raises(ConfigError, match="no end-of-text token"):
+        GPTWindows(Dataset(char), "train", seq_len=16, documents=True)
+
+
+def _chat_config(source: str, **data):
+    return config.replace(tiny_config(seq_len=128), data=dict(source=source, format="chat", **data))
+
+
+def test_the_loader_gives_the_models_fields_and_resumes_exactly(tmp_path):
+    """Through loaders(): batches of conversations carry the fields models.batch_fields names,
+    are the same for the same seed and step, resume from the saved state, split over processes
+    by rows, and blend two sources by weight."""
+    cfg = _chat_config(str(DEMO))
+    lines = []
+    _, train, val = loaders(cfg, workdir=tmp_path, log=lines.append)
+    assert sum("prepared" in line for line in lines) == 1
+    assert sum("are cut to it" in line for line in lines) == 2  # train and validation
+    fields = models.batch_fields(cfg.model, documents=cfg.data.documents)
+    batch = next(train)
+    assert {k: v.shape[1:] for k, v in batch.items()} == fields
+    assert all(v.dtype == np.int32 and len(v) == 8 for v in batch.values())
+    assert next(val)["weights"].sum() > 0
+    for _ in range(3):
+        next(train)
+    saved = json.loads(json.dumps(train.state()))
+    expected = [next(train) for _ in range(2)]
+    _, resumed, _ = loaders(cfg, workdir=tmp_path, log=lines.append)  # prepared: reused
+    resumed.restore(saved)
+    assert sum("prepared" in line for line in lines) == 1
+    for e in expected:
+        got = next(resumed)
+        assert all(np.array_equal(e[k], got[k]) for k in e)
+    halves = [
+        loaders(cfg, workdir=tmp_path, log=quiet, train_rows=r)[1]
+        for r in ([0, 1, 2, 3], [4, 5, 6, 7])
+    ]
+    whole = train.batch(9)
+    for k in whole:
+        np.testing.assert_array_equal(np.concatenate([h.batch(9)[k] for h in halves]), whole[k])
+    other = tmp_path / "pairs.jsonl"
+    counts = [{"prompt": f"Count to {i}:", "completion": f" {list(range(i))}"} for i in range(40)]
+    other.write_text("".join(json.dumps(c) + "\n" for c in counts))
+    _, blended, _ = loaders(_chat_config(f"0.25:{DEMO},0.75:{other}"), workdir=tmp_path, log=quiet)
+    assert [len(d) for d in blended.datasets][0] == len(train.datasets[0])
+    assert [blended.locate(j)[0] for j in range(8)].count(1) == 6
+
+
+def test_the_loader_refuses_a_dataset_of_the_other_format_and_packs_text_with_reset_attention(
+    demo, tmp_path
+):
+    with pytest.raises(ConfigError, match="holds conversations but data.format is 'text'"):
+        loaders(config.replace(_chat_config(str(demo.path)), data=dict(format="text")),
+                workdir=tmp_path, log=quiet)  # fmt: skip
+    text = tmp_path / "plays.txt"
+    text.write_text((ROOT / "data/shakespeare/input.txt").read_text()[:20000] + "\n")
+    with pytest.raises(ConfigError, match="plays.txt line 1: not JSON"):
+        loaders(_chat_config(str(text)), workdir=tmp_path, log=quiet)
+    cfg = config.replace(tiny_config(seq_len=64), data=dict(source=str(text), reset_attention=True))
+    _, train, _ = loaders(cfg, workdir=tmp_path, log=quiet)
+    batch = next(train)
+    assert {k: v.shape[1:] for k, v in batch.items()} == models.batch_fields(
+        cfg.model, documents=True
+    )
+    assert (batch["weights"] == 1).all() and (batch["segments"] >= 1).all()
 
 
 def test_the_demo_conversations_are_made_from_the_shipped_plays():
