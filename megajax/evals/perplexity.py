@@ -24,9 +24,12 @@ def score(
     'inputs', 'targets' and optional 'weights', (seq_len,) each, whose weights together cover
     every scored target once). Each process builds only the windows of its rows, once."""
 
-    def nll_and_targets(params, inputs, targets, weights):
-        nll = (sharded.token_losses(params, inputs, targets) * weights).sum(-1)
-        return nll, weights.sum(-1).astype(jnp.int32)
+    def nll_and_targets(params, f):
+        losses = sharded.token_losses(
+            params, f["inputs"], f["targets"], segments=f.get("segments"),
+            positions=f.get("positions"),
+        )  # fmt: skip
+        return (losses * f["weights"]).sum(-1), f["weights"].sum(-1).astype(jnp.int32)
 
     total, tokens = batched.total(sharded, params, nll_and_targets, windows, log=log, label=label)
     return {"tokens": tokens, "nll": total, "loss": total / tokens, "ppl": math.exp(total / tokens)}
