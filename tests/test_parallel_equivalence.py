@@ -6,7 +6,9 @@ Each model is trained for STEPS steps with dropout on, from its own sharded init
 one device (the reference) and on each mesh; every run compiles one train step and nothing else.
 The first step's gradients are read from the optimizer: Adam's first moment after one step is
 (1 - beta1) times the clipped gradient, and the clipping factor follows from the gradient norm,
-which is compared too.
+which is compared too. BERT's vocabulary is 1,100 word pieces (bert_batch folds the others into
+it), padded differently on each model degree like GPT-2's; tests/test_bert.py and
+tests/test_distributed_optimizer.py use the same models, so that a run compiles each once.
 """
 
 import dataclasses
@@ -21,6 +23,7 @@ from megajax import config
 from megajax.trainer import Trainer
 
 STEPS = 4
+VOCAB = 1100  # BERT's, as tiny_config's
 # Each model on one device (the reference) and on the meshes it is compared on.
 MESHES = {
     "gpt": [(8, 1), (2, 4), (4, 2), (1, 8)],
@@ -46,9 +49,9 @@ def _setup(kind, shakespeare_tokens, bert_dataset):
         shape = dict(batch_size=cfg.train.batch_size, seq_len=m.seq_len, vocab_size=m.vocab_size)
         pairs = [real_batch(shakespeare_tokens, step=i, **shape) for i in range(STEPS)]
         return cfg, [{"inputs": x, "targets": y} for x, y in pairs]
-    cfg = bert_config(layernorm_placement=kind.split("-")[1])
-    s = cfg.model.seq_len
-    return cfg, [bert_batch(bert_dataset, step=i, batch_size=8, seq_len=s) for i in range(STEPS)]
+    cfg = bert_config(layernorm_placement=kind.split("-")[1], vocab_size=VOCAB)
+    shape = dict(batch_size=8, seq_len=cfg.model.seq_len, vocab_size=VOCAB)
+    return cfg, [bert_batch(bert_dataset, step=i, **shape) for i in range(STEPS)]
 
 
 def _unpad(tree, vocab_size: int):
