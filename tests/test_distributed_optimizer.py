@@ -56,9 +56,10 @@ def runs(shakespeare_tokens, bert_dataset):
     return get
 
 
-@pytest.mark.parametrize(
-    "kind,data,model", [("gpt", 2, 4), ("gpt", 4, 2), ("gpt", 1, 8), ("bert", 2, 4)]
-)
+BERT = pytest.param("bert", 2, 4, marks=pytest.mark.slow)  # the largest programs
+
+
+@pytest.mark.parametrize("kind,data,model", [("gpt", 2, 4), ("gpt", 4, 2), ("gpt", 1, 8), BERT])
 def test_losses_equal_with_and_without_the_distributed_optimizer(runs, kind, data, model):
     _, _, reference, _ = runs(kind, False, 2, 4)
     trainer, _, metrics, _ = runs(kind, True, data, model)

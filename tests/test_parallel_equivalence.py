@@ -97,8 +97,14 @@ def runs(shakespeare_tokens, bert_dataset):
     return get
 
 
+def _cases(rows):
+    """pytest params of (kind, ...) rows; BERT's, the largest programs, marked slow."""
+    slow = pytest.mark.slow
+    return [pytest.param(*row, marks=slow if row[0].startswith("bert") else ()) for row in rows]
+
+
 @pytest.mark.parametrize(
-    "kind,data,model", [(kind, *mesh) for kind, meshes in MESHES.items() for mesh in meshes]
+    "kind,data,model", _cases((kind, *mesh) for kind, meshes in MESHES.items() for mesh in meshes)
 )
 def test_metrics_grads_and_params_identical_across_meshes(runs, kind, data, model):
     ref, ours = runs(kind, (1, 1)), runs(kind, (data, model))
@@ -168,7 +174,7 @@ SWITCH_CASES = [("gpt", name) for name, _ in SWITCHES if name != "float16"] + [
 ]
 
 
-@pytest.mark.parametrize("kind,name", SWITCH_CASES)
+@pytest.mark.parametrize("kind,name", _cases(SWITCH_CASES))
 def test_losses_identical_with_sequence_parallelism_and_recomputation(runs, kind, name):
     mesh, _ = dict(SWITCHES)[name]
     losses = [m["loss"] for m in runs(kind, mesh, name).metrics]
