@@ -62,6 +62,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
+FORMATS = ("text", "chat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,6 +303,21 @@ class DataConfig:
     mask_prob: float = 0.15
     short_seq_prob: float = 0.1
     whole_word_masking: bool = False
+    # "text": documents of text, every token a target; "chat": a JSON Lines file of
+    # conversations ({"messages": [...]} or {"prompt", "completion"}) rendered through the chat
+    # template, only the assistant's tokens trained on (megajax/data/chat.py).
+    format: str = "text"
+    # A chat template file (.jinja) to use instead of the tokenizer directory's own (or, with
+    # none there, megajax's default, data/chat.py DEFAULT_TEMPLATE).
+    chat_template: str = ""
+    # Conversations packed into rows of model.seq_len, attention kept inside each and
+    # positions restarting at each (false: one per row, padded).
+    pack: bool = True
+    # A conversation longer than seq_len + 1 tokens is cut to it and counted (false: refused).
+    truncate: bool = True
+    # Text documents (joined by the end-of-text token) attend only within themselves and their
+    # positions restart at each (Megatron-LM's --reset-attention-mask, --reset-position-ids).
+    reset_attention: bool = False
 
     RANGES: typing.ClassVar[dict[str, Range]] = dict(
         val_fraction=FRACTION,
@@ -311,6 +327,14 @@ class DataConfig:
 
     def __post_init__(self):
         check_ranges("data", self)
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format={self.format!r}: use one of {', '.join(FORMATS)}")
+
+    @property
+    def documents(self) -> bool:
+        """Whether samples carry their documents' bounds: per-token loss weights, segment ids
+        and positions (conversations, or text with reset_attention)."""
+        return self.format == "chat" or self.reset_attention
 
 
 @dataclasses.dataclass(frozen=True)

@@ -277,8 +277,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("pass --workdir (a trained run) or --hf_checkpoint")
     if args.num_samples < 1 or args.max_new_tokens < 1:
         parser.error("--num_samples and --max_new_tokens must be positive")
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.seed < 0:
-        parser.error("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1, --seed >= 0")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        parser.error("need --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed {args.seed}: use a seed in [0, 2**32)")
     return args
 
 

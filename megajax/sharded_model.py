@@ -53,7 +53,7 @@ class ShardedModel:
         self.param_sharding = self.compute_sharding
         micro = (cfg.train.micro_batches, cfg.train.batch_size // cfg.train.micro_batches)
         self.micro_shape = micro
-        self.fields = models.batch_fields(cfg.model)
+        self.fields = models.batch_fields(cfg.model, documents=cfg.data.documents)
         self.objective = models.objective(cfg.model)
         # Samples are split over `data` by rows.
         self.eval_sharding = {
@@ -109,10 +109,12 @@ class ShardedModel:
         """The model (models.build's class) holding `params`."""
         return nnx.merge(self.graphdef, params)
 
-    def token_losses(self, params, inputs, targets, key=None):
+    def token_losses(self, params, inputs, targets, key=None, segments=None, positions=None):
         """A GPT's next-token cross-entropy per position, (batch, length); `key=None` disables
-        dropout."""
-        return self.model(params).token_losses(inputs, targets, key=key)
+        dropout; packed documents: `segments` and `positions` (models.gpt.GPT)."""
+        return self.model(params).token_losses(
+            inputs, targets, key=key, segments=segments, positions=positions
+        )
 
     def loss(self, params, batch: dict, key):
         """(objective, metrics) of a batch of samples (a dict of models.batch_fields arrays)."""
@@ -122,17 +124,17 @@ class ShardedModel:
         """The parameters as the forward pass reads them: here, as they are held."""
         return params
 
-    def _pipelined(self, params, batch, keys, objective):
+    def _pipelined(self, params, batch, keys, objective, shares):
         """The sums over the micro-batches of `objective` (value, metrics), all micro-batches
         going through the pipeline schedule together: the embedding and the heads run on each
         micro-batch (vmapped, replicated over `pipeline`), the stacked layers as the schedule's
-        stages (models/pipeline_schedule.py)."""
+        stages (models/pipeline_schedule.py). `shares` (micro,) weigh the micro-batches."""
         key_axis = None if keys is None else 0  # None: no dropout
         per_micro = jax.vmap(
-            objective, in_axes=(None, 0, key_axis), axis_name=pipeline_arithmetic.MICRO
+            objective, in_axes=(None, 0, key_axis, 0), axis_name=pipeline_arithmetic.MICRO
         )
         with pipeline_arithmetic.scheduled(self.schedule):
-            values, metrics = per_micro(params, batch, keys)
+            values, metrics = per_micro(params, batch, keys, shares)
         return values.sum(), jax.tree.map(jnp.sum, metrics)
 
     def abstract_eval_batch(self) -> dict:
@@ -156,11 +158,11 @@ class ShardedModel:
             micro = self.micro_shape[0]
             split = jax.tree.map(lambda x: x.reshape(micro, -1, *x.shape[1:]), batch)
 
-            def objective(params, batch, key):
+            def objective(params, batch, key, share):
                 value, metrics = self.loss(params, batch, key)
-                return value, {"loss": value, **metrics}
+                return value * share, {"loss": value * share, **metrics}
 
-            _, sums = self._pipelined(params, split, None, objective)
+            _, sums = self._pipelined(params, split, None, objective, jnp.ones((micro,)))
             return jax.tree.map(lambda v: v / micro, sums)
 
         with self.context():

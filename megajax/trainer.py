@@ -141,14 +141,24 @@ class Trainer(ShardedModel):
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state["step"])
         scale = state["scaler"]["scale"] if self.loss_scaled else None
         distributed = self.cfg.optim.distributed
+        micro = self.micro_shape[0]
+        # A token-weighted objective (samples with "weights": conversations, packed documents)
+        # gives each micro-batch's mean its share of the step's scored tokens, so that the
+        # step's loss and gradients are the mean over all of them; otherwise each share is 1.
+        shares = jnp.ones((micro,), jnp.float32)
+        if "weights" in batch:
+            counts = batch["weights"].reshape(micro, -1).sum(-1).astype(jnp.float32)
+            shares = counts * micro / jnp.maximum(counts.sum(), 1.0)
 
-        def objective(params, batch, key):
+        def objective(params, batch, key, share):
             value, metrics = self.loss(params, batch, key)
-            return value if scale is None else value * scale, {"loss": value, **metrics}
+            weighted = value * share
+            loss = weighted if scale is None else weighted * scale
+            return loss, {"loss": weighted, **metrics}
 
         def grads_of(micro_batch, i):
             (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
-                params, micro_batch, jax.random.fold_in(key, i)
+                params, micro_batch, jax.random.fold_in(key, i), shares[i]
             )
             if distributed:
                 grads = jax.tree.map(self._to_master, grads, self.state_sharding["params"])
@@ -161,12 +171,11 @@ class Trainer(ShardedModel):
             sums = jax.tree.map(jnp.add, sums, metrics)
             return (sums, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-        micro = self.micro_shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
         if self.schedule is not None:
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(micro))
             (_, sums), grad_sum = jax.value_and_grad(self._pipelined, has_aux=True)(
-                params, batch, keys, objective
+                params, batch, keys, objective, shares
             )
             if distributed:
                 grad_sum = jax.tree.map(self._to_master, grad_sum, self.state_sharding["params"])
@@ -186,7 +195,10 @@ class Trainer(ShardedModel):
         grads = jax.tree.map(lambda g: g / micro, grad_sum)
         if scale is not None:
             grads = jax.tree.map(lambda g: g / scale, grads)
-        return jax.tree.map(lambda v: v / micro, sums), grads
+        means = jax.tree.map(lambda v: v / micro, sums)
+        if "weights" in batch:
+            means["scored_tokens"] = counts.sum()
+        return means, grads
 
     @staticmethod
     def _to_master(x, sharding):

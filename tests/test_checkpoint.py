@@ -170,6 +170,7 @@ def _wait_for(predicate, timeout=240):
     return False
 
 
+@pytest.mark.slow
 def test_kill_during_a_save_then_sigterm_lose_no_step(tmp_path):
     """`kill -9` in the middle of a save leaves the newest complete checkpoint to resume from;
     SIGTERM to the resumed run saves a checkpoint at the step it is on and exits 128 + 15.

@@ -186,3 +186,16 @@ def test_values_out_of_range_name_the_key_and_the_range(assignment, message):
     with pytest.raises(config.ConfigError) as error:
         config.override(config.Config(), [assignment])
     assert str(error.value) == message
+
+
+def test_the_race_recipe_runs_on_the_shipped_passages(tmp_path):
+    """configs/race_bert_minilm.py's command reads data/race as shipped: both splits hold
+    questions of both levels, and a batch of each can be built."""
+    from megajax.data import loader
+
+    cfg = config.load("configs/race_bert_minilm.py")
+    train, val = loader.race_splits(cfg, ["data/race"])
+    assert {r["level"] for r in train} == {r["level"] for r in val} == {"high", "middle"}
+    _, train_data, val_data = loader.race_loaders(cfg, log=lambda _: None)
+    for data in (train_data, val_data):
+        assert data.batch(0)["tokens"].shape == (cfg.train.batch_size, 4, cfg.model.seq_len)

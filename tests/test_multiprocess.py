@@ -15,6 +15,7 @@ from conftest import device_mesh, subprocess_env
 from megajax import config, run, watchdog
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test here starts a two-process job
 SETTINGS = [
     "model.seq_len=32", "model.num_layers=2", "model.hidden=64", "model.num_heads=8",
     "train.batch_size=8", "train.log_every=1", "train.eval_every=0", "checkpoint.every=2",

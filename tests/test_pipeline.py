@@ -18,6 +18,7 @@ from flax import nnx
 from megajax import config, hlo, mesh, pipeline_arithmetic
 from megajax.checkpoint import Checkpointer
 from megajax.config import ConfigError
+from megajax.layers import Attend
 from megajax.models.pipeline_schedule import pipeline_stack, scan_layers
 from megajax.trainer import Trainer
 
@@ -142,13 +143,13 @@ def test_bubble_inputs_filled_with_nan_change_no_loss_and_no_gradient(trainers):
 
     def loss(state, xs, keys, fill):
         out = pipeline_stack(
-            graphdef, state, xs, padding=None, keys=keys, remat="none", stages=4, repeats=2,
+            graphdef, state, xs, attend=Attend(), keys=keys, remat="none", stages=4, repeats=2,
             fill=fill,
         )  # fmt: skip
         return jnp.mean(out**2), out
 
     def one_by_one(state, xs, keys):
-        layers = lambda x, k: scan_layers(graphdef, state, x, padding=None, keys=k, remat="none")  # noqa: E731
+        layers = lambda x, k: scan_layers(graphdef, state, x, attend=Attend(), keys=k, remat="none")  # noqa: E731
         return jax.vmap(layers)(xs, keys)
 
     def schedule_and_reference(state, xs, fill):  # one program for both, and for both fills

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from megajax.config import ModelConfig
+from megajax.config import ConfigError, ModelConfig
 from megajax.models import bert, gpt
 
 
@@ -14,9 +14,16 @@ def build(cfg: ModelConfig, *, padded_vocab: int, rngs: nnx.Rngs):
     return cls(cfg, padded_vocab=padded_vocab, rngs=rngs)
 
 
-def batch_fields(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Field name -> shape of one sample (int32), as the data loader yields them."""
-    return (gpt if cfg.arch == "gpt" else bert).batch_fields(cfg)
+def batch_fields(cfg: ModelConfig, *, documents: bool = False) -> dict[str, tuple[int, ...]]:
+    """Field name -> shape of one sample (int32), as the data loader yields them; `documents`:
+    a GPT's samples carry their documents' bounds (DataConfig.documents)."""
+    if cfg.arch != "gpt":
+        if documents:
+            raise ConfigError(
+                "data.format=chat and data.reset_attention are for a GPT (model.arch=gpt)"
+            )
+        return bert.batch_fields(cfg)
+    return gpt.batch_fields(cfg, documents=documents)
 
 
 def objective(cfg: ModelConfig):

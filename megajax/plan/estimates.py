@@ -153,7 +153,8 @@ def estimate_memory(
         )
 
     paper = activations.paper_layer_activation_bytes(m, batch=sequences, model_degree=model_degree)
-    sample = sum(math.prod(shape) for shape in models.batch_fields(m).values())
+    fields = models.batch_fields(m, documents=cfg.data.documents)
+    sample = sum(math.prod(shape) for shape in fields.values())
     counters = 2 * 4 + (3 * 4 if m.compute_dtype == "float16" else 0)  # + the loss scaler
     accumulate = 2 if tr.micro_batches > 1 and stages == 1 else 1
     if cfg.optim.distributed:
