@@ -27,13 +27,25 @@ NEW = 8
 
 @pytest.fixture(scope="module")
 def generators():
-    """The same tiny random GPT (float32) on each mesh; its vocabulary pads differently on each."""
+    """The same tiny random GPT (float32) on each mesh; its vocabulary pads differently on each.
+    Initialised once, on 2 x 4; the other meshes get its values laid out from the host."""
     cfg = tiny_config()
-    made = {}
-    for data, model in MESHES:
+    trainer = Trainer(cfg, device_mesh(2, 4))
+    made = {(2, 4): generate.Generator(trainer, _fresh_params(trainer))}
+    host = jax.device_get(made[2, 4].params)
+    for data, model in set(MESHES) - {(2, 4)}:
         trainer = Trainer(cfg, device_mesh(data, model))
-        made[data, model] = generate.Generator(trainer, _fresh_params(trainer))
+        params = jax.device_put(_repadded(host, trainer.padded_vocab), trainer.param_sharding)
+        made[data, model] = generate.Generator(trainer, params)
     return made
+
+
+def _repadded(params, rows: int):
+    """Host parameters with the embedding's padding cut or zero-filled to `rows` (padding rows
+    are never read: the logits past model.vocab_size are masked)."""
+    table = params["wte"]["embedding"][:rows]
+    table = np.pad(table, ((0, rows - len(table)), (0, 0)))
+    return {**params, "wte": {**params["wte"], "embedding": table}}
 
 
 def _fresh_params(trainer):
@@ -125,7 +137,7 @@ def constructed():
     table = np.zeros((64, 1), np.float32)
     table[:vocab, 0] = logits
     hidden = np.ones((rows, 1), np.float32)
-    keys = jax.random.key_data(jax.random.split(jax.random.key(0), rows))
+    keys = np.random.default_rng(0).integers(0, 2**32, (rows, 2), dtype=np.uint32)  # key data
     sample = jax.jit(
         lambda k, t, p: sampling.sample(
             hidden, table, k, temperature=1.0, top_k=t, top_p=p, vocab_size=vocab
@@ -247,9 +259,10 @@ def test_long_prompt_and_foreign_ids_are_clear_errors(hf_generator):
 
 @pytest.fixture(scope="module")
 def server():
-    """The API on a free loopback port, over a tiny random GPT reading GPT-2 BPE ids."""
+    """The API on a free loopback port, over a tiny random GPT reading GPT-2 BPE ids. On 2 x 2,
+    one prompt or two run as two rows: one program per number of new tokens."""
     cfg = tiny_config(vocab_size=50257)
-    trainer = Trainer(cfg, device_mesh(1, 2))
+    trainer = Trainer(cfg, device_mesh(2, 2))
     generator = generate.Generator(trainer, _fresh_params(trainer))
     httpd = serve.make_server(serve.Service(generator, GPT2Tokenizer("data/gpt2")), "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
