@@ -76,9 +76,20 @@ def test_imported_llama_gives_transformers_logits(hf_dir, ids, data, model):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
 
 
-def test_exported_llama_loads_in_transformers_with_identical_outputs(hf_dir, ids, tmp_path):
-    convert.import_hf(str(hf_dir), str(tmp_path / "mj"), config.Config(), device_mesh(1, 8))
-    convert.export_hf(str(tmp_path / "mj"), str(tmp_path / "back"), device_mesh(4, 2))
+@pytest.fixture(scope="module")
+def imported(hf_dir, tmp_path_factory):
+    """(config, work directory) of the Llama imported on one device."""
+    workdir = tmp_path_factory.mktemp("imported")
+    cfg = convert.import_hf(
+        str(hf_dir), str(workdir), config.Config(), device_mesh(1, 1), log=lambda _: None
+    )
+    return cfg, workdir
+
+
+def test_exported_llama_loads_in_transformers_with_identical_outputs(
+    imported, hf_dir, ids, tmp_path
+):
+    convert.export_hf(str(imported[1]), str(tmp_path / "back"), device_mesh(4, 2))
     ours = LlamaForCausalLM.from_pretrained(tmp_path / "back").state_dict()
     theirs = LlamaForCausalLM.from_pretrained(hf_dir).state_dict()
     assert ours.keys() == theirs.keys()
@@ -87,12 +98,12 @@ def test_exported_llama_loads_in_transformers_with_identical_outputs(hf_dir, ids
     np.testing.assert_array_equal(_hf_logits(tmp_path / "back", ids), _hf_logits(hf_dir, ids))
 
 
-def test_restored_import_matches_on_another_mesh(hf_dir, ids, tmp_path):
+def test_restored_import_matches_on_another_mesh(imported, hf_dir, ids):
     """The imported checkpoint restores onto a mesh it was not written on, one that splits the
     key/value weight by rows, not by heads."""
-    cfg = convert.import_hf(str(hf_dir), str(tmp_path), config.Config(), device_mesh(1, 1))
+    cfg, workdir = imported
     trainer = Trainer(cfg, device_mesh(1, 8))
-    ckpt = Checkpointer(tmp_path / "checkpoints", every=0, keep=1)
+    ckpt = Checkpointer(workdir / "checkpoints", every=0, keep=1)
     state, _ = ckpt.restore(0, trainer.abstract_state())
     ckpt.close()
     theirs = _hf_logits(hf_dir, ids)
