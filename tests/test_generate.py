@@ -208,8 +208,9 @@ def hf_generator(hf_dir):
 
 @pytest.fixture(scope="module")
 def hf_greedy(hf_generator):
-    """Greedy tokens and the log-probabilities of prompts and tokens, in one batch."""
-    return hf_generator(PROMPTS, new_tokens=NEW, temperature=0.0, prompt_logprobs=True)
+    """Greedy tokens and their log-probabilities, in one batch (the program the generation
+    command compiles for 3 samples of 8 tokens)."""
+    return hf_generator(PROMPTS, new_tokens=NEW, temperature=0.0)
 
 
 def test_imported_gpt2_greedy_equals_transformers(hf_dir, hf_greedy):
@@ -227,24 +228,31 @@ def test_imported_gpt2_greedy_equals_transformers(hf_dir, hf_greedy):
         np.testing.assert_array_equal(ours, theirs)
 
 
-def test_imported_gpt2_logprobs_equal_transformers(hf_dir, hf_greedy):
+def test_imported_gpt2_logprobs_equal_transformers(hf_dir, hf_generator, hf_greedy):
+    """The decoded tokens' log-probabilities, and those of prompts scored whole (no new
+    tokens: the prompt and the greedy tokens after it)."""
     model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    for i, prompt in enumerate(PROMPTS):
-        seq = torch.tensor([prompt + hf_greedy["tokens"][i].tolist()])
+    sequences = [p + t.tolist() for p, t in zip(PROMPTS, hf_greedy["tokens"], strict=True)]
+    scored = hf_generator(sequences, new_tokens=0, prompt_logprobs=True)
+    for i, (prompt, sequence) in enumerate(zip(PROMPTS, sequences, strict=True)):
+        seq = torch.tensor([sequence])
         with torch.no_grad():
             logp = torch.log_softmax(model(seq).logits[0, :-1].double(), -1)
         theirs = logp.gather(-1, seq[0, 1:, None])[:, 0].numpy()
-        ours = np.concatenate([hf_greedy["prompt_logprobs"][i], hf_greedy["logprobs"][i]])
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(scored["prompt_logprobs"][i], theirs, rtol=0, atol=2e-5)
+        decoded = hf_greedy["logprobs"][i]
+        np.testing.assert_allclose(decoded, theirs[len(prompt) - 1 :], rtol=0, atol=2e-5)
 
 
 def test_generate_command_prints_samples_then_json(hf_dir, capsys):
-    argv = ["--hf_checkpoint", str(hf_dir), "--prompt", "a b c", "--max_new_tokens", "4",
-            "--num_samples", "2", "--temperature", "0", "--mesh", "data=2,model=4"]  # fmt: skip
+    argv = ["--hf_checkpoint", str(hf_dir), "--prompt", "a b c", "--max_new_tokens", str(NEW),
+            "--num_samples", "3", "--temperature", "0", "--mesh", "data=2,model=4",
+            "--step_timeout", "0"]  # fmt: skip
     assert generate.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    first, second = result["samples"]
-    assert len(first["tokens"]) == 4 and first == second and result["tokens_per_sec"] > 0
+    first, *others = result["samples"]
+    assert len(others) == 2 and all(other == first for other in others)
+    assert len(first["tokens"]) == NEW and result["tokens_per_sec"] > 0
 
 
 def test_long_prompt_and_foreign_ids_are_clear_errors(hf_generator):
