@@ -176,10 +176,10 @@ def bpe_run(bpe_state, tmp_path_factory):
     return _save_run(tmp_path_factory.mktemp("bpe_run"), cfg, state), cfg
 
 
-def _plain_logits(workdir, cfg):
-    """ids (length,) -> float64 log-probabilities (length, vocab): one unsharded forward pass,
-    the ids right-padded to seq_len (causal: the padding changes no earlier position), so that
-    every length runs one program."""
+def _plain_log_probs(workdir, cfg):
+    """(id sequences, the positions wanted of each) -> float64 log-probabilities, (positions,
+    vocab) for each sequence: unsharded forward passes of 64 sequences at once, right-padded to
+    seq_len (causal: the padding changes no earlier position), one program for every length."""
     trainer = Trainer(cfg, device_mesh(1, 1))
     ckpt = Checkpointer(workdir / "checkpoints", every=0, keep=1)
     params = ckpt.restore(0, trainer.abstract_state())[0]["params"]
@@ -187,15 +187,21 @@ def _plain_logits(workdir, cfg):
     with trainer.context():
         hidden = jax.jit(lambda p, x: trainer.model(p)(x))
         table = np.asarray(jax.jit(lambda p: trainer.model(p).lm_head)(params), np.float64)
+    table = table[: cfg.model.vocab_size]
 
-    def log_probs(ids):
-        padded = np.zeros((1, cfg.model.seq_len), np.int32)
-        padded[0, : len(ids)] = ids
-        with trainer.context():
-            h = np.asarray(hidden(params, padded), np.float64)[0, : len(ids)]
-        logits = h @ table[: cfg.model.vocab_size].T
-        logits -= logits.max(-1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    def log_probs(sequences, positions):
+        out = []
+        for begin in range(0, len(sequences), 64):
+            batch = np.zeros((64, cfg.model.seq_len), np.int32)
+            for row, ids in enumerate(sequences[begin : begin + 64]):
+                batch[row, : len(ids)] = ids
+            with trainer.context():
+                h = np.asarray(hidden(params, batch), np.float64)
+            for row, wanted in enumerate(positions[begin : begin + 64]):
+                logits = h[row, list(wanted)] @ table.T
+                logits -= logits.max(-1, keepdims=True)
+                out.append(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+        return out
 
     return log_probs
 
@@ -217,15 +223,19 @@ def test_wikitext_perplexity_equals_a_plain_computation(bpe_run, gpt2_json, tmp_
 
     # Slide by 12 and score the targets no earlier window reached.
     ids = GPT2Tokenizer("data/gpt2").encode(wikitext.detokenize(text))
-    log_probs, seq_len = _plain_logits(workdir, cfg), cfg.model.seq_len
-    nll, reached, start = 0.0, 0, 0
+    windows, reached, start = [], 0, 0  # (ids, the first position whose target is new)
     while reached < len(ids) - 1:
-        chunk = ids[start : start + seq_len + 1]
-        lp = log_probs(chunk[:-1])
-        for pos in range(len(chunk) - 1):
-            if start + pos + 1 > reached:
-                nll -= lp[pos, chunk[pos + 1]]
+        chunk = ids[start : start + cfg.model.seq_len + 1]
+        windows.append((chunk, max(reached - start, 0)))
         reached, start = start + len(chunk) - 1, start + 12
+    scored = _plain_log_probs(workdir, cfg)(
+        [chunk[:-1] for chunk, _ in windows],
+        [range(first, len(chunk) - 1) for chunk, first in windows],
+    )
+    nll = -sum(
+        lp[np.arange(len(lp)), chunk[first + 1 :]].sum()
+        for lp, (chunk, first) in zip(scored, windows, strict=True)
+    )
     original = len(text.strip().split(" "))
     assert result["tokens"] == len(ids) and result["original_tokens"] == original
     assert result["ppl"] == pytest.approx(np.exp(nll / (len(ids) - 1)), rel=1e-5)
@@ -377,19 +387,21 @@ def test_lambada_accuracy_equals_a_plain_computation(tmp_path, gpt2_json, bpe_st
     tokenizer = GPT2Tokenizer("data/gpt2")
     (signs,) = tokenizer.encode(" signs")
     workdir = _always_predicting(tmp_path / "run", cfg, state, signs)
-    log_probs = _plain_logits(workdir, cfg)
+    log_probs = _plain_log_probs(workdir, cfg)
     for flags, strict in (([], True), (["--no_strict"], False)):
         argv = ["--task", "lambada", "--data", tmp_path / "five.jsonl", "--workdir", workdir,
                 "--mesh", "data=2,model=4", *flags]  # fmt: skip
         code, out, _ = _eval_main(argv, capsys)
         assert code == 0
         result = json.loads(out.strip().splitlines()[-1])
-        right = 0
+        targets, inputs = [], []
         for line in lines:
             context, target = lambada.example(json.loads(line)["text"], tokenizer, strict=strict)
-            ids = (context + target)[-(cfg.model.seq_len + 1) :]
-            predicted = log_probs(ids[:-1]).argmax(-1)[-len(target) :]
-            right += list(predicted) == target
+            targets.append(target)
+            inputs.append((context + target)[-(cfg.model.seq_len + 1) : -1])
+        last = [range(len(x) - len(t), len(x)) for x, t in zip(inputs, targets, strict=True)]
+        predicted = [lp.argmax(-1).tolist() for lp in log_probs(inputs, last)]
+        right = sum(p == t for p, t in zip(predicted, targets, strict=True))
         assert result["n"] == 5 and result["strict"] == strict
         assert result["accuracy"] == right / 5 == 3 / 5
         if strict:
