@@ -16,6 +16,9 @@ from megajax.hf import weights as convert  # the conversion, without its command
 from megajax.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+# The commands run in this process: no step watchdog thread left in it (a finished run's
+# last progress would arm it).
+NO_WATCHDOG = ["--step_timeout", "0"]
 SHAPES = {  # odd vocabularies, so megajax pads them differently on each model degree
     "vocab1003-h64-l2": dict(vocab_size=1003, n_embd=64, n_layer=2, n_head=4, n_positions=32),
     "vocab517-h96-l3": dict(vocab_size=517, n_embd=96, n_layer=3, n_head=8, n_positions=16),
@@ -121,7 +124,7 @@ def test_train_and_eval_start_from_a_hugging_face_directory(made, tmp_path, caps
     spec.loader.exec_module(eval_cli)
     common = ["--mesh", "data=2,model=4", "--hf_checkpoint", str(hf_dir), "--set",
               "data.tokenizer=char", "--set", "data.val_fraction=0.01", "--workdir", str(tmp_path),
-              "--step_timeout", "0"]  # fmt: skip
+              *NO_WATCHDOG]  # fmt: skip
     assert eval_cli.main(common) == 0, capsys.readouterr().err[-2000:]
     before = json.loads((tmp_path / "eval_val.json").read_text())["loss"]
     argv = ["--config", "configs/shakespeare_char.py", *common, "--set", "train.steps=3",
@@ -147,13 +150,14 @@ def test_import_into_a_trained_run_is_refused_before_its_config_is_touched(made,
     ckpt.save(3, {"x": jnp.zeros(2)}, {"step": 3}, force=True)
     ckpt.close()
     hf_dir = shutil.copytree(made("vocab1003-h64-l2")[0], tmp_path / "hf")
-    assert convert_command(["--hf", str(hf_dir), "--out", str(run)]) == 2
+    assert convert_command(["--hf", str(hf_dir), "--out", str(run), *NO_WATCHDOG]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert (run / "config.json").read_text() == '{"trained": "config"}'
 
     hf = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps({**hf, "n_layer": 3}))  # a layer too many
-    assert convert_command(["--hf", str(hf_dir), "--out", str(tmp_path / "new")]) == 2
+    argv = ["--hf", str(hf_dir), "--out", str(tmp_path / "new"), *NO_WATCHDOG]
+    assert convert_command(argv) == 2
     assert "lacks" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
@@ -195,7 +199,7 @@ def test_export_writes_from_process_0_alone_with_the_runs_tokenizer(made, tmp_pa
         "process_allgather",
         lambda x, tiled: gathered.append(x.shape) or real_gather(x, tiled=tiled),
     )
-    argv = ["--checkpoint", str(run), "--mesh", "data=2,model=4", "--to_hf"]
+    argv = ["--checkpoint", str(run), "--mesh", "data=2,model=4", *NO_WATCHDOG, "--to_hf"]
     with monkeypatch.context() as elsewhere:
         elsewhere.setattr(convert, "jax", _NotProcess0())
         assert convert_command([*argv, str(tmp_path / "other")]) == 0

@@ -12,6 +12,10 @@ from megajax.checkpoint import Checkpointer
 from megajax.hf import weights as convert  # the conversion, without its command line
 from megajax.trainer import Trainer
 
+# The commands run in this process: no step watchdog thread left in it (a finished run's
+# last progress would arm it).
+NO_WATCHDOG = ["--step_timeout", "0"]
+
 SHAPE = dict(
     vocab_size=1003,  # odd: megajax pads it differently on each model degree
     hidden_size=64,
@@ -208,7 +212,7 @@ def test_imported_llama_lambada_and_wikitext_read_its_tokenizer_and_equal_transf
     results = []
     for task, data in (("lambada", "five.jsonl"), ("wikitext103", "wiki.tokens")):
         argv = ["--task", task, "--data", str(tmp_path / data), "--hf_checkpoint", str(tmp_path),
-                "--mesh", "data=2,model=4"]  # fmt: skip
+                "--mesh", "data=2,model=4", *NO_WATCHDOG]  # fmt: skip
         assert eval_cli.main(argv) == 0
         results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     lambada, wiki = results
@@ -221,7 +225,7 @@ def test_imported_llama_lambada_and_wikitext_read_its_tokenizer_and_equal_transf
     from megajax import generate
 
     argv = ["--hf_checkpoint", str(tmp_path), "--prompt", "w5 w6 w7", "--max_new_tokens", "4",
-            "--temperature", "0", "--mesh", "data=1,model=8"]  # fmt: skip
+            "--temperature", "0", "--mesh", "data=1,model=8", *NO_WATCHDOG]  # fmt: skip
     assert generate.main(argv) == 0
     ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"][0]["tokens"]
     with torch.no_grad():
@@ -265,8 +269,9 @@ def test_bfloat16_export_loads_in_transformers_with_its_tokenizer(hf_dir, tmp_pa
     bpe = ByteLevelBPETokenizer("data/gpt2/vocab.json", "data/gpt2/merges.txt")
     bpe.save(str(source / "tokenizer.json"))
     (source / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 32}))
-    assert convert_command(["--hf", str(source), "--out", str(run), "--mesh", "model=8"]) == 0
-    argv = ["--checkpoint", str(run), "--to_hf", str(out), "--dtype", "bfloat16"]
+    imported = ["--hf", str(source), "--out", str(run), "--mesh", "model=8", *NO_WATCHDOG]
+    assert convert_command(imported) == 0
+    argv = ["--checkpoint", str(run), "--to_hf", str(out), "--dtype", "bfloat16", *NO_WATCHDOG]
     assert convert_command([*argv, "--mesh", "data=2,model=4"]) == 0
 
     raw = (out / "model.safetensors").read_bytes()

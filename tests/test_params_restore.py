@@ -100,7 +100,8 @@ def test_a_step_never_saved_is_named_with_the_saved_ones(trained, tmp_path, caps
     workdir, cfg = trained
     with pytest.raises(ConfigError, match=r"no checkpoint at step 3 .*saved: 2, 4"):
         cli.load_trained(_args(workdir, "--step", "3"), cfg)
-    argv = ["--checkpoint", str(workdir), "--to_hf", str(tmp_path), "--step", "3"]
+    argv = ["--checkpoint", str(workdir), "--to_hf", str(tmp_path), "--step", "3",
+            "--step_timeout", "0"]  # fmt: skip
     assert convert.main(argv) == 2
     assert "no checkpoint at step 3" in capsys.readouterr().err
 
