@@ -376,6 +376,39 @@ class CheckpointConfig:
         check_ranges("checkpoint", self)
 
 
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    # LoRA (arXiv 2106.09685): each targeted layer's weight W is frozen and trained as
+    # W + (alpha / rank) A B, A (in, rank) and B (rank, out); every other parameter is frozen.
+    # 0: full fine-tuning, every parameter trains.
+    rank: int = 0
+    alpha: float = 16.0  # the update's scale is alpha / rank (PEFT's lora_alpha)
+    dropout: float = 0.0  # on the adapter's input only (PEFT's lora_dropout)
+    # Comma-separated, of: qkv (attention's query, key and value projections), proj (the
+    # attention output), fc1 (the MLP's first layer: SwiGLU's gate and up), fc2.
+    targets: str = "qkv,proj,fc1,fc2"
+
+    RANGES: typing.ClassVar[dict[str, Range]] = dict(
+        rank=NON_NEGATIVE, alpha=Range(0, low_open=True), dropout=FRACTION
+    )
+
+    def __post_init__(self):
+        check_ranges("lora", self)
+        unknown = [t for t in self.target_names if t not in LORA_TARGETS]
+        if unknown or not self.target_names:
+            raise ConfigError(
+                f"lora.targets={self.targets!r}: name one or more of {', '.join(LORA_TARGETS)}, "
+                "comma-separated"
+            )
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
@@ -383,6 +416,7 @@ class Config:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    lora: LoRAConfig = LoRAConfig()
 
 
 def load(path: str | Path) -> Config:

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megajax import models, parallel, pipeline_arithmetic
+from megajax import lora, models, parallel, pipeline_arithmetic
 from megajax.config import Config
 from megajax.mesh import check_batch, check_model
 
@@ -77,7 +77,8 @@ class ShardedModel:
             yield
 
     def _new_model(self, seed):
-        return models.build(self.cfg.model, padded_vocab=self.padded_vocab, rngs=nnx.Rngs(seed))
+        model = models.build(self.cfg.model, padded_vocab=self.padded_vocab, rngs=nnx.Rngs(seed))
+        return lora.attach(model, self.cfg.lora, seed=seed)
 
     def _initial_params(self):
         """The parameters as train.seed initialises them (trace under context())."""
