@@ -419,6 +419,33 @@ class Config:
     lora: LoRAConfig = LoRAConfig()
 
 
+# Model options that are not a checkpoint's shape: a run started from a checkpoint (Hugging
+# Face's, or a megajax run's) keeps its config's compute options, and an explicit --set of a
+# training option wins over the checkpoint's (GPT-2's resid_pdrop, BERT's hidden_dropout_prob).
+COMPUTE_OPTIONS = (
+    "remat", "sequence_parallel", "compute_dtype", "make_vocab_size_divisible_by", "attention"
+)  # fmt: skip
+TRAINING_OPTIONS = ("dropout", "init_std", "layernorm_eps")
+
+
+def with_model_of(cfg: Config, fields: dict, *, overrides=(), source: str) -> Config:
+    """`cfg` with the model of a checkpoint (`fields`: its ModelConfig fields; `source`: what it
+    is, for messages): the checkpoint's shape and training options, the config's compute
+    options. `overrides`: the user's explicit SECTION.FIELD=VALUE assignments (--set); those of
+    TRAINING_OPTIONS win over the checkpoint's values, one that contradicts its shape is an
+    error."""
+    theirs = to_dict(Config(model=ModelConfig(**fields)))["model"]
+    explicit = {k.partition("=")[0][len("model.") :] for k in overrides if k.startswith("model.")}
+    for name in sorted(explicit - set(COMPUTE_OPTIONS) - set(TRAINING_OPTIONS)):
+        if getattr(cfg.model, name) != theirs[name]:
+            raise ConfigError(
+                f"model.{name}={getattr(cfg.model, name)} was set but {source} has "
+                f"{theirs[name]}: drop the option or use another checkpoint"
+            )
+    kept = (*COMPUTE_OPTIONS, *(explicit & set(TRAINING_OPTIONS)))
+    return replace(cfg, model={**theirs, **{k: getattr(cfg.model, k) for k in kept}})
+
+
 def load(path: str | Path) -> Config:
     """Load `get_config()` from a Python config file."""
     path = Path(path)

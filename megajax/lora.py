@@ -134,3 +134,23 @@ def join(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = join(out[k], v) if k in out else v
     return out
+
+
+def merge(params: dict, cfg: LoRAConfig) -> dict:
+    """The parameters without adapters, each adapted kernel made W + (alpha / rank) A B: the
+    plain model that computes what the adapted one does (run it under jax.jit to keep the
+    kernels' layouts)."""
+    if cfg.rank == 0:
+        return params
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, dict) and ADAPTER in v:
+            a, b = v[ADAPTER]["a"], v[ADAPTER]["b"]
+            update = (cfg.alpha / cfg.rank) * jnp.einsum("...ir,...ro->...io", a, b)
+            out[k] = {
+                **{n: x for n, x in v.items() if n != ADAPTER},
+                "kernel": v["kernel"] + update,
+            }
+        else:
+            out[k] = merge(v, cfg) if isinstance(v, dict) else v
+    return out

@@ -97,6 +97,27 @@ class ShardedModel:
         with self.context():
             return jax.jit(init, out_shardings=shardings)()
 
+    def fresh_adapters(self):
+        """Freshly initialised LoRA adapters (train.seed: A random, B zero), created shard by
+        shard, as the trainable part of the parameters (lora.split); {} without LoRA."""
+        if self.cfg.lora.rank == 0:
+            return {}
+        shardings = lora.split(self.param_sharding, self.cfg.lora)[0]
+        with self.context():
+            return jax.jit(
+                lambda: lora.split(self._initial_params(), self.cfg.lora)[0],
+                out_shardings=shardings,
+            )()
+
+    def merged_params(self, params):
+        """The parameters of the plain model with each LoRA adapter folded into its kernel
+        (lora.merge), laid out as the plain model's; the parameters themselves without LoRA."""
+        if self.cfg.lora.rank == 0:
+            return params
+        base = lora.split(self.param_sharding, self.cfg.lora)[1]
+        with self.context():
+            return jax.jit(lambda p: lora.merge(p, self.cfg.lora), out_shardings=base)(params)
+
     def abstract_params(self):
         """The parameters' shapes, dtypes and shardings, with nothing allocated: the target a
         checkpoint's parameters restore onto."""
