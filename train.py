@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.hf_checkpoint and args.init_from:
+            raise ConfigError("--hf_checkpoint and --init_from both name a starting point: "
+                              "pass one")  # fmt: skip
         cfg = cli.load_config(args)
         cli.start(args)
     except ConfigError as e:
@@ -58,9 +61,6 @@ def main(argv=None) -> int:
     try:
         workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
         init = None
-        if args.hf_checkpoint and args.init_from:
-            raise ConfigError("--hf_checkpoint and --init_from both name a starting point: "
-                              "pass one")  # fmt: skip
         if args.init_from:
             from megajax import finetune
 

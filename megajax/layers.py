@@ -123,7 +123,11 @@ def _gathered_matmul(x, kernels, keeps, dims, rate=0.0, whole=None):
     `keeps` holds a mask for it. As Megatron-LM does, the backward pass gathers x again rather
     than keep the whole sequence (only the 1 / T shard is saved) and reduce-scatters x's
     gradient, all kernels' terms summed first. `whole`: which kernels are whole on every model
-    shard (a LoRA A; None: none)."""
+    shard (a LoRA A; None: none).
+
+    With no `dims` it is the plain matmuls, whose backward pass reads the kernels as they were
+    passed in: a frozen layer's kernel, sliced from the stacked layers, is read there again
+    rather than copied out per layer as a residual (as autodiff of a shard_map would)."""
     gathered = parallel.gather_over_model(x, dims)
     return tuple(_times(gathered, k, m, rate) for k, m in zip(kernels, keeps, strict=True))
 
@@ -236,10 +240,12 @@ class Dense(nnx.Module):
         adapter, adapter_specs = self._adapter_args(x, key, in_spec)
 
         def local(x, kernel, bias, *adapter):
-            partial = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
-            if adapter:
+            if not adapter:
+                partial = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+            else:
                 keep, a, b = adapter
-                low = _times(x, a.astype(x.dtype), keep, self.lora.rate)
+                kernels, keeps = (kernel.astype(x.dtype), a.astype(x.dtype)), (None, keep)
+                partial, low = _gathered_matmul(x, kernels, keeps, (), self.lora.rate)
                 partial = partial + self.lora.up(low, b)
             return _add_bias(parallel.sum_over_model(partial, out_spec), bias)
 
@@ -268,19 +274,19 @@ class Dense(nnx.Module):
 
 def column_matmuls(x, kernels, dims, keep=None, a=None, adapter=None):
     """Inside shard_map: x, gathered over `model` along `dims` (if any), times each of
-    `kernels`, and with a LoRA adapter's A (whole on every shard) dropout(x) A last. The
-    adapter's product is computed as varying over `model`, so that its gradient is summed over
-    the shards once, in A's gradient, and x's gradient takes the base layer's one collective."""
+    `kernels`, and with a LoRA adapter's A (whole on every shard) dropout(x) A last. x is
+    taken as varying over `model`, so that each shard's terms of x's gradient are summed in the
+    base layer's one collective (an all-reduce when x is whole, a reduce-scatter under sequence
+    parallelism) and those of A's gradient in its own gradient's reduction, not before."""
     if a is None:
         if dims:
             return _gathered_matmul(x, kernels, (None,) * len(kernels), dims)
         return tuple(jnp.einsum("...i,io->...o", x, k) for k in kernels)
     a, keeps = a.astype(x.dtype), (None,) * len(kernels) + (keep,)
-    if dims:
-        whole = (False,) * len(kernels) + (True,)
-        return _gathered_matmul(x, (*kernels, a), keeps, dims, adapter.rate, whole)
-    x = jax.lax.pcast(x, parallel.MODEL, to="varying")
-    return tuple(_times(x, k, m, adapter.rate) for k, m in zip((*kernels, a), keeps, strict=True))
+    if not dims:  # x is the same on every shard: its gradient, varying, is summed once
+        x = jax.lax.pcast(x, parallel.MODEL, to="varying")
+    whole = (False,) * len(kernels) + (True,)
+    return _gathered_matmul(x, (*kernels, a), keeps, dims, adapter.rate, whole)
 
 
 def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
