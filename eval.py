@@ -5,13 +5,16 @@
         --workdir runs/tiny
     python eval.py --task lambada --data data/lambada/lambada_sample.jsonl --hf_checkpoint HF_DIR
     python eval.py --task race --data data/race --workdir runs/race
+    python eval.py --task chat --data data/chat/shakespeare_chat.jsonl --workdir runs/sft
 
 Tasks: `val` scores the held-out tail of the run's data.source (a GPT: every token once,
 non-overlapping windows; a BERT: its objective and metrics); `wikitext103` the perplexity of a
 WikiText-103 `.tokens` file, and `lambada` the last-word accuracy on a LAMBADA JSON Lines file,
 both as Megatron-LM measures them, for a GPT over the GPT-2 BPE or a tokenizer.json (its own,
 read as training reads it); `race` the accuracy of a multiple-choice BERT on
-RACE's folders (or files), overall and per level. The mesh may differ from the training mesh.
+RACE's folders (or files), overall and per level; `chat` the mean cross-entropy over the
+trained (assistant) tokens of a JSON Lines file of conversations, rendered, masked and packed as
+fine-tuning reads them (data.format=chat). The mesh may differ from the training mesh.
 The last line printed is the result as one JSON object, also written to WORKDIR/eval_TASK.json
 when there is a work directory.
 """
@@ -26,8 +29,8 @@ from pathlib import Path
 from megajax import cli, config
 from megajax.config import ConfigError
 
-TASKS = ("val", "wikitext103", "lambada", "race")
-GPT_TASKS = ("wikitext103", "lambada")
+TASKS = ("val", "wikitext103", "lambada", "race", "chat")
+GPT_TASKS = ("wikitext103", "lambada", "chat")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_flags(parser, config_required=False)
     parser.add_argument("--task", choices=TASKS, default="val", help="what to measure")
     parser.add_argument(
-        "--data", help="the task's data (wikitext103: .tokens; lambada: .jsonl; race: a folder)"
+        "--data",
+        help="the task's data (wikitext103: .tokens; lambada, chat: .jsonl; race: a folder)",
     )
     parser.add_argument(
         "--overlap",
@@ -129,6 +133,13 @@ def _evaluate(args, sharded, params, tokenizer) -> tuple[dict, str]:
             f"{'strict' if args.strict else 'non-strict'} accuracy {scores['accuracy']:.4f} "
             f"({scores['correct']:,} of {scores['n']:,})"
         )
+    if args.task == "chat":
+        rows = _conversations(args, cfg)
+        scores = perplexity.score(sharded, params, rows, log=log, label="chat rows")
+        return {"data": args.data, "conversations": len(rows.conversations), **scores}, (
+            f"chat loss {scores['loss']:.4f} over {scores['tokens']:,} trained tokens of "
+            f"{len(rows.conversations):,} conversations"
+        )
     if cfg.model.arch != "bert_multiple_choice":
         raise ConfigError(
             f"--task race needs a multiple-choice BERT (model.arch=bert_multiple_choice, e.g. "
@@ -142,6 +153,35 @@ def _evaluate(args, sharded, params, tokenizer) -> tuple[dict, str]:
     )
     return {"data": args.data, **scores}, (
         f"accuracy {scores['accuracy']:.4f} over {scores['n']:,} questions ({levels})"
+    )
+
+
+def _conversations(args, cfg):
+    """The rows of conversations of --data as fine-tuning reads them (data.format=chat: its
+    tokenizer, chat template, packing and truncation), every conversation in them."""
+    import tempfile
+
+    from megajax.data import prepare, samples
+
+    cache = Path(args.workdir) / "data" if args.workdir else Path(tempfile.mkdtemp())
+    dataset = prepare.cached(
+        args.data,
+        tokenizer=cfg.data.tokenizer,
+        vocab_dir=cfg.data.vocab_dir,
+        val_fraction=0.0,
+        cache_dir=cache,
+        log=cli.lead_print,
+        fmt="chat",
+        chat_template=cfg.data.chat_template,
+        lead=_lead() or not args.workdir,
+    )
+    return samples.ChatRows(
+        samples.Dataset(dataset),
+        "train",
+        seq_len=cfg.model.seq_len,
+        pack=cfg.data.pack,
+        truncate=cfg.data.truncate,
+        log=cli.lead_print,
     )
 
 

@@ -11,6 +11,7 @@ each column-parallel one.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -338,6 +339,23 @@ class VocabEmbedding(nnx.Module):
         )(table, ids)
 
 
+class Attend(NamedTuple):
+    """What attention reads besides the activations, each (batch, length) or None:
+    `padding` True on real tokens, which come first (BERT); `segments` the document of each
+    position, from 1, 0 on padding (packed documents attend only within their own); `positions`
+    each token's position within its document (RoPE's; a packed row restarts them)."""
+
+    padding: jax.Array | None = None
+    segments: jax.Array | None = None
+    positions: jax.Array | None = None
+
+
+def same_document(segments: jax.Array) -> jax.Array:
+    """(batch, 1, query, key) bool: both positions in the same document, the key a real one."""
+    same = segments[:, :, None] == segments[:, None, :]
+    return (same & (segments[:, None, :] > 0))[:, None]
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused, head-interleaved QKV projection.
 
@@ -350,8 +368,8 @@ class Attention(nnx.Module):
     key/value heads the kv weight is split by rows instead (the plan's `kv_embed` row): each
     shard all-gathers it, computes the one head that its query heads share, and its gradient
     is reduce-scattered back to the rows. A causal model (GPT) masks future keys; `padding`
-    masks the keys after each sequence's length (BERT). model.positions="rope" turns q and k by
-    their positions, head by head.
+    masks the keys after each sequence's length (BERT); `segments` keep packed documents
+    apart. model.positions="rope" turns q and k by their positions, head by head.
     """
 
     def __init__(self, cfg, *, out_std: float, rngs):
@@ -454,30 +472,32 @@ class Attention(nnx.Module):
         group = self.num_heads // kv.shape[2]
         return kv if group == 1 else jnp.repeat(kv, group, axis=2)
 
-    def __call__(self, x, *, padding, key) -> jax.Array:
-        """`padding`: (batch, key) bool, True on real tokens, which come first; or None."""
+    def __call__(self, x, *, attend: Attend, key) -> jax.Array:
         b, s = x.shape[0], x.shape[1]
         keys = [None] * 2 if key is None else [jax.random.fold_in(key, i) for i in (1, 2)]
-        q, k, v = self._project(
-            x, jnp.arange(s)[None], "batch", "residual_length", "embed", key=keys[0]
-        )
+        positions = jnp.arange(s)[None] if attend.positions is None else attend.positions
+        q, k, v = self._project(x, positions, "batch", "residual_length", "embed", key=keys[0])
         k, v = self._repeat(k), self._repeat(v)
         core = self._fused if self.implementation != "einsum" else self._einsum_attention
         if self.recompute_core:
             core = jax.checkpoint(core, prevent_cse=False)
-        out = core(q, k, v, padding, key).reshape(b, s, -1)
+        out = core(q, k, v, attend, key).reshape(b, s, -1)
         out = constrain(out, "batch", "length", "heads")
         return self.proj.row_parallel(out, "batch", "residual_length", "embed", key=keys[1])
 
-    def _fused(self, q, k, v, padding, key):
+    def _fused(self, q, k, v, attend, key):
         """jax.nn.dot_product_attention told the mask's kind, not given a dense mask, so that a
-        fused kernel keeps its causal mask type and skips the masked tiles."""
+        fused kernel keeps its causal mask type and skips the masked tiles; packed documents
+        add their block-diagonal mask."""
         del key  # no attention dropout (checked in __init__)
+        padding = attend.padding
         lengths = None if padding is None else padding.sum(-1, dtype=jnp.int32)
+        mask = None if attend.segments is None else same_document(attend.segments)
         return jax.nn.dot_product_attention(
             q,
             k,
             v,
+            mask=mask,
             is_causal=self.causal,
             key_value_seq_lengths=lengths,
             implementation=self.implementation,
@@ -499,14 +519,16 @@ class Attention(nnx.Module):
         out = constrain(out.reshape(b, s, -1), "batch", "length", "heads")
         return constrain(self.proj(out), "batch", "length", "embed"), k, v
 
-    def _einsum_attention(self, q, k, v, padding, key):
+    def _einsum_attention(self, q, k, v, attend, key):
         """softmax(q k^T / sqrt(d)) v with float32 scores, (batch, length, heads, head_dim)."""
         s = q.shape[1]
         mask = jnp.ones((1, 1, s, s), bool)  # (batch, heads, query, key)
         if self.causal:
             mask = jnp.tril(mask)
-        if padding is not None:
-            mask = mask & padding[:, None, None, :]
+        if attend.padding is not None:
+            mask = mask & attend.padding[:, None, None, :]
+        if attend.segments is not None:
+            mask = mask & same_document(attend.segments)
         return self._masked_attention(q, k, v, mask, key)
 
     def _masked_attention(self, q, k, v, mask, key):
@@ -576,16 +598,16 @@ class Block(nnx.Module):
         self.dropout_rate = cfg.dropout
         self.post_ln = cfg.layernorm_placement == "post"
 
-    def __call__(self, x, *, padding, key) -> jax.Array:
+    def __call__(self, x, *, attend: Attend, key) -> jax.Array:
         """x: (batch, length, hidden), split over `model` along the length under sequence
-        parallelism; `padding` as Attention takes it."""
+        parallelism; `attend` as Attention reads it."""
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
         rate = self.dropout_rate
         x = constrain(x, "batch", "residual_length", "embed")
         if self.post_ln:
-            x = self.ln_1(x + dropout(self.attn(x, padding=padding, key=keys[0]), rate, keys[1]))
+            x = self.ln_1(x + dropout(self.attn(x, attend=attend, key=keys[0]), rate, keys[1]))
             return self.ln_2(x + dropout(self.mlp(x, key=keys[2]), rate, keys[2]))
-        x = x + dropout(self.attn(self.ln_1(x), padding=padding, key=keys[0]), rate, keys[1])
+        x = x + dropout(self.attn(self.ln_1(x), attend=attend, key=keys[0]), rate, keys[1])
         return x + dropout(self.mlp(self.ln_2(x), key=keys[2]), rate, keys[2])
 
     def extend(self, x, k_cache, v_cache, *, start, positions, mask):

@@ -161,7 +161,7 @@ def train(cfg: Config, mesh, workdir: str | Path, *, log=print, init=None) -> li
             f"step {train_data.step}; resume from a checkpoint train.py wrote"
         )
     step_fn, compile_s = trainer.compile_train_step()
-    eval_fn = trainer.compile_eval_step()
+    eval_fn = trainer.compile_eval_step() if cfg.train.eval_every else None  # never evaluates
     log(f"compiled the train step in {compile_s:.1f}s")
 
     def meta(step: int) -> dict:

@@ -131,10 +131,12 @@ class ShardedModel:
         """The model (models.build's class) holding `params`."""
         return nnx.merge(self.graphdef, params)
 
-    def token_losses(self, params, inputs, targets, key=None):
+    def token_losses(self, params, inputs, targets, key=None, segments=None, positions=None):
         """A GPT's next-token cross-entropy per position, (batch, length); `key=None` disables
-        dropout."""
-        return self.model(params).token_losses(inputs, targets, key=key)
+        dropout; packed documents: `segments` and `positions` (models.gpt.GPT)."""
+        return self.model(params).token_losses(
+            inputs, targets, key=key, segments=segments, positions=positions
+        )
 
     def loss(self, params, batch: dict, key):
         """(objective, metrics) of a batch of samples (a dict of models.batch_fields arrays)."""

@@ -1,6 +1,11 @@
 """BERT computes what it claims: both layer-norm placements against a float64 NumPy layer,
 padding that never reaches real positions, a masked-LM loss over masked positions only, and a
-binary head that learns a separable case."""
+binary head that learns a separable case.
+
+The pretraining models have a 1,100-token vocabulary (word pieces folded into it, bert_batch) and
+are the ones tests/test_parallel_equivalence.py and tests/test_distributed_optimizer.py train, so
+that a run compiles their initialisations and train step once; the multiple-choice model is
+tests/test_race.py's."""
 
 import jax
 import numpy as np
@@ -10,7 +15,7 @@ from flax import nnx
 from scipy.special import erf
 
 from megajax import config
-from megajax.layers import Block
+from megajax.layers import Attend, Block
 from megajax.models import bert
 from megajax.trainer import Trainer
 
@@ -54,16 +59,23 @@ def test_layer_norm_placements_compute_their_formula(placement):
     cfg = bert_config(layernorm_placement=placement, dropout=0.0)
     trainer = Trainer(cfg, device_mesh(1, 1))
     with trainer.context():
-        block = Block(cfg.model, rngs=nnx.Rngs(3))
-        # Non-trivial layer norms, so that their place matters.
-        rng = np.random.default_rng(0)
-        for norm in (block.ln_1, block.ln_2):
-            norm.scale[...] = 1 + 0.3 * rng.standard_normal(cfg.model.hidden, np.float32)
-            norm.bias[...] = 0.3 * rng.standard_normal(cfg.model.hidden, np.float32)
-        params = jax.device_get(nnx.to_pure_dict(nnx.state(block)))
-        x = rng.standard_normal((2, 16, cfg.model.hidden)).astype(np.float32)
-        keys = np.arange(16)[None, :] < np.array([[16], [11]])  # the second row is padded
-        out = jax.jit(lambda x, m: block(x, padding=m, key=None))(x, keys)
+        graphdef, shapes = nnx.split(nnx.eval_shape(lambda: Block(cfg.model, rngs=nnx.Rngs(3))))
+    # Random weights and biases drawn on the host (nothing to compile), and non-trivial layer
+    # norms, so that their place matters.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: 0.1 * rng.standard_normal(s.shape).astype(np.float32), nnx.to_pure_dict(shapes)
+    )
+    for norm in (params["ln_1"], params["ln_2"]):
+        norm["scale"] = 1 + 0.3 * rng.standard_normal(cfg.model.hidden).astype(np.float32)
+        norm["bias"] = 0.3 * rng.standard_normal(cfg.model.hidden).astype(np.float32)
+    x = rng.standard_normal((2, 16, cfg.model.hidden)).astype(np.float32)
+    keys = np.arange(16)[None, :] < np.array([[16], [11]])  # the second row is padded
+    with trainer.context():
+        nnx.replace_by_pure_dict(shapes, params)
+        layer = lambda p, x, m: nnx.merge(graphdef, p)(x, attend=Attend(padding=m), key=None)  # noqa: E731
+        block = jax.jit(layer)
+        out = block(shapes, x, keys)
     expected = _numpy_layer(
         params, x, keys, post=placement == "post", eps=cfg.model.layernorm_eps, heads=8
     )
@@ -74,18 +86,36 @@ def test_layer_norm_placements_compute_their_formula(placement):
     assert np.abs(expected - other).max() > 0.1  # the two orders differ on this case
 
 
-def _hidden(trainer, params, batch):
+VOCAB = 1100  # the pretraining models' vocabulary: word pieces folded into it (bert_batch)
+
+
+@pytest.fixture(scope="module")
+def pretrained_init():
+    """placement -> (trainer, initial parameters) of the BERT tests/test_parallel_equivalence.py
+    trains on 2 x 4 (the same initialisation program, compiled once)."""
+    done = {}
+
+    def get(placement):
+        if placement not in done:
+            cfg = bert_config(layernorm_placement=placement, vocab_size=VOCAB)
+            trainer = Trainer(cfg, device_mesh(2, 4))
+            done[placement] = trainer, trainer.init_state()["params"]
+        return done[placement]
+
+    return get
+
+
+def _hidden(trainer, params, *batches):
+    """The encoder's output for each batch (one program, traced once)."""
     with trainer.context():
         f = jax.jit(lambda p, b: trainer.model(p)(b["tokens"], b["token_types"], b["padding_mask"]))
-        return np.asarray(f(params, trainer.put_eval_batch(batch)))
+        return [np.asarray(f(params, trainer.put_eval_batch(b))) for b in batches]
 
 
 @pytest.mark.parametrize("placement", ["pre", "post"])
-def test_padding_never_changes_real_positions(bert_dataset, placement):
-    cfg = bert_config(layernorm_placement=placement)
-    trainer = Trainer(cfg, device_mesh(2, 4))
-    params = trainer.init_state()["params"]
-    batch = bert_batch(bert_dataset, step=0, batch_size=8, seq_len=32)
+def test_padding_never_changes_real_positions(bert_dataset, pretrained_init, placement):
+    trainer, params = pretrained_init(placement)
+    batch = bert_batch(bert_dataset, step=0, batch_size=8, seq_len=32, vocab_size=VOCAB)
     # Shorten the pairs to 8..31 tokens: [SEP] at the end, padding after it.
     lengths = np.random.default_rng(0).integers(8, 32, 8)
     real = np.arange(32)[None, :] < lengths[:, None]
@@ -94,29 +124,26 @@ def test_padding_never_changes_real_positions(bert_dataset, placement):
     batch["padding_mask"] = real.astype(np.int32)
     noisy = dict(batch)
     rng = np.random.default_rng(1)
-    noisy["tokens"] = np.where(real, batch["tokens"], rng.integers(0, 30522, real.shape))
+    noisy["tokens"] = np.where(real, batch["tokens"], rng.integers(0, VOCAB, real.shape))
     noisy["token_types"] = np.where(real, batch["token_types"], 1)
-    a, b = _hidden(trainer, params, batch), _hidden(trainer, params, noisy)
+    a, b = _hidden(trainer, params, batch, noisy)
     np.testing.assert_allclose(a[real], b[real], rtol=1e-5, atol=1e-5)
     assert not np.allclose(a[~real], b[~real])
 
 
-def test_masked_lm_loss_counts_only_masked_positions(bert_dataset):
-    cfg = bert_config(dropout=0.0)
-    trainer = Trainer(cfg, device_mesh(2, 4))
-    params = trainer.init_state()["params"]
-    batch = bert_batch(bert_dataset, step=1, batch_size=8, seq_len=32)
+def test_masked_lm_loss_counts_only_masked_positions(bert_dataset, pretrained_init):
+    trainer, params = pretrained_init("pre")
+    batch = bert_batch(bert_dataset, step=1, batch_size=8, seq_len=32, vocab_size=VOCAB)
+
+    def objective_and_logits(p, b):  # the objective without dropout, and every logit gathered
+        model = trainer.model(p)
+        h = model.mlm(model(b["tokens"], b["token_types"], b["padding_mask"]))
+        return trainer.loss(p, b, None)[1], h @ model.wte.embedding[...].T + model.mlm.bias[...]
+
     with trainer.context():
-        objective = jax.jit(lambda p, b: trainer.loss(p, b, None))
-        _, metrics = objective(params, trainer.put_eval_batch(batch))
-
-        def full_logits(p, b):  # every logit, gathered: fine for a test
-            model = trainer.model(p)
-            h = model.mlm(model(b["tokens"], b["token_types"], b["padding_mask"]))
-            return h @ model.wte.embedding[...].T + model.mlm.bias[...]
-
-        logits = np.asarray(jax.jit(full_logits)(params, trainer.put_eval_batch(batch)), np.float64)
-    logits = logits[..., : cfg.model.vocab_size]
+        f = jax.jit(objective_and_logits)
+        metrics, logits = jax.device_get(f(params, trainer.put_eval_batch(batch)))
+    logits = np.asarray(logits, np.float64)[..., :VOCAB]
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     where = batch["labels"] != bert.IGNORE
@@ -129,31 +156,29 @@ def test_masked_lm_loss_counts_only_masked_positions(bert_dataset):
 
 def test_binary_head_learns_a_separable_case(bert_dataset):
     """The sentence label is whether the words of the pair are all 'the' or all 'a': 40 steps
-    must separate it."""
-    cfg = config.replace(
-        bert_config(dropout=0.0),
-        optim=dict(lr=3e-3, warmup_steps=5, decay_steps=100, weight_decay=0.0),
-    )
-    trainer = Trainer(cfg, device_mesh(2, 2))
+    of the pretraining recipe (dropout on, its warmup) must separate it. The model and its
+    train step are tests/test_parallel_equivalence.py's one-device reference."""
+    trainer = Trainer(bert_config(vocab_size=VOCAB), device_mesh(1, 1))
     state = trainer.init_state()
     step_fn, _ = trainer.compile_train_step()
-    the = 1996  # 'the' in the BERT vocabulary
+    the, a = 1996 % VOCAB, 1037  # 'the' and 'a' in the BERT vocabulary, folded as bert_batch does
     for step in range(40):
-        batch = bert_batch(bert_dataset, step=step, batch_size=8, seq_len=32)
+        batch = bert_batch(bert_dataset, step=step, batch_size=8, seq_len=32, vocab_size=VOCAB)
         label = np.random.default_rng(step).integers(0, 2, 8)
         words = (batch["tokens"] > 102) & (batch["padding_mask"] == 1)  # not [CLS], [SEP]
-        batch["tokens"] = np.where(words, np.where(label == 1, the, 1037)[:, None], batch["tokens"])
+        batch["tokens"] = np.where(words, np.where(label == 1, the, a)[:, None], batch["tokens"])
         batch["sentence_label"] = label.astype(np.int32)
         state, metrics = step_fn(state, trainer.put_batch(batch))
     assert float(metrics["sop_accuracy"]) == 1.0 and float(metrics["sop_loss"]) < 0.1, metrics
 
 
 def test_multiple_choice_scores_each_option_of_a_question():
-    cfg = bert_config(arch="bert_multiple_choice", dropout=0.0, num_choices=4)
+    cfg = bert_config(arch="bert_multiple_choice", seq_len=64)  # tests/test_race.py's model
+    assert cfg.model.num_choices == 4
     trainer = Trainer(cfg, device_mesh(2, 4))
     params = trainer.init_state()["params"]
     rng = np.random.default_rng(0)
-    shape = (8, 4, 32)
+    shape = (8, 4, 64)
     batch = {
         "tokens": rng.integers(1000, 30000, shape).astype(np.int32),
         "token_types": np.zeros(shape, np.int32),

@@ -7,26 +7,38 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 from megajax import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train(*args, cwd=ROOT, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    return subprocess.run(
+def _plain_env() -> dict:
+    """This environment without the test run's XLA flags and platform: a user's shell."""
+    return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+
+
+def _train(*args, env) -> subprocess.Popen:
+    """`python train.py ARGS`, started (text stdout and stderr piped)."""
+    return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
+        cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
 
 
+# An execution-bound run (30 steps over a 50,257-token head, 128 tokens each): XLA's -O1
+# compiles about as fast as the tests' -O0 and runs the steps several times faster.
+E2E_XLA_FLAGS = "--xla_backend_optimization_level=1"
+
+
+@pytest.mark.slow
 def test_trains_on_real_text_and_logs_every_metric(tmp_path):
-    run = _train(
+    proc = _train(
         "--config",
         "configs/gpt2_tiny.py",
         "--mesh",
@@ -38,11 +50,15 @@ def test_trains_on_real_text_and_logs_every_metric(tmp_path):
         "--set",
         "train.steps=30",
         "--set",
-        "model.seq_len=64",
+        "model.seq_len=32",
+        "--set",
+        "train.batch_size=4",
         "--set",
         "train.eval_every=15",
+        env=subprocess_env(XLA_FLAGS=E2E_XLA_FLAGS),
     )
-    assert run.returncode == 0, run.stderr[-3000:]
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
     for row in rows:
@@ -51,41 +67,55 @@ def test_trains_on_real_text_and_logs_every_metric(tmp_path):
     assert "val_loss" in rows[2] and "val_loss" in rows[5]
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.5  # real text: the loss falls clearly
     assert list(tmp_path.glob("events.out.tfevents.*"))
-    assert "step 30/30" in run.stdout and "tok/s" in run.stdout
+    assert "step 30/30" in stdout and "tok/s" in stdout
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--config", "configs/nope.py"], "config file not found: configs/nope.py"),
-        (
-            ["--config", "configs/gpt2_tiny.py", "--set", "train.stepz=3"],
-            "unknown config key 'train.stepz'",
-        ),
-        (
-            ["--config", "configs/gpt2_tiny.py", "--set", "train.steps=many"],
-            "expected a value of type int",
-        ),
-        (
-            ["--config", "configs/gpt2_tiny.py", "--cpu_devices", "4", "--mesh", "data=2,model=4"],
-            "needs 8 devices but 4 are present",
-        ),
-        (
-            ["--config", "configs/gpt2_tiny.py", "--cpu_devices", "3", "--mesh", "model=3"],
-            "num_heads=8 is not divisible by the model degree 3",
-        ),
-        (
-            ["--config", "configs/gpt2_tiny.py", "--mesh", "expert=2"],
-            "expected pipeline=P,data=D,model=M",
-        ),
-    ],
-    ids=["missing-config", "unknown-key", "bad-value", "mesh-mismatch", "heads", "bad-axis"],
-)
-def test_bad_input_ends_in_one_clear_line(tmp_path, args, message):
-    run = _train(*args, "--workdir", str(tmp_path), timeout=120)
-    assert run.returncode == 2
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], run.stderr
+BAD_INPUT = {
+    "missing-config": (["--config", "configs/nope.py"], "config file not found: configs/nope.py"),
+    "unknown-key": (
+        ["--config", "configs/gpt2_tiny.py", "--set", "train.stepz=3"],
+        "unknown config key 'train.stepz'",
+    ),
+    "bad-value": (
+        ["--config", "configs/gpt2_tiny.py", "--set", "train.steps=many"],
+        "expected a value of type int",
+    ),
+    "mesh-mismatch": (
+        ["--config", "configs/gpt2_tiny.py", "--cpu_devices", "4", "--mesh", "data=2,model=4"],
+        "needs 8 devices but 4 are present",
+    ),
+    "heads": (
+        ["--config", "configs/gpt2_tiny.py", "--cpu_devices", "3", "--mesh", "model=3"],
+        "num_heads=8 is not divisible by the model degree 3",
+    ),
+    "bad-axis": (
+        ["--config", "configs/gpt2_tiny.py", "--mesh", "expert=2"],
+        "expected pipeline=P,data=D,model=M",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory) -> dict:
+    """name -> (exit status, stderr) of train.py on each BAD_INPUT, the processes run at once."""
+    procs = {
+        name: _train(*args, "--workdir", str(tmp_path_factory.mktemp(name)), env=_plain_env())
+        for name, (args, _) in BAD_INPUT.items()
+    }
+    results = {}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        results[name] = proc.returncode, stderr
+    return results
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_ends_in_one_clear_line(bad_runs, case):
+    code, stderr = bad_runs[case]
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    message = BAD_INPUT[case][1]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
 
 
 RESTART = """

@@ -1,9 +1,7 @@
 """Hugging Face interoperability, proven against transformers itself."""
 
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,9 @@ from megajax.hf import weights as convert  # the conversion, without its command
 from megajax.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+# The commands run in this process: no step watchdog thread left in it (a finished run's
+# last progress would arm it).
+NO_WATCHDOG = ["--step_timeout", "0"]
 SHAPES = {  # odd vocabularies, so megajax pads them differently on each model degree
     "vocab1003-h64-l2": dict(vocab_size=1003, n_embd=64, n_layer=2, n_head=4, n_positions=32),
     "vocab517-h96-l3": dict(vocab_size=517, n_embd=96, n_layer=3, n_head=8, n_positions=16),
@@ -35,9 +36,31 @@ def _save_hf(shape: str, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=sorted(SHAPES))
-def hf_dir(request, tmp_path_factory):
-    return _save_hf(request.param, tmp_path_factory.mktemp(request.param))
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """shape -> (a Hugging Face directory of that shape, a megajax work directory imported from
+    it on one device), each made once, on first use."""
+    cache = {}
+
+    def get(shape: str) -> tuple[Path, Path]:
+        if shape not in cache:
+            root = tmp_path_factory.mktemp(shape)
+            hf = _save_hf(shape, root / "hf")
+            mj = root / "mj"
+            convert.import_hf(str(hf), str(mj), config.Config(), device_mesh(1, 1), log=_quiet)
+            cache[shape] = hf, mj
+        return cache[shape]
+
+    return get
+
+
+@pytest.fixture(params=sorted(SHAPES))
+def shape(request) -> str:
+    return request.param
+
+
+def _quiet(_line):
+    pass
 
 
 def _hf_logits(path, ids):
@@ -53,20 +76,26 @@ def _ids(path, batch=8):
 
 
 @pytest.mark.parametrize("data,model", [(1, 1), (2, 4)])
-def test_imported_gpt2_gives_transformers_logits(hf_dir, tmp_path, data, model):
-    cfg = convert.import_hf(str(hf_dir), str(tmp_path), config.Config(), device_mesh(data, model))
-    trainer = Trainer(cfg, device_mesh(data, model))
-    ckpt = Checkpointer(tmp_path / "checkpoints", every=0, keep=1)
+def test_imported_gpt2_gives_transformers_logits(made, shape, data, model):
+    """The weights read onto the mesh, and the checkpoint imported on one device restored onto
+    it: both give transformers' logits."""
+    hf_dir, imported = made(shape)
+    weights = convert.HFWeights(hf_dir)
+    trainer = Trainer(convert.with_hf_model(config.Config(), weights), device_mesh(data, model))
+    loaded = convert.load_params(trainer, weights, log=_quiet)
+    ckpt = Checkpointer(imported / "checkpoints", every=0, keep=1)
     state, _ = ckpt.restore(0, trainer.abstract_state())
     ckpt.close()
     ids = _ids(hf_dir)
-    ours, theirs = lm_logits(trainer, state["params"], ids), _hf_logits(hf_dir, ids)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+    theirs = _hf_logits(hf_dir, ids)
+    for params in (loaded, state["params"]):
+        ours = lm_logits(trainer, params, ids)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
 
 
-def test_export_then_transformers_loads_identical_outputs(hf_dir, tmp_path):
-    convert.import_hf(str(hf_dir), str(tmp_path / "mj"), config.Config(), device_mesh(2, 4))
-    convert.export_hf(str(tmp_path / "mj"), str(tmp_path / "back"), device_mesh(4, 2))
+def test_export_then_transformers_loads_identical_outputs(made, shape, tmp_path):
+    hf_dir, imported = made(shape)
+    convert.export_hf(str(imported), str(tmp_path / "back"), device_mesh(4, 2), log=_quiet)
     ids = _ids(hf_dir)
     np.testing.assert_array_equal(_hf_logits(tmp_path / "back", ids), _hf_logits(hf_dir, ids))
 
@@ -83,29 +112,33 @@ def test_pytorch_bin_checkpoints_import_too(tmp_path):
                                   state["h.1.attn.c_attn.weight"].detach().numpy())  # fmt: skip
 
 
-def test_train_and_eval_start_from_a_hugging_face_directory(tmp_path):
-    hf_dir = _save_hf("vocab1003-h64-l2", tmp_path / "hf")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    common = ["--cpu_devices", "2", "--mesh", "data=2", "--hf_checkpoint", str(hf_dir),
-              "--set", "data.tokenizer=char", "--workdir", str(tmp_path)]  # fmt: skip
-    out = subprocess.run(
-        [sys.executable, "eval.py", *common], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+def test_train_and_eval_start_from_a_hugging_face_directory(made, tmp_path, capsys):
+    """eval.py and train.py's --hf_checkpoint, their main in this process, on 1 x 8 (its 8
+    heads split 8 ways: no weight held twice, so the checkpoint is written without slicing
+    replicas)."""
+    import importlib.util
+
+    import train
+
+    hf_dir, _ = made("vocab517-h96-l3")
+    spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
+    eval_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_cli)
+    common = ["--mesh", "data=1,model=8", "--hf_checkpoint", str(hf_dir), "--set",
+              "data.tokenizer=char", "--set", "data.val_fraction=0.01", "--workdir", str(tmp_path),
+              *NO_WATCHDOG]  # fmt: skip
+    assert eval_cli.main(common) == 0, capsys.readouterr().err[-2000:]
     before = json.loads((tmp_path / "eval_val.json").read_text())["loss"]
-    out = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/shakespeare_char.py", *common,
-         "--set", "train.steps=3", "--set", "train.eval_every=0"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
+    argv = ["--config", "configs/shakespeare_char.py", *common, "--set", "train.steps=3",
+            "--set", "train.eval_every=0"]  # fmt: skip
+    assert train.main(argv) == 0, capsys.readouterr().err[-2000:]
     hf_vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     saved = json.loads((tmp_path / "config.json").read_text())["model"]
     assert saved["vocab_size"] == hf_vocab  # the Hugging Face shape, not the config file's
     assert before == pytest.approx(np.log(hf_vocab), rel=0.1)  # a random model: near uniform
 
 
-def test_import_into_a_trained_run_is_refused_before_its_config_is_touched(tmp_path, capsys):
+def test_import_into_a_trained_run_is_refused_before_its_config_is_touched(made, tmp_path, capsys):
     """Check first, write last: a directory holding checkpoints keeps its config.json, and a
     checkpoint that cannot be read writes nothing."""
     import jax.numpy as jnp
@@ -118,14 +151,15 @@ def test_import_into_a_trained_run_is_refused_before_its_config_is_touched(tmp_p
     ckpt = Checkpointer(run / "checkpoints", every=0, keep=1)
     ckpt.save(3, {"x": jnp.zeros(2)}, {"step": 3}, force=True)
     ckpt.close()
-    hf_dir = _save_hf("vocab1003-h64-l2", tmp_path / "hf")
-    assert convert_command(["--hf", str(hf_dir), "--out", str(run)]) == 2
+    hf_dir = shutil.copytree(made("vocab1003-h64-l2")[0], tmp_path / "hf")
+    assert convert_command(["--hf", str(hf_dir), "--out", str(run), *NO_WATCHDOG]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert (run / "config.json").read_text() == '{"trained": "config"}'
 
     hf = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps({**hf, "n_layer": 3}))  # a layer too many
-    assert convert_command(["--hf", str(hf_dir), "--out", str(tmp_path / "new")]) == 2
+    argv = ["--hf", str(hf_dir), "--out", str(tmp_path / "new"), *NO_WATCHDOG]
+    assert convert_command(argv) == 2
     assert "lacks" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
@@ -142,20 +176,17 @@ class _NotProcess0:
         return 1
 
 
-def test_export_writes_from_process_0_alone_with_the_runs_tokenizer(tmp_path, monkeypatch):
+def test_export_writes_from_process_0_alone_with_the_runs_tokenizer(made, tmp_path, monkeypatch):
     """Every process gathers each tensor, process 0 alone writes; the directory carries the
     GPT-2 BPE files the run was prepared with (its data.vocab_dir gone since), and
     transformers' AutoTokenizer loads it."""
-    import shutil
-
     from transformers import AutoTokenizer
 
     from megajax.convert import main as convert_command
     from megajax.data import prepare
 
-    hf_dir = _save_hf("vocab1003-h64-l2", tmp_path / "hf")
-    run = tmp_path / "run"
-    convert.import_hf(str(hf_dir), str(run), config.Config(), device_mesh(1, 1))
+    hf_dir, imported = made("vocab1003-h64-l2")
+    run = shutil.copytree(imported, tmp_path / "run")  # imported on one device
     saved = json.loads((run / "config.json").read_text())
     saved["data"]["vocab_dir"] = str(tmp_path / "moved")
     (run / "config.json").write_text(json.dumps(saved))
@@ -170,7 +201,7 @@ def test_export_writes_from_process_0_alone_with_the_runs_tokenizer(tmp_path, mo
         "process_allgather",
         lambda x, tiled: gathered.append(x.shape) or real_gather(x, tiled=tiled),
     )
-    argv = ["--checkpoint", str(run), "--mesh", "data=2,model=4", "--to_hf"]
+    argv = ["--checkpoint", str(run), "--mesh", "data=2,model=4", *NO_WATCHDOG, "--to_hf"]
     with monkeypatch.context() as elsewhere:
         elsewhere.setattr(convert, "jax", _NotProcess0())
         assert convert_command([*argv, str(tmp_path / "other")]) == 0

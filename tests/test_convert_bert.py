@@ -1,7 +1,6 @@
 """Hugging Face BERT interoperability, proven against transformers itself."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import WIKI, device_mesh
+from conftest import WIKI, device_mesh, subprocess_env
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -155,8 +154,12 @@ def test_imported_bert_gives_transformers_outputs(hf_dir, data, model):
 
 
 def test_bert_export_then_transformers_loads_identical_outputs(hf_dir, tmp_path):
-    convert.import_hf(str(hf_dir), str(tmp_path / "mj"), config.Config(), device_mesh(2, 4))
-    convert.export_hf(str(tmp_path / "mj"), str(tmp_path / "back"), device_mesh(4, 2))
+    """Imported on one device, exported from 4 x 2. (Reading onto a sharded mesh is
+    test_imported_bert_gives_transformers_outputs'; importing on one, the command line's.)"""
+    quiet = lambda _: None  # noqa: E731
+    mj = tmp_path / "mj"
+    convert.import_hf(str(hf_dir), str(mj), config.Config(), device_mesh(1, 1), log=quiet)
+    convert.export_hf(str(mj), str(tmp_path / "back"), device_mesh(4, 2), log=quiet)
     exported = json.loads((tmp_path / "back" / "config.json").read_text())
     assert (
         exported["architectures"]
@@ -186,7 +189,7 @@ def test_config_arch_is_kept_and_missing_heads_are_freshly_initialised(tmp_path)
     trainer, lines = Trainer(cfg, device_mesh(2, 4)), []
     params = convert.load_params(trainer, weights, log=lines.append)
     assert len(lines) == 1 and lines[0].endswith(": choice")
-    initial = trainer.init_state()["params"]
+    initial = trainer.fresh_params()  # the whole model as training from scratch starts it
     np.testing.assert_array_equal(params["choice"]["kernel"], initial["choice"]["kernel"])
     pooler = np.asarray(weights.get("bert.pooler.dense.weight")).T  # from the checkpoint
     np.testing.assert_array_equal(params["pooler"]["kernel"], pooler)
@@ -281,38 +284,52 @@ def test_pretrained_minilm_gives_transformers_hidden_states_on_real_text(data, m
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
 
 
-def _env():
-    return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+def test_minilm_imports_from_the_command_line(tmp_path, capsys):
+    """megajax.convert's main in this process, on its 8 devices."""
+    from megajax.convert import main as convert_command
 
-
-def test_minilm_imports_from_the_command_line(tmp_path):
-    command = [sys.executable, "-m", "megajax.convert", "--hf", str(MINILM), "--out",
-               str(tmp_path), "--cpu_devices", "2", "--mesh", "data=1,model=2"]  # fmt: skip
-    out = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
+    argv = ["--hf", str(MINILM), "--out", str(tmp_path), "--mesh", "data=2,model=4",
+            "--step_timeout", "0"]  # fmt: skip
+    assert convert_command(argv) == 0
+    out = capsys.readouterr().out
     saved = json.loads((tmp_path / "config.json").read_text())["model"]
     want = dict(arch="bert", binary_head="none", vocab_size=30522, seq_len=512, hidden=384,
                 num_layers=6, num_heads=12, layernorm_placement="post")  # fmt: skip
     assert {k: saved[k] for k in want} == want
     assert saved["activation"] == "gelu" and saved["layernorm_eps"] == 1e-12
-    assert "freshly initialised" in out.stdout and ": mlm" in out.stdout
+    assert "freshly initialised" in out and ": mlm" in out
 
 
-def test_train_starts_from_a_hugging_face_bert_keeping_the_configs_heads(tmp_path):
+def test_megajax_convert_runs_as_a_command():
+    """`python -m megajax.convert` is the main above, in a process of its own: a bad flag
+    combination ends in one line and exit status 2, before JAX loads."""
+    run = subprocess.run(
+        [sys.executable, "-m", "megajax.convert", "--hf", str(MINILM)],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        "error: use either --hf DIR --out WORKDIR or --checkpoint WORKDIR --to_hf DIR"
+    ]
+
+
+def test_train_starts_from_a_hugging_face_bert_keeping_the_configs_heads(tmp_path, capsys):
+    """train.py's main in this process, on 1 x 8 (8 heads split 8 ways: no weight held twice,
+    so the checkpoint is written without slicing replicas)."""
+    import train
+
     torch.manual_seed(3)
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64,
+                                  num_attention_heads=8, intermediate_size=64,
                                   max_position_embeddings=64)  # fmt: skip
     transformers.BertForPreTraining(cfg).save_pretrained(tmp_path / "hf")
-    out = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/bert_tiny.py", "--cpu_devices", "2",
-         "--mesh", "data=2", "--hf_checkpoint", str(tmp_path / "hf"), "--workdir", str(tmp_path),
-         "--set", f"data.source={WIKI}", "--set", "train.steps=2", "--set", "train.eval_every=0",
-         "--set", "train.batch_size=4"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
+    argv = ["--config", "configs/bert_tiny.py", "--mesh", "data=1,model=8", "--hf_checkpoint",
+            str(tmp_path / "hf"), "--workdir", str(tmp_path), "--set", f"data.source={WIKI}",
+            "--set", "train.steps=2", "--set", "train.eval_every=0", "--set",
+            "train.batch_size=4", "--step_timeout", "0"]  # fmt: skip
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
     saved = json.loads((tmp_path / "config.json").read_text())["model"]
     # bert_tiny's sentence-order head; the checkpoint's NSP head is not it
     assert (saved["binary_head"], saved["seq_len"], saved["hidden"]) == ("sop", 64, 32)
-    assert "freshly initialised" in out.stdout and ": binary" in out.stdout
+    assert "freshly initialised" in out and ": binary" in out

@@ -12,6 +12,10 @@ from megajax.checkpoint import Checkpointer
 from megajax.hf import weights as convert  # the conversion, without its command line
 from megajax.trainer import Trainer
 
+# The commands run in this process: no step watchdog thread left in it (a finished run's
+# last progress would arm it).
+NO_WATCHDOG = ["--step_timeout", "0"]
+
 SHAPE = dict(
     vocab_size=1003,  # odd: megajax pads it differently on each model degree
     hidden_size=64,
@@ -76,9 +80,20 @@ def test_imported_llama_gives_transformers_logits(hf_dir, ids, data, model):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
 
 
-def test_exported_llama_loads_in_transformers_with_identical_outputs(hf_dir, ids, tmp_path):
-    convert.import_hf(str(hf_dir), str(tmp_path / "mj"), config.Config(), device_mesh(1, 8))
-    convert.export_hf(str(tmp_path / "mj"), str(tmp_path / "back"), device_mesh(4, 2))
+@pytest.fixture(scope="module")
+def imported(hf_dir, tmp_path_factory):
+    """(config, work directory) of the Llama imported on one device."""
+    workdir = tmp_path_factory.mktemp("imported")
+    cfg = convert.import_hf(
+        str(hf_dir), str(workdir), config.Config(), device_mesh(1, 1), log=lambda _: None
+    )
+    return cfg, workdir
+
+
+def test_exported_llama_loads_in_transformers_with_identical_outputs(
+    imported, hf_dir, ids, tmp_path
+):
+    convert.export_hf(str(imported[1]), str(tmp_path / "back"), device_mesh(4, 2))
     ours = LlamaForCausalLM.from_pretrained(tmp_path / "back").state_dict()
     theirs = LlamaForCausalLM.from_pretrained(hf_dir).state_dict()
     assert ours.keys() == theirs.keys()
@@ -87,12 +102,12 @@ def test_exported_llama_loads_in_transformers_with_identical_outputs(hf_dir, ids
     np.testing.assert_array_equal(_hf_logits(tmp_path / "back", ids), _hf_logits(hf_dir, ids))
 
 
-def test_restored_import_matches_on_another_mesh(hf_dir, ids, tmp_path):
+def test_restored_import_matches_on_another_mesh(imported, hf_dir, ids):
     """The imported checkpoint restores onto a mesh it was not written on, one that splits the
     key/value weight by rows, not by heads."""
-    cfg = convert.import_hf(str(hf_dir), str(tmp_path), config.Config(), device_mesh(1, 1))
+    cfg, workdir = imported
     trainer = Trainer(cfg, device_mesh(1, 8))
-    ckpt = Checkpointer(tmp_path / "checkpoints", every=0, keep=1)
+    ckpt = Checkpointer(workdir / "checkpoints", every=0, keep=1)
     state, _ = ckpt.restore(0, trainer.abstract_state())
     ckpt.close()
     theirs = _hf_logits(hf_dir, ids)
@@ -197,7 +212,7 @@ def test_imported_llama_lambada_and_wikitext_read_its_tokenizer_and_equal_transf
     results = []
     for task, data in (("lambada", "five.jsonl"), ("wikitext103", "wiki.tokens")):
         argv = ["--task", task, "--data", str(tmp_path / data), "--hf_checkpoint", str(tmp_path),
-                "--mesh", "data=2,model=4"]  # fmt: skip
+                "--mesh", "data=2,model=4", *NO_WATCHDOG]  # fmt: skip
         assert eval_cli.main(argv) == 0
         results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     lambada, wiki = results
@@ -210,7 +225,7 @@ def test_imported_llama_lambada_and_wikitext_read_its_tokenizer_and_equal_transf
     from megajax import generate
 
     argv = ["--hf_checkpoint", str(tmp_path), "--prompt", "w5 w6 w7", "--max_new_tokens", "4",
-            "--temperature", "0", "--mesh", "data=1,model=8"]  # fmt: skip
+            "--temperature", "0", "--mesh", "data=1,model=8", *NO_WATCHDOG]  # fmt: skip
     assert generate.main(argv) == 0
     ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"][0]["tokens"]
     with torch.no_grad():
@@ -254,8 +269,9 @@ def test_bfloat16_export_loads_in_transformers_with_its_tokenizer(hf_dir, tmp_pa
     bpe = ByteLevelBPETokenizer("data/gpt2/vocab.json", "data/gpt2/merges.txt")
     bpe.save(str(source / "tokenizer.json"))
     (source / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 32}))
-    assert convert_command(["--hf", str(source), "--out", str(run), "--mesh", "model=8"]) == 0
-    argv = ["--checkpoint", str(run), "--to_hf", str(out), "--dtype", "bfloat16"]
+    imported = ["--hf", str(source), "--out", str(run), "--mesh", "model=8", *NO_WATCHDOG]
+    assert convert_command(imported) == 0
+    argv = ["--checkpoint", str(run), "--to_hf", str(out), "--dtype", "bfloat16", *NO_WATCHDOG]
     assert convert_command([*argv, "--mesh", "data=2,model=4"]) == 0
 
     raw = (out / "model.safetensors").read_bytes()

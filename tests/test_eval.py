@@ -3,7 +3,6 @@ measured as Megatron-LM measures them, equal to plain one-window-at-a-time compu
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import device_mesh, tiny_config
+from conftest import device_mesh, subprocess_env, tiny_config
 
 from megajax import config, run
 from megajax.checkpoint import Checkpointer
@@ -25,13 +24,22 @@ LAMBADA = ROOT / "data/lambada/lambada_sample.jsonl"
 
 
 def _eval_main(argv, capsys) -> tuple[int, str, str]:
-    """eval.py's main in this process (its 8 faked devices): exit status, stdout and stderr."""
+    """eval.py's main in this process (its 8 faked devices): exit status, stdout and stderr.
+    Without a step watchdog: a run in this process must not leave a thread that could stop it."""
     spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    code = module.main([str(a) for a in argv])
+    code = module.main([*map(str, argv), "--step_timeout", "0"])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def _repadded(params: dict, rows: int) -> dict:
+    """Host parameters with the embedding's padding cut or zero-filled to `rows` (the padding
+    rows are never read: the logits past model.vocab_size are dropped)."""
+    table = params["wte"]["embedding"][:rows]
+    table = np.pad(table, ((0, rows - len(table)), (0, 0)))
+    return {**params, "wte": {**params["wte"], "embedding": table}}
 
 
 def test_perplexity_scores_every_window_once_whatever_the_batch(shakespeare_tokens):
@@ -39,12 +47,14 @@ def test_perplexity_scores_every_window_once_whatever_the_batch(shakespeare_toke
     tokens = shakespeare_tokens[: 11 * 32 + 1] % cfg.model.vocab_size
     windows = [{"inputs": tokens[i : i + 32], "targets": tokens[i + 1 : i + 33]}
                for i in range(0, 11 * 32, 32)]  # fmt: skip
-    scores = []
-    for mesh_shape, batch in (((2, 4), 8), ((1, 1), 1)):
-        trainer = Trainer(
-            config.replace(cfg, train=dict(batch_size=batch)), device_mesh(*mesh_shape)
-        )
-        scores.append(perplexity.score(trainer, trainer.init_state()["params"], windows))
+    wide = Trainer(cfg, device_mesh(2, 4))  # batches of 8
+    params = wide.init_state()["params"]
+    one = Trainer(config.replace(cfg, train=dict(batch_size=1)), device_mesh(1, 1))
+    host = _repadded(jax.device_get(params), one.padded_vocab)  # the same model, one device
+    scores = [
+        perplexity.score(wide, params, windows),
+        perplexity.score(one, jax.device_put(host, one.param_sharding), windows),
+    ]
     assert (
         scores[0]["tokens"] == scores[1]["tokens"] == 11 * 32
     )  # 8 + 3: the padding is not counted
@@ -52,30 +62,55 @@ def test_perplexity_scores_every_window_once_whatever_the_batch(shakespeare_toke
     assert scores[0]["ppl"] == pytest.approx(np.exp(scores[0]["nll"] / (11 * 32)))
 
 
-def test_eval_restores_the_checkpoint_on_any_mesh(tmp_path):
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    """A character-level tiny GPT trained for 3 steps on 2 x 4 by run.train; the last 1% of
+    its text held out (11,154 tokens: 348 windows of 32 targets, then a tail of 17)."""
+    workdir = tmp_path_factory.mktemp("char_run")
     cfg = config.replace(
         tiny_config(vocab_size=65),
-        data=dict(tokenizer="char"),
+        data=dict(tokenizer="char", val_fraction=0.01),
         train=dict(steps=3, eval_every=0),
     )
-    run.train(cfg, device_mesh(2, 4), tmp_path, log=lambda _: None)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    losses = []
-    for flags in (["--cpu_devices", "1"], ["--cpu_devices", "8", "--mesh", "data=2,model=4"]):
-        out = subprocess.run(
-            [sys.executable, str(ROOT / "eval.py"), "--workdir", str(tmp_path), *flags],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr[-2000:]
-        result = json.loads((tmp_path / "eval_val.json").read_text())
-        assert result["step"] == 3 and f"perplexity {result['ppl']:.2f}" in out.stdout
-        assert result["ppl"] == pytest.approx(np.exp(result["loss"]))
-        assert result["loss"] == pytest.approx(4.05, abs=0.15)  # near ln(65) after 3 steps
-        losses.append(result["loss"])
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # 1 device and a 2 x 4 mesh
-    (manifest,) = (tmp_path / "data").glob("*/megajax.json")
+    run.train(cfg, device_mesh(2, 4), workdir, log=lambda _: None)
+    return workdir
+
+
+def _check_val(workdir, stdout: str) -> dict:
+    """eval.py --task val's result in `workdir`, checked against what the run saved."""
+    result = json.loads((workdir / "eval_val.json").read_text())
+    assert result["step"] == 3 and f"perplexity {result['ppl']:.2f}" in stdout
+    assert result["ppl"] == pytest.approx(np.exp(result["loss"]))
+    assert result["loss"] == pytest.approx(4.05, abs=0.15)  # near ln(65) after 3 steps
+    (manifest,) = (workdir / "data").glob("*/megajax.json")
     held_out = json.loads(manifest.read_text())["splits"]["validation"]["tokens"]
     assert held_out % 32 != 1 and result["tokens"] == held_out - 1  # every target, the tail too
+    return result
+
+
+def test_eval_restores_the_checkpoint_on_any_mesh(char_run, capsys):
+    """Saved on 2 x 4; restored there and on 1 x 8, where the vocabulary pads differently."""
+    losses = []
+    for mesh in ("data=2,model=4", "data=1,model=8"):
+        code, out, err = _eval_main(["--workdir", char_run, "--mesh", mesh], capsys)
+        assert code == 0, err
+        losses.append(_check_val(char_run, out)["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_command_restores_the_checkpoint_on_one_device(char_run, capsys):
+    """`python eval.py` end to end, in a process of its own with one device: the loss of the
+    2 x 4 mesh."""
+    code, _, err = _eval_main(["--workdir", char_run, "--mesh", "data=2,model=4"], capsys)
+    assert code == 0, err
+    on_mesh = json.loads((char_run / "eval_val.json").read_text())["loss"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), "--workdir", str(char_run), "--cpu_devices", "1"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _check_val(char_run, out.stdout)["loss"] == pytest.approx(on_mesh, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -113,22 +148,38 @@ def test_wikitext_detokenizer_undoes_the_release_tokenization():
 
 
 @pytest.fixture(scope="module")
-def bpe_run(tmp_path_factory):
-    """A work directory with an untrained model over the GPT-2 BPE's ids at step 0. A wide
-    initialisation makes its predictions far from uniform, so sums over the wrong targets
-    would differ."""
+def bpe_state():
+    """(config, host state) of an untrained model over the GPT-2 BPE's ids, initialised on
+    2 x 4. A wide initialisation makes its predictions far from uniform, so sums over the wrong
+    targets would differ."""
     cfg = tiny_config(vocab_size=50257, init_std=0.3)
-    workdir = tmp_path_factory.mktemp("bpe_run")
+    return cfg, jax.device_get(Trainer(cfg, device_mesh(2, 4)).init_state())
+
+
+def _save_run(workdir, cfg, state) -> Path:
+    """A work directory holding `cfg` and the host `state` as its step-0 checkpoint, written
+    from 2 x 4."""
+    workdir.mkdir(exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(config.to_dict(cfg)))
+    trainer = Trainer(cfg, device_mesh(2, 4))
     ckpt = Checkpointer(workdir / "checkpoints", every=0, keep=1)
-    ckpt.save(0, Trainer(cfg, device_mesh(2, 4)).init_state(), {"step": 0}, force=True)
+    ckpt.save(0, jax.device_put(state, trainer.state_sharding), {"step": 0}, force=True)
     ckpt.wait()
     ckpt.close()
-    return workdir, cfg
+    return workdir
 
 
-def _plain_logits(workdir, cfg):
-    """ids (length,) -> float64 log-probabilities (length, vocab): one unsharded forward pass."""
+@pytest.fixture(scope="module")
+def bpe_run(bpe_state, tmp_path_factory):
+    """A work directory with the untrained BPE model (bpe_state) at step 0."""
+    cfg, state = bpe_state
+    return _save_run(tmp_path_factory.mktemp("bpe_run"), cfg, state), cfg
+
+
+def _plain_log_probs(workdir, cfg):
+    """(id sequences, the positions wanted of each) -> float64 log-probabilities, (positions,
+    vocab) for each sequence: unsharded forward passes of 64 sequences at once, right-padded to
+    seq_len (causal: the padding changes no earlier position), one program for every length."""
     trainer = Trainer(cfg, device_mesh(1, 1))
     ckpt = Checkpointer(workdir / "checkpoints", every=0, keep=1)
     params = ckpt.restore(0, trainer.abstract_state())[0]["params"]
@@ -136,13 +187,21 @@ def _plain_logits(workdir, cfg):
     with trainer.context():
         hidden = jax.jit(lambda p, x: trainer.model(p)(x))
         table = np.asarray(jax.jit(lambda p: trainer.model(p).lm_head)(params), np.float64)
+    table = table[: cfg.model.vocab_size]
 
-    def log_probs(ids):
-        with trainer.context():
-            h = np.asarray(hidden(params, np.asarray(ids, np.int32)[None]), np.float64)[0]
-        logits = h @ table[: cfg.model.vocab_size].T
-        logits -= logits.max(-1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    def log_probs(sequences, positions):
+        out = []
+        for begin in range(0, len(sequences), 64):
+            batch = np.zeros((64, cfg.model.seq_len), np.int32)
+            for row, ids in enumerate(sequences[begin : begin + 64]):
+                batch[row, : len(ids)] = ids
+            with trainer.context():
+                h = np.asarray(hidden(params, batch), np.float64)
+            for row, wanted in enumerate(positions[begin : begin + 64]):
+                logits = h[row, list(wanted)] @ table.T
+                logits -= logits.max(-1, keepdims=True)
+                out.append(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+        return out
 
     return log_probs
 
@@ -164,15 +223,19 @@ def test_wikitext_perplexity_equals_a_plain_computation(bpe_run, gpt2_json, tmp_
 
     # Slide by 12 and score the targets no earlier window reached.
     ids = GPT2Tokenizer("data/gpt2").encode(wikitext.detokenize(text))
-    log_probs, seq_len = _plain_logits(workdir, cfg), cfg.model.seq_len
-    nll, reached, start = 0.0, 0, 0
+    windows, reached, start = [], 0, 0  # (ids, the first position whose target is new)
     while reached < len(ids) - 1:
-        chunk = ids[start : start + seq_len + 1]
-        lp = log_probs(chunk[:-1])
-        for pos in range(len(chunk) - 1):
-            if start + pos + 1 > reached:
-                nll -= lp[pos, chunk[pos + 1]]
+        chunk = ids[start : start + cfg.model.seq_len + 1]
+        windows.append((chunk, max(reached - start, 0)))
         reached, start = start + len(chunk) - 1, start + 12
+    scored = _plain_log_probs(workdir, cfg)(
+        [chunk[:-1] for chunk, _ in windows],
+        [range(first, len(chunk) - 1) for chunk, first in windows],
+    )
+    nll = -sum(
+        lp[np.arange(len(lp)), chunk[first + 1 :]].sum()
+        for lp, (chunk, first) in zip(scored, windows, strict=True)
+    )
     original = len(text.strip().split(" "))
     assert result["tokens"] == len(ids) and result["original_tokens"] == original
     assert result["ppl"] == pytest.approx(np.exp(nll / (len(ids) - 1)), rel=1e-5)
@@ -272,14 +335,16 @@ def test_lambada_strict_needs_every_token_of_the_word_and_non_strict_only_the_la
     trainer = Trainer(cfg, device_mesh(2, 4))
     params = trainer.init_state()["params"]
     plain = Trainer(cfg, device_mesh(1, 1))
-    host_params = jax.device_get(params)
+    host_params = _repadded(jax.device_get(params), plain.padded_vocab)
     with plain.context():
         hidden = jax.jit(lambda p, x: plain.model(p)(x))
         table = np.asarray(jax.jit(lambda p: plain.model(p).lm_head)(host_params))
 
     def greedy(ids):  # the next token after ids, from full logits on one device
+        padded = np.zeros((1, 8), np.int32)  # right-padded: causal, one program for all
+        padded[0, : len(ids)] = ids
         with plain.context():
-            h = np.asarray(hidden(host_params, np.asarray(ids, np.int32)[None]))[0, -1]
+            h = np.asarray(hidden(host_params, padded))[0, len(ids) - 1]
         return int(np.argmax(h @ table[: cfg.model.vocab_size].T))
 
     context = [17, 400, 23, 5, 999, 61]
@@ -297,28 +362,21 @@ def test_lambada_strict_needs_every_token_of_the_word_and_non_strict_only_the_la
     assert (strict, last_only) == (1, 2)
 
 
-def _always_predicting(workdir, cfg, token: int):
-    """A work directory whose model predicts `token` after any context: the final layer norm
-    outputs a constant, the direction of `token`'s embedding, made the longest one."""
-    trainer = Trainer(cfg, device_mesh(1, 1))
-    state = jax.device_get(trainer.init_state())
+def _always_predicting(workdir, cfg, state, token: int):
+    """A work directory whose model (the host `state`'s, altered) predicts `token` after any
+    context: the final layer norm outputs a constant, the direction of `token`'s embedding,
+    made the longest one."""
     params = jax.tree.map(np.array, state["params"])
     wte = params["wte"]["embedding"]
     wte[token] *= 10 * np.linalg.norm(wte, axis=1).max() / np.linalg.norm(wte[token])
     params["ln_f"]["scale"][:] = 0
     params["ln_f"]["bias"][:] = wte[token] / np.linalg.norm(wte[token])
-    state = {**state, "params": params}
-    workdir.mkdir()
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(cfg)))
-    ckpt = Checkpointer(workdir / "checkpoints", every=0, keep=1)
-    ckpt.save(0, jax.device_put(state, trainer.state_sharding), {"step": 0}, force=True)
-    ckpt.close()
-    return workdir
+    return _save_run(workdir, cfg, {**state, "params": params})
 
 
-def test_lambada_accuracy_equals_a_plain_computation(tmp_path, gpt2_json, capsys):
+def test_lambada_accuracy_equals_a_plain_computation(tmp_path, gpt2_json, bpe_state, capsys):
     """... and a model read through a tokenizer.json holding GPT-2's BPE scores the same."""
-    cfg = tiny_config(vocab_size=50257)
+    cfg, state = bpe_state
     texts = [json.loads(line)["text"] for line in LAMBADA.read_text("utf-8").splitlines()[:5]]
     # Three of five examples end in " signs", the word the model always predicts: an
     # accuracy strictly between 0 and 1, which no constant evaluator can produce.
@@ -328,20 +386,22 @@ def test_lambada_accuracy_equals_a_plain_computation(tmp_path, gpt2_json, capsys
     (tmp_path / "five.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     tokenizer = GPT2Tokenizer("data/gpt2")
     (signs,) = tokenizer.encode(" signs")
-    workdir = _always_predicting(tmp_path / "run", cfg, signs)
-    log_probs = _plain_logits(workdir, cfg)
+    workdir = _always_predicting(tmp_path / "run", cfg, state, signs)
+    log_probs = _plain_log_probs(workdir, cfg)
     for flags, strict in (([], True), (["--no_strict"], False)):
         argv = ["--task", "lambada", "--data", tmp_path / "five.jsonl", "--workdir", workdir,
                 "--mesh", "data=2,model=4", *flags]  # fmt: skip
         code, out, _ = _eval_main(argv, capsys)
         assert code == 0
         result = json.loads(out.strip().splitlines()[-1])
-        right = 0
+        targets, inputs = [], []
         for line in lines:
             context, target = lambada.example(json.loads(line)["text"], tokenizer, strict=strict)
-            ids = (context + target)[-(cfg.model.seq_len + 1) :]
-            predicted = log_probs(ids[:-1]).argmax(-1)[-len(target) :]
-            right += list(predicted) == target
+            targets.append(target)
+            inputs.append((context + target)[-(cfg.model.seq_len + 1) : -1])
+        last = [range(len(x) - len(t), len(x)) for x, t in zip(inputs, targets, strict=True)]
+        predicted = [lp.argmax(-1).tolist() for lp in log_probs(inputs, last)]
+        right = sum(p == t for p, t in zip(predicted, targets, strict=True))
         assert result["n"] == 5 and result["strict"] == strict
         assert result["accuracy"] == right / 5 == 3 / 5
         if strict:
@@ -408,7 +468,7 @@ def test_held_out_windows_are_built_only_for_the_rows_a_process_feeds(tmp_path, 
     fed = [items[i] for b in range(0, len(every), 8) for i in (b + 2, b + 3) if i < len(every)]
     assert sorted(built) == sorted(item for item in fed if item[1] is not None)
     built.clear()
-    trainer = Trainer(tiny_config(vocab_size=65), device_mesh(1, 1))
+    trainer = Trainer(tiny_config(vocab_size=65), device_mesh(2, 4))  # char_run's programs
     params = trainer.init_state()["params"]
     streamed = perplexity.score(trainer, params, every)
     once = collections.Counter(item for item in items if item[1] is not None)

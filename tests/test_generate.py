@@ -22,18 +22,32 @@ from megajax.trainer import Trainer
 
 MESHES = [(1, 1), (2, 4), (1, 8)]
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 4, 5]]  # unequal lengths
-NEW = 8
+# New tokens: on the tiny GPT, 11 + 30 pass its 32 positions, so every program decodes with the
+# KV cache and then with the sliding window; transformers' GPT-2 has no window, hence HF_NEW.
+NEW, HF_NEW = 30, 8
 
 
 @pytest.fixture(scope="module")
 def generators():
-    """The same tiny random GPT (float32) on each mesh; its vocabulary pads differently on each."""
+    """The same tiny random GPT (float32) on each mesh; its vocabulary pads differently on each.
+    Initialised once, on 2 x 4; the other meshes get its values laid out from the host."""
     cfg = tiny_config()
-    made = {}
-    for data, model in MESHES:
+    trainer = Trainer(cfg, device_mesh(2, 4))
+    made = {(2, 4): generate.Generator(trainer, _fresh_params(trainer))}
+    host = jax.device_get(made[2, 4].params)
+    for data, model in set(MESHES) - {(2, 4)}:
         trainer = Trainer(cfg, device_mesh(data, model))
-        made[data, model] = generate.Generator(trainer, _fresh_params(trainer))
+        params = jax.device_put(_repadded(host, trainer.padded_vocab), trainer.param_sharding)
+        made[data, model] = generate.Generator(trainer, params)
     return made
+
+
+def _repadded(params, rows: int):
+    """Host parameters with the embedding's padding cut or zero-filled to `rows` (padding rows
+    are never read: the logits past model.vocab_size are masked)."""
+    table = params["wte"]["embedding"][:rows]
+    table = np.pad(table, ((0, rows - len(table)), (0, 0)))
+    return {**params, "wte": {**params["wte"], "embedding": table}}
 
 
 def _fresh_params(trainer):
@@ -70,31 +84,33 @@ def _greedy_by_recompute(generator, prompts, new_tokens):
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
 def test_cached_greedy_equals_recompute(generators, mesh):
+    """... and past seq_len, on the last seq_len tokens (11 + 30: 9 past the 32 positions)."""
     generator = generators[mesh]
     out = generator(PROMPTS, new_tokens=NEW, temperature=0.0)
     np.testing.assert_array_equal(out["tokens"], _greedy_by_recompute(generator, PROMPTS, NEW))
 
 
-def test_past_seq_len_greedy_equals_recompute_on_the_last_seq_len(generators):
-    generator, new = generators[2, 4], 30  # 11 + 30 tokens: 9 past the 32 positions
-    out = generator(PROMPTS, new_tokens=new, temperature=0.0)
-    np.testing.assert_array_equal(out["tokens"], _greedy_by_recompute(generator, PROMPTS, new))
-
-
 def test_decoding_communicates_only_model_all_reduces_never_logits(generators):
-    """Per new token: the plan's 1 + 2 * layers activation all-reduces over `model` and a few of
-    one number per sequence for sampling; nothing over `data`, no logits moved."""
+    """Per new token: the plan's 1 + 2 * layers activation all-reduces over `model` (of one
+    position while the KV cache has room, of the whole window after) and a few of one number
+    per sequence for sampling; nothing over `data`, no logits moved."""
     generator = generators[2, 4]
     program = generator._compiled(4, 16, NEW, False)  # 3 prompts, padded to the data degree
     found = hlo.collectives(program.as_text(), {"data": 2, "model": 4})
     assert {(c.kind, c.axes) for c in found} == {("all-reduce", ("model",))}
-    rows, hidden = 2, generator.sharded.cfg.model.hidden  # rows per data shard
-    per_token = [c for c in found if c.shapes == ((rows, 1, hidden),)]
-    layers = generator.sharded.cfg.model.num_layers
-    assert sum(c.runs for c in per_token) == (NEW - 1) * (1 + 2 * layers)
-    prefill = [c for c in found if c.shapes == ((rows, 16, hidden),)]
+    rows, cfg = 2, generator.sharded.cfg.model  # rows per data shard
+    per_layer = 1 + 2 * cfg.num_layers
+    cached = cfg.seq_len - 16 + 1  # tokens chosen while the cache has room, the first by prefill
+
+    def runs(length):
+        return [c for c in found if c.shapes == ((rows, length, cfg.hidden),)]
+
+    per_token, window, prefill = runs(1), runs(cfg.seq_len), runs(16)
+    assert sum(c.runs for c in per_token) == (cached - 1) * per_layer
+    assert sum(c.runs for c in window) == (NEW - cached) * per_layer
+    assert sum(c.runs for c in prefill) == per_layer
     scalars = [c for c in found if all(s == (rows,) for s in c.shapes)]
-    assert len(per_token) + len(prefill) + len(scalars) == len(found)
+    assert len(per_token) + len(window) + len(prefill) + len(scalars) == len(found)
 
 
 def test_top_k_1_equals_greedy(generators):
@@ -125,7 +141,7 @@ def constructed():
     table = np.zeros((64, 1), np.float32)
     table[:vocab, 0] = logits
     hidden = np.ones((rows, 1), np.float32)
-    keys = jax.random.key_data(jax.random.split(jax.random.key(0), rows))
+    keys = np.random.default_rng(0).integers(0, 2**32, (rows, 2), dtype=np.uint32)  # key data
     sample = jax.jit(
         lambda k, t, p: sampling.sample(
             hidden, table, k, temperature=1.0, top_k=t, top_p=p, vocab_size=vocab
@@ -196,8 +212,9 @@ def hf_generator(hf_dir):
 
 @pytest.fixture(scope="module")
 def hf_greedy(hf_generator):
-    """Greedy tokens and the log-probabilities of prompts and tokens, in one batch."""
-    return hf_generator(PROMPTS, new_tokens=NEW, temperature=0.0, prompt_logprobs=True)
+    """Greedy tokens and their log-probabilities, in one batch (the program the generation
+    command compiles for 3 samples of 8 tokens)."""
+    return hf_generator(PROMPTS, new_tokens=HF_NEW, temperature=0.0)
 
 
 def test_imported_gpt2_greedy_equals_transformers(hf_dir, hf_greedy):
@@ -207,7 +224,7 @@ def test_imported_gpt2_greedy_equals_transformers(hf_dir, hf_greedy):
         theirs = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW,
+            max_new_tokens=HF_NEW,
             do_sample=False,
             eos_token_id=None,
             pad_token_id=0,
@@ -215,24 +232,31 @@ def test_imported_gpt2_greedy_equals_transformers(hf_dir, hf_greedy):
         np.testing.assert_array_equal(ours, theirs)
 
 
-def test_imported_gpt2_logprobs_equal_transformers(hf_dir, hf_greedy):
+def test_imported_gpt2_logprobs_equal_transformers(hf_dir, hf_generator, hf_greedy):
+    """The decoded tokens' log-probabilities, and those of prompts scored whole (no new
+    tokens: the prompt and the greedy tokens after it)."""
     model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    for i, prompt in enumerate(PROMPTS):
-        seq = torch.tensor([prompt + hf_greedy["tokens"][i].tolist()])
+    sequences = [p + t.tolist() for p, t in zip(PROMPTS, hf_greedy["tokens"], strict=True)]
+    scored = hf_generator(sequences, new_tokens=0, prompt_logprobs=True)
+    for i, (prompt, sequence) in enumerate(zip(PROMPTS, sequences, strict=True)):
+        seq = torch.tensor([sequence])
         with torch.no_grad():
             logp = torch.log_softmax(model(seq).logits[0, :-1].double(), -1)
         theirs = logp.gather(-1, seq[0, 1:, None])[:, 0].numpy()
-        ours = np.concatenate([hf_greedy["prompt_logprobs"][i], hf_greedy["logprobs"][i]])
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(scored["prompt_logprobs"][i], theirs, rtol=0, atol=2e-5)
+        decoded = hf_greedy["logprobs"][i]
+        np.testing.assert_allclose(decoded, theirs[len(prompt) - 1 :], rtol=0, atol=2e-5)
 
 
 def test_generate_command_prints_samples_then_json(hf_dir, capsys):
-    argv = ["--hf_checkpoint", str(hf_dir), "--prompt", "a b c", "--max_new_tokens", "4",
-            "--num_samples", "2", "--temperature", "0", "--mesh", "data=2,model=4"]  # fmt: skip
+    argv = ["--hf_checkpoint", str(hf_dir), "--prompt", "a b c", "--max_new_tokens", str(HF_NEW),
+            "--num_samples", "3", "--temperature", "0", "--mesh", "data=2,model=4",
+            "--step_timeout", "0"]  # fmt: skip
     assert generate.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    first, second = result["samples"]
-    assert len(first["tokens"]) == 4 and first == second and result["tokens_per_sec"] > 0
+    first, *others = result["samples"]
+    assert len(others) == 2 and all(other == first for other in others)
+    assert len(first["tokens"]) == HF_NEW and result["tokens_per_sec"] > 0
 
 
 def test_long_prompt_and_foreign_ids_are_clear_errors(hf_generator):
@@ -247,9 +271,10 @@ def test_long_prompt_and_foreign_ids_are_clear_errors(hf_generator):
 
 @pytest.fixture(scope="module")
 def server():
-    """The API on a free loopback port, over a tiny random GPT reading GPT-2 BPE ids."""
+    """The API on a free loopback port, over a tiny random GPT reading GPT-2 BPE ids. On 2 x 2,
+    one prompt or two run as two rows: one program per number of new tokens."""
     cfg = tiny_config(vocab_size=50257)
-    trainer = Trainer(cfg, device_mesh(1, 2))
+    trainer = Trainer(cfg, device_mesh(2, 2))
     generator = generate.Generator(trainer, _fresh_params(trainer))
     httpd = serve.make_server(serve.Service(generator, GPT2Tokenizer("data/gpt2")), "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

@@ -27,15 +27,18 @@ def _bytes_read() -> int:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A run saved on 2 x 4 at steps 2 and 4, its Adam moments filled with noise (zeros would
-    compress to nothing and hide what is read); a vocabulary that pads differently on 1 x 8."""
+    """A run saved on one device at steps 2 and 4, its Adam moments filled with noise (zeros
+    would compress to nothing and hide what is read); a vocabulary that pads differently on
+    1 x 8. The noise is added on the host: no program compiled per moment's shape."""
     cfg = tiny_config(vocab_size=4099, hidden=128)
     workdir = tmp_path_factory.mktemp("trained")
     (workdir / "config.json").write_text(json.dumps(config.to_dict(cfg)))
-    trainer = Trainer(cfg, device_mesh(2, 4))
-    state = trainer.init_state()
-    noise = lambda x: x + jax.random.normal(jax.random.key(1), x.shape, x.dtype)  # noqa: E731
+    trainer = Trainer(cfg, device_mesh(1, 1))
+    state = jax.device_get(trainer.init_state())
+    rng = np.random.default_rng(1)
+    noise = lambda x: x + rng.standard_normal(x.shape).astype(x.dtype)  # noqa: E731
     state["opt_state"] = jax.tree.map(lambda x: noise(x) if x.ndim else x, state["opt_state"])
+    state = jax.device_put(state, trainer.state_sharding)
     ckpt = Checkpointer(workdir / "checkpoints", every=0, keep=5)
     for step in STEPS:
         ckpt.save(step, state, {"step": step}, force=True)
@@ -97,7 +100,8 @@ def test_a_step_never_saved_is_named_with_the_saved_ones(trained, tmp_path, caps
     workdir, cfg = trained
     with pytest.raises(ConfigError, match=r"no checkpoint at step 3 .*saved: 2, 4"):
         cli.load_trained(_args(workdir, "--step", "3"), cfg)
-    argv = ["--checkpoint", str(workdir), "--to_hf", str(tmp_path), "--step", "3"]
+    argv = ["--checkpoint", str(workdir), "--to_hf", str(tmp_path), "--step", "3",
+            "--step_timeout", "0"]  # fmt: skip
     assert convert.main(argv) == 2
     assert "no checkpoint at step 3" in capsys.readouterr().err
 

@@ -2,14 +2,13 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import pytest
-from conftest import device_mesh, tiny_config
+from conftest import TEST_XLA_FLAGS, device_mesh, subprocess_env, tiny_config
 
 from megajax import config
 from megajax.config import ModelConfig
@@ -100,8 +99,11 @@ def _check_against_compiled(p: dict, tolerance: float = 0.15):
     assert sum(n * math.prod(x) for x, n in ce) == ce_elements
 
 
+@pytest.mark.slow  # a process of its own
 def test_dry_run_of_gpt2_tiny_from_the_command_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    # The run's compiler settings and cache, not its faked devices: --cpu_devices fakes them.
+    env = subprocess_env(XLA_FLAGS=TEST_XLA_FLAGS)
+    env.pop("JAX_PLATFORMS", None)
     run = subprocess.run(
         [sys.executable, "train.py", "--config", "configs/gpt2_tiny.py", "--mesh",
          "data=2,model=4", "--cpu_devices", "8", "--dry_run", "--workdir", str(tmp_path)],
@@ -207,6 +209,7 @@ def test_dry_run_with_the_distributed_optimizer_agrees_with_its_compiled_step():
     assert "a V100 cannot run bfloat16" in text
 
 
+@pytest.mark.slow  # the file's largest programs: twice the others' compile time
 @pytest.mark.parametrize("repeats", [1, 2])
 def test_dry_run_of_a_pipelined_step_agrees_with_its_compiled_step(repeats):
     """P=2, D=2, T=2, m=4: the schedule's transfers are the compiled collective-permutes, the

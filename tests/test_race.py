@@ -76,15 +76,20 @@ def test_accuracy_counts_each_question_once_overall_and_per_level():
 
 
 def test_score_predicts_the_highest_option_of_every_question():
-    cfg = bert_config(arch="bert_multiple_choice", seq_len=64)
+    cfg = bert_config(arch="bert_multiple_choice", seq_len=64)  # tests/test_bert.py's model
     trainer = Trainer(cfg, device_mesh(2, 4))
     params = trainer.init_state()["params"]
     questions = RaceQuestions(_rows()[:11], TOK, max_len=64)  # a partial last batch of 8
     result = race.score(trainer, params, questions)
+    # The expected predictions from batches built here: the 11 questions, then question 10
+    # repeated to fill the second batch (rows never mix, so any filler will do).
+    order = list(range(11)) + [10] * 5
     with trainer.context():
         f = jax.jit(lambda p, b: bert.choice_logits(trainer.model(p), b))
         expected = []
-        for i in range(len(questions)):
-            one = {k: np.repeat(v[None], 8, 0) for k, v in questions[i].items()}
-            expected.append(int(np.asarray(f(params, trainer.put_eval_batch(one)))[0].argmax()))
+        for start in (0, 8):
+            rows = [questions[i] for i in order[start : start + 8]]
+            batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            expected += list(np.asarray(f(params, trainer.put_eval_batch(batch))).argmax(-1))
+    expected = [int(e) for e in expected[:11]]
     assert result == race._accuracies(questions.rows, expected) and result["n"] == 11

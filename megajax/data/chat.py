@@ -6,21 +6,25 @@ OpenAI's form) or `{"prompt": ..., "completion": ...}`. The template is the chec
 (`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`) or DEFAULT_TEMPLATE. It
 runs in jinja2's immutable sandbox with transformers' settings and globals (trim_blocks,
 lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that keeps
-non-ASCII, the special tokens by name). The rendered text is tokenized whole, special tokens
-parsed and none added, and a token is trained on when its characters overlap:
+non-ASCII, a guarded `dict` and `namespace`, `tools` and `documents` none, the special tokens by
+name from tokenizer_config.json or else the tokenizer). The rendered text is tokenized whole,
+special tokens parsed and none added, and a token is trained on when its characters overlap:
 - a `{% generation %}` block's output, where the template has such blocks (transformers'
   assistant mask);
 - else the text each assistant message adds to the rendering: rendering the messages before it
   with the generation prompt, then with it, the difference is its reply (and whatever the
   template closes a turn with, an end-of-turn token included).
-A prompt-completion pair is the prompt's text and the completion's followed by the end-of-text
-token, the tokenizer's beginning-of-text token first where it has one; the completion and the
-end-of-text token are trained on.
+A prompt-completion pair is the prompt's ids and the completion's, each tokenized alone, then
+the end-of-sequence token (tokenizer_config.json's eos_token, else the tokenizer's end of text),
+with the tokenizer's beginning-of-text token first where it has one (TRL's prompt-completion
+form, no template); the completion and the end-of-sequence token are trained on.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from contextvars import ContextVar
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -30,6 +34,10 @@ import numpy as np
 from megajax.config import ConfigError
 
 ROLES = ("system", "user", "assistant")
+# The special tokens a template sees by name (transformers' SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_NAMES = (
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"
+)  # fmt: skip
 # For a run without a template of its own (a GPT-2 trained here): each turn after a role line,
 # an assistant's reply closed by the end-of-text token, which generation stops at.
 DEFAULT_TEMPLATE = (
@@ -57,12 +65,17 @@ def messages_of(record) -> tuple[list[dict], bool]:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise ChatError("'messages' must be a non-empty list")
-        for m in messages:
+        for i, m in enumerate(messages, 1):
             if not isinstance(m, dict) or m.get("role") not in ROLES:
                 role = m.get("role") if isinstance(m, dict) else m
-                raise ChatError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+                raise ChatError(
+                    f"message {i}: unknown role {role!r}: use one of {', '.join(ROLES)}"
+                )
             if not isinstance(m.get("content"), str):
-                raise ChatError(f"a {m['role']} message's content must be a string")
+                kind = type(m.get("content")).__name__
+                raise ChatError(
+                    f"message {i} ({m['role']}): the content must be a string, not {kind}"
+                )
         if not any(m["role"] == "assistant" for m in messages):
             raise ChatError("a conversation with no assistant message has nothing to train on")
         return [{"role": m["role"], "content": m["content"]} for m in messages], False
@@ -90,11 +103,7 @@ def find_template(directory) -> tuple[str | None, dict]:
     directory = Path(directory)
     config_file = directory / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    specials = {
-        name: _token_text(config.get(name))
-        for name in ("bos_token", "eos_token", "unk_token", "pad_token")
-        if config.get(name)
-    }
+    specials = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES if config.get(name)}
     if (directory / "chat_template.jinja").is_file():
         return (directory / "chat_template.jinja").read_text(encoding="utf-8"), specials
     template = config.get("chat_template")
@@ -104,12 +113,19 @@ def find_template(directory) -> tuple[str | None, dict]:
     return template, specials
 
 
+# The (rendered blocks, generation spans) of the rendering under way in this thread, if any: a
+# compiled template is shared (cached by its text), so the spans go to whoever renders.
+_TRACKER: ContextVar[tuple[list, list] | None] = ContextVar("megajax_chat_tracker", default=None)
+
+
 @cache
 def _compile(source: str):
-    """The template compiled in transformers' sandbox, with a {% generation %} tag that records
-    the character spans its blocks render into while a tracker list is set."""
+    """The template compiled in transformers' sandbox and with its globals (chat_template_utils
+    `_cached_compile_jinja_template`), with a {% generation %} tag that records the character
+    spans its blocks render into while a tracker is set."""
     import jinja2
     import jinja2.ext
+    import jinja2.utils
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Generation(jinja2.ext.Extension):
@@ -123,8 +139,7 @@ def _compile(source: str):
 
         def _track(self, caller):
             text = caller()
-            tracker = self.environment.tracker
-            if tracker is not None:
+            if (tracker := _TRACKER.get()) is not None:
                 blocks, spans = tracker
                 start = sum(len(b) for b in blocks)
                 spans.append((start, start + len(text)))
@@ -133,17 +148,48 @@ def _compile(source: str):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
+    class TemplateDict:  # dict() without the class itself reachable from the template
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):  # no underscore-prefixed attributes
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot set underscore-prefixed attributes ({name!r})"
+                )
+
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
     )
-    env.tracker = None
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ChatError(f"the chat template does not parse: {e}") from None
+        raise ChatError(_one_line(f"the chat template does not parse: {e}")) from None
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 class ChatTemplate:
@@ -157,21 +203,28 @@ class ChatTemplate:
         self._template = _compile(source)
 
     def render(self, messages, *, add_generation_prompt: bool = False):
-        """(text, spans of its {% generation %} blocks)."""
+        """(text, spans of its {% generation %} blocks), rendered as transformers renders it
+        (no tools, no documents)."""
         import jinja2
 
         blocks, spans = [], []
-        env = self._template.environment
-        env.tracker = (blocks, spans)
+        token = _TRACKER.set((blocks, spans))
         try:
             for block in self._template.generate(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self.specials
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.specials,
             ):
                 blocks.append(block)
-        except jinja2.exceptions.TemplateError as e:
-            raise ChatError(f"the chat template raised: {e}") from None
+        except jinja2.exceptions.TemplateError as e:  # raise_exception, undefined names, ...
+            raise ChatError(_one_line(f"the chat template raised: {e}")) from None
+        except Exception as e:  # what Python raises inside it: "a" + 1, a missing key, ...
+            message = f"the chat template raised {type(e).__name__}: {e}"
+            raise ChatError(_one_line(message)) from None
         finally:
-            env.tracker = None
+            _TRACKER.reset(token)
         return "".join(blocks), spans
 
     def assistant_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
@@ -198,21 +251,33 @@ class ChatTemplate:
         """(token ids int32, loss mask uint8) of one conversation record."""
         messages, pair = messages_of(record)
         if pair:
-            return self._encode_pair(messages[0]["content"], messages[1]["content"])
-        text, spans = self.assistant_spans(messages)
-        ids, offsets = self.tokenizer.encode_with_offsets(text)
-        mask = _overlapping(offsets, spans)
-        if not mask.any():
-            raise ChatError("the chat template rendered no token of the assistant's messages")
-        return np.asarray(ids, np.int32), mask
+            ids, mask = self._encode_pair(messages[0]["content"], messages[1]["content"])
+        else:
+            text, spans = self.assistant_spans(messages)
+            ids, offsets = self.tokenizer.encode_with_offsets(text)
+            ids, mask = np.asarray(ids, np.int32), _overlapping(offsets, spans)
+        if not mask[1:].any():  # the first token is no token's target
+            raise ChatError(
+                "no token of the assistant's messages to train on (the chat template rendered "
+                "none of their text)"
+            )
+        return ids, mask
 
     def _encode_pair(self, prompt: str, completion: str):
         tok = self.tokenizer
         bos = [] if tok.bos_id is None else [tok.bos_id]
         head = bos + list(tok.encode(prompt))
-        tail = list(tok.encode(completion)) + ([] if tok.eot_id is None else [tok.eot_id])
+        tail = list(tok.encode(completion)) + self._eos()
         mask = np.r_[np.zeros(len(head), np.uint8), np.ones(len(tail), np.uint8)]
         return np.asarray(head + tail, np.int32), mask
+
+    def _eos(self) -> list[int]:
+        """[the end-of-sequence token's id]: the eos_token named, if it is one token."""
+        if "eos_token" in self.specials:
+            ids, _ = self.tokenizer.encode_with_offsets(self.specials["eos_token"])
+            if len(ids) == 1:
+                return list(ids)
+        return [] if self.tokenizer.eot_id is None else [self.tokenizer.eot_id]
 
     def prompt_ids(self, messages) -> list[int]:
         """A conversation's ids ready for the assistant's reply (the generation prompt)."""
@@ -228,28 +293,29 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 
 def _has_generation_tag(source: str) -> bool:
-    import re
-
     return re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
 
 
 def _overlapping(offsets, spans) -> np.ndarray:
     """1 for each token whose character range (start, end) overlaps a span, as transformers'
-    assistant mask marks them: spans and offsets are both in order."""
-    mask = np.zeros(len(offsets), np.uint8)
-    s = 0
-    for i, (start, end) in enumerate(offsets):
-        while s < len(spans) and start >= spans[s][1]:
-            s += 1
-        if s == len(spans):
-            break
-        if end > spans[s][0]:
-            mask[i] = 1
-    return mask
+    assistant mask marks them (a sweep over both, in order): the span a token can overlap is
+    the first that ends after it starts (spans end in the order they are rendered)."""
+    offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
+    if not spans:
+        return np.zeros(len(offsets), np.uint8)
+    starts, ends = np.asarray(spans, np.int64).T
+    s = np.searchsorted(ends, offsets[:, 0], side="right")
+    inside = s < len(ends)
+    overlap = inside & (offsets[:, 1] > starts[np.minimum(s, len(ends) - 1)])
+    return overlap.astype(np.uint8)
 
 
 def default_specials(tokenizer) -> dict:
-    """bos_token and eos_token as text, from the tokenizer itself."""
+    """The special tokens by name that the tokenizer itself gives: GPT-2's are those that
+    transformers' GPT2Tokenizer sets (all <|endoftext|>), a tokenizer.json's its beginning- and
+    end-of-text tokens; a tokenizer_config.json beside it names them instead."""
+    if hasattr(tokenizer, "special_tokens"):
+        return dict(tokenizer.special_tokens)
     out = {}
     for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eot_id)):
         if i is not None:
@@ -257,16 +323,26 @@ def default_specials(tokenizer) -> dict:
     return out
 
 
-def template_for(tokenizer, directory=None, override: str = "") -> ChatTemplate:
-    """The chat template of a run: `override` (a .jinja file), else the tokenizer directory's
-    own, else DEFAULT_TEMPLATE."""
-    specials = {}
-    source = None
+def template_source(directory=None, override: str = "") -> tuple[str, dict, str]:
+    """(template text, special tokens named by the directory's tokenizer_config.json, where the
+    text comes from) of a run: `override` (a .jinja file), else the tokenizer directory's own
+    template, else DEFAULT_TEMPLATE. `directory` may be a tokenizer.json (its folder is read)."""
+    source, specials, origin = None, {}, "default"
     if directory is not None:
+        directory = Path(directory)
+        directory = directory if directory.is_dir() else directory.parent
         source, specials = find_template(directory)
+        if source is not None:
+            origin = str(directory)
     if override:
         path = Path(override)
         if not path.is_file():
             raise ConfigError(f"data.chat_template: {path} not found")
-        source = path.read_text(encoding="utf-8")
-    return ChatTemplate(source or DEFAULT_TEMPLATE, tokenizer, specials)
+        source, origin = path.read_text(encoding="utf-8"), str(path)
+    return source or DEFAULT_TEMPLATE, specials, origin
+
+
+def template_for(tokenizer, directory=None, override: str = "") -> ChatTemplate:
+    """The chat template of a run (template_source) over its tokenizer."""
+    source, specials, _ = template_source(directory, override)
+    return ChatTemplate(source, tokenizer, specials)

@@ -191,6 +191,24 @@ def pieces(inputs, *, fmt: str, field: str = "text", size: int | None = None):
                 yield from _cut([doc], size)
 
 
+def count_lines(inputs) -> int:
+    """Non-blank lines of the input files, streamed (the conversations of a chat corpus)."""
+    return sum(1 for path in files(inputs) for line in _lines(path) if line.strip())
+
+
+def conversation_lines(inputs):
+    """(file number, path, line number, JSON value) of each non-blank line of JSON Lines files,
+    streamed; a line that is not JSON raises a ConfigError naming its file and line."""
+    for k, path in enumerate(files(inputs)):
+        for n, line in enumerate(_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                yield k, path, n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} line {n}: not JSON ({e.msg})") from None
+
+
 def read_race(inputs) -> list[dict]:
     """RACE files (one JSON object each) -> one row per question, answer as 0..3."""
     rows = []

@@ -193,12 +193,24 @@ def sources(source: str) -> tuple[list[str], list[float]]:
     return paths, weights
 
 
-def _samples(cfg, dataset, split: str):
-    """The samples model.arch trains on: GPT windows or BERT sentence pairs."""
+def _samples(cfg, dataset, split: str, *, log=print):
+    """The samples model.arch trains on: GPT windows (with their documents' bounds if
+    data.reset_attention), rows of conversations (data.format=chat) or BERT sentence pairs."""
     from megajax.data import samples
 
+    if cfg.data.format == "chat":
+        return samples.ChatRows(
+            dataset,
+            split,
+            seq_len=cfg.model.seq_len,
+            pack=cfg.data.pack,
+            truncate=cfg.data.truncate,
+            log=log,
+        )
     if cfg.model.arch == "gpt":
-        return samples.GPTWindows(dataset, split, seq_len=cfg.model.seq_len)
+        return samples.GPTWindows(
+            dataset, split, seq_len=cfg.model.seq_len, documents=cfg.data.reset_attention
+        )
     if cfg.model.arch == "bert":
         return samples.BertPairs(
             dataset,
@@ -265,10 +277,11 @@ def race_loaders(cfg, *, log=print, train_rows=None, eval_rows=None):
 
 def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None, lead=True):
     """(tokenizer, train Loader, validation Loader) for cfg.data.source: prepared datasets or
-    text files (prepared once into workdir/data), blended by their weights. Each loader yields
-    the given rows (default all) of each global batch: for GPT {'inputs', 'targets'},
-    (rows, seq_len) int32 each; for BERT the fields of BertPairs. Text files are prepared by
-    the lead process only; the others wait for it."""
+    text files (with data.format=chat, JSON Lines files of conversations), prepared once into
+    workdir/data, blended by their weights. Each loader yields the given rows (default all) of
+    each global batch: for GPT {'inputs', 'targets'}, (rows, seq_len) int32 each, and with
+    data.documents 'weights', 'segments' and 'positions' too (models.batch_fields); for BERT
+    the fields of BertPairs. Sources are prepared by the lead process only; the others wait."""
     from megajax.data import prepare, samples  # here: samples imports array_record, the Loader not
 
     if cfg.model.arch == "bert_multiple_choice":
@@ -288,6 +301,8 @@ def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None, lead=Tr
                 tokenizer=cfg.data.tokenizer,
                 vocab_dir=cfg.data.vocab_dir,
                 add_bos=cfg.data.add_bos,
+                fmt=cfg.data.format,
+                chat_template=cfg.data.chat_template,
                 val_fraction=cfg.data.val_fraction,
                 cache_dir=f"{workdir}/data",
                 log=log,
@@ -304,9 +319,16 @@ def loaders(cfg, *, workdir, log=print, train_rows=None, eval_rows=None, lead=Tr
             )
     if len({json.dumps(d.manifest["tokenizer"], sort_keys=True) for d in datasets}) > 1:
         raise ConfigError("data.source: the blended datasets have different character sets")
+    for d in datasets:
+        if d.is_chat != (cfg.data.format == "chat"):
+            held = "conversations" if d.is_chat else "text"
+            raise ConfigError(
+                f"data.source: {d.path} holds {held} but data.format is {cfg.data.format!r}: "
+                "set it to match"
+            )
     made = [
         Loader(
-            [_samples(cfg, d, split) for d in datasets],
+            [_samples(cfg, d, split, log=log) for d in datasets],
             weights=weights,
             batch_size=cfg.train.batch_size,
             seed=cfg.train.seed + offset,

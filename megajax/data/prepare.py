@@ -5,10 +5,12 @@
 
 Formats: `text` (a document per file), `blocks` (documents separated by blank lines), `jsonl`
 (a document per line, in --field), `lambada` (jsonl with "text"), `wikitext` (WikiText's
-tokenized files, a document per ` = Title = ` article) and `race` (RACE's question files, kept
-as text, one row per question). A document ends with the tokenizer's end-of-text token and,
-unless --no_bos, begins with its beginning-of-text token if it has one (a tokenizer.json's, as
-Llama's <s>). The tail --val_fraction of the characters is held out as the `validation` split.
+tokenized files, a document per ` = Title = ` article), `race` (RACE's question files, kept
+as text, one row per question) and `chat` (a conversation per line, rendered through the chat
+template, a row of its ids and loss mask each: megajax/data/chat.py). A document ends with the
+tokenizer's end-of-text token and, unless --no_bos, begins with its beginning-of-text token if
+it has one (a tokenizer.json's, as Llama's <s>). The tail --val_fraction of the characters (of
+the conversations) is held out as the `validation` split.
 The dataset is written to a temporary directory beside --out and renamed only once complete,
 with `megajax.json` (the manifest) written last: a directory without it is never read as a
 dataset.
@@ -40,11 +42,21 @@ from pathlib import Path
 import numpy as np
 
 from megajax.config import ConfigError
-from megajax.data import shards
-from megajax.data.corpora import FORMATS, files, pieces, read_race
+from megajax.data import chat, shards
+from megajax.data.corpora import (
+    FORMATS,
+    conversation_lines,
+    count_lines,
+    files,
+    pieces,
+    read_race,
+)
 from megajax.data.tokenizer import BertTokenizer, CharTokenizer, GPT2Tokenizer, HFTokenizer
 
 TOKENIZERS = ("gpt2", "bert", "char", "hf")
+CHAT_TOKENIZERS = ("gpt2", "hf")  # those that give each token's characters
+# How a conversation's record is laid out (the manifest's "record"; shards.Rows reads it).
+CHAT_RECORD = "n token ids (dtype, little-endian), then n loss-mask bytes (1: trained on)"
 # Each tokenizer's files, as data.vocab_dir and a dataset's tokenizer/ folder hold them (gpt2's
 # sorted, the order cached datasets were always named by); char's characters come from the text.
 TOKENIZER_FILES = {
@@ -266,14 +278,17 @@ def prepare(
     field: str = "text",
     val_fraction: float = 0.1,
     split: str = "test",
+    chat_template: str = "",
     threads: int | None = None,
     batch_chars: int = BATCH_CHARS,
     shard_bytes: int = shards.SHARD_BYTES,
     log=print,
 ) -> Path:
     """Tokenize `inputs` into a dataset at `out`; returns `out`. `add_bos`: each document begins
-    with the tokenizer's beginning-of-text token, if it has one. Nothing is left at `out` (or
-    anywhere) unless it completes."""
+    with the tokenizer's beginning-of-text token, if it has one (not conversations: their
+    template decides). `chat_template`: a .jinja file for fmt="chat" (default: vocab_dir's
+    own, else chat.DEFAULT_TEMPLATE). Nothing is left at `out` (or anywhere) unless it
+    completes."""
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists: remove it or choose another --out")
@@ -293,6 +308,19 @@ def prepare(
             rows = read_race(inputs)
             manifest["splits"] = {split: {"rows": len(rows)}}
             builders.build("race", data_dir=str(tmp / "tfds"), splits={split: rows})
+        elif fmt == "chat":
+            manifest.update(
+                _prepare_chat(
+                    inputs,
+                    tmp=tmp,
+                    tokenizer=tokenizer,
+                    vocab_dir=vocab_dir,
+                    chat_template=chat_template,
+                    val_fraction=val_fraction,
+                    shard_bytes=shard_bytes,
+                    log=log,
+                )
+            )
         else:
             manifest.update(
                 _prepare_tokens(
@@ -316,7 +344,8 @@ def prepare(
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    counts = ", ".join(f"{k} {v['rows']:,} rows" for k, v in manifest["splits"].items())
+    unit = "conversations" if fmt == "chat" else "rows"
+    counts = ", ".join(f"{k} {v['rows']:,} {unit}" for k, v in manifest["splits"].items())
     log(
         f"prepared {out}: {counts}; {nbytes / 1e6:.2f} MB of text in {seconds:.2f}s "
         f"({nbytes / 1e6 / seconds:.2f} MB/s)"
@@ -375,6 +404,82 @@ def _prepare_tokens(
     return {"tokenizer": spec, "add_bos": add_bos, "bos": bos, "dtype": dtype, "splits": splits}
 
 
+def _prepare_chat(
+    inputs, *, tmp, tokenizer, vocab_dir, chat_template, val_fraction, shard_bytes, log
+) -> dict:  # fmt: skip
+    """Conversations, a JSON object a line, streamed: each rendered through the chat template
+    and written as one record (CHAT_RECORD); the last val_fraction of them (at least one, if
+    val_fraction > 0) are the validation split. A line that cannot be encoded stops it with
+    its file and line."""
+    if tokenizer not in CHAT_TOKENIZERS:
+        raise ConfigError(
+            f"conversations are read with the {' or '.join(CHAT_TOKENIZERS)} tokenizer (one that "
+            f"gives each token's characters), not {tokenizer!r}"
+        )
+    total = count_lines(inputs)
+    if not total:
+        raise ConfigError(f"no conversations in {', '.join(map(str, inputs))} (an empty corpus)")
+    held = max(1, round(total * val_fraction)) if val_fraction else 0
+    if total - held < 1:
+        raise ConfigError(
+            f"{total} conversation(s) in {', '.join(map(str, inputs))}: too few to hold out "
+            f"val_fraction={val_fraction} of them and train on the rest"
+        )
+    spec, tok = _save_tokenizer(tokenizer, vocab_dir=vocab_dir, chars=set(), into=tmp / "tokenizer")
+    source, specials, origin = chat.template_source(vocab_dir, chat_template)
+    try:
+        template = chat.ChatTemplate(source, tok, specials)
+    except chat.ChatError as e:  # it does not parse
+        raise ConfigError(f"{origin}: {e}") from None
+    (tmp / "tokenizer" / "chat_template.jinja").write_text(source, encoding="utf-8")
+    names = ["train", "validation"] if held else ["train"]
+    dtype = shards.dtype_for(tok.vocab_size)
+    writers = {
+        n: shards.Writer(tmp, n, dtype=dtype, shard_bytes=shard_bytes, masked=True) for n in names
+    }
+    scored = dict.fromkeys(names, 0)
+    began = shown = time.perf_counter()
+    for c, (k, path, line, record) in enumerate(conversation_lines(inputs)):
+        try:
+            ids, mask = template.encode(record)
+        except chat.ChatError as e:
+            raise ConfigError(f"{path} line {line}: {e}") from None
+        name = names[c >= total - held]
+        # first: the first token trained on as a target (truncation keeps it if first <= seq_len)
+        first = int(np.argmax(mask[1:])) + 1
+        writers[name].write(ids, mask=mask, file=k, line=line, first=first)
+        scored[name] += int(mask[1:].sum())
+        if (now := time.perf_counter()) - shown >= 1 or c + 1 == total:
+            shown = now
+            log(f"encoded {c + 1:,}/{total:,} conversations, {(c + 1) / (now - began):,.0f}/s")
+    splits = {}
+    for name in names:
+        written = writers[name].close()  # rows (conversations) and tokens
+        splits[name] = {**written, "scored": scored[name], "files": writers[name].files}
+    return {
+        "tokenizer": spec,
+        "dtype": dtype,
+        "record": CHAT_RECORD,
+        "chat": {
+            "template": "tokenizer/chat_template.jinja",
+            "origin": origin,  # "default", or the file or directory it was read from
+            "specials": template.specials,
+            "mask": "generation blocks" if template.has_generation else "rendered prefixes",
+        },
+        "splits": splits,
+    }
+
+
+def load_chat_template(directory) -> chat.ChatTemplate:
+    """The chat template a dataset of conversations was prepared with, over its tokenizer."""
+    directory = Path(directory)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    if manifest.get("format") != "chat":
+        raise ConfigError(f"{directory} holds no conversations (format {manifest.get('format')})")
+    source = (directory / manifest["chat"]["template"]).read_text(encoding="utf-8")
+    return chat.ChatTemplate(source, load_tokenizer(directory), manifest["chat"]["specials"])
+
+
 def cached(
     source: str,
     *,
@@ -384,11 +489,15 @@ def cached(
     cache_dir,
     log,
     add_bos: bool = True,
+    fmt: str = "text",
+    chat_template: str = "",
     lead: bool = True,
     wait_s: float = 120,
 ):
-    """A prepared dataset for `source`: itself if it is one, else the text file prepared once
-    into cache_dir (named by the fingerprint of its bytes and options, reused after).
+    """A prepared dataset for `source`: itself if it is one, else the text file (fmt "text") or
+    JSON Lines file of conversations (fmt "chat") prepared once into cache_dir, named by the
+    fingerprint of its bytes, the tokenizer's files and the options (for conversations, the
+    chat template's text and special tokens too), and reused after.
 
     In a multi-process job only the lead process prepares; the others (lead=False) wait for its
     manifest, and stop with a clear line if after `wait_s` seconds nobody is preparing it in
@@ -404,10 +513,14 @@ def cached(
             f"`python -m megajax.data.prepare CORPUS --out {path}` (--set data.source=PATH)"
         )
     options = dict(tokenizer=tokenizer, val_fraction=val_fraction, version=VERSION)
-    if tokenizer == "hf":  # the one that can have a beginning-of-text token; the others' names stay
+    if fmt == "chat":  # the template decides where BOS goes; it and its tokens name the data
+        template, specials, _ = chat.template_source(vocab_dir, chat_template)
+        options.update(format=fmt, chat_template=template, specials=specials)
+    elif tokenizer == "hf":  # the one with a beginning-of-text token; the others' names stay
         options["add_bos"] = add_bos
     vocab = tokenizer_files(tokenizer, vocab_dir)
-    out = Path(cache_dir) / f"{path.stem}-{tokenizer}-{fingerprint([path, *vocab], **options)}"
+    kind = f"{tokenizer}-chat" if fmt == "chat" else tokenizer
+    out = Path(cache_dir) / f"{path.stem}-{kind}-{fingerprint([path, *vocab], **options)}"
     if (out / MANIFEST).is_file():
         return out
     if out.exists():  # not a dataset (prepare renames only complete ones): made by hand
@@ -418,9 +531,11 @@ def cached(
         return prepare(
             [path],
             out=out,
+            fmt=fmt,
             tokenizer=tokenizer,
             vocab_dir=vocab_dir,
             add_bos=add_bos,
+            chat_template=chat_template,
             val_fraction=val_fraction,
             log=log,
         )
@@ -453,7 +568,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="files or directories of the corpus")
     parser.add_argument("--out", required=True, help="the dataset directory to create")
-    parser.add_argument("--format", default="text", choices=FORMATS)
+    parser.add_argument("--format", default="text", choices=(*FORMATS, "chat"))
     parser.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS)
     parser.add_argument(
         "--vocab_dir",
@@ -469,6 +584,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--field", default="text", help="the text field of --format jsonl")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out tail")
     parser.add_argument("--split", default="test", help="the split name of --format race")
+    parser.add_argument(
+        "--chat_template",
+        default="",
+        help="a .jinja chat template for --format chat (default: --vocab_dir's "
+        "chat_template.jinja or tokenizer_config.json's, else megajax's own)",
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="tokenizing threads of GPT-2 BPE (0: one a core)"
     )
@@ -495,6 +616,7 @@ def main(argv=None) -> int:
             field=args.field,
             val_fraction=args.val_fraction,
             split=args.split,
+            chat_template=args.chat_template,
             threads=args.threads or None,
             batch_chars=args.batch_chars,
             shard_bytes=args.shard_mb << 20,

@@ -3,9 +3,11 @@
 GPTWindows: the split's documents joined end to end (each followed by the end-of-text token,
 and preceded by a tokenizer.json's beginning-of-text token, written at preparation), cut into
 windows of seq_len + 1 tokens advanced by seq_len, so every token is a target exactly once
-(Megatron-LM's GPT dataset). BertPairs: sentence pairs with sentence-order prediction and
-masked positions (Megatron-LM's BERT dataset, ALBERT's SOP). Sample i is a pure function of i
-(and the seed): any process can build any sample.
+(Megatron-LM's GPT dataset); with `documents`, each window's segments and positions restart
+after each end-of-text token. ChatRows: conversations packed whole into rows of seq_len
+(or one a row), only their assistants' tokens trained on. BertPairs: sentence pairs with
+sentence-order prediction and masked positions (Megatron-LM's BERT dataset, ALBERT's SOP).
+Sample i is a pure function of i (and the seed): any process can build any sample.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class Dataset:
         self._sources = {}
 
     @property
+    def is_chat(self) -> bool:
+        """Whether it holds conversations (a token mask with each row), not documents."""
+        return self.manifest.get("format") == "chat"
+
+    @property
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
 
@@ -51,7 +58,11 @@ class Dataset:
             files = self.manifest["splits"][split].get("files")
             if files is not None:
                 self._sources[split] = shards.Rows(
-                    self.path, split, files=files, dtype=self.manifest["dtype"]
+                    self.path,
+                    split,
+                    files=files,
+                    dtype=self.manifest["dtype"],
+                    masked=self.is_chat,
                 )
             else:
                 from megajax.data import builders  # TFDS: imported only when read
@@ -69,14 +80,27 @@ class Dataset:
 
 class GPTWindows:
     """Sample i = tokens [i * seq_len, i * seq_len + seq_len + 1) of the joined split, as
-    {'inputs', 'targets'}: (seq_len,) int32 each, targets = inputs shifted by one."""
+    {'inputs', 'targets'}: (seq_len,) int32 each, targets = inputs shifted by one.
 
-    def __init__(self, dataset: Dataset, split: str, *, seq_len: int):
+    With `documents` (data.reset_attention, Megatron-LM's --reset-attention-mask and
+    --reset-position-ids) also 'weights' (all 1: every target is trained on), 'segments' (from
+    1, one more after each end-of-text input) and 'positions' (from 0 in each segment): a
+    document's end-of-text token is the last input of its segment, and a target of it."""
+
+    def __init__(self, dataset: Dataset, split: str, *, seq_len: int, documents: bool = False):
         self.source = dataset.source(split)
         self.seq_len = seq_len
         self.offsets = np.concatenate([[0], np.cumsum(dataset.index(split)["row_tokens"])])
         self.num_tokens = int(self.offsets[-1])
         self.name = f"{dataset.path.name}/{split}"
+        self.eot = None
+        if documents:
+            self.eot = dataset.tokenizer().eot_id
+            if self.eot is None:
+                raise ConfigError(
+                    f"data.reset_attention: {self.name}'s tokenizer has no end-of-text token "
+                    "to find its documents by (the char tokenizer): set it false"
+                )
         if self.num_tokens < seq_len + 1:
             raise ConfigError(
                 f"{self.name} has {self.num_tokens} tokens, too few for windows of "
@@ -101,7 +125,117 @@ class GPTWindows:
         if not 0 <= i < len(self):
             raise IndexError(i)
         w = self.window(i)
-        return {"inputs": w[:-1], "targets": w[1:]}
+        sample = {"inputs": w[:-1], "targets": w[1:]}
+        if self.eot is not None:
+            # a new segment begins after each end-of-text input
+            begins = np.r_[True, sample["inputs"][:-1] == self.eot]
+            segments = np.cumsum(begins, dtype=np.int32)
+            index = np.arange(self.seq_len, dtype=np.int32)
+            positions = index - np.maximum.accumulate(np.where(begins, index, 0))
+            ones = np.ones(self.seq_len, np.int32)
+            sample |= {"weights": ones, "segments": segments, "positions": positions}
+        return sample
+
+
+class ChatRows:
+    """Conversations as GPT samples of seq_len positions: {'inputs', 'targets', 'weights',
+    'segments', 'positions'}, (seq_len,) int32 each.
+
+    A conversation of n tokens gives n - 1 (input, target) pairs, one segment (numbered from 1
+    in its row) with positions 0 .. n - 2, weighted by its loss mask of tokens 1 .. n - 1; the
+    rest of a row is padding (all 0). `pack`: conversations fill rows in their stored order,
+    greedily (a new row when the next does not fit); else one a row. One longer than seq_len + 1
+    tokens is cut to its first seq_len + 1 (or, `truncate` false, refused), and left out if
+    that leaves it nothing to train on. The plan (which conversations each row holds) is
+    computed once from the index, without reading a token; sample i reads only its own."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: str,
+        *,
+        seq_len: int,
+        pack: bool = True,
+        truncate: bool = True,
+        log=print,
+    ):
+        if not dataset.is_chat:
+            raise ConfigError(
+                f"{dataset.path} holds text, not conversations: data.format=chat reads a JSON "
+                "Lines file of conversations (or a dataset prepared from one with --format chat)"
+            )
+        self.source = dataset.source(split)
+        self.seq_len, self.pack, self.name = seq_len, pack, f"{dataset.path.name}/{split}"
+        index = dataset.index(split)
+        lengths, first = index["row_tokens"], index["first"]
+        longest = seq_len + 1
+        long = np.flatnonzero(lengths > longest)
+        if len(long) and not truncate:
+            c = int(long[0])
+            where = self._where(dataset, index, c)
+            raise ConfigError(
+                f"{len(long)} conversation(s) of {self.name} are longer than model.seq_len + 1 = "
+                f"{longest} tokens, the first {where} with {int(lengths[c])}: shorten them, raise "
+                "model.seq_len, or set data.truncate=true to cut them"
+            )
+        kept = np.flatnonzero(first <= seq_len)  # a target left to train on after the cut
+        if len(long):
+            dropped = len(lengths) - len(kept)
+            lost = f"; {dropped:,} of them keep no assistant token and are left out"
+            lost = lost if dropped else ""
+            log(
+                f"data: {len(long):,} of {len(lengths):,} conversations of {self.name} are "
+                f"longer than model.seq_len + 1 = {longest} tokens and are cut to it{lost}"
+            )
+        if not len(kept):
+            raise ConfigError(f"{self.name} has no conversation to train on")
+        self.conversations = kept  # (kept,) stored row of each, in order
+        self.lengths = np.minimum(lengths[kept], longest)  # tokens of each, after the cut
+        self.num_tokens = int(self.lengths.sum())
+        self.rows = self._plan(self.lengths - 1, seq_len) if pack else np.arange(len(kept) + 1)
+
+    @staticmethod
+    def _where(dataset: Dataset, index: dict, c: int) -> str:
+        inputs = dataset.manifest.get("inputs", [])
+        if "line" in index and int(index["file"][c]) < len(inputs):
+            return f"(line {int(index['line'][c])} of {inputs[int(index['file'][c])]})"
+        return f"(conversation {c})"
+
+    @staticmethod
+    def _plan(pairs: np.ndarray, seq_len: int) -> np.ndarray:
+        """(rows + 1,) the first conversation of each row, and their number at the end: each
+        row takes conversations in order while their pairs fit in seq_len."""
+        starts, used = [0], 0
+        for c, n in enumerate(pairs.tolist()):
+            if used + n > seq_len:
+                starts.append(c)
+                used = 0
+            used += n
+        starts.append(len(pairs))
+        return np.asarray(starts, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows) - 1
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        out = {k: np.zeros(self.seq_len, np.int32) for k in FIELDS}
+        at = 0
+        for k, c in enumerate(range(int(self.rows[i]), int(self.rows[i + 1]))):
+            n = int(self.lengths[c])
+            row = self.source[int(self.conversations[c])]
+            ids, mask = row["tokens"][:n], row["mask"][:n]
+            span = slice(at, at + n - 1)
+            out["inputs"][span], out["targets"][span] = ids[:-1], ids[1:]
+            out["weights"][span] = mask[1:]
+            out["segments"][span] = k + 1
+            out["positions"][span] = np.arange(n - 1)
+            at += n - 1
+        return out
+
+
+FIELDS = ("inputs", "targets", "weights", "segments", "positions")  # of a sample with documents
 
 
 class BertPairs:

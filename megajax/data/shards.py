@@ -2,9 +2,11 @@
 
 A split's rows are the records of `rows/{split}-{n:05d}.array_record`, in order; a record is one
 row's token ids as raw little-endian integers of the manifest's `dtype` (uint16 when the
-vocabulary fits, as Megatron-LM's indexed datasets store them). A new shard starts once one
-holds `shard_bytes`. The row lengths, and BERT's sentence lengths, go to `index/{split}.npz`,
-which the samples read whole (8 bytes a row, 4 a sentence): nothing else is kept in memory.
+vocabulary fits, as Megatron-LM's indexed datasets store them), followed, in a dataset of
+conversations (`masked`), by as many loss-mask bytes (1: the token is trained on). A new shard
+starts once one holds `shard_bytes`. The row lengths, BERT's sentence lengths and any further
+per-row integers (a conversation's source line) go to `index/{split}.npz`, which the samples
+read whole (8 bytes a row and column, 4 a sentence): nothing else is kept in memory.
 """
 
 from __future__ import annotations
@@ -32,23 +34,45 @@ def dtype_for(vocab_size: int) -> str:
 class Writer:
     """Appends rows of one split to its shards and index."""
 
-    def __init__(self, directory: Path, split: str, *, dtype: str, shard_bytes: int = SHARD_BYTES):
-        self.directory, self.split = Path(directory), split
+    def __init__(
+        self,
+        directory: Path,
+        split: str,
+        *,
+        dtype: str,
+        shard_bytes: int = SHARD_BYTES,
+        masked: bool = False,
+    ):
+        self.directory, self.split, self.masked = Path(directory), split, masked
         self.dtype, self.shard_bytes = np.dtype(dtype).newbyteorder("<"), shard_bytes
         (self.directory / "rows").mkdir(parents=True, exist_ok=True)
         self.files: list[str] = []
         self._writer, self._bytes = None, 0
         self.row_tokens = array.array("q")  # the index in memory: 8 bytes a row (16 for BERT)
         self.row_sentences = array.array("q")
+        self.columns: dict[str, array.array] = {}  # further per-row integers, by name
         # BERT's sentence lengths (4 bytes a sentence, the bulk of the index) go to a file
         (self.directory / "index").mkdir(exist_ok=True)
         self._sentences_path = self.directory / "index" / f".{split}.sentence_lengths"
         self._sentences = None
 
-    def write(self, tokens: np.ndarray, sentence_lengths: np.ndarray | None = None) -> None:
+    def write(
+        self,
+        tokens: np.ndarray,
+        sentence_lengths: np.ndarray | None = None,
+        *,
+        mask: np.ndarray | None = None,
+        **columns: int,
+    ) -> None:
+        """One row; `mask` (masked writers): a byte per token; `columns`: integers of the row
+        kept in the index under their names."""
         if self._writer is None or self._bytes >= self.shard_bytes:
             self._next_shard()
         data = np.asarray(tokens).astype(self.dtype, copy=False).tobytes()
+        if self.masked:
+            if mask is None or len(mask) != len(tokens):
+                raise ValueError("a masked row needs one mask byte per token")
+            data += np.asarray(mask, np.uint8).tobytes()
         self._writer.write(data)
         self._bytes += len(data)
         self.row_tokens.append(len(tokens))
@@ -57,6 +81,8 @@ class Writer:
                 self._sentences = open(self._sentences_path, "wb")  # noqa: SIM115 (closed in close)
             self._sentences.write(np.asarray(sentence_lengths, "<i4").tobytes())
             self.row_sentences.append(len(sentence_lengths))
+        for name, value in columns.items():
+            self.columns.setdefault(name, array.array("q")).append(value)
 
     def _next_shard(self) -> None:
         if self._writer is not None:
@@ -79,6 +105,8 @@ class Writer:
                     _write_npy(npz, "sentence_lengths", f, dtype="<i4")
                 self._sentences_path.unlink()
                 _write_npy(npz, "row_sentences", np.frombuffer(self.row_sentences, np.int64))
+            for name, values in self.columns.items():
+                _write_npy(npz, name, np.frombuffer(values, np.int64))
         return {"rows": len(row_tokens), "tokens": int(row_tokens.sum())}
 
 
@@ -101,12 +129,16 @@ def _write_npy(npz: zipfile.ZipFile, name: str, data, *, dtype=None) -> None:
 
 class Rows:
     """Random access to a split written by Writer: rows[i] = {'tokens': (n,) int32} and, for
-    BERT, 'sentence_lengths': the row's sentences' lengths in tokens."""
+    BERT, 'sentence_lengths': the row's sentences' lengths in tokens; if `masked`, 'mask':
+    (n,) uint8."""
 
-    def __init__(self, directory: Path, split: str, *, files: list[str], dtype: str):
+    def __init__(
+        self, directory: Path, split: str, *, files: list[str], dtype: str, masked: bool = False
+    ):
         directory = Path(directory)
         self._source = ArrayRecordDataSource([str(directory / "rows" / f) for f in files])
         self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.masked = masked
         with np.load(directory / "index" / f"{split}.npz") as index:
             self._sentences = None
             if "row_sentences" in index:
@@ -120,7 +152,13 @@ class Rows:
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        row = {"tokens": np.frombuffer(self._source[i], self.dtype).astype(np.int32)}
+        data = self._source[i]
+        if self.masked:  # n ids of dtype, then n mask bytes
+            n = len(data) // (self.dtype.itemsize + 1)
+            ids = np.frombuffer(data, self.dtype, count=n).astype(np.int32)
+            mask = np.frombuffer(data, np.uint8, offset=n * self.dtype.itemsize)
+            return {"tokens": ids, "mask": mask}
+        row = {"tokens": np.frombuffer(data, self.dtype).astype(np.int32)}
         if self._sentences is not None:
             lengths, starts = self._sentences
             row["sentence_lengths"] = lengths[starts[i] : starts[i + 1]]

@@ -63,6 +63,12 @@ class GPT2Tokenizer:
                 raise ConfigError(f"{vocab_dir}: merges.txt line {i} does not match vocab.json")
         self.eot_id = vocab[EOT]
         self.vocab_size = len(vocab)
+        # What transformers' GPT2Tokenizer names them, which chat templates may use.
+        self.special_tokens = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+        self._token_bytes = np.zeros(self.vocab_size, np.int64)  # each token's length in bytes
+        for token, i in ranks.items():
+            self._token_bytes[i] = len(token)
+        self._token_bytes[self.eot_id] = len(EOT.encode())
         self._pool = None
         self._enc = tiktoken.Encoding(
             "gpt2-local",
@@ -84,12 +90,18 @@ class GPT2Tokenizer:
     def decode(self, ids) -> str:
         return self._enc.decode(list(ids))
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
         """The ids of a text whose <|endoftext|> are the token itself (a rendered chat), and
-        each token's (start, end) characters."""
+        each token's (start, end) characters, (tokens, 2): those its bytes belong to, as Hugging
+        Face tokenizers give them (tokens that split one character's bytes each span it)."""
         ids = self._enc.encode(text, allowed_special={EOT})
-        _, starts = self._enc.decode_with_offsets(ids)
-        return ids, list(zip(starts, [*starts[1:], len(text)], strict=True))
+        if not ids:
+            return [], np.zeros((0, 2), np.int64)
+        ends = np.cumsum(self._token_bytes[ids])  # in bytes of the UTF-8 text
+        starts = ends - self._token_bytes[ids]
+        utf8 = np.frombuffer(text.encode("utf-8"), np.uint8)
+        char = np.cumsum((utf8 & 0xC0) != 0x80) - 1  # the character each byte belongs to
+        return ids, np.stack([char[starts], char[ends - 1] + 1], axis=1)
 
     def token_text(self, i: int) -> str:
         return self._enc.decode([i])

@@ -1,7 +1,8 @@
 """Evaluation windows fed to the mesh in batches, sharded over `data` like training batches.
 
 A window is a dict of (seq_len,) arrays: 'inputs', 'targets' and 'weights' (1 where a target is
-scored, 0 elsewhere; all ones when absent). A per-row function of a (batch, seq_len) batch gives
+scored, 0 elsewhere; all ones when absent), and for packed documents 'segments' and
+'positions' (models.gpt.batch_fields). A per-row function of a (batch, seq_len) batch gives
 one value per window (or a tuple of them); the sum over all windows comes back as a replicated
 scalar (or a tuple), so nothing larger than a scalar crosses to the host and every process of a
 multi-host job reads it.
@@ -20,9 +21,11 @@ from jax.sharding import PartitionSpec as P
 from megajax import parallel
 from megajax.sharded_model import ShardedModel
 
-# (params, inputs, targets, weights) -> (batch,) values, or a tuple of them; traced under
-# sharded.context()
-RowFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array | tuple[jax.Array, ...]]
+# (params, {field: (batch, seq_len)}) -> (batch,) values, or a tuple of them; traced under
+# sharded.context(). The fields are the windows': inputs and targets, weights (float32),
+# segments and positions where the windows have them.
+RowFn = Callable[[object, dict], jax.Array | tuple[jax.Array, ...]]
+FIELDS = ("inputs", "targets", "weights", "segments", "positions")
 
 
 def padded_batches(
@@ -62,7 +65,7 @@ def total(
     batch, n = sharded.cfg.train.batch_size, len(windows)
 
     summed = jax.jit(
-        lambda p, x, y, w, keep: jax.tree.map(lambda v: _kept_sum(v, keep), row_fn(p, x, y, w))
+        lambda p, fields, keep: jax.tree.map(lambda v: _kept_sum(v, keep), row_fn(p, fields))
     )
     keep_sharding = NamedSharding(sharded.mesh, P(parallel.DATA))
     row_sharding = sharded.eval_sharding["inputs"]  # (batch, length) split over `data`
@@ -72,18 +75,19 @@ def total(
     with sharded.context():
         for start, rows in padded_batches(sharded, windows, log=log, label=label):
             keep = np.arange(start, start + batch) < n
-            weights = rows.get("weights", np.ones_like(rows["inputs"], np.float32))
-            local = (rows["inputs"], rows["targets"], weights)
-            dtypes = (np.int32, np.int32, np.float32)
+            rows.setdefault("weights", np.ones_like(rows["inputs"], np.float32))
             shape = (batch, rows["inputs"].shape[1])
-            x, y, w = (
-                jax.make_array_from_process_local_data(row_sharding, a.astype(t), shape)
-                for a, t in zip(local, dtypes, strict=True)
-            )
+            fields = {
+                k: jax.make_array_from_process_local_data(
+                    row_sharding, rows[k].astype(np.float32 if k == "weights" else np.int32), shape
+                )
+                for k in FIELDS
+                if k in rows
+            }
             k = jax.make_array_from_process_local_data(
                 keep_sharding, keep[sharded.eval_rows], (batch,)
             )
-            result, pending = _add(result, pending), summed(params, x, y, w, k)
+            result, pending = _add(result, pending), summed(params, fields, k)
     return _add(result, pending)
 
 

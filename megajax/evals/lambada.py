@@ -110,12 +110,13 @@ class Windows(Sequence):
 def correct(sharded: ShardedModel, params, examples: Sequence[Example], *, log=None) -> int:
     """How many examples have every target token predicted right (greedy, teacher-forced)."""
 
-    def all_right(params, inputs, targets, weights):
+    def all_right(params, f):
         model = sharded.model(params)
         predicted = loss.argmax(
-            model(inputs), model.lm_head, vocab_size=sharded.cfg.model.vocab_size
+            model(f["inputs"]), model.lm_head, vocab_size=sharded.cfg.model.vocab_size
         )
-        return jnp.all((predicted == targets) | (weights == 0), axis=-1).astype(jnp.float32)
+        right = (predicted == f["targets"]) | (f["weights"] == 0)
+        return jnp.all(right, axis=-1).astype(jnp.float32)
 
     windows = Windows(examples, seq_len=sharded.cfg.model.seq_len)
     return round(batched.total(sharded, params, all_right, windows, log=log, label="lambada"))

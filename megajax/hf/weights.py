@@ -279,9 +279,14 @@ def with_hf_model(
         cfg, fields, overrides=overrides, source="the Hugging Face checkpoint"
     )
     llama = weights.config.get("model_type") == "llama"
-    if llama and cfg.data.tokenizer == "gpt2" and (weights.directory / "tokenizer.json").is_file():
+    directory, default = weights.directory, config.DataConfig().vocab_dir
+    if llama and cfg.data.tokenizer == "gpt2" and (directory / "tokenizer.json").is_file():
         # A Llama checkpoint's own tokenizer in place of the default GPT-2 BPE.
-        cfg = config.replace(cfg, data=dict(tokenizer="hf", vocab_dir=str(weights.directory)))
+        cfg = config.replace(cfg, data=dict(tokenizer="hf", vocab_dir=str(directory)))
+    elif cfg.data.tokenizer == "gpt2" and cfg.data.vocab_dir == default:
+        # A GPT-2 checkpoint's own vocab.json and merges.txt (and its chat template, if any).
+        if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+            cfg = config.replace(cfg, data=dict(vocab_dir=str(directory)))
     return cfg
 
 

@@ -12,7 +12,16 @@ from flax import nnx
 
 from megajax import loss
 from megajax.config import ModelConfig
-from megajax.layers import Dense, LayerNorm, VocabEmbedding, _normal, _zeros, dropout, gelu
+from megajax.layers import (
+    Attend,
+    Dense,
+    LayerNorm,
+    VocabEmbedding,
+    _normal,
+    _zeros,
+    dropout,
+    gelu,
+)
 from megajax.models.stack import run_stack, stacked_blocks
 from megajax.parallel import constrain
 
@@ -70,7 +79,12 @@ class BERT(nnx.Module):
         x = dropout(x, cfg.dropout, embed_key)
         padding = padding_mask.astype(bool)  # (batch, key), real tokens first
         x = run_stack(
-            self.h, x, padding=padding, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers
+            self.h,
+            x,
+            attend=Attend(padding=padding),
+            key=layers_key,
+            remat=cfg.remat,
+            num_layers=cfg.num_layers,
         )
         return x if self.ln_f is None else self.ln_f(x)
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 from megajax import loss, parallel
 from megajax.config import ModelConfig
-from megajax.layers import VocabEmbedding, _normal, dropout, norm, padded_normal
+from megajax.layers import Attend, VocabEmbedding, _normal, dropout, norm, padded_normal
 from megajax.models.stack import extend_stack, run_stack, stacked_blocks
 from megajax.parallel import constrain
 
@@ -34,17 +34,21 @@ class GPT(nnx.Module):
             )
             self.head = nnx.Param(head_init(rngs.params(), (padded_vocab, cfg.hidden)))
 
-    def __call__(self, ids: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        """Final hidden states (batch, length, hidden); `key` turns dropout on."""
+    def __call__(self, ids: jax.Array, *, key=None, segments=None, positions=None) -> jax.Array:
+        """Final hidden states (batch, length, hidden); `key` turns dropout on. Packed
+        documents: `segments` (batch, length), each position's document (from 1; 0 padding),
+        which attention keeps apart, and `positions`, each token's within its document."""
         cfg, (_, s) = self.cfg, ids.shape
         dtype = jnp.dtype(cfg.compute_dtype)
         embed_key, layers_key = (None, None) if key is None else jax.random.split(key)
         x = self.wte(ids, dtype)
         if cfg.positions == "learned":
-            x = x + self.wpe[:s].astype(dtype)
+            table = self.wpe[:s] if positions is None else jnp.take(self.wpe[...], positions, 0)
+            x = x + table.astype(dtype)
         x = dropout(constrain(x, "batch", "residual_length", "embed"), cfg.dropout, embed_key)
+        attend = Attend(segments=segments, positions=positions)
         x = run_stack(
-            self.h, x, padding=None, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers
+            self.h, x, attend=attend, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers
         )
         return self.ln_f(x)
 
@@ -78,9 +82,9 @@ class GPT(nnx.Module):
         rows."""
         return self.wte.embedding[...] if self.cfg.tie_embeddings else self.head[...]
 
-    def token_losses(self, inputs, targets, *, key=None) -> jax.Array:
+    def token_losses(self, inputs, targets, *, key=None, segments=None, positions=None):
         """Next-token cross-entropy per position, (batch, length)."""
-        hidden = self(inputs, key=key)
+        hidden = self(inputs, key=key, segments=segments, positions=positions)
         return loss.cross_entropy(hidden, self.lm_head, targets, vocab_size=self.cfg.vocab_size)
 
 
@@ -96,5 +100,16 @@ def batch_fields(cfg: ModelConfig, *, documents: bool = False) -> dict[str, tupl
 
 
 def objective(model: GPT, batch: dict, key) -> tuple[jax.Array, dict]:
-    """Mean next-token cross-entropy, and no further metrics."""
-    return model.token_losses(batch["inputs"], batch["targets"], key=key).mean(), {}
+    """Mean next-token cross-entropy, and no further metrics: over every position, or with
+    documents (batch_fields) over the targets whose weight is 1."""
+    losses = model.token_losses(
+        batch["inputs"],
+        batch["targets"],
+        key=key,
+        segments=batch.get("segments"),
+        positions=batch.get("positions"),
+    )
+    if "weights" not in batch:
+        return losses.mean(), {}
+    weights = batch["weights"].astype(jnp.float32)
+    return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0), {}

@@ -20,12 +20,12 @@ from megajax import parallel
 from megajax.pipeline_arithmetic import MICRO, stage_chunks
 
 
-def scan_layers(graphdef, state, x, *, padding, keys, remat: str):
+def scan_layers(graphdef, state, x, *, attend, keys, remat: str):
     """Apply stacked layers (state leaves lead with the layer axis) in order, in one scan."""
 
     def layer(x, inputs):
         layer_state, layer_key = inputs
-        return nnx.merge(graphdef, layer_state)(x, padding=padding, key=layer_key), None
+        return nnx.merge(graphdef, layer_state)(x, attend=attend, key=layer_key), None
 
     if remat == "full":
         layer = jax.checkpoint(layer, prevent_cse=False)
@@ -33,16 +33,16 @@ def scan_layers(graphdef, state, x, *, padding, keys, remat: str):
     return x
 
 
-def run_in_pipeline(blocks, x, *, padding, key, remat: str, num_layers: int, schedule):
+def run_in_pipeline(blocks, x, *, attend, key, remat: str, num_layers: int, schedule):
     """One micro-batch's view of the pipeline, called under `jax.vmap(axis_name=MICRO)`: the
-    micro-batches' inputs, padding masks and per-layer dropout keys (the ones the plain scan
-    would use) are gathered along the vmap axis, which costs no communication, and each
-    micro-batch takes its own output back."""
-    gather = lambda a: None if a is None else jax.lax.all_gather(a, MICRO)  # noqa: E731
+    micro-batches' inputs, attention masks (layers.Attend) and per-layer dropout keys (the ones
+    the plain scan would use) are gathered along the vmap axis, which costs no communication,
+    and each micro-batch takes its own output back."""
+    gather = lambda a: jax.tree.map(lambda x: jax.lax.all_gather(x, MICRO), a)  # noqa: E731
     keys = None if key is None else jax.random.split(key, num_layers)
     graphdef, state = nnx.split(blocks)
     out = pipeline_stack(
-        graphdef, state, gather(x), padding=gather(padding), keys=gather(keys), remat=remat,
+        graphdef, state, gather(x), attend=gather(attend), keys=gather(keys), remat=remat,
         stages=schedule.stages, repeats=schedule.repeats,
     )  # fmt: skip
     return out[jax.lax.axis_index(MICRO)]
@@ -73,11 +73,12 @@ def _select(pred, a, b):
     return jnp.where(pred.reshape(-1, *(1,) * (a.ndim - 1)), a, b)
 
 
-def pipeline_stack(graphdef, state, xs, *, padding, keys, remat, stages, repeats, fill=0.0):
+def pipeline_stack(graphdef, state, xs, *, attend, keys, remat, stages, repeats, fill=0.0):
     """The layers applied to m micro-batches xs (m, batch, length, hidden) as the schedule
-    (stages P, repeats v) runs them. padding: (m, batch, length) or None; keys: (m, layers) or
-    None. The stage buffers start as `fill` (0; a test sets NaN): a stage's input on a bubble
-    tick is replaced by zeros, so bubbles give finite values and zero gradients.
+    (stages P, repeats v) runs them. attend: layers.Attend of (m, batch, length) arrays (or
+    None); keys: (m, layers) or None. The stage buffers start as `fill` (0; a test sets NaN):
+    a stage's input on a bubble tick is replaced by zeros, so bubbles give finite values and
+    zero gradients.
     Returns (m, batch, length, hidden)."""
     m, num_layers = xs.shape[0], jax.tree.leaves(state)[0].shape[0]
     per_chunk = num_layers // (stages * repeats)
@@ -98,9 +99,9 @@ def pipeline_stack(graphdef, state, xs, *, padding, keys, remat, stages, repeats
         # A static index when each stage holds one chunk: the weights are then the same on
         # every tick and autodiff keeps no copy of them per tick.
         layers = jax.tree.map(lambda w: w[0] if repeats == 1 else w[repeat], chunk_state)
-        pad = None if padding is None else padding[micro]
+        mine = jax.tree.map(lambda a: a[micro], attend)
         layer_keys = None if keys is None else keys[micro][ids[repeat]]
-        return scan_layers(graphdef, layers, x, padding=pad, keys=layer_keys, remat=remat)
+        return scan_layers(graphdef, layers, x, attend=mine, keys=layer_keys, remat=remat)
 
     run = jax.vmap(stage, spmd_axis_name=parallel.spec("stage")[0])
 

@@ -7,7 +7,7 @@ from flax import nnx
 
 from megajax import pipeline_arithmetic
 from megajax.config import ModelConfig
-from megajax.layers import Block
+from megajax.layers import Attend, Block
 from megajax.models.pipeline_schedule import run_in_pipeline, scan_layers
 
 
@@ -22,7 +22,7 @@ def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     return make(rngs)
 
 
-def run_stack(blocks: Block, x, *, padding, key, remat: str, num_layers: int):
+def run_stack(blocks: Block, x, *, attend: Attend, key, remat: str, num_layers: int):
     """Apply stacked blocks in order with one `lax.scan`: compile time does not grow with depth.
     remat="full" recomputes each layer from its input in the backward pass ("selective" is the
     attention core's own, see layers.Attention). While the train step traces a pipeline
@@ -30,12 +30,12 @@ def run_stack(blocks: Block, x, *, padding, key, remat: str, num_layers: int):
     schedule = pipeline_arithmetic.current()
     if schedule is not None:
         return run_in_pipeline(
-            blocks, x, padding=padding, key=key, remat=remat, num_layers=num_layers,
+            blocks, x, attend=attend, key=key, remat=remat, num_layers=num_layers,
             schedule=schedule,
         )  # fmt: skip
     graphdef, state = nnx.split(blocks)
     keys = None if key is None else jax.random.split(key, num_layers)
-    return scan_layers(graphdef, state, x, padding=padding, keys=keys, remat=remat)
+    return scan_layers(graphdef, state, x, attend=attend, keys=keys, remat=remat)
 
 
 def extend_stack(blocks: Block, x, cache: dict, *, start, positions, mask):
