@@ -209,7 +209,8 @@ def test_dry_run_counts_frozen_weights_without_gradients_or_moments():
     full = estimates_of(config.replace(cfg, lora=dict(rank=0)))
     lora_est = estimates_of(cfg)
     assert lora_est.optimizer < 0.1 * full.optimizer
-    assert lora_est.weights == full.weights
+    assert lora_est.weights == full.weights + lora_est.update  # the base's, plus the adapters
+    assert lora_est.update < 0.1 * full.update  # an update (and gradients) of the adapters alone
     assert p["params"]["trainable_per_device"] < 0.1 * p["params"]["per_device"]
 
 
@@ -280,12 +281,14 @@ def _logits(model, ids):
 
 
 def _close(ours, theirs):
-    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+    """float32 rounding: x W + s (x A) B against x (W + s A B), adapters of scale 0.3 (a wrong
+    scale or a misplaced column moves logits by more than 0.1)."""
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=5e-5 * np.abs(theirs).max())
 
 
 def test_merged_export_gives_transformers_the_megajax_logits(lora_run, tmp_path):
     kind, hf_dir, workdir, ours, ids = lora_run
-    convert.export_hf(str(workdir), str(tmp_path), device_mesh(1, 8), log=lambda _: None)
+    convert.export_hf(str(workdir), str(tmp_path), device_mesh(4, 2), log=lambda _: None)
     theirs = _logits(_hf_model(kind, tmp_path), ids)
     _close(ours, theirs)
     assert np.abs(theirs - _logits(_hf_model(kind, hf_dir), ids)).max() > 0.1  # it moved
@@ -316,12 +319,11 @@ def test_peft_adapter_on_the_base_gives_the_megajax_logits(lora_run, tmp_path):
     _close(ours, _logits(model, ids))
 
 
+@pytest.mark.parametrize("lora_run", ["llama"], indirect=True)  # one family suffices
 def test_init_from_a_lora_run_starts_from_its_merged_weights(lora_run):
     """--init_from: full fine-tuning starts from what the LoRA run computes; a new LoRA run
     from the same weights with fresh adapters (B = 0), on another mesh."""
-    kind, _, workdir, ours, ids = lora_run
-    if kind != "llama":
-        pytest.skip("one family suffices")
+    _, _, workdir, ours, ids = lora_run
     cfg = finetune.with_run_model(config.Config(), workdir)
     assert (cfg.model.num_kv_heads, cfg.model.mlp, cfg.lora.rank) == (4, "swiglu", 0)
     full = ShardedModel(cfg, device_mesh(1, 8))

@@ -34,7 +34,15 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 def _adapted_modules(sharded):
     """(megajax path of each adapted Dense inside the blocks, its kernel's Rule)."""
     family = FAMILIES[model_type_of(sharded.cfg.model)]
-    paths = [p for p in lora.targets(sharded.cfg.lora) if ("h", *p, "kernel") in family.table]
+    # The attention projects by one fused qkv, or by q and kv under grouped-query attention.
+    absent = (
+        {("attn", "qkv")} if sharded.cfg.model.grouped_query else {("attn", "q"), ("attn", "kv")}
+    )
+    paths = [
+        p
+        for p in lora.targets(sharded.cfg.lora)
+        if ("h", *p, "kernel") in family.table and p not in absent
+    ]
     return [(p, family.table[("h", *p, "kernel")]) for p in paths]
 
 
