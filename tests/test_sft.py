@@ -64,13 +64,13 @@ def llama_dir(tmp_path_factory):
     return path
 
 
-def _transformers_chat_loss(path) -> tuple[float, int]:
-    """sum over conversations of the cross-entropy of each trained target (the assistant mask
-    of tokens 1..n-1), over how many there are: transformers alone."""
+def _transformers_chat_loss(path, first: int = 0) -> tuple[float, int]:
+    """sum over conversations (from the `first`-th) of the cross-entropy of each trained target
+    (the assistant mask of tokens 1..n-1), over how many there are: transformers alone."""
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     model = LlamaForCausalLM.from_pretrained(path).eval()
     total, count = 0.0, 0
-    for line in (path / "chats.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (path / "chats.jsonl").read_text(encoding="utf-8").splitlines()[first:]:
         messages = json.loads(line)["messages"]
         out = tok.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -92,4 +92,16 @@ def test_chat_loss_of_an_imported_llama_equals_transformers(llama_dir, capsys, t
             "--set", f"data.pack={pack}"]  # fmt: skip
     result = _eval_main(argv, capsys)
     assert result["tokens"] == count and result["conversations"] == 16
+    assert result["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_held_out_chat_loss_scores_the_conversations_a_run_holds_out(llama_dir, capsys, tmp_path):
+    """--held_out: the last data.val_fraction of the conversations, as fine-tuning holds
+    them out."""
+    expected, count = _transformers_chat_loss(llama_dir, first=12)
+    argv = ["--task", "chat", "--held_out", "--data", llama_dir / "chats.jsonl",
+            "--hf_checkpoint", llama_dir, "--mesh", "data=2,model=4", "--workdir", tmp_path,
+            "--set", "data.val_fraction=0.25"]  # fmt: skip
+    result = _eval_main(argv, capsys)
+    assert result["tokens"] == count and result["conversations"] == 4
     assert result["loss"] == pytest.approx(expected, rel=1e-4)
