@@ -13,10 +13,6 @@ same for each, since x A B restricted to some columns is x A times those columns
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -102,19 +98,3 @@ def peft_config(sharded) -> dict:
         "init_lora_weights": True,
         "inference_mode": True,
     }
-
-
-def write_peft(sharded, params, out: str | Path, *, dtype: str = "float32") -> None:
-    """The adapters of `params` as a PEFT adapter directory `out` (process 0 writes)."""
-    from megajax.hf.weights import write_safetensors
-
-    if sharded.cfg.lora.rank == 0:
-        raise ConfigError("--lora_adapter: this run has no LoRA adapters (lora.rank=0); export "
-                          "the model itself without --lora_adapter")  # fmt: skip
-    tensors = peft_tensors(sharded, params)
-    if jax.process_index() != 0:
-        return
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / WEIGHTS, tensors, dtype=dtype)
-    (out / CONFIG).write_text(json.dumps(peft_config(sharded), indent=2))

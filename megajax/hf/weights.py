@@ -358,9 +358,7 @@ def export_hf(
     finally:
         ckpt.close()
     if lora_adapter:
-        from megajax.hf.adapters import write_peft
-
-        write_peft(sharded, params, hf_dir, dtype=dtype)
+        _write_peft(sharded, params, Path(hf_dir), dtype=dtype)
         return
     tensors = hf_tensors(sharded, sharded.merged_params(params))
     if jax.process_index() != 0:
@@ -380,6 +378,21 @@ def export_hf(
     else:
         log(f"no Hugging Face tokenizer files for data.tokenizer={cfg.data.tokenizer} "
             f"(vocab_dir {cfg.data.vocab_dir}): {out} holds the model alone")  # fmt: skip
+
+
+def _write_peft(sharded, params, out: Path, *, dtype: str) -> None:
+    """The adapters of `params` as a PEFT adapter directory `out` (process 0 writes)."""
+    from megajax.hf import adapters
+
+    if sharded.cfg.lora.rank == 0:
+        raise ConfigError("--lora_adapter: this run has no LoRA adapters (lora.rank=0); export "
+                          "the model itself without --lora_adapter")  # fmt: skip
+    tensors = adapters.peft_tensors(sharded, params)  # gathered on every process
+    if jax.process_index() != 0:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / adapters.WEIGHTS, tensors, dtype=dtype)
+    (out / adapters.CONFIG).write_text(json.dumps(adapters.peft_config(sharded), indent=2))
 
 
 # --- the tokenizer beside the weights ------------------------------------------------------
