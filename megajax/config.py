@@ -62,6 +62,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
+MOE_ROUTERS = ("topk_softmax", "softmax_topk")
 FORMATS = ("text", "chat")
 
 
@@ -114,13 +115,35 @@ class ModelConfig:
     num_kv_heads: int = 0  # grouped-query attention's key/value heads; 0: num_heads
     bias: bool = True  # biases in the linear layers and layer norms (Llama has none)
     tie_embeddings: bool = True  # LM head = word embedding; false: its own (vocab, hidden)
+    # Mixture-of-Experts (megajax/moe.py): 0 experts is a dense model. Each token's router
+    # picks moe_top_k of moe_experts SwiGLU experts of width moe_ffn_hidden (0: mlp_hidden);
+    # "topk_softmax" weighs them by a softmax over the k chosen logits (Mixtral's; the same as
+    # a softmax over all experts renormalised over the k), "softmax_topk" by their
+    # probabilities under the softmax over all experts, not renormalised (Switch, Qwen-MoE).
+    # moe_shared_experts always-on experts (DeepSeek, Qwen) form one SwiGLU MLP beside them.
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_hidden: int = 0
+    moe_router: str = "topk_softmax"
+    moe_shared_experts: int = 0
+    # 0: dropless, every token reaches its k experts. Otherwise each expert takes at most
+    # ceil(factor * seq_len * top_k / experts) of a sequence's choices, earlier tokens first
+    # (GShard's capacity per group, the group a sequence, so no mesh changes what is dropped).
+    moe_capacity_factor: float = 0.0
+    # Coefficients of the load-balancing loss (Switch/GShard, over all layers' choices as
+    # transformers computes Mixtral's) and of the router z-loss (ST-MoE), both added to the
+    # objective and logged.
+    moe_aux_loss: float = 0.01
+    moe_z_loss: float = 0.0
 
     RANGES: typing.ClassVar[dict[str, Range]] = dict(
         vocab_size=POSITIVE, make_vocab_size_divisible_by=POSITIVE, seq_len=POSITIVE,
         num_layers=POSITIVE, hidden=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE,
         dropout=FRACTION, init_std=NON_NEGATIVE, layernorm_eps=Range(0, low_open=True),
         type_vocab_size=POSITIVE, num_choices=POSITIVE, rope_theta=Range(0, low_open=True),
-        ffn_hidden=NON_NEGATIVE, num_kv_heads=NON_NEGATIVE,
+        ffn_hidden=NON_NEGATIVE, num_kv_heads=NON_NEGATIVE, moe_experts=NON_NEGATIVE,
+        moe_top_k=POSITIVE, moe_ffn_hidden=NON_NEGATIVE, moe_shared_experts=NON_NEGATIVE,
+        moe_capacity_factor=NON_NEGATIVE, moe_aux_loss=NON_NEGATIVE, moe_z_loss=NON_NEGATIVE,
     )  # fmt: skip
 
     def __post_init__(self):
@@ -135,6 +158,7 @@ class ModelConfig:
             ("norm", NORMS),
             ("positions", POSITIONS),
             ("mlp", MLPS),
+            ("moe_router", MOE_ROUTERS),
         ):
             if getattr(self, name) not in allowed:
                 was_bool = name == "remat" and str(self.remat).lower() in ("true", "false")
@@ -154,6 +178,13 @@ class ModelConfig:
                 "model.norm, positions, mlp, num_kv_heads, bias and tie_embeddings are decoder "
                 f"(arch=gpt) options; model.arch={self.arch} keeps their defaults"
             )
+        if self.moe_experts and self.moe_top_k > self.moe_experts:
+            raise ConfigError(
+                f"model.moe_top_k={self.moe_top_k} is more than model.moe_experts="
+                f"{self.moe_experts}: each token picks top_k distinct experts"
+            )
+        if self.moe_experts and self.is_bert:
+            raise ConfigError("model.moe_experts is a decoder (arch=gpt) option")
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"positions=rope needs an even head_dim, not {self.head_dim}")
 
@@ -172,6 +203,15 @@ class ModelConfig:
     @property
     def mlp_hidden(self) -> int:
         return self.ffn_hidden or self.mlp_ratio * self.hidden
+
+    @property
+    def moe(self) -> bool:
+        return self.moe_experts > 0
+
+    @property
+    def expert_hidden(self) -> int:
+        """One expert's inner width."""
+        return self.moe_ffn_hidden or self.mlp_hidden
 
     @property
     def grouped_query(self) -> bool:

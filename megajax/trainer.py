@@ -70,9 +70,10 @@ class Trainer(ShardedModel):
         self.state_sharding = jax.tree.map(self._named, specs, is_leaf=_is_spec)
         self.param_sharding = self.state_sharding["params"]
         self.train_sharding = self.split(self.param_sharding)[0]
-        # Train batches lead with the micro-batch axis, split over `data` by rows.
+        # Train batches lead with the micro-batch axis, split over `data` and `expert` by rows.
         self.batch_sharding = {
-            k: self._named(P(None, parallel.DATA, *[None] * len(s))) for k, s in self.fields.items()
+            k: self._named(P(None, parallel.BATCH, *[None] * len(s)))
+            for k, s in self.fields.items()
         }
         # Rows of the global (batch, length) batch that this process feeds to its devices; the
         # global row of micro-batch m, row j is m * micro_size + j.
