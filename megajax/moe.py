@@ -49,11 +49,12 @@ class MoE(nnx.Module):
         self.w1 = nnx.Param(w1_init(rngs.params(), (e, h, 2 * f)))
         w2_init = _normal(out_std, "experts", "expert_mlp", "embed")
         self.w2 = nnx.Param(w2_init(rngs.params(), (e, f, h)))
-        self.shared = None
+        shared = None
         if cfg.moe_shared_experts:  # always-on experts: one SwiGLU MLP of their summed width
             width = cfg.moe_shared_experts * f
             shared_cfg = dataclasses.replace(cfg, mlp="swiglu", ffn_hidden=width)
-            self.shared = MLP(shared_cfg, out_std=out_std, rngs=rngs)
+            shared = MLP(shared_cfg, out_std=out_std, rngs=rngs)
+        self.shared = nnx.data(shared)
         self.num_experts, self.top_k = e, cfg.moe_top_k
         self.router_kind, self.capacity_factor = cfg.moe_router, cfg.moe_capacity_factor
 

@@ -1,0 +1,230 @@
+"""Mixture-of-Experts: the layer equals a NumPy reference of the same math; expert parallelism
+changes where the experts run, not the numbers; the compiled step exchanges tokens by the
+all-to-alls the plan predicts and gathers nothing; bad layouts are refused with the fix.
+
+The layer is compared on a fixed batch (outputs, router statistics and, with a capacity
+factor, the dropped choices) in float64 NumPy. The meshes train the same model for STEPS steps
+with dropout on and read the first step's gradients from Adam's first moment, as
+tests/test_parallel_equivalence.py does.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import llama_config, real_batch
+from flax import nnx
+
+from megajax import config, hlo, mesh, moe, parallel
+from megajax.config import ConfigError
+from megajax.trainer import Trainer
+
+STEPS = 5
+# A Mixtral in miniature: 4 SwiGLU experts of width 32, top-2, a shared expert, GQA and RoPE.
+MOE = dict(moe_experts=4, moe_top_k=2, moe_ffn_hidden=32, moe_shared_experts=1, dropout=0.1)
+
+
+def moe_config(**model):
+    return llama_config(**{**MOE, **model})
+
+
+def _on(text: str):
+    n = math.prod(mesh.parse(text).values())
+    return mesh.make(text, devices=jax.devices()[:n])
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+def _silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def reference(x, p, *, k, router, capacity_factor):
+    """The MoE block in float64 NumPy, token by token: (output, statistics)."""
+    b, s, h = x.shape
+    e = p["router"].shape[1]
+    tokens = x.reshape(-1, h).astype(np.float64)
+    logits = tokens @ p["router"]
+    probs = _softmax(logits)
+    choice = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    top = np.take_along_axis(logits, choice, -1)
+    weight = _softmax(top) if router == "topk_softmax" else np.take_along_axis(probs, choice, -1)
+    keep = np.ones(choice.shape, bool)
+    if capacity_factor:
+        capacity = math.ceil(capacity_factor * s * k / e)
+        for row in range(b):
+            taken = np.zeros(e, int)
+            for j in range(k):  # first choices first, then by position
+                for t in range(row * s, (row + 1) * s):
+                    keep[t, j] = taken[choice[t, j]] < capacity
+                    taken[choice[t, j]] += 1
+    out = np.zeros_like(tokens)
+    for t in range(len(tokens)):
+        for j in range(k):
+            if keep[t, j]:
+                gate_up = tokens[t] @ p["w1"][choice[t, j]]
+                inner = _silu(gate_up[0::2]) * gate_up[1::2]
+                out[t] += weight[t, j] * (inner @ p["w2"][choice[t, j]])
+    if "shared" in p:
+        gate_up = tokens @ p["shared"]["fc1"]["kernel"]
+        out += (_silu(gate_up[:, 0::2]) * gate_up[:, 1::2]) @ p["shared"]["fc2"]["kernel"]
+    stats = {
+        "counts": np.eye(e)[choice].sum((0, 1)),
+        "probs": probs.sum(0),
+        "z": np.sum(np.log(np.exp(logits).sum(-1)) ** 2),
+        "tokens": len(tokens),
+        "dropped": (~keep).sum(),
+    }
+    return out.reshape(b, s, h), stats
+
+
+LAYER_CASES = {
+    "mixtral": dict(),
+    "softmax-topk": dict(moe_router="softmax_topk", moe_shared_experts=0),
+    "capacity": dict(moe_capacity_factor=1.0),
+    "capacity-top1": dict(moe_capacity_factor=1.5, moe_top_k=1, moe_shared_experts=0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_layer_equals_numpy_reference(case):
+    cfg = moe_config(**LAYER_CASES[case]).model
+    one = _on("data=1")
+    with jax.set_mesh(one), nnx.logical_axis_rules(parallel.RULES):
+        block = moe.MoE(cfg, out_std=0.02, rngs=nnx.Rngs(3))
+        graphdef, state = nnx.split(block)
+        x = jax.random.normal(jax.random.key(1), (2, 16, cfg.hidden))
+        # Router weights large enough that the experts' loads differ (and a capacity drops).
+        state["router"][...] = state["router"][...] * 50
+        y, stats = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(state))
+    want, want_stats = reference(
+        np.asarray(x),
+        params,
+        k=cfg.moe_top_k,
+        router=cfg.moe_router,
+        capacity_factor=cfg.moe_capacity_factor,
+    )
+    np.testing.assert_allclose(y, want, rtol=2e-4, atol=2e-5)
+    for name, value in want_stats.items():
+        np.testing.assert_allclose(stats[name], value, rtol=1e-4, atol=1e-4, err_msg=name)
+    if cfg.moe_capacity_factor:
+        assert want_stats["dropped"] > 0  # the capacity is a claim here, not a no-op
+
+
+def test_router_losses_from_statistics():
+    """aux = experts * sum_e (choices of e / tokens) (mean probability of e); z = mean lse^2."""
+    stats = {
+        "counts": jnp.array([3.0, 1.0, 2.0, 2.0]),
+        "probs": jnp.array([1.5, 0.5, 1.0, 1.0]),
+        "z": jnp.float32(8.0),
+        "tokens": jnp.float32(4.0),
+        "dropped": jnp.float32(1.0),
+    }
+    out = moe.router_losses(stats, 4)
+    want = 4 * sum(c / 4 * p / 4 for c, p in ((3, 1.5), (1, 0.5), (2, 1.0), (2, 1.0)))
+    np.testing.assert_allclose(out["moe_aux_loss"], want, rtol=1e-6)
+    np.testing.assert_allclose(out["moe_z_loss"], 2.0)
+    assert float(out["moe_dropped"]) == 1.0
+
+
+# ----------------------------------------------------------------------------- the meshes
+
+MESHES = ["data=2,expert=2,model=2", "expert=4,model=2"]
+
+
+def _run(cfg, text, batches):
+    trainer = Trainer(cfg, _on(text))
+    state = trainer.init_state()
+    step, _ = trainer.compile_train_step()
+    metrics, grads = [], None
+    for batch in batches:
+        state, m = step(state, trainer.put_batch(batch))
+        metrics.append({k: float(v) for k, v in m.items() if k != "learning_rate"})
+        if grads is None:
+            mu = jax.device_get(optax.tree.get(state["opt_state"], "mu"))
+            grads = jax.tree.map(lambda g: g / (1 - cfg.optim.beta1), mu)
+    params = jax.device_get(state["params"])
+    for tree in (grads, params):  # the vocabulary's padding rows differ by model degree
+        for name in ("wte", "head"):
+            leaf = tree[name]
+            if isinstance(leaf, dict):
+                leaf["embedding"] = leaf["embedding"][: cfg.model.vocab_size]
+            else:
+                tree[name] = leaf[: cfg.model.vocab_size]
+    return metrics, grads, params, step
+
+
+@pytest.fixture(scope="module")
+def runs(shakespeare_tokens):
+    cfg = moe_config(moe_z_loss=1e-3)
+    m = cfg.model
+    shape = dict(batch_size=cfg.train.batch_size, seq_len=m.seq_len, vocab_size=m.vocab_size)
+    pairs = [real_batch(shakespeare_tokens, step=i, **shape) for i in range(STEPS)]
+    batches = [{"inputs": x, "targets": y} for x, y in pairs]
+    return cfg, {text: _run(cfg, text, batches) for text in ["data=1", *MESHES]}
+
+
+@pytest.mark.parametrize("text", MESHES)
+def test_losses_and_gradients_identical_with_expert_parallelism(runs, text):
+    _, done = runs
+    (ref, ref_grads, ref_params, _), (ours, grads, params, _) = done["data=1"], done[text]
+    for mine, theirs in zip(ours, ref, strict=True):
+        assert mine.keys() == theirs.keys()
+        for k in mine:
+            np.testing.assert_allclose(mine[k], theirs[k], rtol=2e-4, atol=1e-6, err_msg=k)
+    assert ref[-1]["lm_loss"] < ref[0]["lm_loss"]
+    assert ref[0]["moe_aux_loss"] > 1.0 and ref[0]["loss"] > ref[0]["lm_loss"]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-7), grads, ref_grads
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params, ref_params
+    )
+
+
+def test_dispatch_and_combine_are_all_to_alls_over_expert_and_nothing_is_gathered(runs):
+    """Per MoE layer and step: forward, one all-to-all of the rows to their experts' shards,
+    one back, and one of the per-expert row counts; backward, the two of rows transposed.
+    Each row block is X x (batch / (data X) x length x k) x hidden elements. No all-gather;
+    the expert weights' gradients are summed over `data` alone, every other weight's over
+    `data` and `expert`."""
+    cfg, done = runs
+    step = done[MESHES[0]][3]
+    found = hlo.collectives(step.as_text(), {"data": 2, "expert": 2, "model": 2})
+    m, layers, x_deg = cfg.model, cfg.model.num_layers, 2
+    rows = cfg.train.batch_size // 4 * m.seq_len * m.moe_top_k
+    to_all = [c for c in found if c.kind == "all-to-all"]
+    assert {c.axes for c in to_all} == {("expert",)}
+    blocks = [c for c in to_all if c.shapes[0][-1] == m.hidden]
+    assert sum(c.runs for c in blocks) == 4 * layers
+    for c in blocks:  # one operand per destination shard
+        assert c.shapes == ((1, rows, m.hidden),) * x_deg
+    counts = [c for c in to_all if c.shapes[0][-1] != m.hidden]
+    assert sum(c.runs for c in counts) == layers
+    assert [c.shapes for c in counts] == [((1, m.moe_experts // x_deg),) * x_deg]
+    assert not [c for c in found if c.kind == "all-gather"]
+    local_w1 = (m.moe_experts // x_deg, m.hidden, 2 * m.moe_ffn_hidden // 2)
+    over_data = [s for c in found if c.axes == ("data",) for s in c.shapes]
+    assert local_w1 in over_data
+    assert all(len(s) == 3 for s in over_data)  # only the experts' (layer-sliced) weights
+
+
+def test_bad_expert_layouts_are_refused():
+    with pytest.raises(ConfigError, match="not divisible by the expert degree 4"):
+        Trainer(moe_config(moe_experts=6), _on("expert=4,model=2"))
+    with pytest.raises(ConfigError, match="moe_top_k=3 is more than model.moe_experts=2"):
+        moe_config(moe_experts=2, moe_top_k=3)
+    with pytest.raises(ConfigError, match="this model is dense"):
+        Trainer(llama_config(), _on("data=2,expert=2,model=2"))
+    with pytest.raises(ConfigError, match="pipeline"):
+        Trainer(config.replace(moe_config(), train=dict(micro_batches=2)), _on("pipeline=2"))
