@@ -33,6 +33,8 @@ class ShardedModel:
         check_batch(cfg.train.batch_size, cfg.train.micro_batches, batch_degree(mesh))
         stages = mesh.shape[parallel.PIPELINE]
         self.schedule = None  # the micro-batches are accumulated one after another
+        if cfg.model.moe and cfg.lora.rank:
+            raise ConfigError("lora.rank: LoRA adapters do not attach to MoE models yet")
         if stages > 1 and cfg.model.moe:
             raise ConfigError(
                 "model.moe_experts: Mixture-of-Experts layers do not run in pipeline stages "

@@ -20,6 +20,7 @@ from flax import nnx
 
 from megajax import config, hlo, mesh, moe, parallel
 from megajax.config import ConfigError
+from megajax.layers import Attend
 from megajax.trainer import Trainer
 
 STEPS = 5
@@ -164,6 +165,10 @@ def _run(cfg, text, batches):
     return metrics, grads, params, step
 
 
+# A MoE layer then a dense one (model.moe_every=2): the grouped scan, across meshes too.
+INTERLEAVED = "interleaved expert=4,model=2"
+
+
 @pytest.fixture(scope="module")
 def runs(shakespeare_tokens):
     cfg = moe_config(moe_z_loss=1e-3)
@@ -171,13 +176,18 @@ def runs(shakespeare_tokens):
     shape = dict(batch_size=cfg.train.batch_size, seq_len=m.seq_len, vocab_size=m.vocab_size)
     pairs = [real_batch(shakespeare_tokens, step=i, **shape) for i in range(STEPS)]
     batches = [{"inputs": x, "targets": y} for x, y in pairs]
-    return cfg, {text: _run(cfg, text, batches) for text in ["data=1", *MESHES]}
+    done = {text: _run(cfg, text, batches) for text in ["data=1", *MESHES]}
+    interleaved = config.replace(cfg, model=dict(moe_every=2))
+    for text in ("data=1", "expert=4,model=2"):
+        done[f"interleaved {text}"] = _run(interleaved, text, batches)
+    return cfg, done
 
 
-@pytest.mark.parametrize("text", MESHES)
+@pytest.mark.parametrize("text", [*MESHES, INTERLEAVED])
 def test_losses_and_gradients_identical_with_expert_parallelism(runs, text):
     _, done = runs
-    (ref, ref_grads, ref_params, _), (ours, grads, params, _) = done["data=1"], done[text]
+    reference = "interleaved data=1" if text == INTERLEAVED else "data=1"
+    (ref, ref_grads, ref_params, _), (ours, grads, params, _) = done[reference], done[text]
     for mine, theirs in zip(ours, ref, strict=True):
         assert mine.keys() == theirs.keys()
         for k in mine:
@@ -228,3 +238,43 @@ def test_bad_expert_layouts_are_refused():
         Trainer(llama_config(), _on("data=2,expert=2,model=2"))
     with pytest.raises(ConfigError, match="pipeline"):
         Trainer(config.replace(moe_config(), train=dict(micro_batches=2)), _on("pipeline=2"))
+
+
+# ----------------------------------------------------------------------------- moe_every
+
+
+def test_interleaved_layers_run_in_megatron_order_in_training_and_decoding():
+    """model.moe_every=2 on 4 layers: MoE, dense, MoE, dense (layers 0 and 2 are MoE, as
+    Megatron-LM's --moe-layer-freq places them). The grouped scan equals the layers applied one
+    by one, and decoding through the KV cache (one extend over the whole prompt) equals both."""
+    cfg = moe_config(num_layers=4, moe_every=2, moe_shared_experts=0)
+    trainer = Trainer(cfg, _on("data=1"))
+    params = trainer.init_state()["params"]
+    assert (
+        params["h_moe"]["mlp"]["w1"].shape[0] == 2
+        and params["h"]["mlp"]["fc1"]["kernel"].shape[0] == 2
+    )
+    ids = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
+
+    def layer(stack, i):
+        graphdef, state = nnx.split(stack)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+    def all_three(params, ids):
+        model = trainer.model(params)
+        x = model.wte(ids, jnp.float32)
+        for i in range(4):
+            stack = model.h_moe if i % 2 == 0 else model.h
+            x = layer(stack, i // 2)(x, attend=Attend(), key=None)
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        mask = jnp.tril(jnp.ones((ids.shape[1],) * 2, bool))[None, None]
+        cache = model.empty_cache(ids.shape[0], ids.shape[1])
+        decoded, _ = model.extend(ids, cache, start=0, positions=positions, mask=mask)
+        return model(ids), model.ln_f(x), decoded
+
+    with trainer.context():
+        scanned, one_by_one, decoded = jax.jit(all_three)(params, ids)
+    np.testing.assert_allclose(scanned, one_by_one, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(decoded, scanned, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="not a multiple of model.moe_every=3"):
+        moe_config(num_layers=4, moe_every=3)

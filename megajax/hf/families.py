@@ -494,9 +494,11 @@ def model_type_of(cfg: ModelConfig) -> str:
     if (cfg.norm, cfg.positions, cfg.mlp) == ("rmsnorm", "rope", "swiglu"):
         if not cfg.moe:
             return "llama"
-        if cfg.moe_shared_experts or cfg.moe_router != "topk_softmax" or cfg.bias:
+        mixtral = (cfg.moe_shared_experts, cfg.moe_router, cfg.bias, cfg.moe_every)
+        if mixtral != (0, "topk_softmax", False, 1):
             raise ConfigError(
-                "a Mixtral has no shared experts, no biases and softmax_topk routing off: "
+                "a Mixtral has experts in every layer, no shared experts, no biases and "
+                "topk_softmax routing: "
                 "no Hugging Face model_type holds this Mixture-of-Experts model"
             )
         return "mixtral"

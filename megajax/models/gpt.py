@@ -15,7 +15,7 @@ from flax import nnx
 from megajax import loss, moe, parallel
 from megajax.config import ModelConfig
 from megajax.layers import Attend, VocabEmbedding, _normal, dropout, norm, padded_normal
-from megajax.models.stack import extend_stack, run_stack, stacked_blocks
+from megajax.models.stack import extend_stack, layer_stacks, run_stack
 from megajax.parallel import constrain
 
 
@@ -28,7 +28,8 @@ class GPT(nnx.Module):
         if cfg.positions == "learned":
             wpe_init = _normal(cfg.init_std, "position", "embed")
             self.wpe = nnx.Param(wpe_init(rngs.params(), (cfg.seq_len, cfg.hidden)))
-        self.h = stacked_blocks(cfg, rngs)
+        # Every layer; or with model.moe_every > 1 the dense layers, the MoE ones in h_moe.
+        self.h, self.h_moe = layer_stacks(cfg, rngs)
         self.ln_f = norm(cfg)
         if not cfg.tie_embeddings:
             head_init = nnx.with_partitioning(
@@ -55,8 +56,9 @@ class GPT(nnx.Module):
         x = dropout(constrain(x, "batch", "residual_length", "embed"), cfg.dropout, embed_key)
         attend = Attend(segments=segments, positions=positions)
         x, stats = run_stack(
-            self.h, x, attend=attend, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers
-        )
+            self.h, x, attend=attend, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers,
+            sparse=self.h_moe,
+        )  # fmt: skip
         return self.ln_f(x), stats
 
     def extend(self, ids, cache: dict, *, start, positions, mask):
@@ -69,7 +71,9 @@ class GPT(nnx.Module):
         if self.cfg.positions == "learned":
             x = x + jnp.take(self.wpe[...], positions, axis=0).astype(dtype)
         x = constrain(x, "batch", "length", "embed")
-        x, cache = extend_stack(self.h, x, cache, start=start, positions=positions, mask=mask)
+        x, cache = extend_stack(
+            self.h, x, cache, start=start, positions=positions, mask=mask, sparse=self.h_moe
+        )
         return self.ln_f(x), cache
 
     def empty_cache(self, batch: int, slots: int) -> dict:

@@ -111,11 +111,10 @@ def trainable_params_per_device(cfg: Config, model_degree: int, stages: int = 1)
 def outside_params(m: ModelConfig, model_degree: int) -> int:
     """The parameters outside the layers one device holds (on every pipeline stage)."""
     t = model_degree
-    split, replicated = m.layer_params(t)
     # The word embedding, and an untied LM head: both split by vocabulary rows.
     tables = m.padded_vocab_size(t) * m.hidden * (1 if m.tie_embeddings else 2)
     # Everything outside the layers, as num_params counts it, with the vocabulary rows split.
-    outside = m.num_params(t) - m.num_layers * (split + replicated) - tables
+    outside = m.num_params(t) - sum(m.stack_params(t)) - tables
     if m.arch == "bert":
         vocab = m.padded_vocab_size(t)
         outside -= vocab - vocab // t  # the masked-LM head's output bias is split too
