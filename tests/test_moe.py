@@ -278,3 +278,78 @@ def test_interleaved_layers_run_in_megatron_order_in_training_and_decoding():
     np.testing.assert_allclose(decoded, scanned, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="not a multiple of model.moe_every=3"):
         moe_config(num_layers=4, moe_every=3)
+
+
+# ----------------------------------------------------------------------------- sizes, dry run
+
+
+def test_mixtral_and_olmoe_configs_have_the_published_sizes():
+    """Mixtral 8x7B: 46.7B parameters, 12.9B active (arXiv 2401.04088); OLMoE-1B-7B: 6.9B and
+    1.3B (arXiv 2409.02060). Mixtral's total is also transformers' own count of its model (on
+    the meta device, nothing allocated), and the sharded model's."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from megajax.hf import families
+
+    m = config.load("configs/mixtral_8x7b.py").model
+    assert (m.num_params(), m.num_params(active=True)) == (46_702_792_704, 12_879_925_248)
+    with torch.device("meta"):
+        hf = MixtralForCausalLM(MixtralConfig(**families.hf_config(m)))
+    assert sum(p.numel() for p in hf.parameters()) == m.num_params()
+    assert Trainer(config.load("configs/mixtral_8x7b.py"), _on("data=2,expert=4")).num_params == (
+        m.num_params()
+    )
+    olmoe = config.load("configs/olmoe_1b_7b.py").model
+    assert round(olmoe.num_params() / 1e9, 1) == 6.9
+    assert round(olmoe.num_params(active=True) / 1e9, 1) == 1.3
+
+
+def test_moe_flops_are_those_of_the_active_parameters():
+    """A MoE layer's FLOPs per token are a dense layer's whose MLP is k experts wide, plus the
+    router's matmul."""
+    m = moe_config(moe_shared_experts=0).model
+    dense = config.replace(moe_config(), model=dict(moe_experts=0, ffn_hidden=64)).model
+    router = 3 * 2 * m.hidden * m.moe_experts * m.num_layers
+    assert m.flops_per_token() == dense.flops_per_token() + router
+
+
+def test_dry_run_predicts_the_all_to_alls_and_the_memory_of_an_expert_parallel_step():
+    from megajax.plan.compiled import make_plan
+
+    cfg = moe_config()
+    p = make_plan(cfg, _on("data=2,expert=2,model=2"))
+    moe_plan = p["moe"]
+    assert moe_plan["alltoall_compiled"] == moe_plan["alltoall_predicted"]
+    assert moe_plan["alltoall_compiled"]["count"] == 4 * cfg.model.num_layers
+    assert p["params"]["per_device"] == p["params"]["per_device_analytic"]
+    assert moe_plan["active_params"] < moe_plan["total_params"] == p["params"]["total"]
+    compiled = p["memory"]["compiled"]
+    assert compiled["arguments"] == pytest.approx(p["memory"]["analytic"]["arguments"], rel=0.01)
+    temporaries = p["memory"]["analytic_as_compiled"]["temporaries"]
+    assert compiled["temporaries"] == pytest.approx(temporaries, rel=0.25)
+    expert_weights = 2 * cfg.model.num_layers * 3 * cfg.model.hidden * 32 // 2  # 2 experts, T=2
+    assert moe_plan["expert_state_bytes_per_device"] == 3 * 4 * expert_weights  # + 2 moments
+
+
+@pytest.mark.slow  # a process of its own, on 64 faked devices
+def test_mixtral_8x7b_fits_64_h100s_as_data_8_expert_8(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import TEST_XLA_FLAGS, subprocess_env
+
+    env = subprocess_env(XLA_FLAGS=TEST_XLA_FLAGS)
+    env.pop("JAX_PLATFORMS", None)
+    run = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/mixtral_8x7b.py", "--mesh",
+         "data=8,expert=8", "--cpu_devices", "64", "--dry_run", "--workdir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    p = json.loads((tmp_path / "plan.json").read_text())
+    assert p["memory"]["fits"] and p["memory"]["compiled"]["total"] < p["memory"]["target_bytes"]
+    assert p["params"]["per_device"] == p["params"]["per_device_analytic"] == 7_242_780_672
+    assert p["moe"]["alltoall_compiled"] == p["moe"]["alltoall_predicted"]
+    assert "mixture of experts: 46,702,792,704 parameters, 12,879,925,248 active" in run.stdout
