@@ -167,6 +167,9 @@ def _run(cfg, text, batches):
 
 # A MoE layer then a dense one (model.moe_every=2): the grouped scan, across meshes too.
 INTERLEAVED = "interleaved expert=4,model=2"
+# Master weights and moments split over `data` (configs/mixtral_8x7b.py's layout), selective
+# recomputation: the same numbers.
+DISTRIBUTED = "distributed data=2,expert=2,model=2"
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +183,12 @@ def runs(shakespeare_tokens):
     interleaved = config.replace(cfg, model=dict(moe_every=2))
     for text in ("data=1", "expert=4,model=2"):
         done[f"interleaved {text}"] = _run(interleaved, text, batches)
+    distributed = config.replace(cfg, model=dict(remat="selective"), optim=dict(distributed=True))
+    done[DISTRIBUTED] = _run(distributed, MESHES[0], batches)
     return cfg, done
 
 
-@pytest.mark.parametrize("text", [*MESHES, INTERLEAVED])
+@pytest.mark.parametrize("text", [*MESHES, INTERLEAVED, DISTRIBUTED])
 def test_losses_and_gradients_identical_with_expert_parallelism(runs, text):
     _, done = runs
     reference = "interleaved data=1" if text == INTERLEAVED else "data=1"
