@@ -96,3 +96,31 @@ def test_exported_mixtral_gives_back_the_same_tensors(hf_dir, tmp_path):
     assert ours.keys() == want.keys()
     for name, tensor in want.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 4, 5]]  # unequal lengths
+
+
+def test_imported_mixtral_greedy_equals_transformers_on_an_expert_parallel_mesh(hf_dir):
+    """Decoding through the KV cache on data=2,expert=2,model=2: the prompts (padded to the
+    4 rows the batch splits into) route their tokens to experts on other shards."""
+    from megajax import generate
+
+    weights = convert.HFWeights(hf_dir)
+    trainer = Trainer(
+        convert.with_hf_model(config.Config(), weights), mesh.make("data=2,expert=2,model=2")
+    )
+    params = convert.load_params(trainer, weights, log=lambda _: None)
+    out = generate.Generator(trainer, params)(PROMPTS, new_tokens=8, temperature=0.0)
+    model = MixtralForCausalLM.from_pretrained(hf_dir).eval()
+    for prompt, ours in zip(PROMPTS, out["tokens"], strict=True):
+        ids = torch.tensor([prompt])
+        theirs = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].numpy()
+        np.testing.assert_array_equal(ours, theirs)
