@@ -76,7 +76,10 @@ class MoE(nnx.Module):
             y = jnp.einsum("nkh,nk->nh", rows, weight.astype(rows.dtype)).reshape(b, s, h)
             if split_width:  # each model shard's experts hold a slice of the inner width
                 y = parallel.sum_over_model(y, in_spec)
-            return y, jax.tree.map(lambda v: jax.lax.psum(v, batch_axes), stats)
+            stats = jax.tree.map(lambda v: jax.lax.psum(v, batch_axes), stats)
+            if gathered:  # every model shard routed the same gathered tokens: one copy
+                stats = jax.tree.map(lambda v: jax.lax.pmean(v, parallel.MODEL), stats)
+            return y, stats
 
         stats_spec = {k: P() for k in ("counts", "probs", "z", "tokens", "dropped")}
         y, stats = jax.shard_map(

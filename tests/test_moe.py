@@ -167,9 +167,10 @@ def _run(cfg, text, batches):
 
 # A MoE layer then a dense one (model.moe_every=2): the grouped scan, across meshes too.
 INTERLEAVED = "interleaved expert=4,model=2"
-# Master weights and moments split over `data` (configs/mixtral_8x7b.py's layout), selective
-# recomputation: the same numbers.
-DISTRIBUTED = "distributed data=2,expert=2,model=2"
+# Master weights and moments split over `data` (configs/mixtral_8x7b.py's layout), sequence
+# parallelism (each model shard routes the whole gathered sequence), selective recomputation:
+# the same numbers.
+DISTRIBUTED = "distributed, sequence-parallel data=2,expert=2,model=2"
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,8 @@ def runs(shakespeare_tokens):
     interleaved = config.replace(cfg, model=dict(moe_every=2))
     for text in ("data=1", "expert=4,model=2"):
         done[f"interleaved {text}"] = _run(interleaved, text, batches)
-    distributed = config.replace(cfg, model=dict(remat="selective"), optim=dict(distributed=True))
+    switches = dict(remat="selective", sequence_parallel=True)
+    distributed = config.replace(cfg, model=switches, optim=dict(distributed=True))
     done[DISTRIBUTED] = _run(distributed, MESHES[0], batches)
     return cfg, done
 
