@@ -127,7 +127,8 @@ def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
     if (batch_size // micro_batches) % data_degree:
         raise ConfigError(
             f"micro-batch size {batch_size // micro_batches} is not divisible by the data degree "
-            f"{data_degree}: make train.batch_size / train.micro_batches a multiple of it"
+            f"{data_degree} (data x expert, the axes that split the batch): make "
+            "train.batch_size / train.micro_batches a multiple of it"
         )
 
 

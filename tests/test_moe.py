@@ -243,6 +243,8 @@ def test_bad_expert_layouts_are_refused():
         moe_config(moe_experts=2, moe_top_k=3)
     with pytest.raises(ConfigError, match="this model is dense"):
         Trainer(llama_config(), _on("data=2,expert=2,model=2"))
+    with pytest.raises(ConfigError, match=r"data degree 8 \(data x expert"):
+        Trainer(config.replace(moe_config(), train=dict(micro_batches=2)), _on("data=2,expert=4"))
     with pytest.raises(ConfigError, match="pipeline"):
         Trainer(config.replace(moe_config(), train=dict(micro_batches=2)), _on("pipeline=2"))
 
