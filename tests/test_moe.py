@@ -138,6 +138,16 @@ def test_router_losses_from_statistics():
     assert float(out["moe_dropped"]) == 1.0
 
 
+def test_router_losses_and_dropped_choices_are_logged():
+    from megajax.metrics import progress_line
+
+    scalars = dict(loss=7.1, lm_loss=7.0, moe_aux_loss=2.01, moe_z_loss=4.5, moe_dropped=12.0,
+                   learning_rate=1e-3, grad_norm=1.0, tokens_per_sec=1e3, mfu=0.1)  # fmt: skip
+    line = progress_line(5, 10, scalars, 3.0)
+    assert "lm 7.000 | moe_aux 2.010 | moe_z 4.500 | dropped 12 |" in line
+    assert "dropped" not in progress_line(5, 10, {**scalars, "moe_dropped": 0.0}, 3.0)
+
+
 # ----------------------------------------------------------------------------- the meshes
 
 MESHES = ["data=2,expert=2,model=2", "expert=4,model=2"]
