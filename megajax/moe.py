@@ -18,6 +18,8 @@ X x experts / X integers, tells each shard how many rows of each of its experts 
 backward pass transposes the two of rows. XLA:CPU has no ragged all-to-all, so a shard sends
 each destination a block sized for all of its own choices, the rows packed at its front: the
 exchange stays dropless whatever the routing, at X times the bytes of the rows themselves.
+With a capacity a block needs only as many rows as the shard's sequences may send the
+destination's experts (experts / X x sequences x C, when that is fewer).
 Each expert's inner width is split over `model` (`expert_mlp`, expert tensor parallelism) and
 the partial outputs are summed by one all-reduce after the combine, as after a dense fc2.
 """
@@ -72,7 +74,7 @@ class MoE(nnx.Module):
             tokens = x.reshape(b * s, h)
             logits = jnp.einsum("nh,he->ne", tokens.astype(jnp.float32), router)
             choice, weight, stats = self.route(logits, sequences=b)
-            rows = self._experts_of(tokens, choice, w1, w2, expert_axis)  # (tokens, k, h)
+            rows = self._experts_of(tokens, choice, w1, w2, expert_axis, sequences=b)
             y = jnp.einsum("nkh,nk->nh", rows, weight.astype(rows.dtype)).reshape(b, s, h)
             if split_width:  # each model shard's experts hold a slice of the inner width
                 y = parallel.sum_over_model(y, in_spec)
@@ -115,8 +117,7 @@ class MoE(nnx.Module):
             "dropped": jnp.float32(0),
         }
         if self.capacity_factor:
-            s = n // sequences
-            capacity = math.ceil(self.capacity_factor * s * k / e)
+            s, capacity = n // sequences, self.capacity(n // sequences)
             # Choices in priority order per sequence: (k, length), first choices first.
             hot = jax.nn.one_hot(choice, e, dtype=jnp.int32).reshape(sequences, s, k, e)
             hot = hot.transpose(0, 2, 1, 3).reshape(sequences, k * s, e)
@@ -127,9 +128,15 @@ class MoE(nnx.Module):
             stats["dropped"] = (~keep).sum().astype(jnp.float32)
         return choice, weight, stats
 
-    def _experts_of(self, tokens, choice, w1, w2, expert_axis):
+    def capacity(self, seq_len: int) -> int:
+        """The choices of one sequence an expert takes (model.moe_capacity_factor)."""
+        return math.ceil(self.capacity_factor * seq_len * self.top_k / self.num_experts)
+
+    def _experts_of(self, tokens, choice, w1, w2, expert_axis, *, sequences: int):
         """Each choice's expert output, (tokens, k, hidden): the choices sorted by expert, run
-        through their experts (across expert shards if `expert_axis` splits them), put back."""
+        through their experts (across expert shards if `expert_axis` splits them), put back.
+        The exchange's blocks hold all n k rows, or with a capacity at most what this shard's
+        sequences may send one shard's experts."""
         n, k = choice.shape
         flat = choice.reshape(-1)  # the expert of each of the n k rows; `experts`: dropped
         order = jnp.argsort(flat, stable=True)
@@ -138,7 +145,10 @@ class MoE(nnx.Module):
         if expert_axis is None or jax.lax.axis_size(expert_axis) == 1:
             out = grouped_swiglu(rows, sizes, w1, w2)
         else:
-            out = _exchange(rows, flat[order], sizes, w1, w2, expert_axis)
+            block = n * k
+            if self.capacity_factor:
+                block = min(block, w1.shape[0] * sequences * self.capacity(n // sequences))
+            out = _exchange(rows, flat[order], sizes, w1, w2, expert_axis, block)
         return jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)
 
 
@@ -152,25 +162,26 @@ def grouped_swiglu(rows, sizes, w1, w2):
     return jnp.where(grouped[:, None], y, 0)
 
 
-def _exchange(rows, experts, sizes, w1, w2, axis):
+def _exchange(rows, experts, sizes, w1, w2, axis, block):
     """Inside shard_map: rows (n k, hidden) sorted by their `experts` (number `experts` for a
     dropped one), sizes (experts,) per expert, run on the expert shards of `axis` that hold
-    their experts (w1, w2: this shard's experts / X) and returned in the same order."""
+    their experts (w1, w2: this shard's experts / X) and returned in the same order. `block`:
+    the most rows one shard sends another."""
     x_deg, local, (a, h) = jax.lax.axis_size(axis), w1.shape[0], rows.shape
     dest = experts // local  # the shard holding each row's expert; x_deg for a dropped row
     per_dest = sizes.reshape(x_deg, local).sum(1)
     slot = jnp.arange(a) - (jnp.cumsum(per_dest) - per_dest)[jnp.minimum(dest, x_deg - 1)]
     # Dispatch: block j of `send` holds the rows for shard j at its front.
-    send = jnp.zeros((x_deg, a, h), rows.dtype).at[dest, slot].set(rows, mode="drop")
-    arrived = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # (source, a, hidden)
+    send = jnp.zeros((x_deg, block, h), rows.dtype).at[dest, slot].set(rows, mode="drop")
+    arrived = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # (source, block, hidden)
     counts = jax.lax.all_to_all(sizes.reshape(x_deg, local), axis, 0, 0, tiled=True)
     # Each arrived row's expert among this shard's (`local` for the padding after a block's
     # rows), then the rows of all sources sorted by it for the grouped matmuls.
     bounds = jnp.cumsum(counts, axis=1)  # (source, local)
-    mine = (jnp.arange(a)[None, :, None] >= bounds[:, None, :]).sum(-1).reshape(-1)
+    mine = (jnp.arange(block)[None, :, None] >= bounds[:, None, :]).sum(-1).reshape(-1)
     order = jnp.argsort(mine, stable=True)
     out = grouped_swiglu(arrived.reshape(-1, h)[order], counts.sum(0), w1, w2)
-    out = jnp.zeros_like(out).at[order].set(out).reshape(x_deg, a, h)
+    out = jnp.zeros_like(out).at[order].set(out).reshape(x_deg, block, h)
     # Combine: block j comes back to the shard that sent it, in the order it was sent.
     back = jax.lax.all_to_all(out, axis, 0, 0, tiled=True)
     kept = dest < x_deg

@@ -181,6 +181,9 @@ INTERLEAVED = "interleaved expert=4,model=2"
 # parallelism (each model shard routes the whole gathered sequence), selective recomputation:
 # the same numbers.
 DISTRIBUTED = "distributed, sequence-parallel data=2,expert=2,model=2"
+# A capacity (per sequence, so the same choices are dropped on every mesh) and the smaller
+# blocks it allows the exchange.
+CAPACITY = "capacity expert=4,model=2"
 
 
 @pytest.fixture(scope="module")
@@ -197,13 +200,17 @@ def runs(shakespeare_tokens):
     switches = dict(remat="selective", sequence_parallel=True)
     distributed = config.replace(cfg, model=switches, optim=dict(distributed=True))
     done[DISTRIBUTED] = _run(distributed, MESHES[0], batches)
+    capacity = config.replace(cfg, model=dict(moe_capacity_factor=1.0))
+    for text in ("data=1", "expert=4,model=2"):
+        done[f"capacity {text}"] = _run(capacity, text, batches)
     return cfg, done
 
 
-@pytest.mark.parametrize("text", [*MESHES, INTERLEAVED, DISTRIBUTED])
+@pytest.mark.parametrize("text", [*MESHES, INTERLEAVED, DISTRIBUTED, CAPACITY])
 def test_losses_and_gradients_identical_with_expert_parallelism(runs, text):
     _, done = runs
-    reference = "interleaved data=1" if text == INTERLEAVED else "data=1"
+    reference = {INTERLEAVED: "interleaved data=1", CAPACITY: "capacity data=1"}
+    reference = reference.get(text, "data=1")
     (ref, ref_grads, ref_params, _), (ours, grads, params, _) = done[reference], done[text]
     for mine, theirs in zip(ours, ref, strict=True):
         assert mine.keys() == theirs.keys()
@@ -211,6 +218,7 @@ def test_losses_and_gradients_identical_with_expert_parallelism(runs, text):
             np.testing.assert_allclose(mine[k], theirs[k], rtol=2e-4, atol=1e-6, err_msg=k)
     assert ref[-1]["lm_loss"] < ref[0]["lm_loss"]
     assert ref[0]["moe_aux_loss"] > 1.0 and ref[0]["loss"] > ref[0]["lm_loss"]
+    assert (ref[0]["moe_dropped"] > 0) == (text == CAPACITY)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-7), grads, ref_grads
     )
@@ -240,6 +248,18 @@ def test_dispatch_and_combine_are_all_to_alls_over_expert_and_nothing_is_gathere
     assert sum(c.runs for c in counts) == layers
     assert [c.shapes for c in counts] == [((1, m.moe_experts // x_deg),) * x_deg]
     assert not [c for c in found if c.kind == "all-gather"]
+    # With a capacity of ceil(1.0 x 32 x 2 / 4) = 16 choices per sequence and expert, each of
+    # the 2 sequences on a device sends one expert's shard at most 32 rows, not all 128.
+    capped = hlo.collectives(done[CAPACITY][3].as_text(), {"expert": 4, "model": 2})
+    capped = [c for c in capped if c.kind == "all-to-all" and c.shapes[0][-1] == m.hidden]
+    assert {c.shapes for c in capped} == {((1, 32, m.hidden),) * 4}
+    from megajax.plan.estimates import moe_alltoall
+
+    capacity = config.replace(cfg, model=dict(moe_capacity_factor=1.0))
+    assert moe_alltoall(capacity, data_degree=1, expert_degree=4) == {
+        "count": sum(c.runs for c in capped),
+        "bytes": sum(c.runs * c.bytes for c in capped),
+    }
     local_w1 = (m.moe_experts // x_deg, m.hidden, 2 * m.moe_ffn_hidden // 2)
     over_data = [s for c in found if c.axes == ("data",) for s in c.shapes]
     assert local_w1 in over_data

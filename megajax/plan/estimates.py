@@ -389,17 +389,22 @@ def allreduce_seconds(nbytes: float, group: int, bandwidth: float) -> float:
 def moe_alltoall(cfg: Config, *, data_degree: int, expert_degree: int, itemsize=None) -> dict:
     """The experts' all-to-alls of one step on one device (megajax/moe.py): per MoE layer and
     micro-batch, the rows dispatched and combined forward and both transposed backward (with
-    model.remat="full" the forward's pair again), each a block of X x A rows of hidden, A the
-    micro-batch's tokens on the device times k, in the compute dtype (`itemsize`: another).
+    model.remat="full" the forward's pair again), each X blocks of A rows of hidden, A the
+    micro-batch's tokens on the device times k (with a capacity, at most the rows its
+    sequences may send one shard's experts), in the compute dtype (`itemsize`: another).
     `seconds`: each sends (X - 1) / X of its block, over the intra-node links while X times
     the model degree fits a node (`link_bw`, set by roofline), else the inter-node ones."""
     m, tr = cfg.model, cfg.train
     if not m.moe or expert_degree == 1:
         return {"count": 0, "bytes": 0}
     e = itemsize or jnp.dtype(m.compute_dtype).itemsize
-    tokens = tr.batch_size // tr.micro_batches // (data_degree * expert_degree) * m.seq_len
+    sequences = tr.batch_size // tr.micro_batches // (data_degree * expert_degree)
+    block = sequences * m.seq_len * m.moe_top_k
+    if m.moe_capacity_factor:
+        capacity = math.ceil(m.moe_capacity_factor * m.seq_len * m.moe_top_k / m.moe_experts)
+        block = min(block, m.moe_experts // expert_degree * sequences * capacity)
     count = (4 + (2 if m.remat == "full" else 0)) * m.moe_layers * tr.micro_batches
-    return {"count": count, "bytes": count * expert_degree * tokens * m.moe_top_k * m.hidden * e}
+    return {"count": count, "bytes": count * expert_degree * block * m.hidden * e}
 
 
 def roofline(
