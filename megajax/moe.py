@@ -70,6 +70,11 @@ class MoE(nnx.Module):
 
         def local(x, router, w1, w2):
             x = parallel.gather_over_model(x, gathered)
+            if split_width and not gathered:
+                # Taken as varying over `model` (each shard's experts see a slice of the
+                # width): the shards' terms of its gradient are then summed once, over the
+                # (tokens, hidden) input, not over the k x X times larger rows they became.
+                x = jax.lax.pcast(x, parallel.MODEL, to="varying")
             b, s, h = x.shape
             tokens = x.reshape(b * s, h)
             logits = jnp.einsum("nh,he->ne", tokens.astype(jnp.float32), router)
@@ -79,7 +84,7 @@ class MoE(nnx.Module):
             if split_width:  # each model shard's experts hold a slice of the inner width
                 y = parallel.sum_over_model(y, in_spec)
             stats = jax.tree.map(lambda v: jax.lax.psum(v, batch_axes), stats)
-            if gathered:  # every model shard routed the same gathered tokens: one copy
+            if gathered or split_width:  # every model shard routed the same tokens: one copy
                 stats = jax.tree.map(lambda v: jax.lax.pmean(v, parallel.MODEL), stats)
             return y, stats
 

@@ -232,7 +232,7 @@ def test_dispatch_and_combine_are_all_to_alls_over_expert_and_nothing_is_gathere
     one back, and one of the per-expert row counts; backward, the two of rows transposed.
     Each row block is X x (batch / (data X) x length x k) x hidden elements. No all-gather;
     the expert weights' gradients are summed over `data` alone, every other weight's over
-    `data` and `expert`."""
+    `data` and `expert`; over `model`, Megatron's two all-reduces each way per layer."""
     cfg, done = runs
     step = done[MESHES[0]][3]
     found = hlo.collectives(step.as_text(), {"data": 2, "expert": 2, "model": 2})
@@ -248,6 +248,13 @@ def test_dispatch_and_combine_are_all_to_alls_over_expert_and_nothing_is_gathere
     assert sum(c.runs for c in counts) == layers
     assert [c.shapes for c in counts] == [((1, m.moe_experts // x_deg),) * x_deg]
     assert not [c for c in found if c.kind == "all-gather"]
+    # Over `model`, a MoE layer communicates as a dense one: an all-reduce of (b, s, h) after
+    # the attention output and after the experts' combine, and their two transposes (the
+    # experts' input gradient summed over the tokens, not over the k x X times more rows);
+    # then the embedding's and the untied head's.
+    activations = (cfg.train.batch_size // 4, m.seq_len, m.hidden)
+    model_sums = [c.runs for c in found if c.axes == ("model",) and activations in c.shapes]
+    assert sum(model_sums) == 4 * layers + 2
     # With a capacity of ceil(1.0 x 32 x 2 / 4) = 16 choices per sequence and expert, each of
     # the 2 sequences on a device sends one expert's shard at most 32 rows, not all 128.
     capped = hlo.collectives(done[CAPACITY][3].as_text(), {"expert": 4, "model": 2})
