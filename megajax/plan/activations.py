@@ -10,6 +10,7 @@ length) tensor; full recomputation keeps each layer's input only.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -86,15 +87,20 @@ def moe_layer_bytes(m: ModelConfig, *, batch: int, model_degree: int, expert_deg
     """What a MoE block (megajax/moe.py) keeps for its backward pass, per device: the router's
     float32 logits and probabilities (tokens, experts); in the compute dtype the A = tokens x
     k rows gathered by expert and, across X expert shards, the blocks sent, arrived and sent
-    back (X x A rows of hidden each), the rows sorted for the experts, the first grouped
-    matmul's output (2 ffn / T wide), the SwiGLU product (ffn / T) and the second's output;
-    and the experts' weights in the compute dtype when it is not float32."""
+    back (X blocks of A rows of hidden each; fewer rows with a capacity), the rows sorted for
+    the experts, the first grouped matmul's output (2 ffn / T wide), the SwiGLU product
+    (ffn / T) and the second's output; and the experts' weights in the compute dtype when it
+    is not float32."""
     e, t, x = jnp.dtype(m.compute_dtype).itemsize, model_degree, expert_degree
     tokens = batch * m.seq_len
     rows, h, f = tokens * m.moe_top_k, m.hidden, m.expert_hidden
-    exchanged = 3 * x * rows * h if x > 1 else 0
+    block = rows
+    if m.moe_capacity_factor and x > 1:  # megajax.moe's blocks under a capacity
+        capacity = math.ceil(m.moe_capacity_factor * m.seq_len * m.moe_top_k / m.moe_experts)
+        block = min(rows, m.moe_experts // x * batch * capacity)
+    exchanged = 3 * x * block * h if x > 1 else 0
     total = 8 * tokens * m.moe_experts + e * (rows * h + exchanged)
-    total += e * x * rows * (2 * h + 3 * f / t)
+    total += e * x * block * (2 * h + 3 * f / t)
     if e != 4:
         total += e * m.moe_experts // x * m.expert_params() / t
     return total
