@@ -33,8 +33,13 @@ class ShardedModel:
         check_batch(cfg.train.batch_size, cfg.train.micro_batches, batch_degree(mesh))
         stages = mesh.shape[parallel.PIPELINE]
         self.schedule = None  # the micro-batches are accumulated one after another
-        if cfg.model.moe and cfg.lora.rank:
-            raise ConfigError("lora.rank: LoRA adapters do not attach to MoE models yet")
+        dense_targets = {"fc1", "fc2"} & set(cfg.lora.target_names)
+        if cfg.model.moe and cfg.lora.rank and (dense_targets or cfg.model.moe_every > 1):
+            raise ConfigError(
+                "lora.targets: a MoE model's adapters attach to its attention alone (qkv, "
+                "proj; not its experts, nor with model.moe_every > 1 yet): use "
+                "--set lora.targets=qkv,proj"
+            )
         if stages > 1 and cfg.model.moe:
             raise ConfigError(
                 "model.moe_experts: Mixture-of-Experts layers do not run in pipeline stages "
