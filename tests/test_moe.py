@@ -186,6 +186,8 @@ DISTRIBUTED = "distributed, sequence-parallel data=2,expert=2,model=2"
 # A capacity (per sequence, so the same choices are dropped on every mesh) and the smaller
 # blocks it allows the exchange.
 CAPACITY = "capacity expert=4,model=2"
+# float16 matmuls (the experts' grouped ones too) under dynamic loss scaling.
+FLOAT16 = "float16 expert=4,model=2"
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +207,10 @@ def runs(shakespeare_tokens):
     capacity = config.replace(cfg, model=dict(moe_capacity_factor=1.0))
     for text in ("data=1", "expert=4,model=2"):
         done[f"capacity {text}"] = _run(capacity, text, batches)
+    fp16 = config.replace(
+        cfg, model=dict(compute_dtype="float16"), optim=dict(initial_loss_scale=2.0**12)
+    )
+    done[FLOAT16] = _run(fp16, MESHES[1], batches)
     return cfg, done
 
 
@@ -227,6 +233,13 @@ def test_losses_and_gradients_identical_with_expert_parallelism(runs, text):
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params, ref_params
     )
+
+
+def test_float16_experts_give_float32_losses_to_its_rounding(runs):
+    _, done = runs
+    losses = [s["loss"] for s in done[FLOAT16][0]]
+    np.testing.assert_allclose(losses, [s["loss"] for s in done["data=1"][0]], rtol=2e-3)
+    assert all(s["finite"] for s in done[FLOAT16][0])
 
 
 def test_dispatch_and_combine_are_all_to_alls_over_expert_and_nothing_is_gathered(runs):
