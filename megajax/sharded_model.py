@@ -67,7 +67,7 @@ class ShardedModel:
         self.micro_shape = micro
         self.fields = models.batch_fields(cfg.model, documents=cfg.data.documents)
         self.objective = models.objective(cfg.model)
-        # Samples are split over `data` by rows.
+        # Samples are split over `data` and `expert` by rows.
         self.eval_sharding = {
             k: self._named(P(parallel.BATCH, *[None] * len(s))) for k, s in self.fields.items()
         }
