@@ -156,11 +156,15 @@ class Engine:
 
     # The model thread --------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve until stop(): take requests, admit them as rows free up, decode a step."""
+    def run(self, *, until_idle: bool = False) -> None:
+        """Serve until stop() (or, until_idle, until nothing is left to do): take requests,
+        admit them as rows free up, decode a step."""
         while not self._stopping.is_set():
+            idle = not (any(self._row) or self._pending)
+            if until_idle and idle and self.queue.empty():
+                return
             try:
-                self._take(block=not (any(self._row) or self._pending))
+                self._take(block=idle)
                 self._admit()
                 if any(self._row):
                     self._decode()
