@@ -218,7 +218,9 @@ class Engine:
             self._row[r] = choice
             self._begin[r] = self._clock - len(work.ids)
         fn = self._program("prefill", rows, width)
-        self._cache, out = fn(self.params, self._cache, ids, pads, np.int32(self._clock), *params)
+        score = np.bool_(any(c.work.score for c in joining))
+        clock = np.int32(self._clock)
+        self._cache, out = fn(self.params, self._cache, ids, pads, clock, score, *params)
         out = {k: np.asarray(v) for k, v in out.items()}
         for r, choice in zip(free, joining, strict=False):
             work, start = choice.work, pads[r]
@@ -356,11 +358,13 @@ class Engine:
         heads = m.kv_slots(self.sharded.mesh.shape[parallel.MODEL])
         return (m.num_layers, rows, self.slots, heads, m.head_dim)
 
-    def warm_up(self) -> int:
-        """Compile every program requests can need; returns how many."""
+    def warm_up(self, widths=None) -> int:
+        """Compile every program requests can need (with `widths`, prompts up to the largest
+        of them); returns how many programs there are."""
+        widths = self.widths if widths is None else sorted({bucket(self.widths, w) for w in widths})
         for rows in self.rows:
             self._program("decode", rows)
-            for width in self.widths:
+            for width in widths:
                 self._program("prefill", rows, width)
             for other in self.rows:
                 if other != rows:
@@ -400,6 +404,7 @@ class Engine:
                     arg((rows, width), np.int32),
                     arg((rows,), np.int32),
                     arg((), np.int32),
+                    arg((), np.bool_),
                     *per_row,
                 ]
                 fn = jax.jit(self._prefill, donate_argnums=1, out_shardings=outs)
@@ -434,23 +439,23 @@ class Engine:
             )
 
         keys = jax.vmap(key)(seed, index, step)
-        vocab = self.vocab_size
-        token, _ = sampling.sample(
+        token, logprob, values, ids = sampling.sample(
             hidden,
             model.lm_head,
             keys,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            vocab_size=vocab,
+            vocab_size=self.vocab_size,
+            top=TOP,
         )
-        logprob, values, ids = sampling.score(hidden, model.lm_head, token, n=TOP, vocab_size=vocab)
         return {"token": token, "logprob": logprob, "top_values": values, "top_ids": ids}
 
-    def _prefill(self, params, cache, ids, pads, clock, *row):
+    def _prefill(self, params, cache, ids, pads, clock, score, *row):
         """The prompts of the joining rows (left-padded in ids (rows, width); pads = width on
         the others) through the model: their keys and values written behind the clock, their
-        first tokens chosen, and every prompt token scored."""
+        first tokens chosen, and with `score` every prompt token scored."""
+        import jax
         import jax.numpy as jnp
 
         model = self.sharded.model(params)
@@ -471,13 +476,23 @@ class Engine:
         }
         out = self._choose(model, hidden[:, -1], *row)
         # Prompt scores: log p of token j + 1 after tokens up to j, with the TOP best there.
-        flat = hidden[:, :-1].reshape(rows * (width - 1), -1)
-        logprob, values, top_ids = sampling.score(
-            flat, model.lm_head, ids[:, 1:].reshape(-1), n=TOP, vocab_size=self.vocab_size
-        )
-        out["prompt_logprobs"] = logprob.reshape(rows, width - 1)
-        out["prompt_top_values"] = values.reshape(rows, width - 1, TOP)
-        out["prompt_top_ids"] = top_ids.reshape(rows, width - 1, TOP)
+        # Only when a joining request echoes its prompt: the head over every prompt position
+        # costs as much as several layers.
+        shape = (rows, width - 1)
+
+        def scores():
+            flat = hidden[:, :-1].reshape(rows * (width - 1), -1)
+            logprob, values, top_ids = sampling.score(
+                flat, model.lm_head, ids[:, 1:].reshape(-1), n=TOP, vocab_size=self.vocab_size
+            )
+            return logprob.reshape(shape), values.reshape(*shape, TOP), top_ids.reshape(*shape, TOP)
+
+        def none():
+            top = (*shape, TOP)
+            return jnp.zeros(shape), jnp.zeros(top), jnp.zeros(top, jnp.int32)
+
+        names = ("prompt_logprobs", "prompt_top_values", "prompt_top_ids")
+        out.update(zip(names, jax.lax.cond(score, scores, none), strict=True))
         return cache, out
 
     def _decode_step(self, params, cache, tokens, clock, begin, *row):

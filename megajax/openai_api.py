@@ -13,8 +13,9 @@ import random
 import time
 import uuid
 
-from megajax.engine import TOP, Choice, Work
+from megajax.engine import Choice, Work
 
+# OpenAI's sampling fields, with vLLM's extensions top_k and ignore_eos (run to max_tokens).
 SAMPLING = {
     "model",
     "max_tokens",
@@ -29,6 +30,7 @@ SAMPLING = {
     "user",
     "presence_penalty",
     "frequency_penalty",
+    "ignore_eos",
 }
 COMPLETION_FIELDS = SAMPLING | {"prompt", "logprobs", "echo"}
 CHAT_FIELDS = SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
@@ -126,6 +128,7 @@ def sampling_fields(body: dict, fields: set, limits: Limits, model_name: str) ->
         "seed": _number(body, "seed", -(2**63), 2**64 - 1, None, integer=True),
         "stop": tuple(stop),
         "stream": _flag(body, "stream"),
+        "ignore_eos": _flag(body, "ignore_eos"),
     }
     if options["top_p"] == 0:
         raise _bad("top_p", "must be in (0, 1]")
@@ -231,7 +234,7 @@ def works_for(ids_list, *, max_tokens, options, score, engine, stops) -> list[Wo
                 top_p=options["top_p"],
                 seed=options["seed"],
                 stop=options["stop"],
-                stop_ids=stops,
+                stop_ids=frozenset() if options["ignore_eos"] else stops,
                 score=score,
             )
         )
@@ -311,6 +314,3 @@ def envelope(kind: str, model: str) -> dict:
         "created": int(time.time()),
         "model": model,
     }
-
-
-__all__ = ["TOP", "ApiError", "Limits"]

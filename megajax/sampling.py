@@ -28,12 +28,14 @@ from megajax import loss, parallel
 BISECTIONS = 40
 
 
-def sample(hidden, table, keys, *, temperature, top_k, top_p, vocab_size: int):
+def sample(hidden, table, keys, *, temperature, top_k, top_p, vocab_size: int, top: int = 0):
     """(tokens (batch,) int32, their log-probabilities (batch,) under the model's own
     distribution) for hidden (batch, hidden) and the tied head `table` (padded_vocab, hidden)
     split over `model`. `keys` (batch, 2) uint32 key data, one key per sequence and step;
     temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off (each a traced
-    scalar or (batch,) array, one value per sequence)."""
+    scalar or (batch,) array, one value per sequence). With `top`, also the `top` most likely
+    tokens' log-probabilities and ids, (batch, top) each, as `score` gives them, from the same
+    logits."""
     batch = hidden.shape[0]
     rows = [
         jnp.broadcast_to(jnp.asarray(x, dtype), (batch,))
@@ -41,7 +43,7 @@ def sample(hidden, table, keys, *, temperature, top_k, top_p, vocab_size: int):
     ]
     row = parallel.spec("batch")
     return jax.shard_map(
-        lambda h, t, k, temp, kk, pp: _sample_shard(h, t, k, temp, kk, pp, vocab_size),
+        lambda h, t, k, temp, kk, pp: _sample_shard(h, t, k, temp, kk, pp, vocab_size, top),
         in_specs=(
             parallel.spec("batch", "embed"),
             parallel.spec("vocab", "embed"),
@@ -50,11 +52,12 @@ def sample(hidden, table, keys, *, temperature, top_k, top_p, vocab_size: int):
             row,
             row,
         ),
-        out_specs=(row, row),
+        out_specs=(row, row, *[parallel.spec("batch", None)] * (2 if top else 0)),
+        check_vma=not top,  # the gathered candidates are the same on every model shard
     )(hidden, table, keys, *rows)
 
 
-def _sample_shard(hidden, table, keys, temperature, top_k, top_p, vocab_size):
+def _sample_shard(hidden, table, keys, temperature, top_k, top_p, vocab_size, top):
     logits, start = loss.local_logits(hidden[:, None], table, None, vocab_size)
     logits = logits[:, 0]  # (batch / D, vocab / T), padded rows at -inf
     ids = start + jnp.arange(logits.shape[-1])
@@ -70,11 +73,26 @@ def _sample_shard(hidden, table, keys, temperature, top_k, top_p, vocab_size):
         lambda: jnp.zeros_like(scaled),
     )
     token = loss.global_argmax(scaled + jnp.where(sampled[:, None], noise, 0.0), start)
-    # log p(token) = logit - log sum exp(logits), every term reduced over the shards.
+    return token, *_logprobs(logits, start, token, top)
+
+
+def _logprobs(logits, start, tokens, n):
+    """(log p of `tokens`,) from this shard's logits, every term reduced over the shards, and
+    with n > 0 the n best (log-probabilities, ids): one log-sum-exp for all, so a greedy
+    token's value equals the best one's exactly. Each shard takes its own n best, the shards'
+    candidates are gathered (n x T numbers per sequence, never the logits), the n best kept."""
+    ids = start + jnp.arange(logits.shape[-1])
     row_max = jax.lax.pmax(logits.max(-1), parallel.MODEL)
-    sum_exp = jax.lax.psum(jnp.exp(logits - row_max[:, None]).sum(-1), parallel.MODEL)
-    picked = jax.lax.psum(jnp.where(ids == token[:, None], logits, 0.0).sum(-1), parallel.MODEL)
-    return token, picked - row_max - jnp.log(sum_exp)
+    shifted = logits - row_max[:, None]
+    log_sum = jnp.log(jax.lax.psum(jnp.exp(shifted).sum(-1), parallel.MODEL))
+    picked = jax.lax.psum(jnp.where(ids == tokens[:, None], shifted, 0.0).sum(-1), parallel.MODEL)
+    if not n:
+        return (picked - log_sum,)
+    values, where = jax.lax.top_k(shifted, min(n, logits.shape[-1]))
+    values = jax.lax.all_gather(values, parallel.MODEL, axis=1, tiled=True)  # (batch, n x T)
+    candidates = jax.lax.all_gather(start + where, parallel.MODEL, axis=1, tiled=True)
+    values, best = jax.lax.top_k(values, n)
+    return picked - log_sum, values - log_sum[:, None], jnp.take_along_axis(candidates, best, 1)
 
 
 def _gumbel(key_data, ids):
@@ -125,27 +143,16 @@ def _threshold(scores, weights, target):
 def score(hidden, table, tokens, *, n: int, vocab_size: int):
     """(log p of `tokens`, (values, ids) of the n most likely tokens, largest first) for
     hidden (batch, hidden) and the head `table` split over `model`: shapes (batch,),
-    (batch, n), (batch, n). Each shard takes its own n best, the shards' candidates are
-    gathered (n x T numbers per sequence, never the logits) and the n best of them kept."""
+    (batch, n), (batch, n)."""
     row = parallel.spec("batch")
+
+    def local(h, t, x):
+        logits, start = loss.local_logits(h[:, None], t, None, vocab_size)
+        return _logprobs(logits[:, 0], start, x, n)
+
     return jax.shard_map(
-        lambda h, t, x: _score_shard(h, t, x, n, vocab_size),
+        local,
         in_specs=(parallel.spec("batch", "embed"), parallel.spec("vocab", "embed"), row),
         out_specs=(row, parallel.spec("batch", None), parallel.spec("batch", None)),
         check_vma=False,  # the gathered candidates are the same on every model shard
     )(hidden, table, tokens)
-
-
-def _score_shard(hidden, table, tokens, n, vocab_size):
-    logits, start = loss.local_logits(hidden[:, None], table, None, vocab_size)
-    logits = logits[:, 0]  # (batch / D, vocab / T)
-    ids = start + jnp.arange(logits.shape[-1])
-    row_max = jax.lax.pmax(logits.max(-1), parallel.MODEL)
-    shifted = logits - row_max[:, None]
-    log_sum = jnp.log(jax.lax.psum(jnp.exp(shifted).sum(-1), parallel.MODEL))
-    picked = jax.lax.psum(jnp.where(ids == tokens[:, None], shifted, 0.0).sum(-1), parallel.MODEL)
-    values, where = jax.lax.top_k(shifted, min(n, logits.shape[-1]))
-    values = jax.lax.all_gather(values, parallel.MODEL, axis=1, tiled=True)  # (batch, n x T)
-    candidates = jax.lax.all_gather(start + where, parallel.MODEL, axis=1, tiled=True)
-    values, best = jax.lax.top_k(values, n)
-    return picked - log_sum, values - log_sum[:, None], jnp.take_along_axis(candidates, best, 1)

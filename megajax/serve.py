@@ -275,7 +275,7 @@ def make_app(server: Server):
         body = await read_json(request)
         options = api.sampling_fields(body, api.COMPLETION_FIELDS, server.limits, server.model_name)
         echo = api._flag(body, "echo")
-        logprobs = api._number(body, "logprobs", 0, api.TOP, None, integer=True)
+        logprobs = api._number(body, "logprobs", 0, engine_lib.TOP, None, integer=True)
         max_tokens = api._number(body, "max_tokens", 0, server.engine.slots, 16, integer=True)
         if options["stream"] and echo:
             raise api.ApiError(400, "echo: not supported with stream", param="echo")
@@ -312,6 +312,8 @@ def make_app(server: Server):
                                 }
                             ],
                         }
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    yield {**head, "choices": [], "usage": api.usage(works)}
 
             return stream(chunks())
         async for _ in served(works):
@@ -346,7 +348,7 @@ def make_app(server: Server):
             {field: limit}, field, 1, server.engine.slots, max(room, 1), integer=True
         )
         want_logprobs = api._flag(body, "logprobs")
-        top_n = api._number(body, "top_logprobs", 0, api.TOP, 0, integer=True)
+        top_n = api._number(body, "top_logprobs", 0, engine_lib.TOP, 0, integer=True)
         works = api.works_for(
             [ids],
             max_tokens=max_tokens,
