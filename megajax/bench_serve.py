@@ -1,7 +1,7 @@
 """Time the server with concurrent clients against the same requests sent one at a time.
 
     python -m megajax.bench_serve [--config configs/gpt2_small.py] [--clients 8] \
-        [--prompt_len 32] [--new_tokens 128] [--rounds 2]
+        [--prompt_len 32] [--new_tokens 128] [--rounds 2] [--set model.num_layers=6]
 
 Random weights of the config's shape (GPT-2 124M by default) in float32 on one CPU device,
 served by megajax.serve (uvicorn and the engine, warmed up, its context --prompt_len +
@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds after a warm-up")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser.parse_args(argv)
 
 
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = config.replace(
-            config.load(args.config), model=dict(dropout=0.0, compute_dtype="float32")
+            config.override(config.load(args.config), args.set),
+            model=dict(dropout=0.0, compute_dtype="float32"),
         )
         if args.prompt_len + args.new_tokens > cfg.model.seq_len:
             raise ConfigError(

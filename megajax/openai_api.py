@@ -69,7 +69,7 @@ def _bad(param: str, message: str) -> ApiError:
     return ApiError(400, f"{param}: {message}", param=param)
 
 
-def _number(body, name, low, high, default, *, integer=False):
+def number(body, name, low, high, default, *, integer=False):
     value = body.get(name)
     if value is None:
         return default
@@ -81,7 +81,7 @@ def _number(body, name, low, high, default, *, integer=False):
     return value
 
 
-def _flag(body, name) -> bool:
+def flag(body, name) -> bool:
     value = body.get(name, False)
     if value is None:
         return False
@@ -111,7 +111,7 @@ def sampling_fields(body: dict, fields: set, limits: Limits, model_name: str) ->
             code="model_not_found",
         )
     for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, -2, 2, 0) != 0:
+        if number(body, name, -2, 2, 0) != 0:
             raise _bad(name, "only 0 is supported")
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
@@ -119,16 +119,16 @@ def sampling_fields(body: dict, fields: set, limits: Limits, model_name: str) ->
         raise _bad("stop", "must be a non-empty string or a list of them")
     if len(stop) > MAX_STOPS:
         raise _bad("stop", f"at most {MAX_STOPS} stop strings, got {len(stop)}")
-    top_k = _number(body, "top_k", -1, 2**31 - 1, 0, integer=True)
+    top_k = number(body, "top_k", -1, 2**31 - 1, 0, integer=True)
     options = {
-        "temperature": float(_number(body, "temperature", 0, 2, 1.0)),
-        "top_p": float(_number(body, "top_p", 0, 1, 1.0)),
+        "temperature": float(number(body, "temperature", 0, 2, 1.0)),
+        "top_p": float(number(body, "top_p", 0, 1, 1.0)),
         "top_k": max(top_k, 0),  # -1 (vLLM's) or 0: off
-        "n": _number(body, "n", 1, limits.max_n, 1, integer=True),
-        "seed": _number(body, "seed", -(2**63), 2**64 - 1, None, integer=True),
+        "n": number(body, "n", 1, limits.max_n, 1, integer=True),
+        "seed": number(body, "seed", -(2**63), 2**64 - 1, None, integer=True),
         "stop": tuple(stop),
-        "stream": _flag(body, "stream"),
-        "ignore_eos": _flag(body, "ignore_eos"),
+        "stream": flag(body, "stream"),
+        "ignore_eos": flag(body, "ignore_eos"),
     }
     if options["top_p"] == 0:
         raise _bad("top_p", "must be in (0, 1]")
@@ -253,7 +253,7 @@ def completion_choice(choice: Choice, tokenizer, *, index, echo, logprobs, promp
     if echo:
         prompt_text = tokenizer.decode(work.ids) if prompt_text is None else prompt_text
         text = prompt_text + text
-    out = {"index": index, "text": text, "logprobs": None, "finish_reason": _reason(choice)}
+    out = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason(choice)}
     if logprobs is not None:
         tokens, values, tops = [], [], []
         if echo:
@@ -277,7 +277,7 @@ def completion_choice(choice: Choice, tokenizer, *, index, echo, logprobs, promp
     return out
 
 
-def _reason(choice: Choice) -> str:
+def finish_reason(choice: Choice) -> str:
     return "stop" if choice.finish_reason == "stop" else "length"
 
 

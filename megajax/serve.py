@@ -53,7 +53,7 @@ class BadRequest(ValueError):
     """A request the server answers with HTTP 400 and this message."""
 
 
-def _number(request, name, kind, low, high):
+def number(request, name, kind, low, high):
     value = request[name]
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise BadRequest(f"{name} must be {'a number' if kind is float else 'an integer'}")
@@ -83,11 +83,11 @@ def parse_request(body: bytes, *, vocab_size: int) -> dict:
     request = {**DEFAULTS, **request}
     options = {
         "prompts": prompts,
-        "tokens_to_generate": _number(request, "tokens_to_generate", int, 0, MAX_TOKENS),
-        "temperature": _number(request, "temperature", float, 0.0, 100.0),
-        "top_k": _number(request, "top_k", int, 0, vocab_size),
-        "top_p": _number(request, "top_p", float, 0.0, 1.0),
-        "random_seed": _number(request, "random_seed", int, 0, 2**32 - 1),
+        "tokens_to_generate": number(request, "tokens_to_generate", int, 0, MAX_TOKENS),
+        "temperature": number(request, "temperature", float, 0.0, 100.0),
+        "top_k": number(request, "top_k", int, 0, vocab_size),
+        "top_p": number(request, "top_p", float, 0.0, 1.0),
+        "random_seed": number(request, "random_seed", int, 0, 2**32 - 1),
     }
     if not isinstance(request["logprobs"], bool):
         raise BadRequest("logprobs must be true or false")
@@ -209,9 +209,9 @@ def make_app(server: Server):
             raise api.ApiError(400, "the body must be a JSON object")
         return body
 
-    async def served(works):
-        """Queue the works and yield (choice, new text) as the engine hands them over, until
-        every choice finished; cancelled when the client goes or the time is up."""
+    def submit(works) -> asyncio.Queue:
+        """Queue the works (before any answer starts: a full queue is a 503); the engine puts
+        (choice, new text) on the returned queue as it goes."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         for work in works:
             work.notify = lambda choice, delta: loop.call_soon_threadsafe(
@@ -223,6 +223,12 @@ def make_app(server: Server):
             raise api.ApiError(
                 503, f"{e}: retry later", kind="server_error", code="queue_full"
             ) from None
+        return events
+
+    async def served(works, events):
+        """(choice, new text) as the engine hands them over, until every choice finished;
+        the works cancelled when the client goes or the time is up."""
+        loop = asyncio.get_running_loop()
         remaining = sum(w.n for w in works)
         deadline = loop.time() + server.request_timeout
         try:
@@ -274,9 +280,9 @@ def make_app(server: Server):
     async def completions(request: Request):
         body = await read_json(request)
         options = api.sampling_fields(body, api.COMPLETION_FIELDS, server.limits, server.model_name)
-        echo = api._flag(body, "echo")
-        logprobs = api._number(body, "logprobs", 0, engine_lib.TOP, None, integer=True)
-        max_tokens = api._number(body, "max_tokens", 0, server.engine.slots, 16, integer=True)
+        echo = api.flag(body, "echo")
+        logprobs = api.number(body, "logprobs", 0, engine_lib.TOP, None, integer=True)
+        max_tokens = api.number(body, "max_tokens", 0, server.engine.slots, 16, integer=True)
         if options["stream"] and echo:
             raise api.ApiError(400, "echo: not supported with stream", param="echo")
         if max_tokens == 0 and not echo:
@@ -295,11 +301,12 @@ def make_app(server: Server):
         head = api.envelope("text_completion", server.model_name)
         n = options["n"]
         if options["stream"]:
+            events = submit(works)
 
             async def chunks():
-                async for choice, delta in served(works):
+                async for choice, delta in served(works, events):
                     index = works.index(choice.work) * n + choice.index
-                    finish = api._reason(choice) if choice.finish_reason else None
+                    finish = api.finish_reason(choice) if choice.finish_reason else None
                     if delta or finish:
                         yield {
                             **head,
@@ -316,7 +323,7 @@ def make_app(server: Server):
                     yield {**head, "choices": [], "usage": api.usage(works)}
 
             return stream(chunks())
-        async for _ in served(works):
+        async for _ in served(works, submit(works)):
             pass
         choices = [
             api.completion_choice(
@@ -344,11 +351,11 @@ def make_app(server: Server):
         room = server.engine.slots - len(ids)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = api._number(
+        max_tokens = api.number(
             {field: limit}, field, 1, server.engine.slots, max(room, 1), integer=True
         )
-        want_logprobs = api._flag(body, "logprobs")
-        top_n = api._number(body, "top_logprobs", 0, engine_lib.TOP, 0, integer=True)
+        want_logprobs = api.flag(body, "logprobs")
+        top_n = api.number(body, "top_logprobs", 0, engine_lib.TOP, 0, integer=True)
         works = api.works_for(
             [ids],
             max_tokens=max_tokens,
@@ -359,6 +366,8 @@ def make_app(server: Server):
         )
         if options["stream"]:
             head = api.envelope("chat.completion.chunk", server.model_name)
+
+            events = submit(works)
 
             async def chunks():
                 for i in range(options["n"]):
@@ -373,8 +382,8 @@ def make_app(server: Server):
                             }
                         ],
                     }
-                async for choice, delta in served(works):
-                    finish = api._reason(choice) if choice.finish_reason else None
+                async for choice, delta in served(works, events):
+                    finish = api.finish_reason(choice) if choice.finish_reason else None
                     if delta:
                         yield {
                             **head,
@@ -403,7 +412,7 @@ def make_app(server: Server):
                     yield {**head, "choices": [], "usage": api.usage(works)}
 
             return stream(chunks())
-        async for _ in served(works):
+        async for _ in served(works, submit(works)):
             pass
         choices = []
         for c in works[0].choices:
@@ -414,7 +423,7 @@ def make_app(server: Server):
                     "index": c.index,
                     "message": message,
                     "logprobs": logprobs,
-                    "finish_reason": api._reason(c),
+                    "finish_reason": api.finish_reason(c),
                 }
             )
         return {

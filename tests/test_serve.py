@@ -246,11 +246,28 @@ def test_a_full_queue_answers_503_and_the_queued_requests_are_served(served):
         work = engine.Work(ids=[464], max_tokens=2, notify=lambda c, _: c.finish_reason
                            and finished.append(c))  # fmt: skip
         eng.submit([work])
-    got, reply = _post(f"{url}/v1/completions", {"prompt": "a", "max_tokens": 2})
-    assert got == 503 and reply["error"]["code"] == "queue_full"
+    for route, body in (("completions", {"prompt": "a"}), ("chat/completions", {"stream": True,
+                        "messages": [{"role": "user", "content": "a"}]})):  # fmt: skip
+        got, reply = _post(f"{url}/v1/{route}", {**body, "max_tokens": 2})
+        assert got == 503 and reply["error"]["code"] == "queue_full"  # a stream too: no 200
     gate.set()
     assert _post(f"{url}/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
     assert len(finished) == eng.queue.maxsize
+
+
+def test_a_request_past_its_time_gets_504_and_is_dropped(served):
+    url, server = served
+    eng, gate = server.engine, threading.Event()
+    eng.submit(gate.wait)
+    timeout, server.request_timeout = server.request_timeout, 0.5
+    try:
+        got, reply = _post(f"{url}/v1/completions", {"prompt": "a", "max_tokens": 2})
+    finally:
+        server.request_timeout = timeout
+        gate.set()
+    assert got == 504 and reply["error"]["code"] == "timeout"
+    assert _post(f"{url}/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
+    assert not eng._pending and not any(eng._row)  # the late request was never decoded
 
 
 # Megatron-LM's PUT /api, on the same server --------------------------------------------------
