@@ -8,7 +8,8 @@ attends only to the slots written since it joined (attention does not care where
 its position was applied when it was written), so a row can join at any step without moving
 the others. A joining prompt runs through the model once (prefill), and its keys and values
 are written to the slots just behind the clock, as if it had been decoded there. A request
-fits when prompt + max_tokens <= slots, so a row never overwrites its own keys.
+fits when prompt + max_tokens - 1 <= slots (the last token is never fed back), so a row never
+overwrites its own keys.
 
 Every compiled shape comes from buckets: rows are the data degree times a power of two up to
 `max_rows`, prompt widths 16 times a power of two up to `slots`. So the programs are at most
@@ -133,7 +134,9 @@ class Engine:
             raise ValueError("a prompt needs at least one token")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
-        if len(ids) + max_tokens > self.slots:
+        # The last token chosen is never fed back: prompt + max_tokens - 1 tokens take slots
+        # (a prompt of the whole context is scored, and its next token chosen, as lm-eval asks).
+        if len(ids) + max(max_tokens, 1) - 1 > self.slots:
             raise ValueError(
                 f"the prompt's {len(ids)} tokens and max_tokens {max_tokens} exceed the model's "
                 f"{self.slots} positions: shorten the prompt or ask for fewer tokens"

@@ -574,7 +574,8 @@ def main(argv=None) -> int:
         max_prompts=args.max_prompts,
         request_timeout=args.request_timeout,
     )
-    print(f"serving {name} (step {step}) on http://{args.host}:{args.port}/v1 and /api", flush=True)
+    source = args.hf_checkpoint or f"{args.workdir}, step {step}"
+    print(f"serving {name} ({source}) on http://{args.host}:{args.port}/v1 and /api", flush=True)
     uvicorn.run(
         make_app(server),
         host=args.host,

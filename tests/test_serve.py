@@ -86,7 +86,8 @@ def test_echo_scores_the_prompt_as_transformers_and_as_lm_eval_reads_it(served, 
     greedy one exactly when its value is its position's best."""
     url, server = served
     tokenizer = server.tokenizer
-    ids = [[15496, 11, 616, 1438, 318, 1757], [464, 3290]]
+    # the last prompt fills the model's 128 positions: scored whole, its next token chosen
+    ids = [[15496, 11, 616, 1438, 318, 1757], [464, 3290], list(range(1000, 1128))]
     status, reply = _post(f"{url}/v1/completions", {"model": "tiny-gpt2", "prompt": ids,
                           "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0,
                           "seed": 1234})  # fmt: skip
@@ -108,7 +109,7 @@ def test_echo_scores_the_prompt_as_transformers_and_as_lm_eval_reads_it(served, 
             greedy
         )
         assert choice["text"].startswith(tokenizer.decode(prompt))
-    assert reply["usage"]["prompt_tokens"] == 8
+    assert reply["usage"]["prompt_tokens"] == 8 + 128
 
 
 def test_openai_client_completes_chats_and_streams(served, client):
@@ -204,6 +205,7 @@ BAD = [
     ({"prompt": [[1, 2], "a"]}, 400, "prompt"),
     ({"prompt": [[50257]]}, 400, "token ids must be in"),
     ({"prompt": "a" + " a" * 125, "max_tokens": 8}, 400, "exceed the model's 128 positions"),
+    ({"prompt": [list(range(129))], "max_tokens": 1, "echo": True}, 400, "129 tokens"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "not served here"),
     (b"{" + b" " * (1 << 16) + b"}", 413, "over 65536 bytes"),
 ]
