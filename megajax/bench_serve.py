@@ -52,12 +52,8 @@ def _server(cfg, clients: int, prompt_len: int, new_tokens: int) -> str:
     sharded = ShardedModel(cfg, mesh.make("data=1,model=1", devices=jax.devices()[:1]))
     generator = generate.Generator(sharded, sharded.fresh_params())
     tokenizer = GPT2Tokenizer("data/gpt2")
-    engine = serve.start_engine(
-        generator, tokenizer, max_rows=clients, max_queue=clients, slots=prompt_len + new_tokens
-    )
-    warmed = threading.Event()
-    engine.submit(lambda: (engine.warm_up(widths=[prompt_len]), warmed.set()))
-    warmed.wait()
+    limits = dict(max_rows=clients, max_queue=clients, slots=prompt_len + new_tokens)
+    engine = serve.start_engine(generator, tokenizer, warm_up=[prompt_len], **limits)
     server = serve.Server(engine, tokenizer, chat.template_for(tokenizer), model_name="bench")
     _, port = serve.serve_in_thread(serve.make_app(server))
     return f"http://127.0.0.1:{port}/v1/completions"

@@ -478,11 +478,14 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, *, keep_alive: 
     return server, sock.getsockname()[1]
 
 
-def start_engine(generator, tokenizer, **limits):
-    """An Engine over the generator, serving in its own daemon thread."""
+def start_engine(generator, tokenizer, *, warm_up=False, **limits):
+    """An Engine over the generator, serving in its own daemon thread; with `warm_up`, every
+    program (or those of prompts up to the widths it lists) compiled first."""
     from megajax.engine import Engine
 
     engine = Engine(generator, tokenizer, **limits)
+    if warm_up:
+        engine.warm_up(None if warm_up is True else warm_up)
     threading.Thread(target=engine.run, name="model", daemon=True).start()
     return engine
 
@@ -555,15 +558,12 @@ def main(argv=None) -> int:
             max_rows=args.max_rows,
             max_queue=args.max_queue,
             slots=args.context,
+            warm_up=args.warm_up,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.warm_up:
-        done = threading.Event()
-        engine.submit(lambda: (engine.warm_up(), done.set()))
-        done.wait()
-        print(f"compiled {engine.compiled} programs", flush=True)
+    print(f"compiled {engine.compiled} programs", flush=True)
     name = args.served_model_name or Path(args.workdir or args.hf_checkpoint).resolve().name
     server = Server(
         engine,

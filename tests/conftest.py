@@ -14,7 +14,6 @@ Processes that tests start get the same settings (`subprocess_env`).
 import importlib.metadata
 import os
 import tempfile
-import threading
 from pathlib import Path
 
 from megajax import mesh
@@ -187,11 +186,8 @@ def start_server(hf_dir: Path, *, max_rows: int, **limits):
     from megajax.data import chat
 
     generator, tokenizer = load_generator(hf_dir)
-    eng = serve.start_engine(generator, tokenizer, max_rows=max_rows, max_queue=8)
-    warmed = threading.Event()
-    eng.submit(lambda: (eng.warm_up(), warmed.set()))
+    eng = serve.start_engine(generator, tokenizer, max_rows=max_rows, max_queue=8, warm_up=True)
     template = chat.template_for(tokenizer, hf_dir)
     server = serve.Server(eng, tokenizer, template, model_name="tiny-gpt2", **limits)
     _, port = serve.serve_in_thread(serve.make_app(server))
-    assert warmed.wait(600)
     return f"http://127.0.0.1:{port}", server

@@ -9,14 +9,17 @@ import threading
 import urllib.error
 import urllib.request
 
+import jax
 import numpy as np
 import openai
 import pytest
 import torch
-from conftest import make_hf_gpt2, start_server
+from conftest import device_mesh, llama_config, make_hf_gpt2, start_server
 from transformers import GPT2LMHeadModel
 
-from megajax import engine, serve
+from megajax import engine, generate, serve
+from megajax.data.tokenizer import GPT2Tokenizer
+from megajax.sharded_model import ShardedModel
 
 MAX_ROWS = 4  # on 2 x 2: rows of 2 or 4, so 8 clients also wait in the queue
 PROMPTS = ["Hello, my name is", "The", "To be, or not to be, that is the question:"]
@@ -187,6 +190,33 @@ def test_stop_strings_and_end_of_text_end_a_completion(served, client):
     (choice,) = work.choices
     assert choice.finish_reason == "stop" and choice.tokens[-1] == end
     assert len(choice.tokens) == k + 1 and choice.text == "".join(tokens[:k])
+
+
+def test_a_llama_joining_the_running_batch_decodes_as_generate_does():
+    """RoPE and grouped-query attention on 1 x 4 (the key/value weight split by rows): a
+    request joining while another decodes gets megajax.generate's greedy tokens, and so does
+    the one it joined; both wrap around the ring (a prompt sits behind the clock)."""
+    sharded = ShardedModel(llama_config(rope_theta=100.0), device_mesh(1, 4))  # fast turns
+    # Weights 10x their initial scale: attention, and so every key's position, decides tokens.
+    params = jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x, sharded.fresh_params())
+    generator = generate.Generator(sharded, params)
+    eng = engine.Engine(generator, GPT2Tokenizer("data/gpt2"), max_rows=2)
+    prompts, new = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]], 18
+    second = engine.Work(ids=prompts[1], max_tokens=new, temperature=0.0, notify=lambda *_: 0)
+    joined_after = []
+
+    def notify(choice, _):  # in the engine's thread: the second joins at its next step
+        if len(choice.tokens) >= 6 and not joined_after:
+            joined_after.append(len(choice.tokens))
+            eng.submit([second])
+
+    first = engine.Work(ids=prompts[0], max_tokens=new, temperature=0.0, notify=notify)
+    eng.submit([first])
+    eng.run(until_idle=True)
+    assert 6 <= joined_after[0] < new
+    expected = generator(prompts, new_tokens=new, temperature=0.0)["tokens"]
+    for work, tokens in zip((first, second), expected, strict=True):
+        assert work.choices[0].tokens == tokens.tolist()
 
 
 BAD = [
