@@ -4,6 +4,7 @@ transformers scores them; 8 concurrent clients get what each gets alone, and no 
 compiles after warm-up; every bad input gets its status and the server serves on; Megatron-LM's
 PUT /api still answers. One server (uvicorn in a thread) over a small random GPT-2 for all."""
 
+import http.client
 import json
 import threading
 import urllib.error
@@ -300,6 +301,33 @@ def test_a_request_past_its_time_gets_504_and_is_dropped(served):
     assert got == 504 and reply["error"]["code"] == "timeout"
     assert _post(f"{url}/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
     assert not eng._pending and not any(eng._row)  # the late request was never decoded
+
+
+def test_a_client_that_leaves_a_stream_frees_its_row(served):
+    """The model thread held after the first chunk, the client hangs up: its request is
+    cancelled, and the engine drops the row at its next token instead of decoding on."""
+    url, server = served
+    eng, gate = server.engine, threading.Event()
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"prompt": "a", "max_tokens": 100, "temperature": 0, "stream": True}
+    connection.request("POST", "/v1/completions", json.dumps(body),
+                       {"Content-Type": "application/json"})  # fmt: skip
+    response = connection.getresponse()
+    assert response.readline().startswith(b"data: {")  # the first text: decoding
+    eng.submit(gate.wait)
+    (choice,) = [c for c in eng._row if c is not None]
+    connection.close()
+    for _ in range(500):
+        if choice.work.cancelled:
+            break
+        threading.Event().wait(0.01)
+    gate.set()
+    for _ in range(500):
+        if choice.finish_reason:
+            break
+        threading.Event().wait(0.01)
+    assert choice.finish_reason == "cancelled" and len(choice.tokens) < 100
 
 
 # Megatron-LM's PUT /api, on the same server --------------------------------------------------
