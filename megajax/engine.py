@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-import time
 import traceback
 from collections.abc import Callable
 
@@ -73,7 +72,6 @@ class Choice:
     sent: int = 0  # characters of text already handed to notify
     finish_reason: str | None = None
     stopped_by_token: bool = False  # the last token is the end of text, outside `text`
-    first_token_at: float | None = None
 
 
 def buckets(low: int, high: int) -> list[int]:
@@ -176,8 +174,7 @@ class Engine:
                 for r, choice in enumerate(self._row):
                     if choice is not None:
                         self._finish(r, "error")
-                self._cache, self._row, self._clock = None, [], 0
-                self._begin = np.zeros(0, np.int64)
+                self._reset()
 
     def _take(self, *, block: bool) -> None:
         """Move requests from the queue to the pending list while rows could take them; run
@@ -242,6 +239,7 @@ class Engine:
             self._add_token(
                 r, out["token"][r], out["logprob"][r], out["top_ids"][r], out["top_values"][r]
             )
+        self._settle()  # requests wanting no more than the prefill's token are done
 
     def _decode(self) -> None:
         """One token for every row, then hand each its token."""
@@ -264,11 +262,20 @@ class Engine:
                 self._add_token(
                     r, out["token"][r], out["logprob"][r], out["top_ids"][r], out["top_values"][r]
                 )
-        if not any(self._row):  # the batch emptied: the next one starts afresh
-            self._cache, self._row, self._clock = None, [], 0
-            self._begin = np.zeros(0, np.int64)
-        elif bucket(self.rows, sum(c is not None for c in self._row)) < len(self._row):
-            self._resize(sum(c is not None for c in self._row))
+        self._settle()
+
+    def _settle(self) -> None:
+        """After rows left: an empty batch frees its cache (the next starts afresh), a smaller
+        one moves into the smaller bucket."""
+        active = sum(c is not None for c in self._row)
+        if not active:
+            self._reset()
+        elif bucket(self.rows, active) < len(self._row):
+            self._resize(active)
+
+    def _reset(self) -> None:
+        self._cache, self._row, self._clock = None, [], 0
+        self._begin = np.zeros(0, np.int64)
 
     def _row_params(self) -> list[np.ndarray]:
         """Per-row sampling inputs: seed, choice index, step, temperature, top_k, top_p."""
@@ -288,8 +295,6 @@ class Engine:
         max_tokens or cancellation; else hand on the text that no stop string can take back."""
         choice = self._row[r]
         work, token = choice.work, int(token)
-        if choice.first_token_at is None:
-            choice.first_token_at = time.perf_counter()
         choice.tokens.append(token)
         choice.logprobs.append(float(logprob))
         choice.top.append((top_ids.tolist(), top_values.tolist()))
@@ -311,7 +316,7 @@ class Engine:
         while safe > choice.sent and choice.text[safe - 1] == "\ufffd":
             safe -= 1
         if safe > choice.sent:
-            work.notify(choice, choice.text[choice.sent : safe])
+            _tell(choice, choice.text[choice.sent : safe])
             choice.sent = safe
 
     def _finish(self, r, reason) -> None:
@@ -320,7 +325,7 @@ class Engine:
         choice.finish_reason = reason
         delta = choice.text[choice.sent :]
         choice.sent = len(choice.text)
-        choice.work.notify(choice, delta)
+        _tell(choice, delta)
 
     def _resize(self, needed: int) -> None:
         """Give the cache the rows bucket `needed` takes, its decoding rows first."""
@@ -515,6 +520,15 @@ class Engine:
             mask=live[:, None, None, :],
         )
         return cache, self._choose(model, hidden[:, 0], *row)
+
+
+def _tell(choice: Choice, delta: str) -> None:
+    """Hand new text to the request; one whose client is gone fails alone."""
+    try:
+        choice.work.notify(choice, delta)
+    except Exception:
+        choice.work.cancelled = True
+        traceback.print_exc()
 
 
 def _overlap(text: str, stop: str) -> int:
