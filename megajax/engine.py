@@ -112,6 +112,8 @@ class Engine:
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.programs: dict = {}
         self.compiled = 0  # programs compiled so far: none after warm_up
+        self.busiest = 0  # the most rows decoded in one step
+        self.joined_running = 0  # requests that joined while others decoded
         self._pending: list[Work] = []  # taken from the queue, waiting for rows
         self._row: list[Choice | None] = []  # the choice decoding in each row of the cache
         self._cache = None
@@ -203,6 +205,7 @@ class Engine:
             joining.extend(work.choices)
         if not joining:
             return
+        self.joined_running += used > 0
         self._resize(used + len(joining))
         free = [r for r, c in enumerate(self._row) if c is None]
         rows = len(self._row)
@@ -250,7 +253,9 @@ class Engine:
             if choice is not None:
                 tokens[r] = choice.tokens[-1]
                 self._set_row_params(params, r, choice, step=len(choice.tokens))
-        begin = np.where([c is not None for c in self._row], self._begin, self._clock)
+        active = [c is not None for c in self._row]
+        self.busiest = max(self.busiest, sum(active))
+        begin = np.where(active, self._begin, self._clock)
         fn = self._program("decode", rows)
         self._cache, out = fn(
             self.params, self._cache, tokens, np.int32(self._clock), begin.astype(np.int32), *params

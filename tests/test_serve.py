@@ -141,15 +141,17 @@ def _get(url):
 
 
 def test_eight_concurrent_clients_each_get_their_answer_alone_and_nothing_compiles(served):
-    """Greedy and seeded sampling, n of 2, unequal prompts and lengths: requests join the
-    batch as rows free up (4 rows; the rest queue) and leave as they finish."""
+    """Greedy and seeded sampling, n of 2, unequal prompts and lengths. The model thread
+    held until all 8 wait in the queue: 4 rows decode together, the rest join the running
+    batch as rows free up, each leaving as it finishes."""
     url, server = served
+    eng, gate = server.engine, threading.Event()
     requests = [
         {"prompt": PROMPTS[i % 3] * (1 + i % 2), "max_tokens": 4 + 3 * i,
          "temperature": 0 if i % 2 else 0.9, "seed": i, "top_k": 40 * (i % 3), "n": 1 + (i == 4)}
         for i in range(8)
     ]  # fmt: skip
-    compiled = server.engine.compiled
+    compiled = eng.compiled
     alone = [_post(f"{url}/v1/completions", r) for r in requests]
     together = [None] * 8
 
@@ -157,10 +159,18 @@ def test_eight_concurrent_clients_each_get_their_answer_alone_and_nothing_compil
         together[i] = _post(f"{url}/v1/completions", requests[i])
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    eng.submit(gate.wait)
+    while not eng.queue.empty():  # the model thread took the gate
+        threading.Event().wait(0.01)
+    eng.busiest = eng.joined_running = 0
     for t in threads:
         t.start()
+    while eng.queue.qsize() < 8:
+        threading.Event().wait(0.01)
+    gate.set()
     for t in threads:
         t.join()
+    assert eng.busiest == MAX_ROWS and eng.joined_running > 0
     for (s1, a), (s2, b) in zip(alone, together, strict=True):
         assert s1 == s2 == 200, (a, b)
         assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
