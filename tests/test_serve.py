@@ -135,6 +135,28 @@ def test_openai_client_completes_chats_and_streams(served, client):
     assert text == alone.choices[0].text
 
 
+def test_chat_samples_n_choices_with_their_logprobs_streamed_or_not(client):
+    """Two seeded choices of a chat, whole and streamed (the choices interleaved by index),
+    each token with its log-probability and its 3 best alternatives."""
+    kw = dict(model="tiny-gpt2", messages=[{"role": "user", "content": "Hi."}], max_tokens=6,
+              temperature=1.0, seed=7, n=2)  # fmt: skip
+    reply = client.chat.completions.create(**kw, logprobs=True, top_logprobs=3)
+    texts = [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)]
+    assert len(texts) == 2 and texts[0] != texts[1]  # each choice its own key
+    for choice in reply.choices:
+        content = choice.logprobs.content
+        assert "".join(t.token for t in content) == choice.message.content
+        for token in content:
+            assert len(token.top_logprobs) == 3 and token.logprob <= 0
+            assert token.top_logprobs[0].logprob >= token.logprob  # the best is first
+    streamed = ["", ""]
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == texts
+    assert reply.usage.completion_tokens == sum(len(c.logprobs.content) for c in reply.choices)
+
+
 def _get(url):
     with urllib.request.urlopen(url, timeout=60) as response:
         return json.loads(response.read())
