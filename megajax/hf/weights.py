@@ -260,8 +260,9 @@ def with_hf_model(
     Otherwise the checkpoint's architecture decides them.
 
     `overrides`: the user's explicit SECTION.FIELD=VALUE assignments (--set). Those of
-    model.dropout, init_std and layernorm_eps win over the checkpoint's values; one that
-    contradicts the checkpoint's shape is an error."""
+    model.dropout, init_std and layernorm_eps win over the checkpoint's values, those of
+    model.rope_scaling's fields apply over its RoPE scaling; one that contradicts the
+    checkpoint's shape is an error."""
     fields = weights.family.model_fields(weights.config)
     if arch_chosen:
         if cfg.model.is_bert != (fields["arch"] != "gpt"):
@@ -274,8 +275,12 @@ def with_hf_model(
         # Train on shorter sequences than the checkpoint has positions for: its first ones.
         fields["seq_len"] = min(fields["seq_len"], cfg.model.seq_len)
     hf = config.to_dict(config.Config(model=ModelConfig(**fields)))["model"]
-    explicit = {k.partition("=")[0][len("model.") :] for k in overrides if k.startswith("model.")}
-    for name in sorted(explicit - set(COMPUTE_OPTIONS) - set(TRAINING_OPTIONS)):
+    explicit = {
+        k.partition("=")[0][len("model.") :].partition(".")[0]
+        for k in overrides
+        if k.startswith("model.")
+    }
+    for name in sorted(explicit - set(COMPUTE_OPTIONS) - set(TRAINING_OPTIONS) - {"rope_scaling"}):
         if getattr(cfg.model, name) != hf[name]:
             raise ConfigError(
                 f"model.{name}={getattr(cfg.model, name)} was set but the Hugging Face "
@@ -283,6 +288,9 @@ def with_hf_model(
             )
     kept = (*COMPUTE_OPTIONS, *(explicit & set(TRAINING_OPTIONS)))
     cfg = config.replace(cfg, model={**hf, **{k: getattr(cfg.model, k) for k in kept}})
+    # model.rope_scaling's fields set with --set stretch the checkpoint's context (as Llama 3.1
+    # and YaRN fine-tune a model to): they apply over the checkpoint's own.
+    cfg = config.override(cfg, [k for k in overrides if k.startswith("model.rope_scaling.")])
     llama = weights.config.get("model_type") == "llama"
     directory, default = weights.directory, config.DataConfig().vocab_dir
     if llama and cfg.data.tokenizer == "gpt2" and (directory / "tokenizer.json").is_file():
