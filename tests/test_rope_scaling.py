@@ -141,6 +141,20 @@ def test_exported_config_round_trips_the_scaling(hf_dirs, kind):
     assert families.model_config(older) == cfg
 
 
+@pytest.mark.parametrize("kind", list(SCALINGS))
+def test_a_scaled_llama_imported_and_exported_gives_the_same_logits(hf_dirs, ids, kind, tmp_path):
+    """python -m megajax.convert --hf, then --to_hf: the exported directory loads in
+    transformers with the scaling and the logits it was imported with."""
+    convert.import_hf(str(hf_dirs[kind]), str(tmp_path / "run"), config.Config(),
+                      device_mesh(1, 1), log=lambda _: None)  # fmt: skip
+    convert.export_hf(str(tmp_path / "run"), str(tmp_path / "back"), device_mesh(2, 4),
+                      log=lambda _: None)  # fmt: skip
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "back")
+    assert back.config.rope_parameters == LlamaConfig.from_pretrained(hf_dirs[kind]).rope_parameters
+    original = LlamaForCausalLM.from_pretrained(hf_dirs[kind])
+    np.testing.assert_array_equal(_hf_logits(back, ids), _hf_logits(original, ids))
+
+
 def test_an_unscaled_llama_exports_as_before():
     llama = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
     exported = families.hf_config(config.replace(config.Config(), model=llama).model)
