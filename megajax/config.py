@@ -449,6 +449,39 @@ class CheckpointConfig:
         check_ranges("checkpoint", self)
 
 
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    # LoRA (arXiv 2106.09685): each targeted layer's weight W is frozen and trained as
+    # W + (alpha / rank) A B, A (in, rank) and B (rank, out); every other parameter is frozen.
+    # 0: full fine-tuning, every parameter trains.
+    rank: int = 0
+    alpha: float = 16.0  # the update's scale is alpha / rank (PEFT's lora_alpha)
+    dropout: float = 0.0  # on the adapter's input only (PEFT's lora_dropout)
+    # Comma-separated, of: qkv (attention's query, key and value projections), proj (the
+    # attention output), fc1 (the MLP's first layer: SwiGLU's gate and up), fc2.
+    targets: str = "qkv,proj,fc1,fc2"
+
+    RANGES: typing.ClassVar[dict[str, Range]] = dict(
+        rank=NON_NEGATIVE, alpha=Range(0, low_open=True), dropout=FRACTION
+    )
+
+    def __post_init__(self):
+        check_ranges("lora", self)
+        unknown = [t for t in self.target_names if t not in LORA_TARGETS]
+        if unknown or not self.target_names:
+            raise ConfigError(
+                f"lora.targets={self.targets!r}: name one or more of {', '.join(LORA_TARGETS)}, "
+                "comma-separated"
+            )
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
@@ -456,6 +489,41 @@ class Config:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    lora: LoRAConfig = LoRAConfig()
+
+
+# Model options that are not a checkpoint's shape: a run started from a checkpoint (Hugging
+# Face's, or a megajax run's) keeps its config's compute options, and an explicit --set of a
+# training option wins over the checkpoint's (GPT-2's resid_pdrop, BERT's hidden_dropout_prob).
+COMPUTE_OPTIONS = (
+    "remat", "sequence_parallel", "compute_dtype", "make_vocab_size_divisible_by", "attention"
+)  # fmt: skip
+TRAINING_OPTIONS = ("dropout", "init_std", "layernorm_eps")
+
+
+def with_model_of(cfg: Config, fields: dict, *, overrides=(), source: str) -> Config:
+    """`cfg` with the model of a checkpoint (`fields`: its ModelConfig fields; `source`: what it
+    is, for messages): the checkpoint's shape and training options, the config's compute
+    options. `overrides`: the user's explicit SECTION.FIELD=VALUE assignments (--set); those of
+    TRAINING_OPTIONS win over the checkpoint's values, those of model.rope_scaling's fields
+    apply over its scaling, one that contradicts its shape is an error."""
+    theirs = to_dict(Config(model=ModelConfig(**fields)))["model"]
+    explicit = {
+        k.partition("=")[0][len("model.") :].partition(".")[0]
+        for k in overrides
+        if k.startswith("model.")
+    }
+    for name in sorted(explicit - set(COMPUTE_OPTIONS) - set(TRAINING_OPTIONS) - {"rope_scaling"}):
+        if getattr(cfg.model, name) != theirs[name]:
+            raise ConfigError(
+                f"model.{name}={getattr(cfg.model, name)} was set but {source} has "
+                f"{theirs[name]}: drop the option or use another checkpoint"
+            )
+    kept = (*COMPUTE_OPTIONS, *(explicit & set(TRAINING_OPTIONS)))
+    cfg = replace(cfg, model={**theirs, **{k: getattr(cfg.model, k) for k in kept}})
+    # model.rope_scaling's fields set with --set stretch the checkpoint's context (as Llama 3.1
+    # and YaRN fine-tune a model to): they apply over the checkpoint's own.
+    return override(cfg, [k for k in overrides if k.startswith("model.rope_scaling.")])
 
 
 def load(path: str | Path) -> Config:

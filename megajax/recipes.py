@@ -111,7 +111,7 @@ def llama(
     the checkpoint's tokenizer.json (data.tokenizer="hf"); neither it nor a corpus ships.
 
     Micro-batches of 16,384 tokens with sequence parallelism and selective recomputation: what
-    the dry run finds to fit one H100 of a model=8 group (Llama 3 8B: 40.5 GB analytic). With
+    the dry run finds to fit one H100 of a model=8 group (Llama 3 8B: 42.4 GB analytic). With
     data=D, divide train.micro_batches by D to keep that micro-batch per device. `rope_scaling`:
     a RoPE stretched past the context it was trained at (Llama 3.1's)."""
     return Config(
