@@ -14,7 +14,8 @@ both as Megatron-LM measures them, for a GPT over the GPT-2 BPE or a tokenizer.j
 read as training reads it); `race` the accuracy of a multiple-choice BERT on
 RACE's folders (or files), overall and per level; `chat` the mean cross-entropy over the
 trained (assistant) tokens of a JSON Lines file of conversations, rendered, masked and packed as
-fine-tuning reads them (data.format=chat). The mesh may differ from the training mesh.
+fine-tuning reads them (data.format=chat), or with `--held_out` of those a fine-tuning run
+holds out. The mesh may differ from the training mesh.
 The last line printed is the result as one JSON object, also written to WORKDIR/eval_TASK.json
 when there is a work directory.
 """
@@ -53,6 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_false",
         help="lambada: predict only the last token, not every token of the last word",
     )
+    parser.add_argument(
+        "--held_out",
+        action="store_true",
+        help="chat: only the conversations a fine-tuning run holds out (the last "
+        "data.val_fraction of them)",
+    )
     parser.add_argument("--workdir", help="the run's work directory (checkpoints, config.json)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     parser.add_argument(
@@ -67,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--data is for the benchmark tasks; val scores the run's data.source")
     if args.task != "val" and not args.data:
         parser.error(f"--task {args.task} needs --data")
+    if args.held_out and args.task != "chat":
+        parser.error("--held_out is for --task chat (--task val scores a run's held-out data)")
     return args
 
 
@@ -158,7 +167,8 @@ def _evaluate(args, sharded, params, tokenizer) -> tuple[dict, str]:
 
 def _conversations(args, cfg):
     """The rows of conversations of --data as fine-tuning reads them (data.format=chat: its
-    tokenizer, chat template, packing and truncation), every conversation in them."""
+    tokenizer, chat template, packing and truncation): every conversation in them, or with
+    --held_out those a run with the same data.val_fraction holds out."""
     import tempfile
 
     from megajax.data import prepare, samples
@@ -168,7 +178,7 @@ def _conversations(args, cfg):
         args.data,
         tokenizer=cfg.data.tokenizer,
         vocab_dir=cfg.data.vocab_dir,
-        val_fraction=0.0,
+        val_fraction=cfg.data.val_fraction if args.held_out else 0.0,
         cache_dir=cache,
         log=cli.lead_print,
         fmt="chat",
@@ -177,7 +187,7 @@ def _conversations(args, cfg):
     )
     return samples.ChatRows(
         samples.Dataset(dataset),
-        "train",
+        "validation" if args.held_out else "train",
         seq_len=cfg.model.seq_len,
         pack=cfg.data.pack,
         truncate=cfg.data.truncate,

@@ -3,7 +3,10 @@
     python train.py --config configs/gpt2_tiny.py --mesh data=2,model=4 --cpu_devices 8 \
         --workdir runs/tiny --set train.steps=50
 
-Resumes from the newest checkpoint in --workdir. See README.md for multi-process launches.
+Resumes from the newest checkpoint in --workdir; a new run may start from a Hugging Face
+checkpoint (--hf_checkpoint) or from another megajax run's newest parameters (--init_from), for
+full or LoRA fine-tuning (lora.rank; docs/finetuning.md). See README.md for multi-process
+launches.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "keeps the config's heads)",
     )
     parser.add_argument(
+        "--init_from",
+        metavar="RUN",
+        help="start from the newest checkpoint's parameters of the megajax work directory RUN "
+        "(its model shape wins; a LoRA run's adapters are merged) with a fresh optimizer",
+    )
+    parser.add_argument(
         "--dry_run",
         action="store_true",
         help="compile one step from abstract parameters, report its cost, write plan.json",
@@ -39,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.hf_checkpoint and args.init_from:
+            raise ConfigError("--hf_checkpoint and --init_from both name a starting point: "
+                              "pass one")  # fmt: skip
         cfg = cli.load_config(args)
         cli.start(args)
     except ConfigError as e:
@@ -49,6 +61,13 @@ def main(argv=None) -> int:
     try:
         workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
         init = None
+        if args.init_from:
+            from megajax import finetune
+
+            cfg = finetune.with_run_model(cfg, args.init_from, overrides=args.set)
+            init = lambda trainer: trainer.state_from_params(  # noqa: E731
+                finetune.params_from_run(trainer, args.init_from, log=cli.lead_print)
+            )
         if args.hf_checkpoint:
             from megajax.hf.weights import HFWeights, load_params, with_hf_model
 

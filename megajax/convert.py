@@ -2,11 +2,14 @@
 
     python -m megajax.convert --hf DIR --out WORKDIR [--mesh data=D,model=M] [--cpu_devices N]
     python -m megajax.convert --checkpoint WORKDIR --to_hf DIR [--step N] [--dtype bfloat16]
+        [--lora_adapter]
 
 Import writes a megajax checkpoint at step 0 (Hugging Face weights, fresh optimizer state) and
 WORKDIR/config.json, which train.py and eval.py resume from; export writes model.safetensors,
-config.json and the run's tokenizer files (process 0 alone writes). The conversion itself is
-megajax/hf/weights.py, its tables megajax/hf/families.py.
+config.json and the run's tokenizer files (process 0 alone writes); a LoRA run exports with its
+adapters merged into the weights, or with --lora_adapter as a PEFT adapter directory of the
+adapters alone. The conversion itself is megajax/hf/weights.py, its tables
+megajax/hf/families.py, PEFT's adapters megajax/hf/adapters.py.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="float32",
         choices=("float32", "bfloat16"),
         help="export: the safetensors' dtype (bfloat16 rounds to nearest, as Llama 3 ships)",
+    )
+    parser.add_argument(
+        "--lora_adapter",
+        action="store_true",
+        help="export a LoRA run's adapters alone as a PEFT adapter directory "
+        "(adapter_config.json, adapter_model.safetensors) instead of the merged model",
     )
     return parser.parse_args(argv)
 
@@ -66,9 +75,11 @@ def main(argv=None) -> int:
                 mesh.make(args.mesh),
                 step=args.step,
                 dtype=args.dtype,
+                lora_adapter=args.lora_adapter,
                 log=cli.lead_print,
             )
-            cli.lead_print(f"exported {args.checkpoint} to {args.to_hf}")
+            what = "the LoRA adapters of " if args.lora_adapter else ""
+            cli.lead_print(f"exported {what}{args.checkpoint} to {args.to_hf}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
     python -m megajax.generate --workdir runs/sc --prompt "ROMEO:" --max_new_tokens 200
     python -m megajax.generate --hf_checkpoint HF_DIR --prompt FILE:prompt.txt --temperature 0 \
         --mesh data=1,model=8 --cpu_devices 8
+    python -m megajax.generate --workdir runs/sft --chat --prompt "Who is Juliet?"
 
 The prompt runs through the model once (prefill), filling a KV cache of (layers, batch, slots,
 kv heads, head_dim) split over `model` by heads; then one jitted loop decodes one token per step,
@@ -12,7 +13,9 @@ counted from their first real token and the padding masked out of attention, so 
 decodes as it would alone. A prompt must fit model.seq_len; once prompt and new tokens pass it,
 each further token is predicted from the last seq_len tokens (nanoGPT's crop), the window run
 whole through the model each step since learned positions shift with it. Each sample is
-printed as text; the last line is one JSON object.
+printed as text; the last line is one JSON object. With --chat the prompt is a user's message,
+rendered through the run's chat template (megajax/data/chat.py) with the assistant's generation
+prompt, and each reply ends before the token that closes an assistant's turn.
 """
 
 from __future__ import annotations
@@ -262,6 +265,20 @@ def load(args) -> tuple[Generator, object, object]:
     return Generator(sharded, params), tokenizer, step
 
 
+def chat_template(cfg, tokenizer, hf_checkpoint=None):
+    """The run's chat template (data.chat_template, else its tokenizer directory's, else
+    megajax's default), over its tokenizer."""
+    from megajax.data import chat
+
+    return chat.template_for(tokenizer, hf_checkpoint or cfg.data.vocab_dir, cfg.data.chat_template)
+
+
+def until_stop(tokens: list[int], stops) -> list[int]:
+    """The tokens before the first stop token (all of them if none is there)."""
+    ends = [i for i, t in enumerate(tokens) if t in stops]
+    return tokens[: ends[0]] if ends else tokens
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_flags(parser)
@@ -272,6 +289,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely; 0: all")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1: off")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user's message: rendered through the chat template, the reply "
+        "stops at the end of the assistant's turn",
+    )
     args = parser.parse_args(argv)
     if not (args.workdir or args.hf_checkpoint):
         parser.error("pass --workdir (a trained run) or --hf_checkpoint")
@@ -294,10 +317,16 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--prompt {prompt}: {path} not found")
             prompt = path.read_text(encoding="utf-8")
         generator, tokenizer, _ = load(args)
-        try:
-            ids = text_ids(tokenizer, prompt)
-        except KeyError as e:
-            raise ConfigError(f"the prompt has a character the model never saw: {e}") from None
+        stops = ()
+        if args.chat:
+            template = chat_template(generator.sharded.cfg, tokenizer, args.hf_checkpoint)
+            ids = template.prompt_ids([{"role": "user", "content": prompt}])
+            prompt, stops = tokenizer.decode(ids), template.stop_ids()
+        else:
+            try:
+                ids = text_ids(tokenizer, prompt)
+            except KeyError as e:
+                raise ConfigError(f"the prompt has a character the model never saw: {e}") from None
         prompts = [ids] * args.num_samples
         options = dict(
             new_tokens=args.max_new_tokens,
@@ -312,8 +341,9 @@ def main(argv=None) -> int:
         return 2
     samples = []
     for tokens in out["tokens"]:
-        text = tokenizer.decode(tokens.tolist())
-        samples.append({"text": text, "tokens": tokens.tolist()})
+        tokens = until_stop(tokens.tolist(), stops)
+        text = tokenizer.decode(tokens)
+        samples.append({"text": text, "tokens": tokens})
         cli.lead_print(prompt + text)
         cli.lead_print("-" * 40)
     rate = out["tokens"].size / out["seconds"]

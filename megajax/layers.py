@@ -15,11 +15,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from megajax import parallel
 from megajax.config import ConfigError
 from megajax.parallel import constrain
+from megajax.rope import rope
 
 
 def _normal(std: float, *axes: str | None):
@@ -95,41 +97,54 @@ def norm(cfg, *, recompute: bool = False) -> LayerNorm | RMSNorm:
     return LayerNorm(cfg.hidden, eps=cfg.layernorm_eps, recompute=recompute, bias=cfg.bias)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding in the rotate-half pairing (Hugging Face's and
-    Megatron-Core's): dimension i of each head turns with i + head_dim / 2. x: (batch, length,
-    heads, head_dim); positions: (batch, length). Local to each head: no communication."""
-    half = x.shape[-1] // 2
-    freqs = 1.0 / theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1])
-    angles = positions.astype(jnp.float32)[..., None, None] * freqs  # (batch, length, 1, half)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+def _times(x, kernel, keep, rate):
+    """x, under dropout where `keep` (a mask) is given, times kernel."""
+    return jnp.einsum("...i,io->...o", x if keep is None else _drop(x, keep, rate), kernel)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _gathered_matmul(x, kernel, dims):
-    """Inside shard_map: x all-gathered over `model` along `dims`, times kernel. As Megatron-LM
-    does, the backward pass gathers x again rather than keep the whole sequence (only the
-    1 / T shard is saved) and reduce-scatters x's gradient."""
-    return jnp.einsum("...i,io->...o", parallel.gather_over_model(x, dims), kernel)
+def _drop(x, keep, rate):
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _gathered_matmul_fwd(x, kernel, dims):
-    return _gathered_matmul(x, kernel, dims), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gathered_matmul(x, kernels, keeps, dims, rate=0.0, whole=None):
+    """Inside shard_map: x all-gathered over `model` along `dims`, times each of `kernels` (a
+    LoRA adapter's A beside its layer's kernel shares the gather), each under dropout where
+    `keeps` holds a mask for it. As Megatron-LM does, the backward pass gathers x again rather
+    than keep the whole sequence (only the 1 / T shard is saved) and reduce-scatters x's
+    gradient, all kernels' terms summed first. `whole`: which kernels are whole on every model
+    shard (a LoRA A; None: none).
+
+    With no `dims` it is the plain matmuls, whose backward pass reads the kernels as they were
+    passed in: a frozen layer's kernel, sliced from the stacked layers, is read there again
+    rather than copied out per layer as a residual (as autodiff of a shard_map would)."""
+    gathered = parallel.gather_over_model(x, dims)
+    return tuple(_times(gathered, k, m, rate) for k, m in zip(kernels, keeps, strict=True))
 
 
-def _gathered_matmul_bwd(dims, saved, dy):
-    x, kernel = saved
-    whole = parallel.gather_over_model(x, dims)
-    batch_dims = tuple(range(whole.ndim - 1))
-    dkernel = jax.lax.dot_general(dy, whole, ((batch_dims, batch_dims), ((), ()))).T
-    # The kernel is the same on every `data` shard: its gradient sums theirs, in float32.
-    dkernel = jax.lax.psum(dkernel.astype(jnp.float32), parallel.DATA).astype(kernel.dtype)
-    dx = jnp.einsum("...o,io->...i", dy, kernel)
+def _gathered_matmul_fwd(x, kernels, keeps, dims, rate, whole):
+    return _gathered_matmul(x, kernels, keeps, dims, rate, whole), (x, kernels, keeps)
+
+
+def _gathered_matmul_bwd(dims, rate, whole, saved, dys):
+    x, kernels, keeps = saved
+    gathered = parallel.gather_over_model(x, dims)
+    batch_dims = tuple(range(gathered.ndim - 1))
+    dkernels, dx = [], 0
+    for i, (kernel, keep, dy) in enumerate(zip(kernels, keeps, dys, strict=True)):
+        seen = gathered if keep is None else _drop(gathered, keep, rate)
+        dkernel = jax.lax.dot_general(dy, seen, ((batch_dims, batch_dims), ((), ()))).T
+        # A kernel the same on every `data` shard (and an adapter's A, the same on every
+        # `model` shard too) has the sum of theirs as its gradient, in float32. A frozen
+        # kernel's gradient is never used, and XLA drops it.
+        axes = (parallel.DATA, parallel.MODEL) if whole and whole[i] else parallel.DATA
+        dkernels.append(jax.lax.psum(dkernel.astype(jnp.float32), axes).astype(kernel.dtype))
+        term = jnp.einsum("...o,io->...i", dy, kernel)
+        dx = dx + (term if keep is None else _drop(term, keep, rate))
     for dim in dims:
         dx = jax.lax.psum_scatter(dx, parallel.MODEL, scatter_dimension=dim, tiled=True)
-    return dx, dkernel
+    no_gradient = tuple(None if m is None else np.zeros(m.shape, jax.dtypes.float0) for m in keeps)
+    return dx, tuple(dkernels), no_gradient
 
 
 _gathered_matmul.defvjp(_gathered_matmul_fwd, _gathered_matmul_bwd)
@@ -164,55 +179,104 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(_normal(std, *axes)(key, (d_in, d_out)))
         self.bias = nnx.Param(_zeros(axes[1])(None, (d_out,))) if bias else None
         self.axes = axes
+        self.lora = nnx.data(None)  # a LoRA adapter (megajax.lora.attach), or none
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, key=None) -> jax.Array:
+        """`key`: the LoRA adapter's dropout (none without one)."""
         kernel = self.kernel[...].astype(x.dtype)
-        return _add_bias(jnp.einsum("...i,io->...o", x, kernel), self._bias())
+        y = jnp.einsum("...i,io->...o", x, kernel)
+        if self.lora is not None:
+            y = y + self.lora(x, key)
+        return _add_bias(y, self._bias())
 
     def _bias(self):
         """The bias, or a zero-size stand-in for a layer without one (passed to shard_map)."""
         return jnp.zeros((0,)) if self.bias is None else self.bias[...]
 
-    def column_parallel(self, x: jax.Array, *in_axes: str | None) -> jax.Array:
+    def column_parallel(self, x: jax.Array, *in_axes: str | None, key=None) -> jax.Array:
         """This layer on (batch, length, d_in) input laid out as the logical axes `in_axes`
         say, its d_out split over `model`: no communication, or an all-gather first where
         `in_axes` split a dimension over `model` (sequence parallelism; the backward pass
-        then reduce-scatters the input's gradient)."""
+        then reduce-scatters the input's gradient). A LoRA adapter's x A comes from the same
+        input on every shard, times B's columns; `key`: its dropout."""
         in_spec = parallel.spec(*in_axes)
-        if parallel.MODEL not in in_spec:
+        if self.lora is None and parallel.MODEL not in in_spec:
             return self(constrain(x, *in_axes))
+        dims = tuple(parallel.model_dims(in_spec))
+        adapter, adapter_specs = self._adapter_args(x, key, parallel.spec("batch", "length"))
 
-        def local(x, kernel, bias):
-            dims = tuple(parallel.model_dims(in_spec))
-            return _add_bias(_gathered_matmul(x, kernel.astype(x.dtype), dims), bias)
+        def local(x, kernel, bias, *adapter):
+            y = column_matmuls(x, (kernel.astype(x.dtype),), dims, *adapter[:2], self.lora)
+            if adapter:
+                y = (y[0] + self.lora.up(y[1], adapter[2]),)
+            return _add_bias(y[0], bias)
 
         return jax.shard_map(
             local,
-            in_specs=(in_spec, parallel.spec(*self.axes), self._bias_spec()),
+            in_specs=(in_spec, parallel.spec(*self.axes), self._bias_spec(), *adapter_specs),
             out_specs=parallel.spec("batch", "length", self.axes[1]),
-        )(x, self.kernel[...], self._bias())
+        )(constrain(x, *in_axes), self.kernel[...], self._bias(), *adapter)
 
-    def row_parallel(self, x: jax.Array, *out: str | None) -> jax.Array:
+    def row_parallel(self, x: jax.Array, *out: str | None, key=None) -> jax.Array:
         """This layer on (batch, length, d_in) input whose d_in is split over `model`, laid out
         as the logical axes `out` say: one all-reduce of the partial sums, or a reduce-scatter
-        where `out` splits a dimension over `model` (sequence parallelism)."""
+        where `out` splits a dimension over `model` (sequence parallelism). A LoRA adapter's
+        partial sums x_s A_s B join the layer's before that one collective; `key`: its
+        dropout."""
         out_spec = parallel.spec(*out)
-        if parallel.MODEL not in out_spec:
+        if self.lora is None and parallel.MODEL not in out_spec:
             return constrain(self(x), *out)
+        in_spec = parallel.spec("batch", "length", self.axes[0])
+        adapter, adapter_specs = self._adapter_args(x, key, in_spec)
 
-        def local(x, kernel, bias):
-            partial = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+        def local(x, kernel, bias, *adapter):
+            if not adapter:
+                partial = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+            else:
+                keep, a, b = adapter
+                kernels, keeps = (kernel.astype(x.dtype), a.astype(x.dtype)), (None, keep)
+                partial, low = _gathered_matmul(x, kernels, keeps, (), self.lora.rate)
+                partial = partial + self.lora.up(low, b)
             return _add_bias(parallel.sum_over_model(partial, out_spec), bias)
 
-        in_spec = parallel.spec("batch", "length", self.axes[0])
         return jax.shard_map(
             local,
-            in_specs=(in_spec, parallel.spec(*self.axes), self._bias_spec()),
+            in_specs=(in_spec, parallel.spec(*self.axes), self._bias_spec(), *adapter_specs),
             out_specs=out_spec,
-        )(x, self.kernel[...], self._bias())
+        )(x, self.kernel[...], self._bias(), *adapter)
+
+    def _adapter_args(self, x, key, keep_spec):
+        """The LoRA adapter's shard_map arguments (dropout mask or None, A, B) and their
+        specs; none without an adapter. The mask is drawn here, outside shard_map, over x's
+        whole shape laid out as `keep_spec` says, so that its bits depend on the position
+        alone, not on the mesh."""
+        if self.lora is None:
+            return (), ()
+        keep = self.lora.keep_mask(x.shape, key)
+        if keep is not None:
+            keep = jax.lax.with_sharding_constraint(keep, keep_spec)
+        keep_spec = None if keep is None else keep_spec
+        return (keep, *self.lora.factors()), (keep_spec, *self.lora.specs())
 
     def _bias_spec(self):
         return parallel.spec(None if self.bias is None else self.axes[1])
+
+
+def column_matmuls(x, kernels, dims, keep=None, a=None, adapter=None):
+    """Inside shard_map: x, gathered over `model` along `dims` (if any), times each of
+    `kernels`, and with a LoRA adapter's A (whole on every shard) dropout(x) A last. x is
+    taken as varying over `model`, so that each shard's terms of x's gradient are summed in the
+    base layer's one collective (an all-reduce when x is whole, a reduce-scatter under sequence
+    parallelism) and those of A's gradient in its own gradient's reduction, not before."""
+    if a is None:
+        if dims:
+            return _gathered_matmul(x, kernels, (None,) * len(kernels), dims)
+        return tuple(jnp.einsum("...i,io->...o", x, k) for k in kernels)
+    a, keeps = a.astype(x.dtype), (None,) * len(kernels) + (keep,)
+    if not dims:  # x is the same on every shard: its gradient, varying, is summed once
+        x = jax.lax.pcast(x, parallel.MODEL, to="varying")
+    whole = (False,) * len(kernels) + (True,)
+    return _gathered_matmul(x, (*kernels, a), keeps, dims, adapter.rate, whole)
 
 
 def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
@@ -294,7 +358,8 @@ class Attention(nnx.Module):
     shard all-gathers it, computes the one head that its query heads share, and its gradient
     is reduce-scattered back to the rows. A causal model (GPT) masks future keys; `padding`
     masks the keys after each sequence's length (BERT); `segments` keep packed documents
-    apart. model.positions="rope" turns q and k by their positions, head by head.
+    apart. model.positions="rope" turns q and k by their positions, head by head (megajax/rope.py,
+    scaled as model.rope_scaling says).
     """
 
     def __init__(self, cfg, *, out_std: float, rngs):
@@ -302,6 +367,7 @@ class Attention(nnx.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.kv_heads, self.grouped = cfg.kv_heads, cfg.grouped_query
         self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
+        self.rope_scaling = cfg.rope_scaling
         self.dropout_rate = cfg.dropout
         self.implementation = cfg.attention
         self.causal = cfg.arch == "gpt"
@@ -323,34 +389,41 @@ class Attention(nnx.Module):
             self.qkv = dense(h, 3 * h, ("embed", "heads"))
         self.proj = Dense(h, h, ("heads", "embed"), std=out_std, rngs=rngs, bias=cfg.bias)
 
-    def _project(self, x, positions, *in_axes: str | None):
+    def _project(self, x, positions, *in_axes: str | None, key=None):
         """q (batch, length, heads, head_dim) and k, v (..., kv slots, head_dim) of x, laid out
         as the logical axes `in_axes` say; q and k turned by `positions`. The kv slots are the
-        key/value heads, or one per model shard where the shards outnumber them."""
+        key/value heads, or one per model shard where the shards outnumber them. `key`: LoRA
+        adapters' dropout."""
         b, s, d = x.shape[0], x.shape[1], self.head_dim
         if self.grouped:
-            q, kv = self._grouped_projection(x, *in_axes)
+            q, kv = self._grouped_projection(x, *in_axes, key=key)
             kv = constrain(kv.reshape(b, s, -1, 2, d), "batch", "length", "heads", None, None)
         else:
-            qkv = self.qkv.column_parallel(x, *in_axes).reshape(b, s, self.num_heads, 3, d)
+            qkv = self.qkv.column_parallel(x, *in_axes, key=key)
+            qkv = qkv.reshape(b, s, self.num_heads, 3, d)
             qkv = constrain(qkv, "batch", "length", "heads", None, None)
             q, kv = qkv[..., 0, :], qkv[..., 1:, :]
         q = constrain(q.reshape(b, s, self.num_heads, d), "batch", "length", "heads", None)
         k, v = kv[..., 0, :], kv[..., 1, :]
         if self.rope_theta is not None:
-            q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+            turn = functools.partial(rope, theta=self.rope_theta, scaling=self.rope_scaling)
+            q, k = turn(q, positions), turn(k, positions)
         return q, k, v
 
-    def _grouped_projection(self, x, *in_axes: str | None):
+    def _grouped_projection(self, x, *in_axes: str | None, key=None):
         """Grouped-query attention's q and kv projections as one column-parallel matmul per
         shard, over [this shard's q columns | its key/value heads' columns] (see
-        Dense.column_parallel for the input's layout and its all-gather)."""
+        Dense.column_parallel for the input's layout and its all-gather). LoRA adapters on
+        both (lora.targets "qkv") share that matmul with their A side by side; `key`: their
+        dropout."""
         in_spec = parallel.spec(*in_axes)
         dims = tuple(parallel.model_dims(in_spec))
         width = 2 * self.head_dim  # one key/value head's k and v columns
         by_rows = parallel.spec("kv_embed")[0] == parallel.MODEL
+        q, kv = self.q, self.kv
 
-        def local(x, wq, bq, wkv, bkv):
+        def local(x, wq, bq, wkv, bkv, *lora):  # lora: keep, q's A and B, kv's A and B
+            start = 0
             if by_rows:  # gathered whole; the backward pass reduce-scatters its gradient
                 wkv = _gathered_rows(wkv, x.dtype)
                 t = jax.lax.axis_size(parallel.MODEL)
@@ -358,21 +431,33 @@ class Attention(nnx.Module):
                 wkv = jax.lax.dynamic_slice_in_dim(wkv, start, width, axis=1)
                 bkv = bkv if bkv.size == 0 else jax.lax.dynamic_slice_in_dim(bkv, start, width)
             kernel = jnp.concatenate([wq.astype(x.dtype), wkv.astype(x.dtype)], axis=1)
-            if dims:
-                y = _gathered_matmul(x, kernel, dims)
+            if not lora:
+                (y,) = column_matmuls(x, (kernel,), dims)
             else:
-                y = jnp.einsum("...i,io->...o", x, kernel)
+                keep, a_q, b_q, a_kv, b_kv = lora
+                a = jnp.concatenate([a_q, a_kv], axis=1)  # (hidden, 2 rank): one matmul
+                y, low = column_matmuls(x, (kernel,), dims, keep, a, q.lora)
+                if by_rows:  # B whole on every shard, each taking its head's columns: its
+                    # gradient is summed over `data` and `model` in one collective
+                    b_kv = jax.lax.pcast(b_kv, (parallel.DATA, parallel.MODEL), to="varying")
+                    b_kv = jax.lax.dynamic_slice_in_dim(b_kv, start, width, axis=1)
+                r = a_q.shape[1]
+                low_q, low_kv = low[..., :r], low[..., r:]
+                y = y + jnp.concatenate([q.lora.up(low_q, b_q), kv.lora.up(low_kv, b_kv)], -1)
             y = _add_bias(y, jnp.concatenate([bq, bkv]))
             return y[..., : wq.shape[1]], y[..., wq.shape[1] :]
 
+        # One dropout mask serves both adapters: they read the same input.
+        lora_args, lora_specs = q._adapter_args(x, key, parallel.spec("batch", "length"))
+        if lora_args:
+            lora_args, lora_specs = lora_args + kv.lora.factors(), lora_specs + kv.lora.specs()
         out = parallel.spec("batch", "length", "heads")
-        q, kv = self.q, self.kv
         return jax.shard_map(
             local,
             in_specs=(in_spec, parallel.spec(*q.axes), q._bias_spec())
-            + (parallel.spec(*kv.axes), kv._bias_spec()),
+            + (parallel.spec(*kv.axes), kv._bias_spec(), *lora_specs),
             out_specs=(out, out),
-        )(x, q.kernel[...], q._bias(), kv.kernel[...], kv._bias())
+        )(x, q.kernel[...], q._bias(), kv.kernel[...], kv._bias(), *lora_args)
 
     def _repeat(self, kv):
         """(batch, length, kv slots, head_dim) -> (..., heads, ...): each query head's own."""
@@ -381,15 +466,16 @@ class Attention(nnx.Module):
 
     def __call__(self, x, *, attend: Attend, key) -> jax.Array:
         b, s = x.shape[0], x.shape[1]
+        keys = [None] * 2 if key is None else [jax.random.fold_in(key, i) for i in (1, 2)]
         positions = jnp.arange(s)[None] if attend.positions is None else attend.positions
-        q, k, v = self._project(x, positions, "batch", "residual_length", "embed")
+        q, k, v = self._project(x, positions, "batch", "residual_length", "embed", key=keys[0])
         k, v = self._repeat(k), self._repeat(v)
         core = self._fused if self.implementation != "einsum" else self._einsum_attention
         if self.recompute_core:
             core = jax.checkpoint(core, prevent_cse=False)
         out = core(q, k, v, attend, key).reshape(b, s, -1)
         out = constrain(out, "batch", "length", "heads")
-        return self.proj.row_parallel(out, "batch", "residual_length", "embed")
+        return self.proj.row_parallel(out, "batch", "residual_length", "embed", key=keys[1])
 
     def _fused(self, q, k, v, attend, key):
         """jax.nn.dot_product_attention told the mask's kind, not given a dense mask, so that a
@@ -475,13 +561,15 @@ class MLP(nnx.Module):
         self.swiglu = cfg.mlp == "swiglu"
         self.recompute_gelu = cfg.remat == "selective"
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.fc1.column_parallel(x, "batch", "residual_length", "embed")
+    def __call__(self, x: jax.Array, *, key=None) -> jax.Array:
+        """`key`: LoRA adapters' dropout."""
+        keys = [None] * 2 if key is None else [jax.random.fold_in(key, i) for i in (1, 2)]
+        y = self.fc1.column_parallel(x, "batch", "residual_length", "embed", key=keys[0])
         act = swiglu if self.swiglu else functools.partial(gelu, activation=self.activation)
         if self.recompute_gelu:
             act = jax.checkpoint(act, prevent_cse=False)
         y = constrain(act(y), "batch", "length", "mlp")
-        return self.fc2.row_parallel(y, "batch", "residual_length", "embed")
+        return self.fc2.row_parallel(y, "batch", "residual_length", "embed", key=keys[1])
 
 
 class Block(nnx.Module):
@@ -510,9 +598,9 @@ class Block(nnx.Module):
         x = constrain(x, "batch", "residual_length", "embed")
         if self.post_ln:
             x = self.ln_1(x + dropout(self.attn(x, attend=attend, key=keys[0]), rate, keys[1]))
-            return self.ln_2(x + dropout(self.mlp(x), rate, keys[2]))
+            return self.ln_2(x + dropout(self.mlp(x, key=keys[2]), rate, keys[2]))
         x = x + dropout(self.attn(self.ln_1(x), attend=attend, key=keys[0]), rate, keys[1])
-        return x + dropout(self.mlp(self.ln_2(x)), rate, keys[2])
+        return x + dropout(self.mlp(self.ln_2(x), key=keys[2]), rate, keys[2])
 
     def extend(self, x, k_cache, v_cache, *, start, positions, mask):
         """The layer on new tokens attending a KV cache (Attention.extend), without dropout:

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megajax import models, parallel, pipeline_arithmetic
+from megajax import lora, models, parallel, pipeline_arithmetic
 from megajax.config import Config
 from megajax.mesh import check_batch, check_model
 
@@ -77,7 +77,8 @@ class ShardedModel:
             yield
 
     def _new_model(self, seed):
-        return models.build(self.cfg.model, padded_vocab=self.padded_vocab, rngs=nnx.Rngs(seed))
+        model = models.build(self.cfg.model, padded_vocab=self.padded_vocab, rngs=nnx.Rngs(seed))
+        return lora.attach(model, self.cfg.lora, seed=seed)
 
     def _initial_params(self):
         """The parameters as train.seed initialises them (trace under context())."""
@@ -95,6 +96,27 @@ class ShardedModel:
         shardings = {k: self.param_sharding[k] for k in keys}
         with self.context():
             return jax.jit(init, out_shardings=shardings)()
+
+    def fresh_adapters(self):
+        """Freshly initialised LoRA adapters (train.seed: A random, B zero), created shard by
+        shard, as the trainable part of the parameters (lora.split); {} without LoRA."""
+        if self.cfg.lora.rank == 0:
+            return {}
+        shardings = lora.split(self.param_sharding, self.cfg.lora)[0]
+        with self.context():
+            return jax.jit(
+                lambda: lora.split(self._initial_params(), self.cfg.lora)[0],
+                out_shardings=shardings,
+            )()
+
+    def merged_params(self, params):
+        """The parameters of the plain model with each LoRA adapter folded into its kernel
+        (lora.merge), laid out as the plain model's; the parameters themselves without LoRA."""
+        if self.cfg.lora.rank == 0:
+            return params
+        base = lora.split(self.param_sharding, self.cfg.lora)[1]
+        with self.context():
+            return jax.jit(lambda p: lora.merge(p, self.cfg.lora), out_shardings=base)(params)
 
     def abstract_params(self):
         """The parameters' shapes, dtypes and shardings, with nothing allocated: the target a

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from megajax import loss_scale, optim, parallel
+from megajax import lora, loss_scale, optim, parallel
 from megajax.config import Config
 from megajax.sharded_model import ShardedModel, process_rows
 
@@ -25,13 +25,19 @@ class Trainer(ShardedModel):
     parallel.rules() says (and, with optim.distributed, further split over `data`); optimizer
     moments share their parameter's sharding. Dropout keys derive from (train.seed, step), so a
     step is reproducible alone.
+
+    Only the trainable parameters (lora.trainable: all of them, or with lora.rank > 0 the LoRA
+    adapters alone) are differentiated, have optimizer moments and are split over `data` by
+    the distributed optimizer; the frozen ones pass through the step unchanged.
     """
 
     def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
         super().__init__(cfg, mesh)
         self.tx = optim.make(cfg.optim)
         self.lr = optim.schedule(cfg.optim)
-        param_specs, self.replicated_over_data = self.compute_specs, []
+        train_specs, frozen_specs = self.split(self.compute_specs)
+        train_shapes = self.split(self._abstract_params)[0]
+        self.replicated_over_data = []
         with self.context():
             if cfg.optim.distributed:
                 # The float32 master weights (and so their moments) are further split over
@@ -43,25 +49,27 @@ class Trainer(ShardedModel):
                         is_leaf=lambda x: isinstance(x, nnx.Variable),
                     )
                 )
-                param_specs, self.replicated_over_data = optim.shard_over_data(
-                    self._abstract_params, param_specs, logical, mesh.shape[parallel.DATA]
+                train_specs, self.replicated_over_data = optim.shard_over_data(
+                    train_shapes, train_specs, self.split(logical)[0], mesh.shape[parallel.DATA]
                 )
             # Moments take their parameter's spec explicitly: optax creates them with
             # zeros_like, which would otherwise inherit whatever layout the parameters have.
             opt_specs = optax.tree_map_params(
                 self.tx,
                 lambda _, s: s,
-                jax.eval_shape(self.tx.init, self._abstract_params),
-                param_specs,
+                jax.eval_shape(self.tx.init, train_shapes),
+                train_specs,
                 transform_non_params=lambda _: P(),
                 is_leaf=_is_spec,
             )
+        param_specs = lora.join(train_specs, frozen_specs)
         specs = {"params": param_specs, "opt_state": opt_specs, "step": P(), "skipped": P()}
         self.loss_scaled = cfg.model.compute_dtype == "float16"
         if self.loss_scaled:
             specs["scaler"] = jax.tree.map(lambda _: P(), loss_scale.init(cfg.optim))
         self.state_sharding = jax.tree.map(self._named, specs, is_leaf=_is_spec)
         self.param_sharding = self.state_sharding["params"]
+        self.train_sharding = self.split(self.param_sharding)[0]
         # Train batches lead with the micro-batch axis, split over `data` by rows.
         self.batch_sharding = {
             k: self._named(P(None, parallel.DATA, *[None] * len(s))) for k, s in self.fields.items()
@@ -78,7 +86,7 @@ class Trainer(ShardedModel):
     def _state_at_step_0(self, params):
         state = {
             "params": params,
-            "opt_state": self.tx.init(params),
+            "opt_state": self.tx.init(self.split(params)[0]),
             "step": jnp.int32(0),
             "skipped": jnp.int32(0),  # updates skipped for a non-finite loss or gradient
         }
@@ -114,9 +122,14 @@ class Trainer(ShardedModel):
             scaler = jax.device_put(loss_scale.init(self.cfg.optim), self.state_sharding["scaler"])
         return {"scaler": scaler}
 
+    def split(self, tree):
+        """(trainable, frozen) parts of a tree shaped like the parameters (lora.split)."""
+        return lora.split(tree, self.cfg.lora)
+
     def compute_params(self, params):
         """The parameters as the forward pass reads them. With the distributed optimizer: the
-        float32 master shards cast to model.compute_dtype and gathered over `data`."""
+        trainable float32 master shards cast to model.compute_dtype and gathered over `data`
+        (frozen parameters are held as the forward pass reads them)."""
         if not self.cfg.optim.distributed:
             return params
         dtype = jnp.dtype(self.cfg.model.compute_dtype)
@@ -126,10 +139,13 @@ class Trainer(ShardedModel):
             cast = jax.lax.with_sharding_constraint(p.astype(dtype), master)
             return jax.lax.with_sharding_constraint(cast, compute)
 
-        return jax.tree.map(gather, params, self.state_sharding["params"], self.compute_sharding)
+        train, frozen = self.split(params)
+        compute = self.split(self.compute_sharding)[0]
+        return lora.join(jax.tree.map(gather, train, self.train_sharding, compute), frozen)
 
     def gradients(self, state, batch):
-        """(means of loss and metrics, gradients) over the micro-batches of `batch`.
+        """(means of loss and metrics, gradients of the trainable parameters) over the
+        micro-batches of `batch`.
 
         With the distributed optimizer the weights are gathered once, before the micro-batch
         loop, and each micro-batch's gradients are reduce-scattered onto the master shards and
@@ -137,7 +153,7 @@ class Trainer(ShardedModel):
         divided by the scale here. The step skips its update when they are not finite; a
         subclass may override this method to inject such a fault at a chosen step.
         """
-        params = self.compute_params(state["params"])
+        params, frozen = self.split(self.compute_params(state["params"]))
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state["step"])
         scale = state["scaler"]["scale"] if self.loss_scaled else None
         distributed = self.cfg.optim.distributed
@@ -150,8 +166,8 @@ class Trainer(ShardedModel):
             counts = batch["weights"].reshape(micro, -1).sum(-1).astype(jnp.float32)
             shares = counts * micro / jnp.maximum(counts.sum(), 1.0)
 
-        def objective(params, batch, key, share):
-            value, metrics = self.loss(params, batch, key)
+        def objective(params, batch, key, share):  # differentiated: the trainable parameters
+            value, metrics = self.loss(lora.join(params, frozen), batch, key)
             weighted = value * share
             loss = weighted if scale is None else weighted * scale
             return loss, {"loss": weighted, **metrics}
@@ -161,7 +177,7 @@ class Trainer(ShardedModel):
                 params, micro_batch, jax.random.fold_in(key, i), shares[i]
             )
             if distributed:
-                grads = jax.tree.map(self._to_master, grads, self.state_sharding["params"])
+                grads = jax.tree.map(self._to_master, grads, self.train_sharding)
             return metrics, grads
 
         def accumulate(carry, xs):
@@ -178,17 +194,19 @@ class Trainer(ShardedModel):
                 params, batch, keys, objective, shares
             )
             if distributed:
-                grad_sum = jax.tree.map(self._to_master, grad_sum, self.state_sharding["params"])
+                grad_sum = jax.tree.map(self._to_master, grad_sum, self.train_sharding)
         elif micro == 1:  # no accumulation loop: no zeroed gradient buffers, no adds into them
             sums, grad_sum = grads_of(first, 0)
         else:
-            value_shape, metric_shapes = jax.eval_shape(self.loss, params, first, None)
+            value_shape, metric_shapes = jax.eval_shape(
+                self.loss, lora.join(params, frozen), first, None
+            )
             zero_metrics = jax.tree.map(
                 lambda s: jnp.zeros(s.shape, s.dtype), {"loss": value_shape, **metric_shapes}
             )
             zeros = jax.tree.map(jnp.zeros_like, params)
             if distributed:  # float32 accumulators on the master shards
-                zeros = jax.tree.map(self._to_master, zeros, self.state_sharding["params"])
+                zeros = jax.tree.map(self._to_master, zeros, self.train_sharding)
             (sums, grad_sum), _ = jax.lax.scan(
                 accumulate, (zero_metrics, zeros), (jnp.arange(micro), batch)
             )
@@ -215,12 +233,14 @@ class Trainer(ShardedModel):
             return optax.apply_updates(params, updates), opt_state
 
         # A non-finite loss or gradient leaves parameters and moments as they were. A cond
-        # (not a select) keeps the update in place: no second copy of the state.
-        params, opt_state = jax.lax.cond(
-            finite, update, lambda p, o: (p, o), state["params"], state["opt_state"]
+        # (not a select) keeps the update in place: no second copy of the state. Frozen
+        # parameters pass through untouched.
+        trained, frozen = self.split(state["params"])
+        trained, opt_state = jax.lax.cond(
+            finite, update, lambda p, o: (p, o), trained, state["opt_state"]
         )
         new_state = {
-            "params": params,
+            "params": lora.join(trained, frozen),
             "opt_state": opt_state,
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~finite).astype(jnp.int32),

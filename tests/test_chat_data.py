@@ -78,6 +78,25 @@ SPECIALS = [
 ]  # fmt: skip
 
 
+def test_replies_stop_at_the_token_that_closes_an_assistant_turn(tokenizer_json, tmp_path):
+    """Llama 3's <|eot_id|>, ChatML's <|im_end|>, Llama 2's </s> (its end-of-sequence token),
+    and GPT-2's end of text under megajax's default template."""
+    from megajax.data.tokenizer import GPT2Tokenizer, HFTokenizer
+
+    tok = HFTokenizer(tokenizer_json)
+    cases = [(LLAMA3, LLAMA3_TOKENS, ["<|eot_id|>"]), (CHATML, {}, ["<|im_end|>"]),
+             (LLAMA2, LLAMA2_TOKENS, ["</s>"])]  # fmt: skip
+    for i, (template, tokens, stops) in enumerate(cases):
+        directory = _checkpoint(tmp_path / str(i), tokenizer_json, template, **tokens)
+        ours = chat.template_for(tok, directory)
+        want = {tok._tok.token_to_id(s) for s in stops}
+        if "eos_token" not in tokens:
+            want.add(tok.eot_id)  # the tokenizer's own end of text
+        assert set(ours.stop_ids()) == want, template
+    gpt2 = GPT2Tokenizer(ROOT / "data/gpt2")
+    assert chat.template_for(gpt2).stop_ids() == [gpt2.eot_id]
+
+
 # Turns that stress the mask: a reply that begins with a space and ends in `.<` (GPT-2 merges
 # it with the next `<`), characters whose bytes GPT-2 splits over tokens, a special token's
 # text inside a message, an empty turn, trailing newlines.

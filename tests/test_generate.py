@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from megajax import config, generate, hlo, loss, sampling, serve
 from megajax.config import ConfigError
+from megajax.data.tokenizer import GPT2Tokenizer
 from megajax.hf import weights as convert  # the conversion, without its command line
 from megajax.trainer import Trainer
 
@@ -253,6 +254,37 @@ def test_generate_command_prints_samples_then_json(hf_dir, capsys):
     first, *others = result["samples"]
     assert len(others) == 2 and all(other == first for other in others)
     assert len(first["tokens"]) == HF_NEW and result["tokens_per_sec"] > 0
+
+
+def test_chat_renders_the_message_and_stops_at_the_end_of_the_turn(hf_dir, tmp_path, capsys):
+    """--chat: the user's message rendered through the checkpoint's template with its
+    generation prompt; the reply cut before the template's end-of-sequence token, here made
+    the first one that a seeded sample repeats no earlier token with."""
+    import shutil
+
+    directory = shutil.copytree(hf_dir, tmp_path / "chat")
+    (directory / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ ' c d' }}{% endif %}"
+    )
+    argv = ["--hf_checkpoint", str(directory), "--prompt", "a b", "--chat", "--seed", "3",
+            "--temperature", "1", "--max_new_tokens", str(HF_NEW), "--mesh", "data=2,model=4",
+            "--step_timeout", "0"]  # fmt: skip
+
+    def reply():
+        assert generate.main(argv) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("a b c d")  # the rendered prompt, printed before its reply
+        return json.loads(out.strip().splitlines()[-1])["samples"][0]["tokens"]
+
+    whole = reply()  # the tokenizer's end of text is out of this model's vocabulary
+    assert len(whole) == HF_NEW
+    tok = GPT2Tokenizer("data/gpt2")
+    k = next(k for k in range(1, HF_NEW) if whole[k] not in whole[:k])
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": tok.token_text(whole[k])})
+    )
+    assert reply() == whole[:k]
 
 
 def test_long_prompt_and_foreign_ids_are_clear_errors(hf_generator):

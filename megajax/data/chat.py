@@ -279,6 +279,25 @@ class ChatTemplate:
                 return list(ids)
         return [] if self.tokenizer.eot_id is None else [self.tokenizer.eot_id]
 
+    def stop_ids(self) -> list[int]:
+        """The tokens that end an assistant's turn: the end-of-sequence token, and the marker
+        the template closes a reply with (Llama 3's <|eot_id|>, ChatML's <|im_end|>), found by
+        rendering one."""
+        marker = "\x00reply\x00"
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+        try:
+            text, _ = self.render(probe)
+        except ChatError:  # a template that insists on a system message, say
+            return self._eos()
+        tail = text[text.find(marker) + len(marker) :].lstrip()
+        ids, offsets = self.tokenizer.encode_with_offsets(tail)
+        stops = set(self._eos())
+        if len(ids) and offsets[0][0] == 0 and tail[: offsets[0][1]].startswith("<"):
+            first = tail[: offsets[0][1]]
+            if first.endswith(">") and len(first) > 2:  # one token, a marker: <|eot_id|>, </s>
+                stops.add(int(ids[0]))
+        return sorted(stops)
+
     def prompt_ids(self, messages) -> list[int]:
         """A conversation's ids ready for the assistant's reply (the generation prompt)."""
         text, _ = self.render(messages, add_generation_prompt=True)

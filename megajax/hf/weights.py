@@ -20,8 +20,8 @@ import ml_dtypes  # bfloat16 for numpy: safetensors' numpy reader needs it regis
 import numpy as np
 from jax.experimental import multihost_utils
 
-from megajax import config
-from megajax.config import ConfigError, ModelConfig
+from megajax import config, lora
+from megajax.config import ConfigError
 from megajax.hf.families import (
     FAMILIES,
     Layout,
@@ -147,11 +147,14 @@ def load_params(sharded, weights: HFWeights, *, log=print):
 
     Heads the model has but the checkpoint lacks (a BertModel has no masked-LM or choice head)
     or holds for another task (an NSP head for a model with SOP) are freshly initialised, as
-    ShardedModel.fresh_params would; a missing encoder tensor is an error."""
+    ShardedModel.fresh_params would, and so are LoRA adapters (lora.rank > 0); a missing
+    encoder tensor is an error."""
     cfg = sharded.cfg.model
     layout = Layout(cfg, sharded.padded_vocab)
     table, heads = weights.family.table, weights.family.heads
     abstract = sharded.abstract_params()
+    if sharded.cfg.lora.rank:  # the base model is read; the adapters start afresh
+        abstract = lora.split(abstract, sharded.cfg.lora)[1]
     keys = [_path_key(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
     absent = {k: [n for n in _names(table[k], k, cfg.num_layers) if not weights.has(n)]
               for k in keys}  # fmt: skip
@@ -184,7 +187,8 @@ def load_params(sharded, weights: HFWeights, *, log=print):
 
         return _from_host_reads(target, read, stacked=key[0] == "h", num_layers=cfg.num_layers)
 
-    return jax.tree_util.tree_map_with_path(leaf, abstract)
+    params = jax.tree_util.tree_map_with_path(leaf, abstract)
+    return lora.join(params, sharded.fresh_adapters())
 
 
 def _from_host_reads(target, read, *, stacked: bool, num_layers: int):
@@ -243,10 +247,8 @@ def hf_tensors(sharded, params):
     return out
 
 
-# Model options that are not the checkpoint's shape: the config's values are kept, and an
-# explicit --set wins over the checkpoint's (GPT-2's resid_pdrop, BERT's hidden_dropout_prob...).
-COMPUTE_OPTIONS = ("remat", "compute_dtype", "make_vocab_size_divisible_by", "attention")
-TRAINING_OPTIONS = ("dropout", "init_std", "layernorm_eps")
+# Kept from the config, or won by an explicit --set, over a checkpoint's (config.with_model_of).
+COMPUTE_OPTIONS, TRAINING_OPTIONS = config.COMPUTE_OPTIONS, config.TRAINING_OPTIONS
 
 
 def with_hf_model(
@@ -273,16 +275,9 @@ def with_hf_model(
             fields |= {k: getattr(cfg.model, k) for k in ("arch", "binary_head", "num_choices")}
         # Train on shorter sequences than the checkpoint has positions for: its first ones.
         fields["seq_len"] = min(fields["seq_len"], cfg.model.seq_len)
-    hf = config.to_dict(config.Config(model=ModelConfig(**fields)))["model"]
-    explicit = {k.partition("=")[0][len("model.") :] for k in overrides if k.startswith("model.")}
-    for name in sorted(explicit - set(COMPUTE_OPTIONS) - set(TRAINING_OPTIONS)):
-        if getattr(cfg.model, name) != hf[name]:
-            raise ConfigError(
-                f"model.{name}={getattr(cfg.model, name)} was set but the Hugging Face "
-                f"checkpoint has {hf[name]}: drop the option or use another checkpoint"
-            )
-    kept = (*COMPUTE_OPTIONS, *(explicit & set(TRAINING_OPTIONS)))
-    cfg = config.replace(cfg, model={**hf, **{k: getattr(cfg.model, k) for k in kept}})
+    cfg = config.with_model_of(
+        cfg, fields, overrides=overrides, source="the Hugging Face checkpoint"
+    )
     llama = weights.config.get("model_type") == "llama"
     directory, default = weights.directory, config.DataConfig().vocab_dir
     if llama and cfg.data.tokenizer == "gpt2" and (directory / "tokenizer.json").is_file():
@@ -339,11 +334,14 @@ def export_hf(
     *,
     step: int | None = None,
     dtype: str = "float32",
+    lora_adapter: bool = False,
     log=print,
 ) -> None:
     """The run's checkpoint at `step` (default: the newest) as a Hugging Face directory:
     model.safetensors in `dtype`, config.json and the run's tokenizer files (tokenizer_files).
-    Every process reads and gathers; process 0 alone writes."""
+    A LoRA run's adapters are merged into the weights; with `lora_adapter`, they are written
+    alone instead, as a PEFT adapter directory (megajax.hf.adapters). Every process reads and
+    gathers; process 0 alone writes."""
     from megajax.checkpoint import Checkpointer
     from megajax.sharded_model import ShardedModel
 
@@ -359,7 +357,10 @@ def export_hf(
         params = ckpt.restore_params(step, sharded.abstract_params())
     finally:
         ckpt.close()
-    tensors = hf_tensors(sharded, params)
+    if lora_adapter:
+        _write_peft(sharded, params, Path(hf_dir), dtype=dtype)
+        return
+    tensors = hf_tensors(sharded, sharded.merged_params(params))
     if jax.process_index() != 0:
         for _, _, produce in tensors:  # the gathers are collectives: take part, write nothing
             produce()
@@ -377,6 +378,21 @@ def export_hf(
     else:
         log(f"no Hugging Face tokenizer files for data.tokenizer={cfg.data.tokenizer} "
             f"(vocab_dir {cfg.data.vocab_dir}): {out} holds the model alone")  # fmt: skip
+
+
+def _write_peft(sharded, params, out: Path, *, dtype: str) -> None:
+    """The adapters of `params` as a PEFT adapter directory `out` (process 0 writes)."""
+    from megajax.hf import adapters
+
+    if sharded.cfg.lora.rank == 0:
+        raise ConfigError("--lora_adapter: this run has no LoRA adapters (lora.rank=0); export "
+                          "the model itself without --lora_adapter")  # fmt: skip
+    tensors = adapters.peft_tensors(sharded, params)  # gathered on every process
+    if jax.process_index() != 0:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / adapters.WEIGHTS, tensors, dtype=dtype)
+    (out / adapters.CONFIG).write_text(json.dumps(adapters.peft_config(sharded), indent=2))
 
 
 # --- the tokenizer beside the weights ------------------------------------------------------

@@ -13,7 +13,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from megajax.config import ModelConfig
+from megajax.config import LoRAConfig, ModelConfig
 
 
 def _core_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
@@ -24,22 +24,26 @@ def _core_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
     return 4 * scores + (scores + e * scores if m.dropout > 0 else e * scores)
 
 
-def layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
+def layer_activation_bytes(
+    m: ModelConfig, *, batch: int, model_degree: int, lora: LoRAConfig | None = None
+) -> float:
     """Bytes one transformer layer keeps for its backward pass, per device, as this code saves
     them (read off jax's saved residuals): per layer norm three float32 (b, s, h) tensors; in
     the compute dtype the QKV and fc1 inputs, q, k, v, the attention output, and six
     (b, s, 4h / T) MLP tensors (fc1 output and GeLU's tanh intermediates); the attention
     core's tensors; with dropout 1-byte residual masks. model.remat="selective" recomputes
-    the core, the layer norms' and GeLU's insides: it keeps the norms' inputs instead, and two
-    MLP tensors (the paper's list). Bias-free of any framework rounding: the compiled figure
-    is the check."""
+    the core, the layer norms' and GeLU's insides: it keeps the norms' inputs instead, and the
+    activation's input and output (the paper's list: two MLP tensors; SwiGLU's input, fc1's
+    output, is twice as wide). LoRA adapters add adapter_activation_bytes. Bias-free of any
+    framework rounding: the compiled figure is the check."""
     e = jnp.dtype(m.compute_dtype).itemsize
     t = model_degree
     r = t if m.sequence_parallel else 1  # the residual stream's split
     n = batch * m.seq_len * m.hidden  # one (b, s, h) tensor
     mlp = m.mlp_hidden / m.hidden  # (b, s, 4h) / (b, s, h)
     if m.remat == "selective":  # the paper's list: no core, and layer norms and GeLU redone
-        total = e * n * (2 / r + 2 / r + 4 / t + 2 * mlp / t)  # norms' inputs, the list above
+        act = (3 if m.mlp == "swiglu" else 2) * mlp  # the activation's input and output
+        total = e * n * (2 / r + 2 / r + 4 / t + act / t)  # norms' inputs, the list above
     else:
         total = 2 * 3 * 4 * n / r  # two layer norms
         total += e * n * (2 / r + 4 / t + 6 * mlp / t)
@@ -47,16 +51,43 @@ def layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> 
     if m.dropout > 0:
         total += 2 * n / r  # residual dropout masks
     if e != 4:  # the layer's matmul weights in the compute dtype
-        h, f = m.hidden, m.mlp_hidden
-        kv = h * 2 * m.head_dim * m.kv_slots(t)  # a key/value head per shard at least
-        total += e * (h * h + kv + h * h + h * f * (2 if m.mlp == "swiglu" else 1) + f * h) / t
+        total += e * layer_matmul_weights(m, t)
+    return total + adapter_activation_bytes(m, lora, batch=batch, model_degree=t)
+
+
+def layer_matmul_weights(m: ModelConfig, model_degree: int) -> float:
+    """One layer's matmul weights per device: what the backward pass keeps of a layer in the
+    compute dtype when that is not the weights' float32."""
+    h, f = m.hidden, m.mlp_hidden
+    kv = h * 2 * m.head_dim * m.kv_slots(model_degree)  # a key/value head per shard at least
+    return (h * h + kv + h * h + h * f * (2 if m.mlp == "swiglu" else 1) + f * h) / model_degree
+
+
+def adapter_activation_bytes(
+    m: ModelConfig, lora: LoRAConfig | None, *, batch: int, model_degree: int
+) -> float:
+    """What one layer's LoRA adapters add to its saved activations: each adapter's x A
+    (batch, length, rank) in the compute dtype (the q and kv adapters' side by side), and with
+    lora.dropout their 1-byte keep masks, of the whole length on the column-parallel layers
+    (drawn by position, outside the shard's computation) and split by columns on the
+    row-parallel ones."""
+    if lora is None or lora.rank == 0:
+        return 0.0
+    e, tokens, t = jnp.dtype(m.compute_dtype).itemsize, batch * m.seq_len, model_degree
+    widths = {"qkv": 2 * lora.rank if m.grouped_query else lora.rank}
+    total = sum(e * tokens * widths.get(name, lora.rank) for name in lora.target_names)
+    if lora.dropout > 0:
+        masks = {"qkv": m.hidden, "fc1": m.hidden, "proj": m.hidden / t, "fc2": m.mlp_hidden / t}
+        total += sum(tokens * masks[name] for name in lora.target_names)
     return total
 
 
-def stack_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
+def stack_activation_bytes(
+    m: ModelConfig, *, batch: int, model_degree: int, lora: LoRAConfig | None = None
+) -> float:
     """All layers' saved activations, with one layer's working set when it is recomputed."""
     e = jnp.dtype(m.compute_dtype).itemsize
-    layer = layer_activation_bytes(m, batch=batch, model_degree=model_degree)
+    layer = layer_activation_bytes(m, batch=batch, model_degree=model_degree, lora=lora)
     if m.remat == "full":  # the layers' inputs, then one layer at a time
         r = model_degree if m.sequence_parallel else 1
         return m.num_layers * batch * m.seq_len * m.hidden * e / r + layer
@@ -97,7 +128,14 @@ def paper_layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: in
 
 
 def pipelined_activation_bytes(
-    m: ModelConfig, *, batch: int, model_degree: int, stages: int, repeats: int, micro: int
+    m: ModelConfig,
+    *,
+    batch: int,
+    model_degree: int,
+    stages: int,
+    repeats: int,
+    micro: int,
+    lora: LoRAConfig | None = None,
 ) -> dict:
     """Bytes a device keeps for the backward pass of a pipelined step
     (models/pipeline_schedule.py), for `micro` micro-batches of `batch` sequences per device:
@@ -110,10 +148,10 @@ def pipelined_activation_bytes(
     e = jnp.dtype(m.compute_dtype).itemsize
     ticks = repeats * micro + stages - 1
     chunk = dataclasses.replace(m, num_layers=m.num_layers // (stages * repeats))
-    stack = ticks * stack_activation_bytes(chunk, batch=batch, model_degree=model_degree)
+    stack = ticks * stack_activation_bytes(chunk, batch=batch, model_degree=model_degree, lora=lora)
     if m.remat != "none":  # one layer's working set at a time, not one per tick
         working = (
-            layer_activation_bytes(m, batch=batch, model_degree=model_degree)
+            layer_activation_bytes(m, batch=batch, model_degree=model_degree, lora=lora)
             if m.remat == "full"
             else _core_bytes(m, batch=batch, model_degree=model_degree)
         )

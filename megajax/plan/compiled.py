@@ -23,6 +23,7 @@ from megajax.plan.estimates import (
     roofline,
     state_bytes_per_param,
     target,
+    trainable_params_per_device,
 )
 
 
@@ -63,11 +64,18 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
             strict=True,
         )
     )
-    master = sum(
+    trainable = trainer.split(abstract["params"])[0]
+    master = sum(  # the trainable parameters' float32 masters (split over `data` if distributed)
         math.prod(s.shard_shape(a.shape))
         for a, s in zip(
-            jax.tree.leaves(abstract["params"]),
-            jax.tree.leaves(trainer.state_sharding["params"]),
+            jax.tree.leaves(trainable), jax.tree.leaves(trainer.train_sharding), strict=True
+        )
+    )
+    trainable_per_device = sum(
+        math.prod(s.shard_shape(a.shape))
+        for a, s in zip(
+            jax.tree.leaves(trainable),
+            jax.tree.leaves(trainer.split(trainer.compute_sharding)[0]),
             strict=True,
         )
     )
@@ -121,14 +129,20 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     remat = cfg.model.remat
     analytic_total = est.total(remat=remat)
     platform = jax.devices()[0].platform
-    # XLA:CPU computes and stores bfloat16 as float32: the comparable estimate uses float32.
-    as_compiled = est
+    # XLA:CPU computes and stores bfloat16 as float32: the comparable estimate uses float32,
+    # and keeps the layers' weights cast to the compute dtype for the backward pass (float32
+    # there too): all layers' unless each is recomputed (remat full) or the distributed
+    # optimizer cast them all once, before the layers.
+    as_compiled, cast_weights = est, 0.0
     if platform == "cpu":
         f32 = dataclasses.replace(cfg.model, compute_dtype="float32")
         f32_cfg = dataclasses.replace(cfg, model=f32)
         as_compiled = estimate_memory(
             f32_cfg, data_degree=data, model_degree=model, master_params=master, stages=stages
         )
+        if cfg.model.compute_dtype != "float32" and not cfg.optim.distributed:
+            layers = 1 if remat == "full" else cfg.model.num_layers // stages
+            cast_weights = 4 * layers * activations.layer_matmul_weights(cfg.model, model)
     notes = []
     if tgt.name.startswith("V100") and cfg.model.compute_dtype == "bfloat16":
         notes.append(
@@ -143,6 +157,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         )
     return {
         "config": dataclasses.asdict(cfg.model),
+        "lora": dataclasses.asdict(cfg.lora),
         "mesh": {"pipeline": stages, "data": data, "model": model},
         "pipeline": pipeline_summary(cfg, stages=stages, data=data, model=model, found=found),
         # Elements of the all-reduces over `model` that move as many bytes (the roofline's).
@@ -152,7 +167,12 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         "params": {
             "total": trainer.num_params,
             "per_device": per_device,
-            "per_device_analytic": params_per_device(cfg.model, model, stages),
+            "per_device_analytic": params_per_device(cfg.model, model, stages)
+            + (trainable_params_per_device(cfg, model, stages) if cfg.lora.rank else 0),
+            # all of them, or with lora.rank > 0 the adapters
+            "trainable": sum(math.prod(a.shape) for a in jax.tree.leaves(trainable)),
+            "trainable_per_device": trainable_per_device,
+            "trainable_per_device_analytic": trainable_params_per_device(cfg, model, stages),
         },
         "memory": {
             "compiled": compiled_bytes,
@@ -165,7 +185,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
             },
             "analytic_as_compiled": {
                 "arguments": as_compiled.arguments,
-                "temporaries": as_compiled.temporaries(remat=remat),
+                "temporaries": as_compiled.temporaries(remat=remat) + cast_weights,
             },
             "target": tgt.name,
             "target_bytes": tgt.memory_bytes,
@@ -174,7 +194,9 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         "state_bytes_per_param": {
             "distributed": cfg.optim.distributed,
             "compute_dtype": cfg.model.compute_dtype,
-            **state_bytes_per_param(cfg, data_degree=data),
+            **state_bytes_per_param(
+                cfg, data_degree=data, trainable_fraction=trainable_per_device / per_device
+            ),
             # float32 master weights and moments, from the compiled program's arguments
             "kept_compiled": (stats.argument_size_in_bytes - est.inputs) / per_device,
             "replicated_over_data": trainer.replicated_over_data,

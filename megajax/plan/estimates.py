@@ -14,7 +14,7 @@ import math
 import jax.numpy as jnp
 
 from megajax import models, pipeline_arithmetic
-from megajax.config import Config, ConfigError, ModelConfig
+from megajax.config import Config, ConfigError, LoRAConfig, ModelConfig
 from megajax.plan import activations
 
 GB = 1e9
@@ -69,6 +69,45 @@ def stage_layer_params(m: ModelConfig, model_degree: int, stages: int = 1) -> in
     return m.num_layers // stages * (split // model_degree + replicated)
 
 
+def adapter_layer_params(m: ModelConfig, lora: LoRAConfig, model_degree: int) -> tuple[int, int]:
+    """One transformer layer's LoRA adapter parameters: (split over `model`, whole on every
+    shard). A follows its kernel's rows and B its columns (megajax.lora): on QKV and fc1 B is
+    split, on the attention output and fc2 A is; the kv adapter of a kv weight split by rows
+    (more model shards than key/value heads) is whole."""
+    if lora.rank == 0:
+        return 0, 0
+    r, h, f = lora.rank, m.hidden, m.mlp_hidden
+    q, kv = m.num_heads * m.head_dim, 2 * m.kv_heads * m.head_dim
+    fc1 = 2 * f if m.mlp == "swiglu" else f
+    split = whole = 0
+    for target in lora.target_names:
+        if target == "qkv" and m.grouped_query:
+            whole += 2 * h * r
+            split += r * q
+            if m.kv_by_rows(model_degree):
+                whole += r * kv
+            else:
+                split += r * kv
+        elif target == "qkv":
+            whole, split = whole + h * r, split + r * (q + kv)
+        elif target == "proj":
+            split, whole = split + q * r, whole + r * h
+        elif target == "fc1":
+            whole, split = whole + h * r, split + r * fc1
+        else:  # fc2
+            split, whole = split + f * r, whole + r * h
+    return split, whole
+
+
+def trainable_params_per_device(cfg: Config, model_degree: int, stages: int = 1) -> int:
+    """The parameters one device trains, as the forward pass holds them: all of them, or with
+    lora.rank > 0 its stage's layers' adapters."""
+    if cfg.lora.rank == 0:
+        return params_per_device(cfg.model, model_degree, stages)
+    split, whole = adapter_layer_params(cfg.model, cfg.lora, model_degree)
+    return cfg.model.num_layers // stages * (split // model_degree + whole)
+
+
 def outside_params(m: ModelConfig, model_degree: int) -> int:
     """The parameters outside the layers one device holds (on every pipeline stage)."""
     t = model_degree
@@ -89,10 +128,10 @@ def outside_params(m: ModelConfig, model_degree: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    weights: float  # float32 master weights
-    optimizer: float  # Adam's two float32 moments (and its int32 step counts)
+    weights: float  # float32 weights: the trainable ones' masters and the frozen ones
+    optimizer: float  # Adam's two float32 moments of the trainable (and its int32 step counts)
     inputs: float  # the step's int32 input and target tokens (and its step, skip counters)
-    gradients: float  # float32; a second buffer accumulates micro-batches
+    gradients: float  # float32, of the trainable; a second buffer accumulates micro-batches
     update: float  # the float32 update tree optax builds before adding it to the weights
     # Saved for the backward pass of one micro-batch under each model.remat (and the
     # configured sequence parallelism): "none", "selective" and "full".
@@ -132,11 +171,14 @@ def estimate_memory(
     stages: int = 1,
 ) -> MemoryEstimate:
     """Per-device bytes. With optim.distributed, `master_params` is the per-device count of the
-    float32 master weights (those split over `data` and those left whole); by default the
-    parameters per device over the data degree. With pipeline stages, the micro-batches are in
-    flight together (activations.pipelined_activation_bytes)."""
+    float32 master weights of the trainable parameters (those split over `data` and those left
+    whole); by default the trainable parameters per device over the data degree. With
+    lora.rank > 0 only the adapters train: the other weights are held as they are (float32),
+    with neither gradients nor moments. With pipeline stages, the micro-batches are in flight
+    together (activations.pipelined_activation_bytes)."""
     m, tr = cfg.model, cfg.train
-    p = params_per_device(m, model_degree, stages)
+    p = trainable_params_per_device(cfg, model_degree, stages)
+    frozen = params_per_device(m, model_degree, stages) if cfg.lora.rank else 0
     batch = tr.batch_size // tr.micro_batches // data_degree  # one micro-batch on one device
     sequences = batch * (m.num_choices if m.arch == "bert_multiple_choice" else 1)
     head = activations.head_activation_bytes(m, batch=batch, model_degree=model_degree)
@@ -146,10 +188,10 @@ def estimate_memory(
         if stages > 1:  # the head's and the buffers' too
             return activations.pipelined_activation_bytes(
                 m_remat, batch=sequences, model_degree=model_degree, stages=stages,
-                repeats=tr.pipeline_repeats, micro=tr.micro_batches,
+                repeats=tr.pipeline_repeats, micro=tr.micro_batches, lora=cfg.lora,
             )["total"] - head  # fmt: skip
         return activations.stack_activation_bytes(
-            m_remat, batch=sequences, model_degree=model_degree
+            m_remat, batch=sequences, model_degree=model_degree, lora=cfg.lora
         )
 
     paper = activations.paper_layer_activation_bytes(m, batch=sequences, model_degree=model_degree)
@@ -167,7 +209,7 @@ def estimate_memory(
     if stages > 1:  # the layers' weights rearranged by stage, and their gradient so laid out
         copy += 2 * 4 * stage_layer_params(m, model_degree, stages)
     return MemoryEstimate(
-        weights=4 * master,
+        weights=4 * (master + frozen),
         optimizer=8 * master + 2 * 4,  # + the counts of scale_by_adam and scale_by_schedule
         inputs=4 * tr.batch_size // data_degree * sample + counters,  # int32 fields; counters
         gradients=gradients,
@@ -188,27 +230,38 @@ def estimate_memory(
 MEGATRON_STATE_BYTES = {"float16": (20, 4, 16), "bfloat16": (18, 6, 12), "float32": (16, 8, 8)}
 
 
-def state_bytes_per_param(cfg: Config, *, data_degree: int) -> dict:
+def state_bytes_per_param(cfg: Config, *, data_degree: int, trainable_fraction: float = 1.0):
     """Weights, gradients and Adam state per parameter and device: Megatron-LM's table beside
     this code's layout (the float32 master weights and moments split over `data`; a gathered
     compute_dtype copy and its gradients during the step; without the switch float32 weights
-    and gradients, cast to the compute dtype inside the layers)."""
+    and gradients, cast to the compute dtype inside the layers). With LoRA, a fraction f of the
+    parameters (the adapters) trains: the frozen rest is 4 bytes of float32 weights alone."""
     whole, fixed, split = MEGATRON_STATE_BYTES[cfg.model.compute_dtype]
     e, d = jnp.dtype(cfg.model.compute_dtype).itemsize, data_degree
     if cfg.optim.distributed:
-        return {
+        out = {
             "megatron": fixed + split / d,
             "megatron_formula": f"{fixed} + {split}/D",
             "here": 2 * e + 16 / d,
             "here_formula": f"{2 * e} + 16/D",
             "kept": 12 / d,  # float32 master weights and moments, between steps
         }
+    else:
+        out = {
+            "megatron": whole,
+            "megatron_formula": str(whole),
+            "here": 16,
+            "here_formula": "16",
+            "kept": 12,
+        }
+    if cfg.lora.rank == 0:
+        return out
+    f = trainable_fraction
     return {
-        "megatron": whole,
-        "megatron_formula": str(whole),
-        "here": 16,
-        "here_formula": "16",
-        "kept": 12,
+        **out,
+        "here": 4 * (1 - f) + f * out["here"],
+        "here_formula": f"4 (1 - f) + ({out['here_formula']}) f, f = {f:.4f} trainable",
+        "kept": 4 * (1 - f) + f * out["kept"],
     }
 
 
@@ -252,11 +305,13 @@ def expected_collectives(
         # transposes (2 all-gathers), the gathers' (2 reduce-scatters) and 2 gathers again of
         # the column-parallel inputs; the embedding's reduce-scatter and the head's gather,
         # and their transposes. Full recomputation adds the attention output's reduce-scatter
-        # (its gathers are the backward's own).
+        # (its gathers are the backward's own). A frozen embedding (LoRA) has no gradient: its
+        # reduce-scatter's transpose is not computed.
         again = 1 if m.remat == "full" else 0
-        gathers = 6 * runs + outside
+        embedding = outside // (2 if lm else 1) if cfg.lora.rank else 0
+        gathers = 6 * runs + outside - embedding
         scatters = (4 + again) * runs + outside
-        elements = (6 * runs + batched * outside) * n
+        elements = (6 * runs + batched * (outside - embedding)) * n
         found["model: all-gathers (b, s, h)"] = (gathers, elements)
         elements = ((4 + again) * runs + batched * outside) * n // model_degree
         found["model: reduce-scatters (b, s / T, h)"] = (scatters, elements)
@@ -275,9 +330,8 @@ def expected_collectives(
             found["model: kv gradient reduce-scatters"] = (runs, runs * kv // model_degree)
             if m.bias:
                 found["model: kv bias gradients"] = (runs, runs * 2 * m.kv_heads * m.head_dim)
-    if data_degree > 1:
-        p = params_per_device(m, model_degree, stages)
-        found["data: gradients"] = (None, p)
+    if data_degree > 1:  # the trainable parameters' (with LoRA, the adapters')
+        found["data: gradients"] = (None, trainable_params_per_device(cfg, model_degree, stages))
     return found
 
 
@@ -333,7 +387,7 @@ def roofline(
     e = jnp.dtype(m.compute_dtype).itemsize
     model_bytes = e * model_elements  # activations, in the compute dtype
     model_s = allreduce_seconds(model_bytes, model_degree, tgt.intra_node_bw)
-    grad_bytes = 4 * params_per_device(m, model_degree, stages)  # float32 gradients
+    grad_bytes = 4 * trainable_params_per_device(cfg, model_degree, stages)  # float32 gradients
     data_bw = tgt.inter_node_bw if devices > tgt.node_size else tgt.intra_node_bw
     data_s = allreduce_seconds(grad_bytes, data_degree, data_bw)
     bubble_s = p2p_s = 0.0

@@ -30,6 +30,8 @@ def report(plan: dict) -> str:
         f"compiled in {plan['compile_seconds']:.1f}s on {plan['platform']}",
         f"parameters: {p['total']:,} total, {p['per_device']:,} per device "
         f"(analytic {p['per_device_analytic']:,})",
+        f"trained: {p['trainable']:,}, {p['trainable_per_device']:,} per device (analytic "
+        f"{p['trainable_per_device_analytic']:,}; lora.rank={plan['lora']['rank']})",
         "",
         f"memory per device (remat={remat}, sequence parallel {sp})",
         "                                      analytic      compiled",
