@@ -199,13 +199,13 @@ def chat_messages(body: dict) -> list[dict]:
 
 
 def stop_ids(tokenizer, template=None) -> frozenset:
-    """The tokens generation ends at: the end of text, the template's eos_token and the
-    end-of-turn tokens the vocabulary has."""
+    """The tokens generation ends at: the end of text, those that close an assistant's turn in
+    the chat template (ChatTemplate.stop_ids: its eos_token and its own end-of-turn marker),
+    and the end-of-turn tokens the vocabulary has."""
     ids = set() if tokenizer.eot_id is None else {tokenizer.eot_id}
-    names = list(END_OF_TURN)
-    if template is not None and "eos_token" in template.specials:
-        names.append(template.specials["eos_token"])
-    for name in names:
+    if template is not None:
+        ids.update(template.stop_ids())
+    for name in END_OF_TURN:
         try:
             found, _ = tokenizer.encode_with_offsets(name)
         except (KeyError, AttributeError):
