@@ -64,6 +64,68 @@ POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
 MOE_ROUTERS = ("topk_softmax", "softmax_topk")
 FORMATS = ("text", "chat")
+ROPE_SCALINGS = ("none", "llama3", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE stretched past the context a model was trained at, as Hugging Face's
+    rope_parameters say and transformers computes it (modeling_rope_utils.py): "none", the
+    plain RoPE; "llama3", Llama 3.1's; "yarn", YaRN's (arXiv 2309.00071). The fields are
+    transformers' names; each type reads its own."""
+
+    type: str = "none"
+    # Both types: how far the context is stretched, and the context the model was trained at.
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    # llama3: wavelengths longer than original_max_position_embeddings / low_freq_factor are
+    # stretched by factor, those shorter than original / high_freq_factor kept, and those
+    # between stretched by an amount that slides smoothly from one to the other (Llama 3.1's
+    # 1 and 4 are the defaults).
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn: dimensions that turn more than beta_fast times over the original context keep their
+    # frequency, those that turn fewer than beta_slow times are stretched by factor, a linear
+    # ramp between (its ends rounded outwards when truncate). cos and sin are scaled by
+    # attention_factor; 0 derives it: 0.1 ln(factor) + 1, or with mscale and mscale_all_dim
+    # both set (DeepSeek's), the ratio of 0.1 mscale ln(factor) + 1 to its mscale_all_dim form.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 0.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+
+    RANGES: typing.ClassVar[dict[str, Range]] = dict(
+        factor=Range(1), original_max_position_embeddings=NON_NEGATIVE,
+        low_freq_factor=Range(0, low_open=True), high_freq_factor=Range(0, low_open=True),
+        beta_fast=Range(0, low_open=True), beta_slow=Range(0, low_open=True),
+        attention_factor=NON_NEGATIVE, mscale=NON_NEGATIVE, mscale_all_dim=NON_NEGATIVE,
+    )  # fmt: skip
+
+    def __post_init__(self):
+        at = "model.rope_scaling"
+        if self.type not in ROPE_SCALINGS:
+            raise ConfigError(f"{at}.type={self.type!r}: use one of {', '.join(ROPE_SCALINGS)}")
+        check_ranges(at, self)
+        if self.type != "none" and not self.original_max_position_embeddings:
+            raise ConfigError(
+                f"{at}.original_max_position_embeddings=0: a {self.type} RoPE needs the "
+                "context the model was trained at, >= 1"
+            )
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                f"{at}.high_freq_factor={self.high_freq_factor:g}: must be > "
+                f"low_freq_factor={self.low_freq_factor:g}"
+            )
+        if self.type == "yarn" and self.beta_fast < self.beta_slow:
+            raise ConfigError(
+                f"{at}.beta_fast={self.beta_fast:g}: must be >= beta_slow={self.beta_slow:g}"
+            )
+
+    @property
+    def scaled(self) -> bool:
+        return self.type != "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +199,9 @@ class ModelConfig:
     # objective and logged.
     moe_aux_loss: float = 0.01
     moe_z_loss: float = 0.0
+    # RoPE stretched for contexts past the trained one (Llama 3.1's, YaRN's), a section of its
+    # own: --set model.rope_scaling.type=llama3 --set model.rope_scaling.factor=8 ...
+    rope_scaling: RopeScaling = RopeScaling()
 
     RANGES: typing.ClassVar[dict[str, Range]] = dict(
         vocab_size=POSITIVE, make_vocab_size_divisible_by=POSITIVE, seq_len=POSITIVE,
@@ -150,6 +215,9 @@ class ModelConfig:
     )  # fmt: skip
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # a saved config.json's, or replace(...)'s
+            rope = section("model.rope_scaling", RopeScaling, self.rope_scaling)
+            object.__setattr__(self, "rope_scaling", rope)
         check_ranges("model", self)
         for name, allowed in (
             ("arch", ARCHS),
@@ -196,6 +264,11 @@ class ModelConfig:
             raise ConfigError("model.moe_experts is a decoder (arch=gpt) option")
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"positions=rope needs an even head_dim, not {self.head_dim}")
+        if self.rope_scaling.scaled and self.positions != "rope":
+            raise ConfigError(
+                f"model.rope_scaling.type={self.rope_scaling.type} scales RoPE: it needs "
+                f"model.positions=rope, not {self.positions}"
+            )
 
     @property
     def is_bert(self) -> bool:
@@ -523,18 +596,25 @@ def with_model_of(cfg: Config, fields: dict, *, overrides=(), source: str) -> Co
     """`cfg` with the model of a checkpoint (`fields`: its ModelConfig fields; `source`: what it
     is, for messages): the checkpoint's shape and training options, the config's compute
     options. `overrides`: the user's explicit SECTION.FIELD=VALUE assignments (--set); those of
-    TRAINING_OPTIONS win over the checkpoint's values, one that contradicts its shape is an
-    error."""
+    TRAINING_OPTIONS win over the checkpoint's values, those of model.rope_scaling's fields
+    apply over its scaling, one that contradicts its shape is an error."""
     theirs = to_dict(Config(model=ModelConfig(**fields)))["model"]
-    explicit = {k.partition("=")[0][len("model.") :] for k in overrides if k.startswith("model.")}
-    for name in sorted(explicit - set(COMPUTE_OPTIONS) - set(TRAINING_OPTIONS)):
+    explicit = {
+        k.partition("=")[0][len("model.") :].partition(".")[0]
+        for k in overrides
+        if k.startswith("model.")
+    }
+    for name in sorted(explicit - set(COMPUTE_OPTIONS) - set(TRAINING_OPTIONS) - {"rope_scaling"}):
         if getattr(cfg.model, name) != theirs[name]:
             raise ConfigError(
                 f"model.{name}={getattr(cfg.model, name)} was set but {source} has "
                 f"{theirs[name]}: drop the option or use another checkpoint"
             )
     kept = (*COMPUTE_OPTIONS, *(explicit & set(TRAINING_OPTIONS)))
-    return replace(cfg, model={**theirs, **{k: getattr(cfg.model, k) for k in kept}})
+    cfg = replace(cfg, model={**theirs, **{k: getattr(cfg.model, k) for k in kept}})
+    # model.rope_scaling's fields set with --set stretch the checkpoint's context (as Llama 3.1
+    # and YaRN fine-tune a model to): they apply over the checkpoint's own.
+    return override(cfg, [k for k in overrides if k.startswith("model.rope_scaling.")])
 
 
 def load(path: str | Path) -> Config:
@@ -567,27 +647,50 @@ def _parse(text: str, typ, key: str):
 
 
 def override(cfg: Config, assignments: typing.Iterable[str]) -> Config:
-    """Apply `section.field=value` strings, checking each key and value type."""
+    """Apply `section.field=value` strings (`section.field.field=value` inside a nested
+    section, as model.rope_scaling), checking each key and value type; the values are checked
+    together once all are set, so that the order of related fields does not matter."""
+    tree, changed = to_dict(cfg), False
     for item in assignments:
         key, sep, text = item.partition("=")
-        section_name, _, field_name = key.partition(".")
-        if not sep or not field_name:
+        path = key.split(".")
+        if not sep or len(path) < 2 or not all(path):
             raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. train.steps=50")
-        sections = {f.name for f in dataclasses.fields(cfg)}
-        if section_name not in sections:
-            raise ConfigError(f"unknown config key {key!r}: sections are {sorted(sections)}")
-        section = getattr(cfg, section_name)
-        hints = typing.get_type_hints(type(section))
-        if field_name not in hints:
-            raise ConfigError(f"unknown config key {key!r}: {section_name} has {sorted(hints)}")
-        value = _parse(text, hints[field_name], key)
-        section = dataclasses.replace(section, **{field_name: value})
-        cfg = dataclasses.replace(cfg, **{section_name: section})
-    return cfg
+        node, cls = tree, Config
+        for depth, name in enumerate(path):
+            names = [f.name for f in dataclasses.fields(cls)]
+            if name not in names:
+                where = ".".join(path[:depth])
+                if not where:
+                    raise ConfigError(f"unknown config key {key!r}: sections are {sorted(names)}")
+                raise ConfigError(f"unknown config key {key!r}: {where} has {sorted(names)}")
+            typ, here = typing.get_type_hints(cls)[name], ".".join(path[: depth + 1])
+            last = depth == len(path) - 1
+            if dataclasses.is_dataclass(typ) and last:
+                example = dataclasses.fields(typ)[0].name
+                raise ConfigError(f"--set {key}={text}: {here} is a section: set its fields, "
+                                  f"e.g. {here}.{example}=...")  # fmt: skip
+            if not dataclasses.is_dataclass(typ) and not last:
+                raise ConfigError(f"unknown config key {key!r}: {here} has no fields")
+            if last:
+                node[name] = _parse(text, typ, key)
+            else:
+                node, cls = node[name], typ
+        changed = True
+    return from_dict(tree) if changed else cfg
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def section(name: str, cls, values: dict):
+    """The config dataclass `cls` (at key `name`) from a dict: unknown keys are an error,
+    missing ones take their defaults."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown config keys in {name}: {sorted(unknown)}")
+    return cls(**values)
 
 
 def from_dict(data: dict) -> Config:
@@ -598,10 +701,7 @@ def from_dict(data: dict) -> Config:
         values = data.get(field.name, {})
         if field.name == "model" and isinstance(values.get("remat"), bool):
             values = {**values, "remat": "full" if values["remat"] else "none"}  # older configs
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown config keys in {field.name}: {sorted(unknown)}")
-        sections[field.name] = cls(**values)
+        sections[field.name] = section(field.name, cls, values)
     return Config(**sections)
 
 

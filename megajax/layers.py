@@ -21,6 +21,7 @@ from flax import nnx
 from megajax import parallel
 from megajax.config import ConfigError
 from megajax.parallel import constrain
+from megajax.rope import rope
 
 
 def _normal(std: float, *axes: str | None):
@@ -94,18 +95,6 @@ def norm(cfg, *, recompute: bool = False) -> LayerNorm | RMSNorm:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.hidden, eps=cfg.layernorm_eps, recompute=recompute)
     return LayerNorm(cfg.hidden, eps=cfg.layernorm_eps, recompute=recompute, bias=cfg.bias)
-
-
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding in the rotate-half pairing (Hugging Face's and
-    Megatron-Core's): dimension i of each head turns with i + head_dim / 2. x: (batch, length,
-    heads, head_dim); positions: (batch, length). Local to each head: no communication."""
-    half = x.shape[-1] // 2
-    freqs = 1.0 / theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1])
-    angles = positions.astype(jnp.float32)[..., None, None] * freqs  # (batch, length, 1, half)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
 def _times(x, kernel, keep, rate):
@@ -369,7 +358,8 @@ class Attention(nnx.Module):
     shard all-gathers it, computes the one head that its query heads share, and its gradient
     is reduce-scattered back to the rows. A causal model (GPT) masks future keys; `padding`
     masks the keys after each sequence's length (BERT); `segments` keep packed documents
-    apart. model.positions="rope" turns q and k by their positions, head by head.
+    apart. model.positions="rope" turns q and k by their positions, head by head (megajax/rope.py,
+    scaled as model.rope_scaling says).
     """
 
     def __init__(self, cfg, *, out_std: float, rngs):
@@ -377,6 +367,7 @@ class Attention(nnx.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.kv_heads, self.grouped = cfg.kv_heads, cfg.grouped_query
         self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
+        self.rope_scaling = cfg.rope_scaling
         self.dropout_rate = cfg.dropout
         self.implementation = cfg.attention
         self.causal = cfg.arch == "gpt"
@@ -415,7 +406,8 @@ class Attention(nnx.Module):
         q = constrain(q.reshape(b, s, self.num_heads, d), "batch", "length", "heads", None)
         k, v = kv[..., 0, :], kv[..., 1, :]
         if self.rope_theta is not None:
-            q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+            turn = functools.partial(rope, theta=self.rope_theta, scaling=self.rope_scaling)
+            q, k = turn(q, positions), turn(k, positions)
         return q, k, v
 
     def _grouped_projection(self, x, *in_axes: str | None, key=None):

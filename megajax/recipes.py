@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from megajax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from megajax.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RopeScaling,
+    TrainConfig,
+)
 
 # The paper's corpus (section 4.1): Wikipedia, CC-Stories, RealNews and OpenWebText, 174 GB
 # deduplicated, prepared once with `python -m megajax.data.prepare` for each tokenizer. Nothing
@@ -95,6 +102,7 @@ def llama(
     ffn_hidden: int,
     rope_theta: float,
     tokenizer_dir: str,
+    rope_scaling: RopeScaling | None = None,
 ) -> Config:
     """A Llama 2 / Llama 3 8B-class decoder (32 layers, hidden 4096, 32 query heads; RMSNorm,
     RoPE, SwiGLU, no biases, untied head) trained as Touvron et al. 2023 describe: AdamW with
@@ -104,7 +112,8 @@ def llama(
 
     Micro-batches of 16,384 tokens with sequence parallelism and selective recomputation: what
     the dry run finds to fit one H100 of a model=8 group (Llama 3 8B: 42.4 GB analytic). With
-    data=D, divide train.micro_batches by D to keep that micro-batch per device."""
+    data=D, divide train.micro_batches by D to keep that micro-batch per device. `rope_scaling`:
+    a RoPE stretched past the context it was trained at (Llama 3.1's)."""
     return Config(
         model=ModelConfig(
             vocab_size=vocab_size,
@@ -119,6 +128,7 @@ def llama(
             norm="rmsnorm",
             positions="rope",
             rope_theta=rope_theta,
+            rope_scaling=rope_scaling or RopeScaling(),
             mlp="swiglu",
             bias=False,
             tie_embeddings=False,

@@ -14,6 +14,7 @@ Processes that tests start get the same settings (`subprocess_env`).
 import importlib.metadata
 import os
 import tempfile
+from pathlib import Path
 
 from megajax import mesh
 
@@ -40,6 +41,7 @@ from megajax.data.samples import BertPairs, Dataset  # noqa: E402
 from megajax.data.tokenizer import GPT2Tokenizer  # noqa: E402
 
 WIKI = "data/wikitext103/wiki.valid.head429.tokens"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def subprocess_env(**extra: str) -> dict:
@@ -131,3 +133,61 @@ def lm_logits(trainer, params, ids):
         f = jax.jit(lambda p, x: (lambda m: m(x) @ m.lm_head.T)(trainer.model(p)))
         batch = trainer.put_eval_batch({"inputs": ids, "targets": ids})
         return np.asarray(f(params, batch["inputs"]))[..., :vocab]
+
+
+# A small GPT-2 checkpoint and a server over it (test_serve.py, test_lm_eval.py) ---------------
+
+# GPT-2's vocabulary and tokenizer; positions for whole LAMBADA passages (lm-eval's tests). A wide
+# initialisation makes the random model's choices clear-cut (top-two logit gaps over 0.01),
+# so float rounding between implementations cannot flip a greedy token.
+HF_SHAPE = dict(vocab_size=50257, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                initializer_range=0.2)  # fmt: skip
+
+
+def make_hf_gpt2(path: Path) -> Path:
+    """A random GPT-2 saved by transformers, biases made to count, with GPT-2's BPE files (as
+    megajax.convert --to_hf writes them): what megajax, transformers and lm-eval all load."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**HF_SHAPE))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    model.save_pretrained(path)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(ROOT / "data/gpt2" / name, path / name)
+    return path
+
+
+def load_generator(hf_dir: Path, mesh=(2, 2)):
+    """(Generator, tokenizer) of the checkpoint on the mesh, as megajax.generate.load gives."""
+    from megajax import generate
+    from megajax.data import loader
+    from megajax.hf import weights as convert
+    from megajax.sharded_model import ShardedModel
+
+    weights = convert.HFWeights(hf_dir)
+    cfg = convert.with_hf_model(config.Config(), weights)
+    sharded = ShardedModel(cfg, device_mesh(*mesh))
+    params = convert.load_params(sharded, weights, log=lambda _: None)
+    tokenizer = loader.tokenizer_for(cfg, workdir=None, hf_checkpoint=str(hf_dir))
+    return generate.Generator(sharded, params), tokenizer
+
+
+def start_server(hf_dir: Path, *, max_rows: int, **limits):
+    """(base URL, Server) of a warmed-up server on a free loopback port, over the checkpoint
+    on 2 x 2."""
+    from megajax import serve
+    from megajax.data import chat
+
+    generator, tokenizer = load_generator(hf_dir)
+    eng = serve.start_engine(generator, tokenizer, max_rows=max_rows, max_queue=8, warm_up=True)
+    template = chat.template_for(tokenizer, hf_dir)
+    server = serve.Server(eng, tokenizer, template, model_name="tiny-gpt2", **limits)
+    _, port = serve.serve_in_thread(serve.make_app(server))
+    return f"http://127.0.0.1:{port}", server

@@ -1,11 +1,8 @@
 """Text generation: the KV cache decodes exactly as recomputing the sequence would, on every
 mesh; sampling on vocabulary-sharded logits obeys its filters; an imported GPT-2 generates and
-scores as transformers does; the REST server answers Megatron-LM's API over real HTTP."""
+scores as transformers does (the server's tests: test_serve.py)."""
 
 import json
-import threading
-import urllib.error
-import urllib.request
 
 import jax
 import numpy as np
@@ -297,93 +294,6 @@ def test_long_prompt_and_foreign_ids_are_clear_errors(hf_generator):
         hf_generator([[1, 1003]], new_tokens=3)
 
 
-# the REST server ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server():
-    """The API on a free loopback port, over a tiny random GPT reading GPT-2 BPE ids. On 2 x 2,
-    one prompt or two run as two rows: one program per number of new tokens."""
-    cfg = tiny_config(vocab_size=50257)
-    trainer = Trainer(cfg, device_mesh(2, 2))
-    generator = generate.Generator(trainer, _fresh_params(trainer))
-    httpd = serve.make_server(serve.Service(generator, GPT2Tokenizer("data/gpt2")), "127.0.0.1", 0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_port}/api"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def _put(url, body):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method="PUT", headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def test_server_round_trip(server):
-    status, reply = _put(server, {"prompts": ["Hello, my", "The"], "tokens_to_generate": 4,
-                                  "temperature": 0, "logprobs": True})  # fmt: skip
-    assert status == 200, reply
-    assert reply["text"][0].startswith("Hello, my") and reply["text"][1].startswith("The")
-    for text, segments, logprobs in zip(
-        *(reply[k] for k in ("text", "segments", "logprobs")), strict=True
-    ):
-        assert "".join(segments) == text
-        assert len(logprobs) == len(segments) - 1 and all(x <= 0 for x in logprobs)
-    status, scored = _put(server, {"prompts": ["Hello, my"], "tokens_to_generate": 0,
-                                   "logprobs": True})  # fmt: skip
-    assert status == 200 and scored["text"] == ["Hello, my"]
-    np.testing.assert_allclose(scored["logprobs"][0], reply["logprobs"][0][:2], atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "body,message",
-    [
-        (b"{not json", "not JSON"),
-        ({"prompts": ["a"], "tokens": 3}, "unknown fields"),
-        ({"prompts": []}, "non-empty list"),
-        ({"prompts": ["a"], "temperature": 101}, "temperature"),
-        ({"prompts": ["a"], "top_p": 1.5}, "top_p"),
-        ({"prompts": ["a"], "top_k": -1}, "top_k"),
-        ({"prompts": ["a"], "tokens_to_generate": "3"}, "integer"),
-        ({"prompts": ["a"], "tokens_to_generate": 0}, "logprobs=true"),
-        ({"prompts": ["a"] * 129}, "at most 128"),
-        ({"prompts": ["a" + " a" * 40]}, "exceeds the model's 32 positions"),
-        ({"prompts": ["a"], "tokens_to_generate": 5000}, "tokens_to_generate"),
-    ],
-)
-def test_server_bad_request_is_400_and_it_keeps_serving(server, body, message):
-    status, reply = _put(server, body)
-    assert status == 400 and message in reply["message"], reply
-    status, _ = _put(server, {"prompts": ["a"], "tokens_to_generate": 4})
-    assert status == 200
-
-
-def test_two_concurrent_clients_get_their_own_answers(server):
-    requests = [
-        {"prompts": ["Once upon a time"], "tokens_to_generate": 4, "temperature": 0},
-        {"prompts": ["To be, or not", "x"], "tokens_to_generate": 4, "random_seed": 5},
-    ]
-    alone = [_put(server, r)[1] for r in requests]
-    together = [None, None]
-
-    def client(i):
-        together[i] = _put(server, requests[i])[1]
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert together == alone
-
-
 def test_a_sharded_model_without_optimizer_generates_as_the_trainer_does(generators):
     """Generation needs the model's graph and layout, not a Trainer: the same fresh
     parameters, the same greedy tokens."""
@@ -399,16 +309,6 @@ def test_a_sharded_model_without_optimizer_generates_as_the_trainer_does(generat
     out = generate.Generator(sharded, params)(PROMPTS, new_tokens=NEW, temperature=0.0)
     expected = on_trainer(PROMPTS, new_tokens=NEW, temperature=0.0)
     np.testing.assert_array_equal(out["tokens"], expected["tokens"])
-
-
-@pytest.mark.parametrize("method", ["POST", "GET", "DELETE"])
-def test_a_method_other_than_put_gets_405_in_json_saying_to_use_put(server, method):
-    body = json.dumps({"prompts": ["a"]}).encode() if method == "POST" else None
-    request = urllib.request.Request(server, data=body, method=method)
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(request, timeout=60)
-    assert caught.value.code == 405 and caught.value.headers["Allow"] == "PUT"
-    assert "PUT" in json.loads(caught.value.read())["message"]
 
 
 def test_help_texts_name_llama_beside_gpt2(capsys):

@@ -362,14 +362,55 @@ MIXTRAL_TABLE = {
 }
 
 
-def _rope_theta(hf: dict) -> float:
-    """Llama's RoPE base, from rope_parameters (transformers 5) or rope_theta; a scaled RoPE
-    (Llama 3.1's "llama3", YaRN...) is refused."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+# The rope_parameters each scaled RoPE reads, as transformers names them (and RopeScaling).
+ROPE_KEYS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
+             "attention_factor", "mscale", "mscale_all_dim"),
+}  # fmt: skip
+
+
+def _rope(hf: dict) -> dict:
+    """Llama's rope_theta and rope_scaling fields, read as transformers reads them: an older
+    config's rope_scaling (rope_type, or type before it) wins over transformers 5's
+    rope_parameters; rope_theta is theirs or the config's."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ConfigError(f"rope_type {kind!r}: megajax's RoPE is the unscaled (default) one")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"partial_rotary_factor={rope['partial_rotary_factor']}: megajax's "
+                          "RoPE turns the whole head")  # fmt: skip
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return dict(rope_theta=theta)
+    if kind not in ROPE_KEYS:
+        raise ConfigError(f"rope_type {kind!r}: megajax's RoPE is the default one, or scaled "
+                          f"as {' or '.join(ROPE_KEYS)}")  # fmt: skip
+    # transformers' defaults: the trained context is max_position_embeddings, and so is YaRN's
+    # stretched one; YaRN's betas are 32 and 1, its attention factor derived (0 here).
+    given = {k: rope[k] for k in ROPE_KEYS[kind] if rope.get(k) is not None}
+    original = given.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+    if kind == "yarn":
+        given.setdefault("factor", hf["max_position_embeddings"] / original)
+        given = {k: v for k, v in given.items() if v or k not in ("beta_fast", "beta_slow")}
+    elif missing := {"factor", "low_freq_factor", "high_freq_factor"} - set(given):
+        raise ConfigError(f"rope_type 'llama3' without {', '.join(sorted(missing))}")
+    return dict(rope_theta=theta, rope_scaling=dict(type=kind, **given))
+
+
+def _rope_fields(cfg: ModelConfig) -> dict:
+    """A Llama's RoPE in config.json: rope_theta and transformers 5's rope_parameters, and for
+    a scaled RoPE the same as rope_scaling, which older transformers read."""
+    scaling = cfg.rope_scaling
+    kind = scaling.type if scaling.scaled else "default"
+    scaled = {
+        key: getattr(scaling, key)
+        for key in ROPE_KEYS.get(kind, ())
+        # YaRN's attention factor left out where megajax derives it, as transformers would
+        if getattr(scaling, key) or key not in ("attention_factor", "mscale", "mscale_all_dim")
+    }
+    params = {"rope_type": kind, "rope_theta": cfg.rope_theta, **scaled}
+    fields = {"rope_theta": cfg.rope_theta, "rope_parameters": params}
+    return fields | ({"rope_scaling": {"rope_type": kind, **scaled}} if scaled else {})
 
 
 def _llama_fields(hf: dict) -> dict:
@@ -396,7 +437,7 @@ def _llama_fields(hf: dict) -> dict:
         layernorm_eps=hf.get("rms_norm_eps", 1e-6),
         norm="rmsnorm",
         positions="rope",
-        rope_theta=_rope_theta(hf),
+        **_rope(hf),
         mlp="swiglu",
         bias=bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -450,8 +491,7 @@ def _llama_config(cfg: ModelConfig) -> dict:
         "max_position_embeddings": cfg.seq_len,
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.layernorm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **_rope_fields(cfg),
         "attention_bias": cfg.bias,
         "mlp_bias": cfg.bias,
         "attention_dropout": cfg.dropout,
