@@ -4,7 +4,8 @@ sparse block of 8 SwiGLU experts of width 14,336, 2 per token; 46.7B parameters,
 
 Laid out on 64 H100s as data=8,expert=8: one expert per device in each group of 8 (the
 all-to-alls stay inside a node), everything else replicated on it and data-parallel over all
-64 (the batch splits over data and expert), the optimizer's state split over `data`. Needs
+64 (the batch splits over data and expert); the optimizer's state split 64 ways, the
+experts' 8 ways over `data`. Needs
 Mixtral's tokenizer.json in data/mixtral and a corpus prepared with it (megajax/recipes.py);
 or start from Hugging Face weights with --hf_checkpoint DIR.
 

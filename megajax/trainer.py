@@ -50,7 +50,11 @@ class Trainer(ShardedModel):
                     )
                 )
                 train_specs, self.replicated_over_data = optim.shard_over_data(
-                    train_shapes, train_specs, self.split(logical)[0], mesh.shape[parallel.DATA]
+                    train_shapes,
+                    train_specs,
+                    self.split(logical)[0],
+                    mesh.shape[parallel.DATA],
+                    mesh.shape[parallel.EXPERT],
                 )
             # Moments take their parameter's spec explicitly: optax creates them with
             # zeros_like, which would otherwise inherit whatever layout the parameters have.

@@ -235,6 +235,17 @@ def test_losses_and_gradients_identical_with_expert_parallelism(runs, text):
     )
 
 
+def test_distributed_optimizer_splits_each_weights_state_over_its_data_parallel_group():
+    """The experts' master weights over `data` (their replicas), every other weight's over
+    `data` and `expert` together."""
+    cfg = config.replace(moe_config(), optim=dict(distributed=True))
+    specs = Trainer(cfg, _on("data=2,expert=2,model=2")).train_sharding
+    assert ("data", "expert") in tuple(specs["h"]["attn"]["q"]["kernel"].spec)
+    assert ("data", "expert") in tuple(specs["wte"]["embedding"].spec)
+    w1 = tuple(specs["h"]["mlp"]["w1"].spec)
+    assert "data" in w1 and "expert" in w1 and ("data", "expert") not in w1
+
+
 def test_float16_experts_give_float32_losses_to_its_rounding(runs):
     _, done = runs
     losses = [s["loss"] for s in done[FLOAT16][0]]
