@@ -62,6 +62,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
+MOE_ROUTERS = ("topk_softmax", "softmax_topk")
 FORMATS = ("text", "chat")
 ROPE_SCALINGS = ("none", "llama3", "yarn")
 
@@ -176,6 +177,28 @@ class ModelConfig:
     num_kv_heads: int = 0  # grouped-query attention's key/value heads; 0: num_heads
     bias: bool = True  # biases in the linear layers and layer norms (Llama has none)
     tie_embeddings: bool = True  # LM head = word embedding; false: its own (vocab, hidden)
+    # Mixture-of-Experts (megajax/moe.py): 0 experts is a dense model. Each token's router
+    # picks moe_top_k of moe_experts SwiGLU experts of width moe_ffn_hidden (0: mlp_hidden);
+    # "topk_softmax" weighs them by a softmax over the k chosen logits (Mixtral's; the same as
+    # a softmax over all experts renormalised over the k), "softmax_topk" by their
+    # probabilities under the softmax over all experts, not renormalised (Switch, Qwen-MoE).
+    # moe_shared_experts always-on experts (DeepSeek, Qwen) form one SwiGLU MLP beside them.
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_hidden: int = 0
+    moe_router: str = "topk_softmax"
+    moe_shared_experts: int = 0
+    # MoE in layers 0, n, 2n, ... (Megatron-LM's --moe-layer-freq), dense MLPs in the others.
+    moe_every: int = 1
+    # 0: dropless, every token reaches its k experts. Otherwise each expert takes at most
+    # ceil(factor * seq_len * top_k / experts) of a sequence's choices, earlier tokens first
+    # (GShard's capacity per group, the group a sequence, so no mesh changes what is dropped).
+    moe_capacity_factor: float = 0.0
+    # Coefficients of the load-balancing loss (Switch/GShard, over all layers' choices as
+    # transformers computes Mixtral's) and of the router z-loss (ST-MoE), both added to the
+    # objective and logged.
+    moe_aux_loss: float = 0.01
+    moe_z_loss: float = 0.0
     # RoPE stretched for contexts past the trained one (Llama 3.1's, YaRN's), a section of its
     # own: --set model.rope_scaling.type=llama3 --set model.rope_scaling.factor=8 ...
     rope_scaling: RopeScaling = RopeScaling()
@@ -185,7 +208,10 @@ class ModelConfig:
         num_layers=POSITIVE, hidden=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE,
         dropout=FRACTION, init_std=NON_NEGATIVE, layernorm_eps=Range(0, low_open=True),
         type_vocab_size=POSITIVE, num_choices=POSITIVE, rope_theta=Range(0, low_open=True),
-        ffn_hidden=NON_NEGATIVE, num_kv_heads=NON_NEGATIVE,
+        ffn_hidden=NON_NEGATIVE, num_kv_heads=NON_NEGATIVE, moe_experts=NON_NEGATIVE,
+        moe_top_k=POSITIVE, moe_ffn_hidden=NON_NEGATIVE, moe_shared_experts=NON_NEGATIVE,
+        moe_every=POSITIVE, moe_capacity_factor=NON_NEGATIVE, moe_aux_loss=NON_NEGATIVE,
+        moe_z_loss=NON_NEGATIVE,
     )  # fmt: skip
 
     def __post_init__(self):
@@ -203,6 +229,7 @@ class ModelConfig:
             ("norm", NORMS),
             ("positions", POSITIONS),
             ("mlp", MLPS),
+            ("moe_router", MOE_ROUTERS),
         ):
             if getattr(self, name) not in allowed:
                 was_bool = name == "remat" and str(self.remat).lower() in ("true", "false")
@@ -222,6 +249,19 @@ class ModelConfig:
                 "model.norm, positions, mlp, num_kv_heads, bias and tie_embeddings are decoder "
                 f"(arch=gpt) options; model.arch={self.arch} keeps their defaults"
             )
+        if self.moe_experts and self.moe_top_k > self.moe_experts:
+            raise ConfigError(
+                f"model.moe_top_k={self.moe_top_k} is more than model.moe_experts="
+                f"{self.moe_experts}: each token picks top_k distinct experts"
+            )
+        if self.moe_experts and self.num_layers % self.moe_every:
+            raise ConfigError(
+                f"model.num_layers={self.num_layers} is not a multiple of model.moe_every="
+                f"{self.moe_every}: the layers come in groups of one MoE layer and "
+                f"{self.moe_every - 1} dense ones"
+            )
+        if self.moe_experts and self.is_bert:
+            raise ConfigError("model.moe_experts is a decoder (arch=gpt) option")
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"positions=rope needs an even head_dim, not {self.head_dim}")
         if self.rope_scaling.scaled and self.positions != "rope":
@@ -247,6 +287,20 @@ class ModelConfig:
         return self.ffn_hidden or self.mlp_ratio * self.hidden
 
     @property
+    def moe(self) -> bool:
+        return self.moe_experts > 0
+
+    @property
+    def moe_layers(self) -> int:
+        """How many layers are MoE layers."""
+        return self.num_layers // self.moe_every if self.moe else 0
+
+    @property
+    def expert_hidden(self) -> int:
+        """One expert's inner width."""
+        return self.moe_ffn_hidden or self.mlp_hidden
+
+    @property
     def grouped_query(self) -> bool:
         """Fewer key/value heads than query heads: q and kv are then two weights, not one."""
         return self.kv_heads != self.num_heads
@@ -263,10 +317,10 @@ class ModelConfig:
         return max(self.kv_heads, model_degree) if self.grouped_query else self.kv_heads
 
     def layer_params(self, model_degree: int = 1) -> tuple[int, int]:
-        """One transformer layer's parameters: (split over `model`, replicated). QKV (or q and
-        kv), fc1 (SwiGLU: gate and up) and their biases, the attention output and fc2 weights
-        are split; the norms and the row-parallel biases are replicated, and so is the kv
-        bias on more model shards than key/value heads."""
+        """One dense transformer layer's parameters: (split over `model`, replicated). QKV (or
+        q and kv), fc1 (SwiGLU: gate and up) and their biases, the attention output and fc2
+        weights are split; the norms and the row-parallel biases are replicated, and so is
+        the kv bias on more model shards than key/value heads."""
         h, f, b = self.hidden, self.mlp_hidden, int(self.bias)
         q, kv = self.num_heads * self.head_dim, 2 * self.kv_heads * self.head_dim
         fc1 = 2 * f if self.mlp == "swiglu" else f
@@ -277,21 +331,52 @@ class ModelConfig:
             split, replicated = split - b * kv, replicated + b * kv
         return split, replicated
 
+    def expert_params(self) -> int:
+        """One expert's parameters (SwiGLU: gate, up and down)."""
+        return 3 * self.hidden * self.expert_hidden
+
+    def moe_layer_params(
+        self, model_degree: int = 1, expert_degree: int = 1, *, active: bool = False
+    ) -> tuple[int, int]:
+        """One MoE layer's parameters as layer_params counts them, (split over `model`,
+        replicated): its attention and norms, the experts that one expert shard holds (all of
+        them by default; with `active`, the top-k a token uses), split over `model` by their
+        inner width, the shared experts (an MLP, split likewise) and the router (replicated)."""
+        h, b = self.hidden, int(self.bias)
+        split, replicated = self.layer_params(model_degree)
+        fc1 = 2 * self.mlp_hidden if self.mlp == "swiglu" else self.mlp_hidden
+        split -= h * fc1 + b * fc1 + self.mlp_hidden * h  # the dense MLP, replaced
+        replicated -= b * h  # ... and its row-parallel bias
+        experts = self.moe_top_k if active else self.moe_experts // expert_degree
+        shared = self.moe_shared_experts * self.expert_hidden
+        split += experts * self.expert_params() + 3 * h * shared + b * 2 * shared
+        return split, replicated + h * self.moe_experts + b * h * bool(shared)
+
+    def stack_params(
+        self, model_degree: int = 1, expert_degree: int = 1, *, active: bool = False
+    ) -> tuple[int, int]:
+        """All the transformer layers' parameters, (split over `model`, replicated): the dense
+        ones and the MoE ones (moe_layer_params) together."""
+        dense = [p * (self.num_layers - self.moe_layers) for p in self.layer_params(model_degree)]
+        sparse = self.moe_layer_params(model_degree, expert_degree, active=active)
+        split, replicated = (d + self.moe_layers * s for d, s in zip(dense, sparse, strict=True))
+        return split, replicated
+
     def padded_vocab_size(self, model_degree: int) -> int:
         """Vocabulary rounded up to a multiple of make_vocab_size_divisible_by * model_degree."""
         multiple = self.make_vocab_size_divisible_by * model_degree
         return math.ceil(self.vocab_size / multiple) * multiple
 
-    def num_params(self, model_degree: int = 1) -> int:
-        """Parameters of the model, counting the padded vocabulary."""
-        h, n = self.hidden, self.num_layers
-        per_layer = sum(self.layer_params())
+    def num_params(self, model_degree: int = 1, *, active: bool = False) -> int:
+        """Parameters of the model, counting the padded vocabulary; with `active`, those one
+        token uses (a MoE layer's top-k experts, not all of them)."""
+        h, layers = self.hidden, sum(self.stack_params(active=active))
         vocab = self.padded_vocab_size(model_degree)
         embed = vocab * h + (self.seq_len * h if self.positions == "learned" else 0)
         if self.arch == "gpt":
             head = 0 if self.tie_embeddings else vocab * h
             final_norm = (1 + int(self.bias)) * h if self.norm == "layernorm" else h
-            return embed + n * per_layer + final_norm + head
+            return embed + layers + final_norm + head
         embed += self.type_vocab_size * h + 2 * h  # token types; the embedding or final norm
         pooler = h * h + h
         if self.arch == "bert_multiple_choice":
@@ -299,7 +384,7 @@ class ModelConfig:
         else:
             heads = (h * h + h) + 2 * h + vocab  # masked LM: dense, layer norm, output bias
             heads += 0 if self.binary_head == "none" else pooler + 2 * h + 2
-        return embed + n * per_layer + heads
+        return embed + layers + heads
 
     @property
     def tokens_per_sample(self) -> int:
@@ -310,10 +395,16 @@ class ModelConfig:
         """Model FLOPs of one token's forward and backward pass, counted as Megatron-LM does."""
         h, n, s, f = self.hidden, self.num_layers, self.seq_len, self.mlp_hidden
         # 2 FLOPs per weight of the layer's matmuls (24 h^2 for GPT-2's) + 4 s h (attention
-        # scores and values) per layer, and the LM head; times 3 for forward + backward.
+        # scores and values) per layer, and the LM head; times 3 for forward + backward. A
+        # MoE layer's weights are those a token uses: the router, its top-k experts and the
+        # shared ones.
         qkv = (self.num_heads + 2 * self.kv_heads) * self.head_dim
-        dense = 2 * (h * qkv + h * h + h * f * (2 if self.mlp == "swiglu" else 1) + f * h)
-        return 3 * n * (dense + 4 * s * h) + self.head_flops_per_token()
+        attention = h * qkv + h * h
+        dense = 2 * (attention + h * f * (2 if self.mlp == "swiglu" else 1) + f * h)
+        experts = self.moe_top_k * self.expert_params() + self.moe_experts * h
+        sparse = 2 * (attention + experts + 3 * h * self.moe_shared_experts * self.expert_hidden)
+        layers = (n - self.moe_layers) * dense + self.moe_layers * sparse
+        return 3 * (layers + n * 4 * s * h) + self.head_flops_per_token()
 
     def head_flops_per_token(self) -> float:
         """The LM head's share of flops_per_token: 2 V h, times 3 (none for multiple choice)."""

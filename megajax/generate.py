@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ class Generator:
             )
         self.sharded, self.params = sharded, params
         self.seq_len, self.vocab_size = sharded.cfg.model.seq_len, sharded.cfg.model.vocab_size
-        self.data_degree = sharded.mesh.shape[parallel.DATA]
+        self.data_degree = math.prod(sharded.mesh.shape[a] for a in parallel.BATCH)
         self._programs = {}  # (rows, width, new_tokens, prompt_logprobs) -> compiled
         self._replicated = jax.sharding.NamedSharding(sharded.mesh, jax.sharding.PartitionSpec())
 

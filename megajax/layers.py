@@ -137,7 +137,7 @@ def _gathered_matmul_bwd(dims, rate, whole, saved, dys):
         # A kernel the same on every `data` shard (and an adapter's A, the same on every
         # `model` shard too) has the sum of theirs as its gradient, in float32. A frozen
         # kernel's gradient is never used, and XLA drops it.
-        axes = (parallel.DATA, parallel.MODEL) if whole and whole[i] else parallel.DATA
+        axes = parallel.batch_axes() + ((parallel.MODEL,) if whole and whole[i] else ())
         dkernels.append(jax.lax.psum(dkernel.astype(jnp.float32), axes).astype(kernel.dtype))
         term = jnp.einsum("...o,io->...i", dy, kernel)
         dx = dx + (term if keep is None else _drop(term, keep, rate))
@@ -439,7 +439,8 @@ class Attention(nnx.Module):
                 y, low = column_matmuls(x, (kernel,), dims, keep, a, q.lora)
                 if by_rows:  # B whole on every shard, each taking its head's columns: its
                     # gradient is summed over `data` and `model` in one collective
-                    b_kv = jax.lax.pcast(b_kv, (parallel.DATA, parallel.MODEL), to="varying")
+                    axes = (*parallel.batch_axes(), parallel.MODEL)
+                    b_kv = jax.lax.pcast(b_kv, axes, to="varying")
                     b_kv = jax.lax.dynamic_slice_in_dim(b_kv, start, width, axis=1)
                 r = a_q.shape[1]
                 low_q, low_kv = low[..., :r], low[..., r:]
@@ -576,9 +577,10 @@ class Block(nnx.Module):
     """A transformer layer, its layer norms placed as model.layernorm_placement says:
     "pre" (GPT-2; the paper's BERT): x + attn(ln_1(x)), then y + mlp(ln_2(y));
     "post" (the original BERT): ln_1(x + attn(x)), then ln_2(y + mlp(y)).
-    The parameters are the same; only the order of operations differs."""
+    The parameters are the same; only the order of operations differs. `feed_forward`: the
+    class of the MLP's place (layers.MLP, or moe.MoE, which also returns router statistics)."""
 
-    def __init__(self, cfg, *, rngs):
+    def __init__(self, cfg, *, rngs, feed_forward=None):
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5  # GPT-2's residual-branch scaling
         # Selective recomputation keeps what the paper counts (its Table 2): a layer norm's
         # input, not its float32 intermediates; GeLU's input and output, not its insides.
@@ -586,21 +588,32 @@ class Block(nnx.Module):
         self.ln_1 = norm(cfg, recompute=selective)
         self.attn = Attention(cfg, out_std=out_std, rngs=rngs)
         self.ln_2 = norm(cfg, recompute=selective)
-        self.mlp = MLP(cfg, out_std=out_std, rngs=rngs)
+        self.mlp = (feed_forward or MLP)(cfg, out_std=out_std, rngs=rngs)
         self.dropout_rate = cfg.dropout
         self.post_ln = cfg.layernorm_placement == "post"
 
     def __call__(self, x, *, attend: Attend, key) -> jax.Array:
         """x: (batch, length, hidden), split over `model` along the length under sequence
         parallelism; `attend` as Attention reads it."""
+        return self.forward(x, attend=attend, key=key)[0]
+
+    def forward(self, x, *, attend: Attend, key) -> tuple[jax.Array, dict]:
+        """The layer's output and its feed-forward block's statistics (a MoE router's; {}
+        for an MLP)."""
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
         rate = self.dropout_rate
         x = constrain(x, "batch", "residual_length", "embed")
         if self.post_ln:
             x = self.ln_1(x + dropout(self.attn(x, attend=attend, key=keys[0]), rate, keys[1]))
-            return self.ln_2(x + dropout(self.mlp(x, key=keys[2]), rate, keys[2]))
+            y, stats = self._feed_forward(x, keys[2])
+            return self.ln_2(x + dropout(y, rate, keys[2])), stats
         x = x + dropout(self.attn(self.ln_1(x), attend=attend, key=keys[0]), rate, keys[1])
-        return x + dropout(self.mlp(self.ln_2(x), key=keys[2]), rate, keys[2])
+        y, stats = self._feed_forward(self.ln_2(x), keys[2])
+        return x + dropout(y, rate, keys[2]), stats
+
+    def _feed_forward(self, x, key) -> tuple[jax.Array, dict]:
+        y = self.mlp(x, key=key)
+        return y if isinstance(y, tuple) else (y, {})
 
     def extend(self, x, k_cache, v_cache, *, start, positions, mask):
         """The layer on new tokens attending a KV cache (Attention.extend), without dropout:
@@ -609,7 +622,7 @@ class Block(nnx.Module):
         if self.post_ln:
             y, k, v = self.attn.extend(x, k_cache, v_cache, **at)
             x = self.ln_1(x + y)
-            return self.ln_2(x + self.mlp(x)), k, v
+            return self.ln_2(x + self._feed_forward(x, None)[0]), k, v
         y, k, v = self.attn.extend(self.ln_1(x), k_cache, v_cache, **at)
         x = x + y
-        return x + self.mlp(self.ln_2(x)), k, v
+        return x + self._feed_forward(self.ln_2(x), None)[0], k, v

@@ -1,6 +1,8 @@
-"""The one place that builds the (pipeline, data, model) device mesh and checks it against the
-model. The mesh always has all three axes; a degree left out is 1, so every two-axis string
-(`data=2,model=4`) builds the same programs as before the pipeline axis existed."""
+"""The one place that builds the (pipeline, data, expert, model) device mesh and checks it
+against the model. The mesh always has all four axes; a degree left out is 1, so every two-axis
+string (`data=2,model=4`) builds the same programs as before the pipeline and expert axes
+existed. `expert` splits the batch like `data` outside Mixture-of-Experts layers and the
+experts inside them (parallel.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from megajax.config import ConfigError, ModelConfig
 
 # The mesh axes, outermost (across nodes) first. This module imports JAX only to build a mesh,
 # so that a command line checks its flags, and says what is wrong, before JAX loads.
-PIPELINE, DATA, MODEL = "pipeline", "data", "model"
-AXES = (PIPELINE, DATA, MODEL)
+PIPELINE, DATA, EXPERT, MODEL = "pipeline", "data", "expert", "model"
+AXES = (PIPELINE, DATA, EXPERT, MODEL)
 
 
 def fake_cpu_devices(count: int) -> None:
@@ -29,13 +31,15 @@ def fake_cpu_devices(count: int) -> None:
 
 
 def parse(text: str) -> dict[str, int]:
-    """'data=2,model=4' -> {'pipeline': 1, 'data': 2, 'model': 4}; a missing axis is 1, -1 means
-    'the rest'."""
+    """'data=2,model=4' -> {'pipeline': 1, 'data': 2, 'expert': 1, 'model': 4}; a missing axis
+    is 1, -1 means 'the rest'."""
     degrees = {axis: 1 for axis in AXES}
     for part in filter(None, text.replace(" ", "").split(",")):
         name, sep, value = part.partition("=")
         if not sep or name not in AXES:
-            raise ConfigError(f"--mesh {text!r}: expected pipeline=P,data=D,model=M (got {part!r})")
+            raise ConfigError(
+                f"--mesh {text!r}: expected pipeline=P,data=D,expert=E,model=M (got {part!r})"
+            )
         try:
             degrees[name] = int(value)
         except ValueError:
@@ -45,9 +49,9 @@ def parse(text: str) -> dict[str, int]:
     return degrees
 
 
-def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int]:
-    """(pipeline, data, model): fill in a -1 degree and check that the product of the degrees
-    equals the device count."""
+def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int, int]:
+    """(pipeline, data, expert, model): fill in a -1 degree and check that the product of the
+    degrees equals the device count."""
     free = [axis for axis, d in degrees.items() if d == -1]
     if len(free) > 1:
         raise ConfigError("--mesh: at most one axis may be -1")
@@ -58,10 +62,10 @@ def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int]:
                 f"--mesh: {num_devices} devices do not divide by the fixed degrees ({fixed})"
             )
         degrees = {**degrees, free[0]: num_devices // fixed}
-    pipeline, data, model = (degrees[axis] for axis in AXES)
-    total = pipeline * data * model
+    pipeline, data, expert, model = (degrees[axis] for axis in AXES)
+    total = pipeline * data * expert * model
     if total != num_devices:
-        named = [a for a in AXES if a != PIPELINE or pipeline > 1]
+        named = [a for a in AXES if a not in (PIPELINE, EXPERT) or degrees[a] > 1]
         shown = ",".join(f"{a}={degrees[a]}" for a in named)
         raise ConfigError(
             f"--mesh {shown} needs {total} devices but "
@@ -69,11 +73,27 @@ def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int]:
             "(or use -1 for one of them), "
             f"or pass --cpu_devices {total} to fake them"
         )
-    return pipeline, data, model
+    return pipeline, data, expert, model
 
 
-def check_model(cfg: ModelConfig, model_degree: int) -> None:
-    """Refuse a model that the `model` degree cannot split the way the plan says."""
+def check_model(cfg: ModelConfig, model_degree: int, expert_degree: int = 1) -> None:
+    """Refuse a model that the `model` and `expert` degrees cannot split the way the plan
+    says."""
+    if expert_degree > 1 and not cfg.moe:
+        raise ConfigError(
+            f"--mesh expert={expert_degree} splits the experts of a Mixture-of-Experts model, "
+            "and this model is dense (model.moe_experts=0): use data instead of expert"
+        )
+    if cfg.moe and cfg.moe_experts % expert_degree:
+        raise ConfigError(
+            f"model.moe_experts={cfg.moe_experts} is not divisible by the expert degree "
+            f"{expert_degree}: each expert shard holds the same number of whole experts"
+        )
+    if cfg.moe and cfg.expert_hidden % model_degree:
+        raise ConfigError(
+            f"model.moe_ffn_hidden={cfg.expert_hidden} is not divisible by the model degree "
+            f"{model_degree}, which splits each expert's inner width"
+        )
     for what, size in (("num_heads", cfg.num_heads), ("mlp_hidden", cfg.mlp_hidden)):
         if size % model_degree:
             raise ConfigError(
@@ -99,6 +119,7 @@ def check_model(cfg: ModelConfig, model_degree: int) -> None:
 
 
 def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
+    """`data_degree`: the shards the batch is split into (data times expert)."""
     if batch_size % micro_batches:
         raise ConfigError(
             f"train.batch_size={batch_size} does not divide into {micro_batches} micro-batches"
@@ -106,18 +127,19 @@ def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
     if (batch_size // micro_batches) % data_degree:
         raise ConfigError(
             f"micro-batch size {batch_size // micro_batches} is not divisible by the data degree "
-            f"{data_degree}: make train.batch_size / train.micro_batches a multiple of it"
+            f"{data_degree} (data x expert, the axes that split the batch): make "
+            "train.batch_size / train.micro_batches a multiple of it"
         )
 
 
 def make(text: str, devices=None):
-    """Build the (pipeline, data, model) mesh from a --mesh string over all (or the given)
-    devices.
+    """Build the (pipeline, data, expert, model) mesh from a --mesh string over all (or the
+    given) devices.
 
     Devices are laid out process by process, so a model group lies inside one process (one
     host) whenever the model degree divides its device count: the per-layer all-reduces then
-    stay on the fast intra-node links; `data` and, outermost, `pipeline` (point-to-point
-    transfers between stages only) cross hosts.
+    stay on the fast intra-node links, and next to them the experts' all-to-alls; `data` and,
+    outermost, `pipeline` (point-to-point transfers between stages only) cross hosts.
     """
     import jax
     import numpy as np

@@ -84,6 +84,8 @@ def progress_line(step: int, total: int, scalars: dict[str, float], elapsed: flo
     for key in sorted(own, key=lambda k: (k.rsplit("_", 1)[0], k.endswith("_accuracy"))):
         name = key.replace("_loss", "").replace("_accuracy", " acc").replace("accuracy", "acc")
         parts.append(f"{name} {scalars[key]:.3f}")
+    if scalars.get("moe_dropped"):  # choices over an expert's capacity, per micro-batch
+        parts.append(f"dropped {scalars['moe_dropped']:,.0f}")
     if "val_loss" in scalars:
         parts.append(f"val {scalars['val_loss']:.4f}")
     parts += [

@@ -62,23 +62,29 @@ def make(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(*clip, adamw)
 
 
-def shard_over_data(shapes, specs, logical, data_degree: int):
+def shard_over_data(shapes, specs, logical, data_degree: int, expert_degree: int = 1):
     """The distributed optimizer's layout: each parameter's spec with `data` added on the first
     dimension that `model` leaves whole, that `data_degree` divides and that is not the stacked
     `layers` axis (the layer scan slices that axis, so a split there would reduce each layer's
     gradient whole inside the loop). `logical` holds each parameter's logical axis names.
+    With an `expert` axis, a parameter it does not split (all but the experts') is split over
+    `data` and `expert` together, its whole data-parallel group, where the dimension allows.
     Returns (specs, key paths of the parameters with no such dimension: replicated over data)."""
     replicated = []
 
     def split(path, shape, spec, names):
         dims = tuple(spec) + (None,) * (len(shape.shape) - len(spec))
         names = tuple(names or ()) + (None,) * (len(shape.shape) - len(names or ()))
-        for i, (size, axis, name) in enumerate(zip(shape.shape, dims, names, strict=True)):
-            if axis is None and name != "layers" and size % data_degree == 0:
-                return P(*dims[:i], parallel.DATA, *dims[i + 1 :])
+        groups = [(parallel.DATA, data_degree)]
+        if expert_degree > 1 and parallel.EXPERT not in dims:
+            groups.insert(0, ((parallel.DATA, parallel.EXPERT), data_degree * expert_degree))
+        for group, degree in groups:
+            for i, (size, axis, name) in enumerate(zip(shape.shape, dims, names, strict=True)):
+                if axis is None and name != "layers" and size % degree == 0:
+                    return P(*dims[:i], group, *dims[i + 1 :])
         replicated.append("/".join(str(getattr(k, "key", k)) for k in path))
         return spec
 
-    if data_degree == 1:
+    if data_degree == 1 and expert_degree == 1:
         return specs, []
     return jax.tree_util.tree_map_with_path(split, shapes, specs, logical), replicated

@@ -8,7 +8,12 @@ Model code names only logical axes. With T = the `model` degree:
 - `mlp` splits fc1's columns and fc2's rows;
 - `vocab` splits the word embedding by rows; the tied LM head then yields vocabulary-sharded
   logits, which the cross-entropy reduces without gathering them;
-- `batch` splits the data over `data`; everything else is replicated on every model shard;
+- `batch` splits the data over `data` and `expert`; everything else is replicated on every
+  model shard;
+- `experts` splits a Mixture-of-Experts layer's experts over `expert`: there the tokens travel
+  to their experts' shards and back by all-to-all (megajax/moe.py), and everywhere else
+  `expert` is one more data-parallel axis; `expert_mlp` splits each expert's inner width over
+  `model` (expert tensor parallelism: one all-reduce after the experts, as after fc2);
 - `layers` (the stacked layers' leading axis) and `stage` (the pipeline's stage axis, which
   those layers are reshaped into) split over `pipeline`: each pipeline rank holds consecutive
   layers, and with one pipeline rank (the default) nothing changes;
@@ -26,7 +31,15 @@ import jax
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
-from megajax.mesh import DATA, MODEL, PIPELINE  # noqa: F401 (the mesh axes the table maps onto)
+from megajax.mesh import (  # noqa: F401 (the mesh axes the table maps onto)
+    DATA,
+    EXPERT,
+    MODEL,
+    PIPELINE,
+)
+
+# The mesh axes that split the batch, outside the Mixture-of-Experts layers.
+BATCH = (DATA, EXPERT)
 
 
 def rules(
@@ -34,7 +47,9 @@ def rules(
 ) -> tuple[tuple[str, str | None], ...]:
     """The plan's table; `sequence_parallel` and `kv_by_rows` decide a row each."""
     return (
-        ("batch", DATA),
+        ("batch", BATCH),
+        ("experts", EXPERT),
+        ("expert_mlp", MODEL),
         ("vocab", MODEL),
         ("heads", MODEL),
         ("kv_heads", None if kv_by_rows else MODEL),
@@ -67,6 +82,13 @@ def model_degree() -> int:
     """The `model` degree of the mesh being traced under (1 without one)."""
     mesh = jax.sharding.get_abstract_mesh()
     return 1 if mesh.empty else dict(mesh.shape).get(MODEL, 1)
+
+
+def batch_axes() -> tuple[str, ...]:
+    """The mesh axes that split the batch: those a replicated weight's gradient is summed
+    over."""
+    axes = _active()["batch"]
+    return axes if isinstance(axes, tuple) else (axes,)
 
 
 def constrain(x: jax.Array, *logical: str | None) -> jax.Array:

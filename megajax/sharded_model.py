@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from megajax import lora, models, parallel, pipeline_arithmetic
-from megajax.config import Config
+from megajax.config import Config, ConfigError
 from megajax.mesh import check_batch, check_model
 
 
@@ -29,10 +29,22 @@ class ShardedModel:
 
     def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
         self.cfg, self.mesh = cfg, mesh
-        check_model(cfg.model, mesh.shape[parallel.MODEL])
-        check_batch(cfg.train.batch_size, cfg.train.micro_batches, mesh.shape[parallel.DATA])
+        check_model(cfg.model, mesh.shape[parallel.MODEL], mesh.shape[parallel.EXPERT])
+        check_batch(cfg.train.batch_size, cfg.train.micro_batches, batch_degree(mesh))
         stages = mesh.shape[parallel.PIPELINE]
         self.schedule = None  # the micro-batches are accumulated one after another
+        dense_targets = {"fc1", "fc2"} & set(cfg.lora.target_names)
+        if cfg.model.moe and cfg.lora.rank and (dense_targets or cfg.model.moe_every > 1):
+            raise ConfigError(
+                "lora.targets: a MoE model's adapters attach to its attention alone (qkv, "
+                "proj; not its experts, nor with model.moe_every > 1 yet): use "
+                "--set lora.targets=qkv,proj"
+            )
+        if stages > 1 and cfg.model.moe:
+            raise ConfigError(
+                "model.moe_experts: Mixture-of-Experts layers do not run in pipeline stages "
+                "yet: use pipeline=1"
+            )
         if stages > 1:  # they flow through the pipeline stages together
             pipeline_arithmetic.check(
                 num_layers=cfg.model.num_layers,
@@ -55,9 +67,9 @@ class ShardedModel:
         self.micro_shape = micro
         self.fields = models.batch_fields(cfg.model, documents=cfg.data.documents)
         self.objective = models.objective(cfg.model)
-        # Samples are split over `data` by rows.
+        # Samples are split over `data` and `expert` by rows.
         self.eval_sharding = {
-            k: self._named(P(parallel.DATA, *[None] * len(s))) for k, s in self.fields.items()
+            k: self._named(P(parallel.BATCH, *[None] * len(s))) for k, s in self.fields.items()
         }
         # Rows of a global (batch, ...) eval batch that this process feeds to its devices.
         self.eval_rows = process_rows(mesh, cfg.train.batch_size)
@@ -205,12 +217,18 @@ def _is_spec(x) -> bool:
     return isinstance(x, P)
 
 
+def batch_degree(mesh) -> int:
+    """How many shards the batch is split into: the data times the expert degree."""
+    return mesh.shape[parallel.DATA] * mesh.shape[parallel.EXPERT]
+
+
 def process_rows(mesh, batch: int) -> np.ndarray:
-    """Indices of the rows of a (batch, ...) array split over `data` that live on this
-    process's devices: a contiguous range, as make_array_from_process_local_data needs."""
-    per_shard = batch // mesh.shape[parallel.DATA]
+    """Indices of the rows of a (batch, ...) array split over `data` and `expert` that live on
+    this process's devices: a contiguous range, as make_array_from_process_local_data needs."""
+    per_shard = batch // batch_degree(mesh)
     me = jax.process_index()
-    by_data = np.moveaxis(mesh.devices, mesh.axis_names.index(parallel.DATA), 0)
+    axes = [mesh.axis_names.index(a) for a in parallel.BATCH]
+    by_data = np.moveaxis(mesh.devices, axes, [0, 1]).reshape(batch_degree(mesh), -1)
     shards = [i for i, grp in enumerate(by_data) if any(d.process_index == me for d in grp.flat)]
     rows = np.concatenate([np.arange(i * per_shard, (i + 1) * per_shard) for i in shards])
     if np.any(np.diff(rows) != 1):

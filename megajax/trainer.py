@@ -1,5 +1,5 @@
-"""Sharded train state and the jitted train step for a (pipeline, data, model) mesh, on top of
-the model's graph and layout (sharded_model.py)."""
+"""Sharded train state and the jitted train step for a (pipeline, data, expert, model) mesh, on
+top of the model's graph and layout (sharded_model.py)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,11 @@ class Trainer(ShardedModel):
                     )
                 )
                 train_specs, self.replicated_over_data = optim.shard_over_data(
-                    train_shapes, train_specs, self.split(logical)[0], mesh.shape[parallel.DATA]
+                    train_shapes,
+                    train_specs,
+                    self.split(logical)[0],
+                    mesh.shape[parallel.DATA],
+                    mesh.shape[parallel.EXPERT],
                 )
             # Moments take their parameter's spec explicitly: optax creates them with
             # zeros_like, which would otherwise inherit whatever layout the parameters have.
@@ -70,9 +74,10 @@ class Trainer(ShardedModel):
         self.state_sharding = jax.tree.map(self._named, specs, is_leaf=_is_spec)
         self.param_sharding = self.state_sharding["params"]
         self.train_sharding = self.split(self.param_sharding)[0]
-        # Train batches lead with the micro-batch axis, split over `data` by rows.
+        # Train batches lead with the micro-batch axis, split over `data` and `expert` by rows.
         self.batch_sharding = {
-            k: self._named(P(None, parallel.DATA, *[None] * len(s))) for k, s in self.fields.items()
+            k: self._named(P(None, parallel.BATCH, *[None] * len(s)))
+            for k, s in self.fields.items()
         }
         # Rows of the global (batch, length) batch that this process feeds to its devices; the
         # global row of micro-batch m, row j is m * micro_size + j.

@@ -89,8 +89,8 @@ BAD_INPUT = {
         "num_heads=8 is not divisible by the model degree 3",
     ),
     "bad-axis": (
-        ["--config", "configs/gpt2_tiny.py", "--mesh", "expert=2"],
-        "expected pipeline=P,data=D,model=M",
+        ["--config", "configs/gpt2_tiny.py", "--mesh", "tensor=2"],
+        "expected pipeline=P,data=D,expert=E,model=M",
     ),
 }
 

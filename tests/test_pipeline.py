@@ -150,7 +150,7 @@ def test_bubble_inputs_filled_with_nan_change_no_loss_and_no_gradient(trainers):
 
     def one_by_one(state, xs, keys):
         layers = lambda x, k: scan_layers(graphdef, state, x, attend=Attend(), keys=k, remat="none")  # noqa: E731
-        return jax.vmap(layers)(xs, keys)
+        return jax.vmap(layers)(xs, keys)[0]
 
     def schedule_and_reference(state, xs, fill):  # one program for both, and for both fills
         keys = jax.random.split(jax.random.key(2), (MICRO, LAYERS))

@@ -67,7 +67,7 @@ def total(
     summed = jax.jit(
         lambda p, fields, keep: jax.tree.map(lambda v: _kept_sum(v, keep), row_fn(p, fields))
     )
-    keep_sharding = NamedSharding(sharded.mesh, P(parallel.DATA))
+    keep_sharding = NamedSharding(sharded.mesh, P(parallel.BATCH))
     row_sharding = sharded.eval_sharding["inputs"]  # (batch, length) split over `data`
     # Batches add up in Python numbers (float64, or int). One batch stays in flight while the
     # host builds the next.

@@ -6,7 +6,9 @@ GPT-2's Conv1D weights are already [in, out] like megajax's kernels but its c_at
 q | k | v, where megajax interleaves them by head; BERT's and Llama's Linear weights are
 [out, in] with separate query, key and value; Llama's gate and up projections fuse into fc1,
 unit by unit; vocabularies are unpadded. Llama's rotary convention (rotate-half pairing) is
-megajax's own, so its q and k need no permutation.
+megajax's own, so its q and k need no permutation. Mixtral is a Llama whose MLPs are sparse
+blocks: its router `gate` [experts, in] and each expert's w1 (gate), w3 (up) and w2 (down),
+one tensor per expert ({e} in a name), stack into megajax's (experts, ...) weights.
 """
 
 from __future__ import annotations
@@ -72,11 +74,18 @@ QKV, VOCAB = (_qkv_from_hf, _qkv_to_hf), (_vocab_from_hf, _vocab_to_hf)
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """One megajax parameter (one layer's, for the stacked `h`) as Hugging Face tensors: their
-    names ({i} = layer) and the transforms both ways, given the Layout."""
+    names ({i} = layer; {e} = expert, the names repeated for each) and the transforms both
+    ways, given the Layout."""
 
     names: tuple[str, ...]
     to_megajax: Callable  # (list of HF arrays, Layout) -> one megajax array
-    to_hf: Callable  # (megajax array, Layout) -> list of HF arrays, as `names`
+    to_hf: Callable  # (megajax array, Layout) -> list of HF arrays, as tensor_names gives them
+
+    def tensor_names(self, model: ModelConfig) -> tuple[str, ...]:
+        """The names, those with {e} once per expert (expert by expert); {i} left to fill."""
+        if not any("{e}" in n for n in self.names):
+            return self.names
+        return tuple(n.format(i="{i}", e=e) for e in range(model.moe_experts) for n in self.names)
 
 
 def _one(name: str, transforms=SAME) -> Rule:
@@ -322,6 +331,37 @@ LLAMA_TABLE = {
 }  # biases only with attention_bias and mlp_bias
 
 
+def _experts(pattern: str, parts: tuple[str, ...], kernel: Callable) -> Rule:
+    """One torch Linear weight per expert and part ({e}: the expert, {} the part) -> a stacked
+    (experts, in, out) weight whose expert slice is kernel's to_megajax of its parts."""
+    to_megajax, to_hf = kernel
+    n = len(parts)
+
+    def stack(xs, layout):
+        return np.stack([to_megajax(xs[i : i + n], layout) for i in range(0, len(xs), n)])
+
+    def unstack(x, layout):
+        return [part for expert in x for part in to_hf(expert, layout)]
+
+    names = tuple(pattern.format(part, i="{i}", e="{e}") for part in parts)
+    return Rule(names, stack, unstack)
+
+
+_GATE_UP = _gate_up("{}")
+GATE_UP = (_GATE_UP.to_megajax, _GATE_UP.to_hf)
+MIXTRAL_MOE = LLAMA_LAYER + "block_sparse_moe."
+MIXTRAL_TABLE = {
+    **{k: rule for k, rule in LLAMA_TABLE.items() if k[:2] != ("h", "mlp")},
+    ("h", "mlp", "router"): _one(MIXTRAL_MOE + "gate.weight", LINEAR),
+    ("h", "mlp", "w1"): _experts(MIXTRAL_MOE + "experts.{e}.{}.weight", ("w1", "w3"), GATE_UP),
+    ("h", "mlp", "w2"): _experts(
+        MIXTRAL_MOE + "experts.{e}.{}.weight",
+        ("w2",),
+        (lambda xs, layout: xs[0].T, lambda x, layout: [x.T]),
+    ),
+}
+
+
 # The rope_parameters each scaled RoPE reads, as transformers names them (and RopeScaling).
 ROPE_KEYS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -404,6 +444,38 @@ def _llama_fields(hf: dict) -> dict:
     )
 
 
+def _mixtral_fields(hf: dict) -> dict:
+    if hf.get("router_jitter_noise", 0.0):
+        raise ConfigError("router_jitter_noise: megajax's router adds no noise")
+    if hf.get("sliding_window"):
+        raise ConfigError(f"sliding_window={hf['sliding_window']}: megajax attends every "
+                          "earlier position")  # fmt: skip
+    return dict(
+        _llama_fields(hf),
+        moe_experts=hf["num_local_experts"],
+        moe_top_k=hf["num_experts_per_tok"],
+        moe_ffn_hidden=hf["intermediate_size"],
+        moe_router="topk_softmax",
+        moe_aux_loss=hf.get("router_aux_loss_coef", 0.001),
+    )
+
+
+def _mixtral_config(cfg: ModelConfig) -> dict:
+    hf = _llama_config(cfg)
+    del hf["mlp_bias"]
+    return {
+        **hf,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "intermediate_size": cfg.expert_hidden,
+        "num_local_experts": cfg.moe_experts,
+        "num_experts_per_tok": cfg.moe_top_k,
+        "router_aux_loss_coef": cfg.moe_aux_loss,
+        "router_jitter_noise": 0.0,
+        "sliding_window": None,
+    }
+
+
 def _llama_config(cfg: ModelConfig) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -444,6 +516,7 @@ FAMILIES = {
     "bert": Family("bert.", _bert_table("post"), BERT_HEADS, _bert_fields, _bert_config),
     "megatron-bert": Family("bert.", _bert_table("pre"), BERT_HEADS, _bert_fields, _bert_config),
     "llama": Family("model.", LLAMA_TABLE, (), _llama_fields, _llama_config),
+    "mixtral": Family("model.", MIXTRAL_TABLE, (), _mixtral_fields, _mixtral_config),
 }
 
 
@@ -459,7 +532,16 @@ def model_type_of(cfg: ModelConfig) -> str:
     if cfg.is_bert:
         return "bert" if cfg.layernorm_placement == "post" else "megatron-bert"
     if (cfg.norm, cfg.positions, cfg.mlp) == ("rmsnorm", "rope", "swiglu"):
-        return "llama"
+        if not cfg.moe:
+            return "llama"
+        mixtral = (cfg.moe_shared_experts, cfg.moe_router, cfg.bias, cfg.moe_every)
+        if mixtral != (0, "topk_softmax", False, 1):
+            raise ConfigError(
+                "a Mixtral has experts in every layer, no shared experts, no biases and "
+                "topk_softmax routing: "
+                "no Hugging Face model_type holds this Mixture-of-Experts model"
+            )
+        return "mixtral"
     gpt2 = cfg.norm == "layernorm" and cfg.positions == "learned" and cfg.mlp == "gelu"
     if gpt2 and cfg.bias and cfg.tie_embeddings and cfg.kv_heads == cfg.num_heads:
         return "gpt2"

@@ -135,10 +135,10 @@ def _path_key(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def _names(rule: Rule, key: tuple, num_layers: int) -> list[str]:
+def _names(rule: Rule, key: tuple, num_layers: int, model) -> list[str]:
     """Every Hugging Face tensor a parameter is made of, over all layers for the stacked `h`."""
     layers = range(num_layers) if key[0] == "h" else [None]
-    return [name.format(i=i) for i in layers for name in rule.names]
+    return [name.format(i=i) for i in layers for name in rule.tensor_names(model)]
 
 
 def load_params(sharded, weights: HFWeights, *, log=print):
@@ -156,7 +156,7 @@ def load_params(sharded, weights: HFWeights, *, log=print):
     if sharded.cfg.lora.rank:  # the base model is read; the adapters start afresh
         abstract = lora.split(abstract, sharded.cfg.lora)[1]
     keys = [_path_key(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
-    absent = {k: [n for n in _names(table[k], k, cfg.num_layers) if not weights.has(n)]
+    absent = {k: [n for n in _names(table[k], k, cfg.num_layers, cfg) if not weights.has(n)]
               for k in keys}  # fmt: skip
     fresh = sorted({k[0] for k in keys if absent[k] and k[0] in heads})
     if "binary" in abstract and binary_head_of(weights.config) not in (None, cfg.binary_head):
@@ -182,7 +182,7 @@ def load_params(sharded, weights: HFWeights, *, log=print):
         rule = table[key]
 
         def read(layer: int | None) -> np.ndarray:
-            parts = [weights.get(name.format(i=layer)) for name in rule.names]
+            parts = [weights.get(name.format(i=layer)) for name in rule.tensor_names(cfg)]
             return rule.to_megajax(parts, layout)
 
         return _from_host_reads(target, read, stacked=key[0] == "h", num_layers=cfg.num_layers)
@@ -242,7 +242,8 @@ def hf_tensors(sharded, params):
             return last["parts"][part]
 
         for i in range(cfg.num_layers) if key[0] == "h" else [None]:
-            for part, (name, s) in enumerate(zip(rule.names, shapes, strict=True)):
+            names = rule.tensor_names(cfg)
+            for part, (name, s) in enumerate(zip(names, shapes, strict=True)):
                 out.append((name.format(i=i), s, lambda f=produce, p=part, i=i: f(p, i)))
     return out
 

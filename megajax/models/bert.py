@@ -78,7 +78,7 @@ class BERT(nnx.Module):
             x = self.ln_embed(x)
         x = dropout(x, cfg.dropout, embed_key)
         padding = padding_mask.astype(bool)  # (batch, key), real tokens first
-        x = run_stack(
+        x, _ = run_stack(
             self.h,
             x,
             attend=Attend(padding=padding),

@@ -2,7 +2,9 @@
 
 The same model is a Llama with model.norm="rmsnorm", positions="rope" (no position table: the
 blocks turn q and k), mlp="swiglu", num_kv_heads, bias=false and tie_embeddings=false (its own
-vocabulary-parallel head, (padded_vocab, hidden) split by rows like the embedding)."""
+vocabulary-parallel head, (padded_vocab, hidden) split by rows like the embedding); a Mixtral
+with model.moe_experts, each layer's MLP a Mixture-of-Experts block (megajax/moe.py) whose
+router losses join the objective."""
 
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from megajax import loss, parallel
+from megajax import loss, moe, parallel
 from megajax.config import ModelConfig
 from megajax.layers import Attend, VocabEmbedding, _normal, dropout, norm, padded_normal
-from megajax.models.stack import extend_stack, run_stack, stacked_blocks
+from megajax.models.stack import extend_stack, layer_stacks, run_stack
 from megajax.parallel import constrain
 
 
@@ -26,7 +28,8 @@ class GPT(nnx.Module):
         if cfg.positions == "learned":
             wpe_init = _normal(cfg.init_std, "position", "embed")
             self.wpe = nnx.Param(wpe_init(rngs.params(), (cfg.seq_len, cfg.hidden)))
-        self.h = stacked_blocks(cfg, rngs)
+        # Every layer; or with model.moe_every > 1 the dense layers, the MoE ones in h_moe.
+        self.h, self.h_moe = layer_stacks(cfg, rngs)
         self.ln_f = norm(cfg)
         if not cfg.tie_embeddings:
             head_init = nnx.with_partitioning(
@@ -38,6 +41,11 @@ class GPT(nnx.Module):
         """Final hidden states (batch, length, hidden); `key` turns dropout on. Packed
         documents: `segments` (batch, length), each position's document (from 1; 0 padding),
         which attention keeps apart, and `positions`, each token's within its document."""
+        return self.hidden_and_stats(ids, key=key, segments=segments, positions=positions)[0]
+
+    def hidden_and_stats(self, ids, *, key=None, segments=None, positions=None):
+        """The final hidden states and the layers' router statistics (moe.MoE; {} when
+        dense), summed over the layers."""
         cfg, (_, s) = self.cfg, ids.shape
         dtype = jnp.dtype(cfg.compute_dtype)
         embed_key, layers_key = (None, None) if key is None else jax.random.split(key)
@@ -47,10 +55,11 @@ class GPT(nnx.Module):
             x = x + table.astype(dtype)
         x = dropout(constrain(x, "batch", "residual_length", "embed"), cfg.dropout, embed_key)
         attend = Attend(segments=segments, positions=positions)
-        x = run_stack(
-            self.h, x, attend=attend, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers
-        )
-        return self.ln_f(x)
+        x, stats = run_stack(
+            self.h, x, attend=attend, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers,
+            sparse=self.h_moe,
+        )  # fmt: skip
+        return self.ln_f(x), stats
 
     def extend(self, ids, cache: dict, *, start, positions, mask):
         """Final hidden states of new tokens `ids` (batch, new) at cache slots start ..
@@ -62,7 +71,9 @@ class GPT(nnx.Module):
         if self.cfg.positions == "learned":
             x = x + jnp.take(self.wpe[...], positions, axis=0).astype(dtype)
         x = constrain(x, "batch", "length", "embed")
-        x, cache = extend_stack(self.h, x, cache, start=start, positions=positions, mask=mask)
+        x, cache = extend_stack(
+            self.h, x, cache, start=start, positions=positions, mask=mask, sparse=self.h_moe
+        )
         return self.ln_f(x), cache
 
     def empty_cache(self, batch: int, slots: int) -> dict:
@@ -84,8 +95,17 @@ class GPT(nnx.Module):
 
     def token_losses(self, inputs, targets, *, key=None, segments=None, positions=None):
         """Next-token cross-entropy per position, (batch, length)."""
-        hidden = self(inputs, key=key, segments=segments, positions=positions)
-        return loss.cross_entropy(hidden, self.lm_head, targets, vocab_size=self.cfg.vocab_size)
+        return self.token_losses_and_stats(
+            inputs, targets, key=key, segments=segments, positions=positions
+        )[0]
+
+    def token_losses_and_stats(self, inputs, targets, *, key=None, segments=None, positions=None):
+        """token_losses, and the router statistics of hidden_and_stats."""
+        hidden, stats = self.hidden_and_stats(
+            inputs, key=key, segments=segments, positions=positions
+        )
+        losses = loss.cross_entropy(hidden, self.lm_head, targets, vocab_size=self.cfg.vocab_size)
+        return losses, stats
 
 
 def batch_fields(cfg: ModelConfig, *, documents: bool = False) -> dict[str, tuple[int, ...]]:
@@ -100,9 +120,11 @@ def batch_fields(cfg: ModelConfig, *, documents: bool = False) -> dict[str, tupl
 
 
 def objective(model: GPT, batch: dict, key) -> tuple[jax.Array, dict]:
-    """Mean next-token cross-entropy, and no further metrics: over every position, or with
-    documents (batch_fields) over the targets whose weight is 1."""
-    losses = model.token_losses(
+    """Mean next-token cross-entropy: over every position, or with documents (batch_fields)
+    over the targets whose weight is 1. A MoE model adds its router losses times their
+    coefficients (model.moe_aux_loss, moe_z_loss) and reports them, the cross-entropy alone
+    ("lm_loss") and the choices its experts' capacity dropped; a dense one no metrics."""
+    losses, stats = model.token_losses_and_stats(
         batch["inputs"],
         batch["targets"],
         key=key,
@@ -110,6 +132,14 @@ def objective(model: GPT, batch: dict, key) -> tuple[jax.Array, dict]:
         positions=batch.get("positions"),
     )
     if "weights" not in batch:
-        return losses.mean(), {}
-    weights = batch["weights"].astype(jnp.float32)
-    return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0), {}
+        value = losses.mean()
+    else:
+        weights = batch["weights"].astype(jnp.float32)
+        value = (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    cfg = model.cfg
+    if not cfg.moe:
+        return value, {}
+    router = moe.router_losses(stats, cfg.moe_experts)
+    total = value + cfg.moe_aux_loss * router["moe_aux_loss"]
+    total = total + cfg.moe_z_loss * router["moe_z_loss"]
+    return total, {"lm_loss": value, **router}

@@ -21,16 +21,17 @@ from megajax.pipeline_arithmetic import MICRO, stage_chunks
 
 
 def scan_layers(graphdef, state, x, *, attend, keys, remat: str):
-    """Apply stacked layers (state leaves lead with the layer axis) in order, in one scan."""
+    """Apply stacked layers (state leaves lead with the layer axis) in order, in one scan:
+    the output, and the layers' statistics (layers.Block.forward's) summed over them."""
 
     def layer(x, inputs):
         layer_state, layer_key = inputs
-        return nnx.merge(graphdef, layer_state)(x, attend=attend, key=layer_key), None
+        return nnx.merge(graphdef, layer_state).forward(x, attend=attend, key=layer_key)
 
     if remat == "full":
         layer = jax.checkpoint(layer, prevent_cse=False)
-    x, _ = jax.lax.scan(layer, x, (state, keys))
-    return x
+    x, stats = jax.lax.scan(layer, x, (state, keys))
+    return x, jax.tree.map(lambda v: v.sum(0), stats)
 
 
 def run_in_pipeline(blocks, x, *, attend, key, remat: str, num_layers: int, schedule):
@@ -101,7 +102,7 @@ def pipeline_stack(graphdef, state, xs, *, attend, keys, remat, stages, repeats,
         layers = jax.tree.map(lambda w: w[0] if repeats == 1 else w[repeat], chunk_state)
         mine = jax.tree.map(lambda a: a[micro], attend)
         layer_keys = None if keys is None else keys[micro][ids[repeat]]
-        return scan_layers(graphdef, layers, x, attend=mine, keys=layer_keys, remat=remat)
+        return scan_layers(graphdef, layers, x, attend=mine, keys=layer_keys, remat=remat)[0]
 
     run = jax.vmap(stage, spmd_axis_name=parallel.spec("stage")[0])
 

@@ -10,6 +10,7 @@ length) tensor; full recomputation keeps each layer's input only.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -25,7 +26,12 @@ def _core_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
 
 
 def layer_activation_bytes(
-    m: ModelConfig, *, batch: int, model_degree: int, lora: LoRAConfig | None = None
+    m: ModelConfig,
+    *,
+    batch: int,
+    model_degree: int,
+    lora: LoRAConfig | None = None,
+    expert_degree: int = 1,
 ) -> float:
     """Bytes one transformer layer keeps for its backward pass, per device, as this code saves
     them (read off jax's saved residuals): per layer norm three float32 (b, s, h) tensors; in
@@ -35,7 +41,10 @@ def layer_activation_bytes(
     the core, the layer norms' and GeLU's insides: it keeps the norms' inputs instead, and the
     activation's input and output (the paper's list: two MLP tensors; SwiGLU's input, fc1's
     output, is twice as wide). LoRA adapters add adapter_activation_bytes. Bias-free of any
-    framework rounding: the compiled figure is the check."""
+    framework rounding: the compiled figure is the check. A MoE model's layers are averaged
+    over its dense and MoE ones (moe_layer_bytes)."""
+    if m.moe:
+        return _mean_moe_layer(m, batch, model_degree, lora, expert_degree)
     e = jnp.dtype(m.compute_dtype).itemsize
     t = model_degree
     r = t if m.sequence_parallel else 1  # the residual stream's split
@@ -53,6 +62,48 @@ def layer_activation_bytes(
     if e != 4:  # the layer's matmul weights in the compute dtype
         total += e * layer_matmul_weights(m, t)
     return total + adapter_activation_bytes(m, lora, batch=batch, model_degree=t)
+
+
+def _mean_moe_layer(m, batch, model_degree, lora, expert_degree) -> float:
+    """The mean of a MoE model's layers' saved bytes: a MoE layer is a dense one whose MLP is
+    the shared experts' (none: the MLP's bytes taken off), plus moe_layer_bytes."""
+    dense = dataclasses.replace(m, moe_experts=0)
+    at = dict(batch=batch, model_degree=model_degree, lora=lora)
+    dense_layer = layer_activation_bytes(dense, **at)
+    shared = m.moe_shared_experts * m.expert_hidden
+
+    def of_width(width):
+        return layer_activation_bytes(dataclasses.replace(dense, ffn_hidden=width), **at)
+
+    # A layer's bytes are linear in its MLP's width: without shared experts, width 0's.
+    base = of_width(shared) if shared else 2 * of_width(1) - of_width(2)
+    sparse = base + moe_layer_bytes(
+        m, batch=batch, model_degree=model_degree, expert_degree=expert_degree
+    )
+    return (m.moe_layers * sparse + (m.num_layers - m.moe_layers) * dense_layer) / m.num_layers
+
+
+def moe_layer_bytes(m: ModelConfig, *, batch: int, model_degree: int, expert_degree: int) -> float:
+    """What a MoE block (megajax/moe.py) keeps for its backward pass, per device: the router's
+    float32 logits and probabilities (tokens, experts); in the compute dtype the A = tokens x
+    k rows gathered by expert and, across X expert shards, the blocks sent, arrived and sent
+    back (X blocks of A rows of hidden each; fewer rows with a capacity), the rows sorted for
+    the experts, the first grouped matmul's output (2 ffn / T wide), the SwiGLU product
+    (ffn / T) and the second's output; and the experts' weights in the compute dtype when it
+    is not float32."""
+    e, t, x = jnp.dtype(m.compute_dtype).itemsize, model_degree, expert_degree
+    tokens = batch * m.seq_len
+    rows, h, f = tokens * m.moe_top_k, m.hidden, m.expert_hidden
+    block = rows
+    if m.moe_capacity_factor and x > 1:  # megajax.moe's blocks under a capacity
+        capacity = math.ceil(m.moe_capacity_factor * m.seq_len * m.moe_top_k / m.moe_experts)
+        block = min(rows, m.moe_experts // x * batch * capacity)
+    exchanged = 3 * x * block * h if x > 1 else 0
+    total = 8 * tokens * m.moe_experts + e * (rows * h + exchanged)
+    total += e * x * block * (2 * h + 3 * f / t)
+    if e != 4:
+        total += e * m.moe_experts // x * m.expert_params() / t
+    return total
 
 
 def layer_matmul_weights(m: ModelConfig, model_degree: int) -> float:
@@ -83,11 +134,18 @@ def adapter_activation_bytes(
 
 
 def stack_activation_bytes(
-    m: ModelConfig, *, batch: int, model_degree: int, lora: LoRAConfig | None = None
+    m: ModelConfig,
+    *,
+    batch: int,
+    model_degree: int,
+    lora: LoRAConfig | None = None,
+    expert_degree: int = 1,
 ) -> float:
     """All layers' saved activations, with one layer's working set when it is recomputed."""
     e = jnp.dtype(m.compute_dtype).itemsize
-    layer = layer_activation_bytes(m, batch=batch, model_degree=model_degree, lora=lora)
+    layer = layer_activation_bytes(
+        m, batch=batch, model_degree=model_degree, lora=lora, expert_degree=expert_degree
+    )
     if m.remat == "full":  # the layers' inputs, then one layer at a time
         r = model_degree if m.sequence_parallel else 1
         return m.num_layers * batch * m.seq_len * m.hidden * e / r + layer

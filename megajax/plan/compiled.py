@@ -18,6 +18,7 @@ from megajax.plan.estimates import (
     estimate_memory,
     expected_collectives,
     flops_per_step,
+    moe_alltoall,
     params_per_device,
     pipeline_transfer_bytes,
     roofline,
@@ -53,6 +54,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
 
     tgt = target(target_name)
     data, model = device_mesh.shape[parallel.DATA], device_mesh.shape[parallel.MODEL]
+    expert = device_mesh.shape[parallel.EXPERT]
     stages = device_mesh.shape[parallel.PIPELINE]
     trainer = Trainer(cfg, device_mesh)
     abstract = trainer.abstract_state()
@@ -82,10 +84,9 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     compiled, compile_s = trainer.compile_train_step()
     stats = compiled.memory_analysis()
     found = hlo.collectives(compiled.as_text(), dict(device_mesh.shape))
-    est = estimate_memory(
-        cfg, data_degree=data, model_degree=model, master_params=master, stages=stages
-    )
-    expected = expected_collectives(cfg, data_degree=data, model_degree=model, stages=stages)
+    at = dict(data_degree=data, model_degree=model, stages=stages, expert_degree=expert)
+    est = estimate_memory(cfg, master_params=master, **at)
+    expected = expected_collectives(cfg, **at)
 
     model_elements = sum(
         c.runs * allreduce_elements(c.kind, c.elements, model)
@@ -96,6 +97,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         "this mesh": roofline(
             cfg,
             tgt,
+            expert_degree=expert,
             data_degree=data,
             model_degree=model,
             model_elements=model_elements,
@@ -106,7 +108,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     # Each device then holds data / scaled of the activations (and of their all-reduces); its
     # gradient bytes do not change, only the ring's factor and the fabric do.
     scaled = 512 // model
-    if scaled != data and stages == 1:
+    if scaled != data and stages == 1 and expert == 1:
         plans[f"data={scaled} (512 devices)"] = roofline(
             cfg,
             tgt,
@@ -137,9 +139,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     if platform == "cpu":
         f32 = dataclasses.replace(cfg.model, compute_dtype="float32")
         f32_cfg = dataclasses.replace(cfg, model=f32)
-        as_compiled = estimate_memory(
-            f32_cfg, data_degree=data, model_degree=model, master_params=master, stages=stages
-        )
+        as_compiled = estimate_memory(f32_cfg, master_params=master, **at)
         if cfg.model.compute_dtype != "float32" and not cfg.optim.distributed:
             layers = 1 if remat == "full" else cfg.model.num_layers // stages
             cast_weights = 4 * layers * activations.layer_matmul_weights(cfg.model, model)
@@ -158,7 +158,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     return {
         "config": dataclasses.asdict(cfg.model),
         "lora": dataclasses.asdict(cfg.lora),
-        "mesh": {"pipeline": stages, "data": data, "model": model},
+        "mesh": {"pipeline": stages, "data": data, "expert": expert, "model": model},
         "pipeline": pipeline_summary(cfg, stages=stages, data=data, model=model, found=found),
         # Elements of the all-reduces over `model` that move as many bytes (the roofline's).
         "model_allreduce_elements": model_elements,
@@ -167,13 +167,16 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         "params": {
             "total": trainer.num_params,
             "per_device": per_device,
-            "per_device_analytic": params_per_device(cfg.model, model, stages)
+            "per_device_analytic": params_per_device(cfg.model, model, stages, expert)
             + (trainable_params_per_device(cfg, model, stages) if cfg.lora.rank else 0),
             # all of them, or with lora.rank > 0 the adapters
             "trainable": sum(math.prod(a.shape) for a in jax.tree.leaves(trainable)),
             "trainable_per_device": trainable_per_device,
-            "trainable_per_device_analytic": trainable_params_per_device(cfg, model, stages),
+            "trainable_per_device_analytic": trainable_params_per_device(
+                cfg, model, stages, expert
+            ),
         },
+        "moe": moe_summary(cfg, trainer, abstract, found, data=data, expert=expert, tgt=tgt),
         "memory": {
             "compiled": compiled_bytes,
             "analytic": {
@@ -208,6 +211,39 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         "roofline": {"target": tgt.name, **plans},
         # The 2019 paper's measured efficiencies are of its V100 runs, without pipelining.
         "paper_weak_scaling": PAPER_WEAK_SCALING if target_name == "v100" and stages == 1 else None,
+    }
+
+
+def moe_summary(cfg: Config, trainer, abstract, found, *, data, expert, tgt) -> dict | None:
+    """A MoE model's parameters in total and active per token, its experts' bytes per device
+    (float32 weights and, split over `data` with the distributed optimizer, Adam's moments,
+    as the compiled state holds them), and its all-to-alls: the compiled program's beside
+    moe_alltoall's prediction, and their time on the target's links."""
+    m = cfg.model
+    if not m.moe:
+        return None
+    expert_bytes = 0
+    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    for path, leaf in leaves:
+        names = [str(getattr(k, "key", k)) for k in path]
+        if names[-2:-1] == ["mlp"] and names[-1] in ("w1", "w2"):
+            expert_bytes += math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    compiled = [c for c in found if c.kind == "all-to-all" and c.axes == (parallel.EXPERT,)]
+    itemsize = 4 if jax.devices()[0].platform == "cpu" else None  # XLA:CPU moves bf16 as f32
+    predicted = moe_alltoall(cfg, data_degree=data, expert_degree=expert, itemsize=itemsize)
+    in_node = expert * trainer.mesh.shape[parallel.MODEL] <= tgt.node_size
+    link = tgt.intra_node_bw if in_node else tgt.inter_node_bw
+    on_target = moe_alltoall(cfg, data_degree=data, expert_degree=expert)["bytes"]
+    return {
+        "total_params": m.num_params(trainer.mesh.shape[parallel.MODEL]),
+        "active_params": m.num_params(trainer.mesh.shape[parallel.MODEL], active=True),
+        "expert_state_bytes_per_device": expert_bytes,
+        "alltoall_compiled": {
+            "count": sum(c.runs for c in compiled if c.shapes[0][-1] == m.hidden),
+            "bytes": sum(c.runs * c.bytes for c in compiled if c.shapes[0][-1] == m.hidden),
+        },
+        "alltoall_predicted": predicted,
+        "alltoall_seconds": on_target * (expert - 1) / expert / link,
     }
 
 

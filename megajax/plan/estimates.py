@@ -54,17 +54,25 @@ def target(name: str) -> Target:
 # Parameters
 
 
-def params_per_device(m: ModelConfig, model_degree: int, stages: int = 1) -> int:
+def params_per_device(
+    m: ModelConfig, model_degree: int, stages: int = 1, expert_degree: int = 1
+) -> int:
     """Parameters one device holds under the Megatron plan: QKV, fc1 (and their biases), the
     attention output and fc2 weights and the word embedding (with BERT's masked-LM output bias)
     are split T ways; layer norms, row-parallel biases, position and token-type embeddings and
     BERT's small heads are replicated. Pipeline stages split the layers P ways; everything
-    outside them is on every stage."""
-    return stage_layer_params(m, model_degree, stages) + outside_params(m, model_degree)
+    outside them is on every stage. A MoE layer's experts are split over `expert` too."""
+    layers = stage_layer_params(m, model_degree, stages, expert_degree)
+    return layers + outside_params(m, model_degree)
 
 
-def stage_layer_params(m: ModelConfig, model_degree: int, stages: int = 1) -> int:
+def stage_layer_params(
+    m: ModelConfig, model_degree: int, stages: int = 1, expert_degree: int = 1
+) -> int:
     """The transformer layers' parameters one device holds: its stage's L / P layers."""
+    if m.moe:  # dense and MoE layers
+        split, replicated = m.stack_params(model_degree, expert_degree)
+        return (split // model_degree + replicated) // stages
     split, replicated = m.layer_params(model_degree)
     return m.num_layers // stages * (split // model_degree + replicated)
 
@@ -99,11 +107,13 @@ def adapter_layer_params(m: ModelConfig, lora: LoRAConfig, model_degree: int) ->
     return split, whole
 
 
-def trainable_params_per_device(cfg: Config, model_degree: int, stages: int = 1) -> int:
+def trainable_params_per_device(
+    cfg: Config, model_degree: int, stages: int = 1, expert_degree: int = 1
+) -> int:
     """The parameters one device trains, as the forward pass holds them: all of them, or with
     lora.rank > 0 its stage's layers' adapters."""
     if cfg.lora.rank == 0:
-        return params_per_device(cfg.model, model_degree, stages)
+        return params_per_device(cfg.model, model_degree, stages, expert_degree)
     split, whole = adapter_layer_params(cfg.model, cfg.lora, model_degree)
     return cfg.model.num_layers // stages * (split // model_degree + whole)
 
@@ -111,11 +121,10 @@ def trainable_params_per_device(cfg: Config, model_degree: int, stages: int = 1)
 def outside_params(m: ModelConfig, model_degree: int) -> int:
     """The parameters outside the layers one device holds (on every pipeline stage)."""
     t = model_degree
-    split, replicated = m.layer_params(t)
     # The word embedding, and an untied LM head: both split by vocabulary rows.
     tables = m.padded_vocab_size(t) * m.hidden * (1 if m.tie_embeddings else 2)
     # Everything outside the layers, as num_params counts it, with the vocabulary rows split.
-    outside = m.num_params(t) - m.num_layers * (split + replicated) - tables
+    outside = m.num_params(t) - sum(m.stack_params(t)) - tables
     if m.arch == "bert":
         vocab = m.padded_vocab_size(t)
         outside -= vocab - vocab // t  # the masked-LM head's output bias is split too
@@ -169,17 +178,20 @@ def estimate_memory(
     model_degree: int,
     master_params: int | None = None,
     stages: int = 1,
+    expert_degree: int = 1,
 ) -> MemoryEstimate:
     """Per-device bytes. With optim.distributed, `master_params` is the per-device count of the
     float32 master weights of the trainable parameters (those split over `data` and those left
     whole); by default the trainable parameters per device over the data degree. With
     lora.rank > 0 only the adapters train: the other weights are held as they are (float32),
     with neither gradients nor moments. With pipeline stages, the micro-batches are in flight
-    together (activations.pipelined_activation_bytes)."""
+    together (activations.pipelined_activation_bytes). `expert_degree` splits a MoE model's
+    experts, and the batch with `data`."""
     m, tr = cfg.model, cfg.train
-    p = trainable_params_per_device(cfg, model_degree, stages)
+    p = trainable_params_per_device(cfg, model_degree, stages, expert_degree)
     frozen = params_per_device(m, model_degree, stages) if cfg.lora.rank else 0
-    batch = tr.batch_size // tr.micro_batches // data_degree  # one micro-batch on one device
+    shards = data_degree * expert_degree  # the batch's
+    batch = tr.batch_size // tr.micro_batches // shards  # one micro-batch on one device
     sequences = batch * (m.num_choices if m.arch == "bert_multiple_choice" else 1)
     head = activations.head_activation_bytes(m, batch=batch, model_degree=model_degree)
 
@@ -191,7 +203,11 @@ def estimate_memory(
                 repeats=tr.pipeline_repeats, micro=tr.micro_batches, lora=cfg.lora,
             )["total"] - head  # fmt: skip
         return activations.stack_activation_bytes(
-            m_remat, batch=sequences, model_degree=model_degree, lora=cfg.lora
+            m_remat,
+            batch=sequences,
+            model_degree=model_degree,
+            lora=cfg.lora,
+            expert_degree=expert_degree,
         )
 
     paper = activations.paper_layer_activation_bytes(m, batch=sequences, model_degree=model_degree)
@@ -211,7 +227,7 @@ def estimate_memory(
     return MemoryEstimate(
         weights=4 * (master + frozen),
         optimizer=8 * master + 2 * 4,  # + the counts of scale_by_adam and scale_by_schedule
-        inputs=4 * tr.batch_size // data_degree * sample + counters,  # int32 fields; counters
+        inputs=4 * tr.batch_size // shards * sample + counters,  # int32 fields; counters
         gradients=gradients,
         update=4 * master,
         activations=stack("none") + head,
@@ -277,18 +293,23 @@ def flops_per_step(cfg: Config) -> dict[str, float]:
     tokens = cfg.train.batch_size * m.tokens_per_sample
     model = m.flops_per_token() * tokens
     core = 4 * m.seq_len * m.hidden  # q k^T and the values, per token and layer
-    recomputed = {"none": 0, "selective": core, "full": 24 * m.hidden**2 + core}[m.remat]
+    layer = 24 * m.hidden**2 + core  # one layer's forward per token: GPT-2's
+    if m.moe:  # a token's share of the layers' FLOPs, forward only
+        layer = (m.flops_per_token() - m.head_flops_per_token()) / 3 / m.num_layers
+    recomputed = {"none": 0, "selective": core, "full": layer}[m.remat]
     return {"model": model, "hardware": model + m.num_layers * recomputed * tokens}
 
 
 def expected_collectives(
-    cfg: Config, *, data_degree: int, model_degree: int, stages: int = 1
+    cfg: Config, *, data_degree: int, model_degree: int, stages: int = 1, expert_degree: int = 1
 ) -> dict:
     """Collectives the paper's plan implies per step: (count, elements) by mesh axis. With
     pipeline stages a device runs L / (v P) layers per tick, on one micro-batch, for every
-    tick; the embedding and heads run on all micro-batches at once."""
+    tick; the embedding and heads run on all micro-batches at once. A MoE model's all-to-alls
+    over `expert` are moe_alltoall's (the tensor-parallel rows above assume dense layers)."""
     m, tr = cfg.model, cfg.train
-    micro, b = tr.micro_batches, tr.batch_size // tr.micro_batches // data_degree
+    shards = data_degree * expert_degree
+    micro, b = tr.micro_batches, tr.batch_size // tr.micro_batches // shards
     runs = micro * m.num_layers  # layers a device runs per step
     lm = m.arch != "bert_multiple_choice"
     # The embedding's and the head's, one per micro-batch; pipelined, one for all of them.
@@ -330,8 +351,12 @@ def expected_collectives(
             found["model: kv gradient reduce-scatters"] = (runs, runs * kv // model_degree)
             if m.bias:
                 found["model: kv bias gradients"] = (runs, runs * 2 * m.kv_heads * m.head_dim)
-    if data_degree > 1:  # the trainable parameters' (with LoRA, the adapters')
-        found["data: gradients"] = (None, trainable_params_per_device(cfg, model_degree, stages))
+    if shards > 1:  # the trainable parameters' (with LoRA, the adapters')
+        grads = trainable_params_per_device(cfg, model_degree, stages, expert_degree)
+        found["data: gradients"] = (None, grads)
+    if expert_degree > 1:
+        rows = moe_alltoall(cfg, data_degree=data_degree, expert_degree=expert_degree, itemsize=1)
+        found["expert: all-to-alls of rows"] = (rows["count"], rows["bytes"])
     return found
 
 
@@ -361,6 +386,27 @@ def allreduce_seconds(nbytes: float, group: int, bandwidth: float) -> float:
     return 0.0 if group <= 1 else 2 * (group - 1) / group * nbytes / bandwidth
 
 
+def moe_alltoall(cfg: Config, *, data_degree: int, expert_degree: int, itemsize=None) -> dict:
+    """The experts' all-to-alls of one step on one device (megajax/moe.py): per MoE layer and
+    micro-batch, the rows dispatched and combined forward and both transposed backward (with
+    model.remat="full" the forward's pair again), each X blocks of A rows of hidden, A the
+    micro-batch's tokens on the device times k (with a capacity, at most the rows its
+    sequences may send one shard's experts), in the compute dtype (`itemsize`: another).
+    `seconds`: each sends (X - 1) / X of its block, over the intra-node links while X times
+    the model degree fits a node (`link_bw`, set by roofline), else the inter-node ones."""
+    m, tr = cfg.model, cfg.train
+    if not m.moe or expert_degree == 1:
+        return {"count": 0, "bytes": 0}
+    e = itemsize or jnp.dtype(m.compute_dtype).itemsize
+    sequences = tr.batch_size // tr.micro_batches // (data_degree * expert_degree)
+    block = sequences * m.seq_len * m.moe_top_k
+    if m.moe_capacity_factor:
+        capacity = math.ceil(m.moe_capacity_factor * m.seq_len * m.moe_top_k / m.moe_experts)
+        block = min(block, m.moe_experts // expert_degree * sequences * capacity)
+    count = (4 + (2 if m.remat == "full" else 0)) * m.moe_layers * tr.micro_batches
+    return {"count": count, "bytes": count * expert_degree * block * m.hidden * e}
+
+
 def roofline(
     cfg: Config,
     tgt: Target,
@@ -369,6 +415,7 @@ def roofline(
     model_degree: int,
     model_elements: float,
     stages: int = 1,
+    expert_degree: int = 1,
 ) -> dict:
     """Step time = compute at peak + model all-reduces (intra-node) + gradient all-reduce
     (inter-node once the mesh leaves a node), nothing overlapped: an optimistic compute term
@@ -379,17 +426,24 @@ def roofline(
     heads that every stage computes again, the stage-to-stage collective-permutes (one per
     tick each way, on the critical path), the two all-reduces over `pipeline` of the
     micro-batches' (m b s h) buffers, and with circular repeats the layers' weights sent to the
-    stages that run them (and their gradients back)."""
+    stages that run them (and their gradients back). A MoE model on `expert_degree` > 1 adds
+    its all-to-alls (moe_alltoall); its batch is split over data and expert, and the gradients
+    are reduced over both (the experts' over data alone: counted as the others)."""
     m, tr = cfg.model, cfg.train
-    devices = stages * data_degree * model_degree
+    devices = stages * data_degree * expert_degree * model_degree
     fl = flops_per_step(cfg)
     compute = fl["hardware"] / devices / tgt.peak_flops
     e = jnp.dtype(m.compute_dtype).itemsize
     model_bytes = e * model_elements  # activations, in the compute dtype
     model_s = allreduce_seconds(model_bytes, model_degree, tgt.intra_node_bw)
-    grad_bytes = 4 * trainable_params_per_device(cfg, model_degree, stages)  # float32 gradients
+    # float32 gradients
+    grad_bytes = 4 * trainable_params_per_device(cfg, model_degree, stages, expert_degree)
     data_bw = tgt.inter_node_bw if devices > tgt.node_size else tgt.intra_node_bw
-    data_s = allreduce_seconds(grad_bytes, data_degree, data_bw)
+    data_s = allreduce_seconds(grad_bytes, data_degree * expert_degree, data_bw)
+    alltoall = moe_alltoall(cfg, data_degree=data_degree, expert_degree=expert_degree)
+    x = expert_degree
+    link = tgt.intra_node_bw if x * model_degree <= tgt.node_size else tgt.inter_node_bw
+    alltoall_s = alltoall["bytes"] * (x - 1) / x / link
     bubble_s = p2p_s = 0.0
     if stages > 1:
         v, micro = tr.pipeline_repeats, tr.micro_batches
@@ -408,13 +462,14 @@ def roofline(
         if v > 1:  # float32 layer weights to the stages that run them, gradients back
             layer_params = stage_layer_params(m, model_degree, stages)
             p2p_s += 2 * 4 * layer_params * (v - 1) / v / p2p_bw
-    step = compute + model_s + data_s + bubble_s + p2p_s
+    step = compute + model_s + data_s + bubble_s + p2p_s + alltoall_s
     return {
         "compute_s": compute,
         "model_allreduce_s": model_s,
         "data_allreduce_s": data_s,
         "bubble_s": bubble_s,
         "pipeline_s": p2p_s,
+        "alltoall_s": alltoall_s,
         "step_s": step,
         "mfu": fl["model"] / devices / step / tgt.peak_flops,
         "weak_scaling_efficiency": compute / step,

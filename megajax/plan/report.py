@@ -26,7 +26,7 @@ def report(plan: dict) -> str:
     sp = "on" if plan["config"]["sequence_parallel"] else "off"
     lines = [
         f"dry run: mesh pipeline={plan['mesh']['pipeline']} data={plan['mesh']['data']} "
-        f"model={plan['mesh']['model']}, "
+        f"expert={plan['mesh']['expert']} model={plan['mesh']['model']}, "
         f"compiled in {plan['compile_seconds']:.1f}s on {plan['platform']}",
         f"parameters: {p['total']:,} total, {p['per_device']:,} per device "
         f"(analytic {p['per_device_analytic']:,})",
@@ -71,6 +71,20 @@ def report(plan: dict) -> str:
             + ", ".join(st["replicated_over_data"])
         )
     lines += [f"  note: {note}" for note in plan["notes"]]
+    moe = plan["moe"]
+    if moe:
+        done, want = moe["alltoall_compiled"], moe["alltoall_predicted"]
+        lines += [
+            "",
+            f"mixture of experts: {moe['total_params']:,} parameters, "
+            f"{moe['active_params']:,} active per token (the FLOPs below count these)",
+            f"  experts' weights and Adam moments per device: "
+            f"{gb(moe['expert_state_bytes_per_device'])}",
+            f"  all-to-alls of rows over expert per step: {done['count']} of "
+            f"{gb(done['bytes'])} compiled (predicted {want['count']}, {gb(want['bytes'])}); "
+            f"{1e3 * moe['alltoall_seconds']:.1f} ms on the target's links in "
+            f"{plan['config']['compute_dtype']}",
+        ]
     pp = plan["pipeline"]
     if pp:
         lines += [
@@ -136,6 +150,7 @@ def report(plan: dict) -> str:
                 if r["bubble_s"] or r["pipeline_s"]
                 else ""
             )
+            + (f", all-to-all {ms['alltoall_s']}" if r["alltoall_s"] else "")
             + f") | MFU {100 * r['mfu']:.0f}% | {r['hardware_tflops_per_device']:.0f} "
             f"hardware TFLOP/s per device | weak scaling "
             f"{100 * r['weak_scaling_efficiency']:.0f}%"
