@@ -59,6 +59,7 @@ class MoE(nnx.Module):
         self.shared = nnx.data(shared)
         self.num_experts, self.top_k = e, cfg.moe_top_k
         self.router_kind, self.capacity_factor = cfg.moe_router, cfg.moe_capacity_factor
+        self.staged = False  # in pipeline stages: the one-hot experts (for_stages)
 
     def __call__(self, x: jax.Array, *, key=None) -> tuple[jax.Array, dict]:
         del key  # no dropout inside the block (the residual branch's is the Block's)
@@ -147,13 +148,14 @@ class MoE(nnx.Module):
         order = jnp.argsort(flat, stable=True)
         rows = tokens[order // k]  # (n k, hidden), by expert
         sizes = (flat[:, None] == jnp.arange(self.num_experts)).sum(0, dtype=jnp.int32)
+        experts = one_hot_swiglu if self.staged else grouped_swiglu
         if expert_axis is None or jax.lax.axis_size(expert_axis) == 1:
-            out = grouped_swiglu(rows, sizes, w1, w2)
+            out = experts(rows, sizes, w1, w2)
         else:
             block = n * k
             if self.capacity_factor:
                 block = min(block, w1.shape[0] * sequences * self.capacity(n // sequences))
-            out = _exchange(rows, flat[order], sizes, w1, w2, expert_axis, block)
+            out = _exchange(rows, flat[order], sizes, w1, w2, expert_axis, block, experts)
         return jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)
 
 
@@ -167,11 +169,33 @@ def grouped_swiglu(rows, sizes, w1, w2):
     return jnp.where(grouped[:, None], y, 0)
 
 
-def _exchange(rows, experts, sizes, w1, w2, axis, block):
+def one_hot_swiglu(rows, sizes, w1, w2):
+    """grouped_swiglu computed densely: each row through every expert (an einsum over the
+    expert axis), its own expert's output kept by a one-hot mask. The same numbers at
+    experts / k times the FLOPs; vectorizable over pipeline stages, which ragged_dot (JAX
+    0.10) is not unless every operand is batched on its first axis."""
+    ends = jnp.cumsum(sizes)
+    expert = (jnp.arange(rows.shape[0])[:, None] >= ends[None, :]).sum(-1)  # experts: none
+    hidden = swiglu(jnp.einsum("rh,ehf->erf", rows, w1.astype(rows.dtype)))
+    out = jnp.einsum("erf,efh->erh", hidden, w2.astype(rows.dtype))
+    mask = jax.nn.one_hot(expert, w1.shape[0], dtype=rows.dtype)  # (rows, experts)
+    return jnp.einsum("erh,re->rh", out, mask)
+
+
+def for_stages(model: nnx.Module) -> nnx.Module:
+    """Make `model`'s MoE blocks run their experts as one_hot_swiglu (in place): the pipeline
+    vectorizes its stages, and ragged_dot's batching rule does not take what that gives it."""
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, MoE):
+            m.staged = True
+    return model
+
+
+def _exchange(rows, experts, sizes, w1, w2, axis, block, run):
     """Inside shard_map: rows (n k, hidden) sorted by their `experts` (number `experts` for a
     dropped one), sizes (experts,) per expert, run on the expert shards of `axis` that hold
     their experts (w1, w2: this shard's experts / X) and returned in the same order. `block`:
-    the most rows one shard sends another."""
+    the most rows one shard sends another; `run`: the experts' function (grouped_swiglu)."""
     x_deg, local, (a, h) = jax.lax.axis_size(axis), w1.shape[0], rows.shape
     dest = experts // local  # the shard holding each row's expert; x_deg for a dropped row
     per_dest = sizes.reshape(x_deg, local).sum(1)
@@ -185,7 +209,7 @@ def _exchange(rows, experts, sizes, w1, w2, axis, block):
     bounds = jnp.cumsum(counts, axis=1)  # (source, local)
     mine = (jnp.arange(block)[None, :, None] >= bounds[:, None, :]).sum(-1).reshape(-1)
     order = jnp.argsort(mine, stable=True)
-    out = grouped_swiglu(arrived.reshape(-1, h)[order], counts.sum(0), w1, w2)
+    out = run(arrived.reshape(-1, h)[order], counts.sum(0), w1, w2)
     out = jnp.zeros_like(out).at[order].set(out).reshape(x_deg, block, h)
     # Combine: block j comes back to the shard that sent it, in the order it was sent.
     back = jax.lax.all_to_all(out, axis, 0, 0, tiled=True)

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megajax import lora, models, parallel, pipeline_arithmetic
+from megajax import lora, models, moe, parallel, pipeline_arithmetic
 from megajax.config import Config, ConfigError
 from megajax.mesh import check_batch, check_model
 
@@ -40,10 +40,10 @@ class ShardedModel:
                 "proj; not its experts, nor with model.moe_every > 1 yet): use "
                 "--set lora.targets=qkv,proj"
             )
-        if stages > 1 and cfg.model.moe:
+        if stages > 1 and cfg.model.moe and cfg.model.moe_every > 1:
             raise ConfigError(
-                "model.moe_experts: Mixture-of-Experts layers do not run in pipeline stages "
-                "yet: use pipeline=1"
+                "model.moe_every > 1: MoE layers between dense ones do not run in pipeline "
+                "stages yet: use pipeline=1, or model.moe_every=1"
             )
         if stages > 1:  # they flow through the pipeline stages together
             pipeline_arithmetic.check(
@@ -90,6 +90,8 @@ class ShardedModel:
 
     def _new_model(self, seed):
         model = models.build(self.cfg.model, padded_vocab=self.padded_vocab, rngs=nnx.Rngs(seed))
+        if self.mesh.shape[parallel.PIPELINE] > 1:
+            moe.for_stages(model)
         return lora.attach(model, self.cfg.lora, seed=seed)
 
     def _initial_params(self):

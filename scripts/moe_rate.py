@@ -32,22 +32,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def one_hot_swiglu(rows, sizes, w1, w2):
-    """moe.grouped_swiglu computed densely: each row through all experts (an einsum over the
-    expert axis), its own expert's output kept by a one-hot mask."""
-    import jax
-    import jax.numpy as jnp
-
-    from megajax.layers import swiglu
-
-    ends = jnp.cumsum(sizes)
-    expert = (jnp.arange(rows.shape[0])[:, None] >= ends[None, :]).sum(-1)  # experts: none
-    hidden = swiglu(jnp.einsum("rh,ehf->erf", rows, w1.astype(rows.dtype)))
-    out = jnp.einsum("erf,efh->erh", hidden, w2.astype(rows.dtype))
-    mask = jax.nn.one_hot(expert, w1.shape[0], dtype=rows.dtype)  # (rows, experts)
-    return jnp.einsum("erh,re->rh", out, mask)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_devices:
@@ -70,7 +54,7 @@ def main(argv=None) -> int:
     name = f"MoE {m.moe_experts} top-{m.moe_top_k}"
     steppers[name], compile_s[name] = bench.jax_stepper(sparse, device_mesh, batches)
     grouped = moe.grouped_swiglu
-    moe.grouped_swiglu = one_hot_swiglu  # read when the step is traced, inside jax_stepper
+    moe.grouped_swiglu = moe.one_hot_swiglu  # read when the step is traced, inside jax_stepper
     try:
         steppers["one-hot MoE"], compile_s["one-hot MoE"] = bench.jax_stepper(
             sparse, device_mesh, batches

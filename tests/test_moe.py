@@ -188,6 +188,9 @@ DISTRIBUTED = "distributed, sequence-parallel data=2,expert=2,model=2"
 CAPACITY = "capacity expert=4,model=2"
 # float16 matmuls (the experts' grouped ones too) under dynamic loss scaling.
 FLOAT16 = "float16 expert=4,model=2"
+# Pipeline stages (each a MoE layer, its experts one-hot: moe.for_stages), two micro-batches
+# whose router statistics stay their own, as in the one-stage run that accumulates them.
+PIPELINED = "pipelined pipeline=2,expert=2,model=2"
 
 
 @pytest.fixture(scope="module")
@@ -211,13 +214,17 @@ def runs(shakespeare_tokens):
         cfg, model=dict(compute_dtype="float16"), optim=dict(initial_loss_scale=2.0**12)
     )
     done[FLOAT16] = _run(fp16, MESHES[1], batches)
+    staged = config.replace(cfg, train=dict(micro_batches=2))
+    for text in ("data=1", PIPELINED.split()[1]):
+        done[f"pipelined {text}"] = _run(staged, text, batches)
     return cfg, done
 
 
-@pytest.mark.parametrize("text", [*MESHES, INTERLEAVED, DISTRIBUTED, CAPACITY])
+@pytest.mark.parametrize("text", [*MESHES, INTERLEAVED, DISTRIBUTED, CAPACITY, PIPELINED])
 def test_losses_and_gradients_identical_with_expert_parallelism(runs, text):
     _, done = runs
-    reference = {INTERLEAVED: "interleaved data=1", CAPACITY: "capacity data=1"}
+    reference = {INTERLEAVED: "interleaved data=1", CAPACITY: "capacity data=1",
+                 PIPELINED: "pipelined data=1"}  # fmt: skip
     reference = reference.get(text, "data=1")
     (ref, ref_grads, ref_params, _), (ours, grads, params, _) = done[reference], done[text]
     for mine, theirs in zip(ours, ref, strict=True):
@@ -308,8 +315,9 @@ def test_bad_expert_layouts_are_refused():
         Trainer(llama_config(), _on("data=2,expert=2,model=2"))
     with pytest.raises(ConfigError, match=r"data degree 8 \(data x expert"):
         Trainer(config.replace(moe_config(), train=dict(micro_batches=2)), _on("data=2,expert=4"))
-    with pytest.raises(ConfigError, match="pipeline"):
-        Trainer(config.replace(moe_config(), train=dict(micro_batches=2)), _on("pipeline=2"))
+    with pytest.raises(ConfigError, match="moe_every > 1: .* pipeline stages"):
+        staged = config.replace(moe_config(moe_every=2), train=dict(micro_batches=2))
+        Trainer(staged, _on("pipeline=2"))
 
 
 # ----------------------------------------------------------------------------- moe_every

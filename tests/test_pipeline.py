@@ -142,7 +142,7 @@ def test_bubble_inputs_filled_with_nan_change_no_loss_and_no_gradient(trainers):
     xs = np.random.default_rng(1).standard_normal((MICRO, 2, cfg.seq_len, cfg.hidden), np.float32)
 
     def loss(state, xs, keys, fill):
-        out = pipeline_stack(
+        out, _ = pipeline_stack(
             graphdef, state, xs, attend=Attend(), keys=keys, remat="none", stages=4, repeats=2,
             fill=fill,
         )  # fmt: skip

@@ -42,11 +42,12 @@ def run_in_pipeline(blocks, x, *, attend, key, remat: str, num_layers: int, sche
     gather = lambda a: jax.tree.map(lambda x: jax.lax.all_gather(x, MICRO), a)  # noqa: E731
     keys = None if key is None else jax.random.split(key, num_layers)
     graphdef, state = nnx.split(blocks)
-    out = pipeline_stack(
+    out, stats = pipeline_stack(
         graphdef, state, gather(x), attend=gather(attend), keys=gather(keys), remat=remat,
         stages=schedule.stages, repeats=schedule.repeats,
     )  # fmt: skip
-    return out[jax.lax.axis_index(MICRO)]
+    mine = jax.lax.axis_index(MICRO)
+    return out[mine], jax.tree.map(lambda v: v[mine], stats)
 
 
 def _on_stages(a):
@@ -80,7 +81,8 @@ def pipeline_stack(graphdef, state, xs, *, attend, keys, remat, stages, repeats,
     None); keys: (m, layers) or None. The stage buffers start as `fill` (0; a test sets NaN):
     a stage's input on a bubble tick is replaced by zeros, so bubbles give finite values and
     zero gradients.
-    Returns (m, batch, length, hidden)."""
+    Returns (m, batch, length, hidden) and the layers' statistics (layers.Block.forward's)
+    summed per micro-batch, (m, ...) each: a bubble tick's are left out."""
     m, num_layers = xs.shape[0], jax.tree.leaves(state)[0].shape[0]
     per_chunk = num_layers // (stages * repeats)
     chunks = stage_chunks(stages, repeats)  # (P, v) chunk numbers in stored order
@@ -102,7 +104,7 @@ def pipeline_stack(graphdef, state, xs, *, attend, keys, remat, stages, repeats,
         layers = jax.tree.map(lambda w: w[0] if repeats == 1 else w[repeat], chunk_state)
         mine = jax.tree.map(lambda a: a[micro], attend)
         layer_keys = None if keys is None else keys[micro][ids[repeat]]
-        return scan_layers(graphdef, layers, x, attend=mine, keys=layer_keys, remat=remat)[0]
+        return scan_layers(graphdef, layers, x, attend=mine, keys=layer_keys, remat=remat)
 
     run = jax.vmap(stage, spmd_axis_name=parallel.spec("stage")[0])
 
@@ -119,7 +121,7 @@ def pipeline_stack(graphdef, state, xs, *, attend, keys, remat, stages, repeats,
         )
 
     def tick(carry, t):
-        outputs, done = carry
+        outputs, done, stats = carry
         shifted, done = keep_finished(outputs, done, t)
         work = t - stage_ids  # (P,) each stage's micro-batch pass: round * m + micro-batch
         micro, repeat = work % m, work // m
@@ -128,8 +130,17 @@ def pipeline_stack(graphdef, state, xs, *, attend, keys, remat, stages, repeats,
         inputs = _select(stage_ids == 0, first, shifted)
         active = (work >= 0) & (work < repeats * m)
         inputs = _on_stages(_select(active, inputs, jnp.zeros_like(inputs)).astype(xs.dtype))
-        outputs = run(stage_state, layer_ids, inputs, jnp.clip(repeat, 0, repeats - 1), micro)
-        return (_on_stages(outputs), done), None
+        outputs, tick_stats = run(
+            stage_state, layer_ids, inputs, jnp.clip(repeat, 0, repeats - 1), micro
+        )
+        # Each stage's statistics go to the micro-batch it worked on, a bubble's nowhere.
+        owner = jax.nn.one_hot(micro, m) * active[:, None]  # (P, m)
+        stats = jax.tree.map(
+            lambda acc, v: acc + jnp.einsum("pm,p...->m...", owner.astype(v.dtype), v),
+            stats,
+            tick_stats,
+        )
+        return (_on_stages(outputs), done, stats), None
 
     # The micro-batches as every stage's local copy (only stage 0 reads it): no transfer per
     # tick, and one all-reduce of their gradient over `pipeline` after the backward loop.
@@ -137,7 +148,12 @@ def pipeline_stack(graphdef, state, xs, *, attend, keys, remat, stages, repeats,
     outputs = _on_stages(jnp.full((stages, *xs.shape[1:]), fill, xs.dtype))
     done = _on_stages(jnp.full((stages, *xs.shape), fill, xs.dtype))
     total = repeats * m + stages - 1
-    (outputs, done), _ = jax.lax.scan(tick, (outputs, done), jnp.arange(total))
+    # The statistics' shapes: a stage's call on the first micro-batch, traced, never run.
+    first_stats = jax.eval_shape(
+        lambda: run(stage_state, layer_ids, outputs, jnp.zeros(stages, int), jnp.zeros(stages, int))
+    )[1]
+    stats = jax.tree.map(lambda v: jnp.zeros((m, *v.shape[1:]), v.dtype), first_stats)
+    (outputs, done, stats), _ = jax.lax.scan(tick, (outputs, done, stats), jnp.arange(total))
     # The last micro-batch leaves the last stage on the last tick: one more shift collects it.
     _, done = keep_finished(outputs, done, total)
-    return done[0]
+    return done[0], stats

@@ -48,14 +48,13 @@ def run_stack(blocks: Block, x, *, attend: Attend, key, remat: str, num_layers: 
     attention core's own, see layers.Attention). While the train step traces a pipeline
     schedule (megajax.pipeline_arithmetic.scheduled), the layers run as its stages instead.
     `sparse`: the MoE layers of a model whose dense ones are `blocks` (layer_stacks). Returns
-    the output and the layers' summed statistics (a MoE router's; {} when dense, and through a
-    pipeline, which MoE models do not take yet)."""
+    the output and the layers' summed statistics (a MoE router's; {} when dense)."""
     schedule = pipeline_arithmetic.current()
     if schedule is not None:
         return run_in_pipeline(
             blocks, x, attend=attend, key=key, remat=remat, num_layers=num_layers,
             schedule=schedule,
-        ), {}  # fmt: skip
+        )  # fmt: skip
     graphdef, state = nnx.split(blocks)
     keys = None if key is None else jax.random.split(key, num_layers)
     if sparse is None:
