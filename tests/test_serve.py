@@ -316,6 +316,8 @@ def test_a_full_queue_answers_503_and_the_queued_requests_are_served(served):
         got, reply = _post(f"{url}/v1/{route}", {**body, "max_tokens": 2})
         assert got == 503 and reply["error"]["code"] == "queue_full"  # a stream too: no 200
     gate.set()
+    while eng.queue.full():  # the model thread, let go, takes the queued requests in
+        threading.Event().wait(0.01)
     assert _post(f"{url}/v1/completions", {"prompt": "a", "max_tokens": 2})[0] == 200
     assert len(finished) == eng.queue.maxsize
 
