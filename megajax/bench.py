@@ -29,13 +29,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a Python file in configs/")
     parser.add_argument("--mesh", default="data=-1,model=1", help="e.g. data=2,model=4")
-    parser.add_argument("--cpu_devices", type=int, default=0, help="fake this many CPU devices")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds with --torch")
+    add_timing_flags(
+        parser, steps=30, warmup=3, rounds=5, rounds_help="interleaved rounds with --torch"
+    )
     parser.add_argument("--torch", action="store_true", help="also time Hugging Face GPT-2")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser.parse_args(argv)
+
+
+def add_timing_flags(parser, *, steps=12, warmup=2, rounds=3, rounds_help="alternating rounds"):
+    """--cpu_devices, --steps, --warmup, --rounds and --set: what every step-timing command
+    (this one, scripts/lora_rate.py, scripts/moe_rate.py) takes."""
+    parser.add_argument("--cpu_devices", type=int, default=0, help="fake this many CPU devices")
+    parser.add_argument(
+        "--steps", type=int, default=steps, help="timed steps of each (after warm-up)"
+    )
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps after compiling")
+    parser.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
 
 def for_platform(cfg: Config, platform: str) -> Config:

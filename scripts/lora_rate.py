@@ -23,11 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="a Python file in configs/")
     parser.add_argument("--rank", type=int, default=16, help="lora.rank of the LoRA step")
     parser.add_argument("--mesh", default="data=-1,model=1", help="e.g. data=2,model=4")
-    parser.add_argument("--cpu_devices", type=int, default=0, help="fake this many CPU devices")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps of each (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_timing_flags(parser)
     return parser.parse_args(argv)
 
 
