@@ -3,8 +3,12 @@ forward and backward, and communicates only its C - 1 ring steps each way.
 
 The sequence is laid out as the causal load balance has it: 2C chunks, rank c holding chunks
 c and 2C - 1 - c, with their original positions; results are put back in sequence order and
-compared with a plain einsum + mask + softmax reference in float32.
+compared with a plain einsum + mask + softmax reference in float32. C = 1 (no ring) runs the
+same code without any transfer.
 """
+
+import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +17,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from megajax import hlo
 from megajax.ring_attention import ring_attention
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM, CHUNK = 2, 4, 2, 8, 3
@@ -113,7 +118,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("c", [2, 4])
+@pytest.mark.parametrize("c", [1, 2, 4])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ring_output_and_gradients_equal_full_attention(c, case):
     length = 2 * c * CHUNK
@@ -156,3 +161,80 @@ def test_attention_dropout_is_refused():
     with pytest.raises(ValueError, match="no attention dropout"):
         ring_attention(x, x, x, q_pos=pos, k_pos=pos, causal=True, axis="context",
                        dropout_rate=0.1, key=jax.random.key(0))  # fmt: skip
+
+
+# The compiled program ------------------------------------------------------------------------
+# Two layers in a scan, as megajax stacks them, on a (context 4, model 2) mesh with the heads
+# split over `model` (also manual in the shard_map), bfloat16 activations; the backward pass
+# from jax.vjp with a given cotangent, so that no loss reduction adds collectives.
+C, MODEL, LAYERS = 4, 2, 2
+
+
+@pytest.fixture(scope="module")
+def ring_program():
+    """(lowered StableHLO text, collectives of the compiled HLO, K/V block shape, ids shape)."""
+    mesh = Mesh(np.array(jax.devices()[: C * MODEL]).reshape(C, MODEL), ("context", "model"))
+    length = 2 * C * CHUNK
+    heads = P(None, "context", "model")
+
+    def local(x, pos):
+        def layer(x, _):
+            out = ring_attention(x, x, x, q_pos=pos, k_pos=pos, causal=True, axis="context")
+            return x + out, None
+
+        return jax.lax.scan(layer, x, length=LAYERS)[0]
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(heads, P(None, "context")), out_specs=heads)
+    pos = jnp.broadcast_to(jnp.asarray(balanced_order(C), jnp.int32), (BATCH, length))
+
+    def step(x, d_out):
+        out, vjp = jax.vjp(lambda x: sharded(x, pos), x)
+        return out, vjp(d_out)
+
+    x = jnp.ones((BATCH, length, HEADS, HEAD_DIM), jnp.bfloat16)
+    lowered = jax.jit(step).lower(x, x)
+    found = hlo.collectives(lowered.compile().as_text(), {"context": C, "model": MODEL})
+    block = (BATCH, length // C, HEADS // MODEL, HEAD_DIM)
+    return lowered.as_text(), found, (2, *block), (2, BATCH, length // C)
+
+
+def test_only_collective_permutes_over_context(ring_program):
+    _, found, kv, ids = ring_program
+    assert {(c.kind, c.axes) for c in found} == {("collective-permute", ("context",))}
+    assert {c.shapes for c in found} == {(kv,), (ids,)}  # K/V blocks (or dK/dV), key ids
+
+
+def test_c_minus_1_kv_steps_per_layer_forward_and_backward(ring_program):
+    """Per layer, forward: C - 1 permutes of the K/V block (K and V stacked in one);
+    backward: C - 1 of the K/V block again (recomputed, not kept) and C - 1 of the blocks'
+    partial dK/dV sums (the same shape): 2 (C - 1), in a loop of its own."""
+    _, found, kv, _ = ring_program
+    per_loop = {}
+    for c in found:
+        if c.shapes == (kv,):
+            assert c.runs == LAYERS, c
+            per_loop[c.computation] = per_loop.get(c.computation, 0) + 1
+    assert sorted(per_loop.values()) == [C - 1, 2 * (C - 1)], per_loop
+
+
+def test_positions_and_document_ids_travel_once_per_step(ring_program):
+    """The keys' positions and ids (one stacked int32 array per step) are the same in every
+    layer: XLA hoists their C - 1 permutes out of the layer loops, and the backward pass
+    reuses the forward's."""
+    _, found, _, ids = ring_program
+    assert sum(c.runs for c in found if c.shapes == (ids,)) == C - 1
+
+
+def test_kv_travels_in_its_dtype_and_gradient_sums_in_float32(ring_program):
+    """In the program as JAX emits it (XLA:CPU later widens bfloat16 permutes to float32):
+    K/V blocks move in bfloat16, C - 1 per layer each way, and the partial dK/dV sums in
+    float32, C - 1 per layer backward."""
+    text, _, kv, ids = ring_program
+    moved = re.findall(r'"stablehlo.collective_permute".*-> tensor<([\dx]+)x(\w+)>', text)
+    shape = lambda dims: "x".join(map(str, dims))  # noqa: E731
+    counts = collections.Counter(moved)
+    assert counts == {
+        (shape(kv), "bf16"): 2 * (C - 1),
+        (shape(kv), "f32"): C - 1,
+        (shape(ids), "i32"): 2 * (C - 1),
+    }, counts
