@@ -15,14 +15,17 @@ dozen), which leaves XLA free to schedule each transfer beside the previous bloc
 
 Cost per call, with n = batch * k_len * heads * head_dim local elements of K (and of V):
 - forward: C - 1 steps, each two collective-permutes: K and V stacked (2n elements, in
-  their dtype) and their positions and document ids stacked (2 * batch * k_len int32);
+  their dtype) and the keys' positions and document ids stacked (2 * batch * k_len int32;
+  the same in every layer, so XLA hoists them out of a layer loop: once per step);
 - backward (custom_vjp, recomputed block by block as flash attention does): the same C - 1
-  K/V and id transfers again, and C - 1 transfers of the blocks' partial dK/dV sums (2n
-  float32 elements; each rank's own contribution never leaves it);
+  K/V transfers again, and C - 1 transfers of the blocks' partial dK/dV sums (2n float32
+  elements; each rank's own contribution never leaves it), each overlapping a block's
+  compute. For bfloat16 that is 4n bytes per step forward and 12n backward, per rank;
 - memory: the backward keeps q, the stacked K/V, the output and two float32 numbers per
-  query row (running max and sum); the largest temporary is one block's
+  query row and head (running max and sum); the largest temporary is one block's
   (batch, heads, q_len, k_len) float32 scores. Autodiff through the loop would instead keep
-  every block received (the whole sequence's K/V on each rank) and its scores.
+  every block received (the whole sequence's K/V on each rank) and its probabilities, and
+  save the backward's C - 1 K/V transfers.
 
 A query row with no valid key at all gets what layers.Attention._masked_attention gives: the
 masked scores are finfo(float32).min added to the scores, so the row averages every key's
@@ -51,6 +54,8 @@ def ring_attention(
     chunks; q_pos, k_pos (batch, len): their positions in the sequence (`causal`: a query
     attends keys at positions <= its own); q_seg, k_seg (batch, len): packed-document ids (a
     query attends keys of its own document, ids > 0); k_valid (batch, k_len): key padding.
+    dropout_rate > 0 with a key raises ValueError (no attention dropout); without a key
+    (evaluation) it means no dropout, as layers.dropout.
     Returns (batch, q_len, heads, head_dim) in q.dtype.
     """
     if dropout_rate > 0 and key is not None:

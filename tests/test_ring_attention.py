@@ -107,8 +107,8 @@ def packed_segments(length):
 
 
 # Mask kinds: causal (GPT), causal with packed documents, bidirectional with key padding
-# (BERT). Padding keys and padding-document queries leave some query rows with no valid key
-# in a block, and the padding rows (id 0) with none at all: both must match the reference.
+# (BERT). Causality leaves whole query rows masked in some blocks of the balanced layout, and
+# padding-document queries (id 0) have no valid key at all: both must match the reference.
 CASES = {
     "causal": lambda s: dict(causal=True),
     "causal-packed": lambda s: dict(causal=True, seg=packed_segments(s)),
@@ -155,12 +155,24 @@ def test_bfloat16_inputs_stay_close_to_the_float32_reference():
         np.testing.assert_allclose(g.astype(jnp.float32), w, atol=5e-2, rtol=5e-2, err_msg=name)
 
 
-def test_attention_dropout_is_refused():
+def test_attention_dropout_is_refused_and_evaluation_runs_without_it():
+    """A dropout key raises; dropout_rate > 0 without a key (evaluation) is no dropout."""
     x = jnp.zeros((1, 2, 1, 4))
     pos = jnp.zeros((1, 2), jnp.int32)
     with pytest.raises(ValueError, match="no attention dropout"):
         ring_attention(x, x, x, q_pos=pos, k_pos=pos, causal=True, axis="context",
                        dropout_rate=0.1, key=jax.random.key(0))  # fmt: skip
+    q = inputs(4 * CHUNK)[0]
+    pos = jnp.broadcast_to(jnp.asarray(balanced_order(2), jnp.int32), q.shape[:2])
+
+    def run(rate):
+        f = lambda q, pos: ring_attention(  # noqa: E731
+            q, q, q, q_pos=pos, k_pos=pos, causal=True, axis="context", dropout_rate=rate
+        )
+        split = P(None, "context")
+        return jax.shard_map(f, mesh=context_mesh(2), in_specs=split, out_specs=split)(q, pos)
+
+    np.testing.assert_array_equal(run(0.1), run(0.0))
 
 
 # The compiled program ------------------------------------------------------------------------
