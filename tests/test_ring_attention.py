@@ -175,6 +175,31 @@ def test_attention_dropout_is_refused_and_evaluation_runs_without_it():
     np.testing.assert_array_equal(run(0.1), run(0.0))
 
 
+def test_scale_multiplies_the_scores():
+    """scale=x attends as the default 1/sqrt(head_dim) does to queries x sqrt(head_dim) times
+    larger."""
+    q, k, v, _ = inputs(4 * CHUNK)
+    pos = jnp.broadcast_to(jnp.asarray(balanced_order(2), jnp.int32), q.shape[:2])
+    k, v = repeat_heads(k), repeat_heads(v)
+
+    def run(q, **scale):
+        f = lambda q, k, v, pos: ring_attention(  # noqa: E731
+            q, k, v, q_pos=pos, k_pos=pos, causal=True, axis="context", **scale
+        )
+        split = P(None, "context")
+        return jax.shard_map(f, mesh=context_mesh(2), in_specs=split, out_specs=split)(q, k, v, pos)
+
+    scaled = run(q, scale=0.7)
+    np.testing.assert_allclose(scaled, run(q * 0.7 * np.sqrt(HEAD_DIM)), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(scaled, run(q), atol=1e-3)
+
+
+def test_segments_need_both_sides():
+    x, pos = jnp.zeros((1, 2, 1, 4)), jnp.zeros((1, 2), jnp.int32)
+    with pytest.raises(ValueError, match="both q_seg and k_seg"):
+        ring_attention(x, x, x, q_pos=pos, k_pos=pos, causal=True, axis="context", q_seg=pos)
+
+
 # The compiled program ------------------------------------------------------------------------
 # Two layers in a scan, as megajax stacks them, on a (context 4, model 2) mesh with the heads
 # split over `model` (also manual in the shard_map), bfloat16 activations; the backward pass
