@@ -33,12 +33,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.extend.random import threefry2x32_p
 
 from megajax import parallel
 from megajax.config import ConfigError
 
 CORES = ("allgather", "ring")
+# The name of the gathered K/V: selective recomputation (RECOMPUTE) keeps it and recomputes
+# the scores from it, rather than gathering again in the backward pass.
+GATHERED = "context_gathered_kv"
+RECOMPUTE = jax.checkpoint_policies.save_only_these_names(GATHERED)
 
 
 def softmax_attention(q, k, v, mask, *, scale=None, keep=None, rate: float = 0.0):
@@ -89,6 +94,7 @@ def gathered_attention(
         return None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True)
 
     kv = gather(jnp.stack([k, v.astype(k.dtype)], axis=2))  # (batch, length, 2, kv, head_dim)
+    kv = checkpoint_name(kv, GATHERED)  # what a recomputed core keeps: no second gather
     k, v = kv[:, :, 0], kv[:, :, 1].astype(v.dtype)
     k_pos, k_seg, k_valid = gather(k_pos), gather(k_seg), gather(k_valid)
     group = q.shape[2] // k.shape[2]
@@ -165,21 +171,26 @@ def bernoulli_at(key, p: float, shape, index):
     jax.random.bernoulli(key, p, shape), bit for bit: JAX's partitionable Threefry (on by
     default) hashes each element's row-major index in `shape`, and jax.random.uniform turns 23
     of the bits into a float in [0, 1). So a reordered sequence (the causal load balance) or a
-    shard's piece of a larger matrix draws the unsplit run's bits. The index is built in 64
-    bits held as four 16-bit limbs (no 64-bit integers with x64 off; a long context's s^2
-    passes 2^32)."""
-    flat = None
-    for size, at in zip(shape, index, strict=True):
-        limbs = _limbs(jnp.asarray(at).astype(jnp.uint32))
-        flat = limbs if flat is None else _plus(_times(flat, size), limbs)
-    lo, hi = flat[0] | (flat[1] << 16), flat[2] | (flat[3] << 16)
-    lo, hi = jnp.broadcast_arrays(lo, hi)
+    shard's piece of a larger matrix draws the unsplit run's bits."""
+    hi, lo = flat_index(shape, index)
     data = jax.random.key_data(key)
     bits1, bits2 = threefry2x32_p.bind(data[0], data[1], hi, lo)
     bits = bits1 ^ bits2
     one = np.array(1.0, np.float32).view(np.uint32)  # exponent 0: [1, 2), minus 1
     uniform = jax.lax.bitcast_convert_type((bits >> 9) | one, jnp.float32) - 1.0
     return uniform < jnp.float32(p)
+
+
+def flat_index(shape, index):
+    """(high, low) 32-bit halves of the row-major index in `shape` of the elements at `index`
+    (one integer array per dimension), computed in 64 bits held as four 16-bit limbs: x64 is
+    off, and a long context's s^2 passes 2^32."""
+    flat = None
+    for size, at in zip(shape, index, strict=True):
+        limbs = _limbs(jnp.asarray(at).astype(jnp.uint32))
+        flat = limbs if flat is None else _plus(_times(flat, size), limbs)
+    lo, hi = flat[0] | (flat[1] << 16), flat[2] | (flat[3] << 16)
+    return tuple(jnp.broadcast_arrays(hi, lo))
 
 
 def _axis_index(axes):

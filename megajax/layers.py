@@ -483,14 +483,16 @@ class Attention(nnx.Module):
         keys = [None] * 2 if key is None else [jax.random.fold_in(key, i) for i in (1, 2)]
         positions = jnp.arange(s)[None] if attend.positions is None else attend.positions
         q, k, v = self._project(x, positions, "batch", "residual_length", "embed", key=keys[0])
+        policy = None
         if parallel.length_axes():  # the sequence split over `context`: K and V travel
             original = jnp.arange(s)[None] if attend.order is None else attend.order
             core = functools.partial(self._context_attention, positions=original)
+            policy = context_attention.RECOMPUTE  # keeps the gathered K/V
         else:
             k, v = self._repeat(k), self._repeat(v)
             core = self._fused if self.implementation != "einsum" else self._einsum_attention
         if self.recompute_core:
-            core = jax.checkpoint(core, prevent_cse=False)
+            core = jax.checkpoint(core, prevent_cse=False, policy=policy)
         out = core(q, k, v, attend, key).reshape(b, s, -1)
         out = constrain(out, "batch", "length", "heads")
         return self.proj.row_parallel(out, "batch", "residual_length", "embed", key=keys[1])

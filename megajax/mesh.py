@@ -126,7 +126,8 @@ def check_model(
 def check_context(cfg: ModelConfig, context_degree: int, model_degree: int) -> None:
     """Refuse what context parallelism cannot split: a sequence that does not cut into 2 C
     equal chunks (the causal load balance gives each context rank two), or into C T under
-    sequence parallelism; a Mixture-of-Experts model (its capacity is per whole sequence)."""
+    sequence parallelism; a fused attention kernel; a Mixture-of-Experts model (its capacity
+    is per whole sequence)."""
     c = context_degree
     if cfg.seq_len % (2 * c):
         raise ConfigError(
@@ -139,6 +140,11 @@ def check_context(cfg: ModelConfig, context_degree: int, model_degree: int) -> N
             f"model.seq_len={cfg.seq_len} is not divisible by context x model = "
             f"{c * model_degree}, which model.sequence_parallel splits the residual stream by: "
             "change a degree, or turn it off"
+        )
+    if cfg.attention != "einsum":
+        raise ConfigError(
+            f"model.attention={cfg.attention} on --mesh context={c}: the context-split "
+            "attention core is written out (einsum): set model.attention=einsum"
         )
     if cfg.moe:
         raise ConfigError(
