@@ -27,22 +27,27 @@ STEPS, SEQ, VOCAB = 3, 48, 1100
 CORES = ["allgather"]
 # Each property once: learned positions with tensor and sequence parallelism and selective
 # recomputation; RoPE with grouped-query attention (2 kv heads for 16 query heads) beside
-# data parallelism; packed documents; bidirectional BERT with its padding.
+# data parallelism; packed documents; pipeline stages (the one-device reference accumulates
+# the same micro-batches); bidirectional BERT with its padding.
+# The pipeline case: 4 layers in 2 stages, 4 micro-batches of 2 sequences.
+PIPELINE = dict(num_layers=4), dict(micro_batches=4)
 CASES = {
     "gpt-sp": ("gpt", "context=2,model=2", dict(sequence_parallel=True, remat="selective")),
     "llama-gqa": ("llama", "data=2,context=4", {}),
     "gpt-packed": ("packed", "context=4", {}),
+    "gpt-pipeline": ("gpt", "pipeline=2,context=2,model=2", PIPELINE),
     "bert": ("bert", "context=2,model=2", {}),
 }
 
 
 def _config(kind, core, model):
     make = {"gpt": tiny_config, "packed": tiny_config, "llama": llama_config}.get(kind)
+    model, train = model if isinstance(model, tuple) else (model, {})
     fields = dict(seq_len=SEQ, dropout=0.1, context_attention=core, **model)
     cfg = bert_config(vocab_size=VOCAB, **fields) if kind == "bert" else make(**fields)
     if kind == "packed":
         cfg = config.replace(cfg, data=dict(format="chat"))
-    return config.replace(cfg, optim=dict(warmup_steps=0))
+    return config.replace(cfg, optim=dict(warmup_steps=0), train=train)
 
 
 def _packed_rows(tokens, rng, rows):
@@ -207,6 +212,23 @@ def test_no_full_length_activation_on_a_device(runs, case):
     for shape in spans:
         assert shape[-1] in (m.head_dim, SEQ), shape
         assert m.hidden not in shape and m.mlp_hidden not in shape, shape
+
+
+def test_dry_run_predicts_the_kv_exchange_and_the_memory():
+    """The plan's K/V all-gathers and reduce-scatters are the compiled step's, and its
+    activation estimate (length / C, scores (s / C, s), the gathered K/V) its temporaries."""
+    from megajax.plan.compiled import make_plan
+
+    cfg = llama_config(seq_len=SEQ, dropout=0.0)
+    plan = make_plan(cfg, mesh.make("context=4,model=2", devices=jax.devices()[:8]))
+    cp, layers = plan["context"], cfg.model.num_layers
+    want = cp["predicted"]
+    assert (cp["all_gathers_compiled"], cp["reduce_scatters_compiled"]) == (layers, layers)
+    assert (want["all_gather"][0], want["reduce_scatter"][0]) == (layers, layers)
+    assert cp["bytes_compiled"] == 4 * (want["all_gather"][1] + want["reduce_scatter"][1])
+    compiled = plan["memory"]["compiled"]["temporaries"]
+    analytic = plan["memory"]["analytic_as_compiled"]["temporaries"]
+    assert abs(analytic - compiled) < 0.25 * compiled, (analytic, compiled)
 
 
 # Exact dropout bits -------------------------------------------------------------------------
