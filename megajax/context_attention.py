@@ -107,6 +107,18 @@ def gathered_attention(
     return softmax_attention(q, k, v, mask, scale=scale, keep=keep, rate=dropout_rate)
 
 
+def check(cfg) -> None:
+    """Refuse what a context-split run cannot do exactly: a core that is not available, or
+    dropout with JAX's partitionable Threefry turned off (bernoulli_at follows its bits)."""
+    core(cfg.context_attention)
+    if cfg.dropout > 0 and not jax.config.jax_threefry_partitionable:
+        raise ConfigError(
+            f"model.dropout={cfg.dropout} on a context mesh draws its bits as JAX's "
+            "partitionable Threefry does, which is turned off (jax_threefry_partitionable): "
+            "turn it on, or set model.dropout=0"
+        )
+
+
 def core(name: str):
     """The attention core model.context_attention names."""
     if name == "allgather":

@@ -34,7 +34,7 @@ class ShardedModel:
             cfg.model, mesh.shape[parallel.MODEL], mesh.shape[parallel.EXPERT], self.context_degree
         )
         if self.context_degree > 1:
-            context_attention.core(cfg.model.context_attention)  # refused here if unavailable
+            context_attention.check(cfg.model)
         check_batch(cfg.train.batch_size, cfg.train.micro_batches, batch_degree(mesh))
         stages = mesh.shape[parallel.PIPELINE]
         self.schedule = None  # the micro-batches are accumulated one after another

@@ -196,6 +196,27 @@ def test_kv_all_gathered_once_per_layer_forward_and_reduce_scattered_backward(ru
             assert squeezed in params or not {SEQ, SEQ // c} & set(squeezed), x
 
 
+def test_sequence_parallel_collectives_run_on_each_context_chunk(runs):
+    """The plan's existing collectives over `model` are unchanged, on each rank's chunk: per
+    layer forward 2 all-gathers of (b, s / C, h) and 2 reduce-scatters to (b, s / (C T), h);
+    backward 4 and 2 (tests/test_collectives.py's counts at full length)."""
+    run = runs("gpt-sp", CORES[0])
+    m, mesh_shape = run.trainer.cfg.model, dict(run.trainer.mesh.shape)
+    c, t = mesh_shape["context"], mesh_shape["model"]
+    chunk, shard = (8, SEQ // c, m.hidden), (8, SEQ // (c * t), m.hidden)
+    per_loop = {}
+    for x in hlo.collectives(run.hlo, mesh_shape):
+        if x.axes != ("model",) or x.runs != m.num_layers:
+            continue
+        counts = per_loop.setdefault(x.computation, {"all-gather": 0, "reduce-scatter": 0})
+        if (x.kind, x.shapes) in (("all-gather", (chunk,)), ("reduce-scatter", (shard,))):
+            counts[x.kind] += 1
+    assert sorted((n["all-gather"], n["reduce-scatter"]) for n in per_loop.values()) == [
+        (2, 2),
+        (4, 2),
+    ], per_loop
+
+
 @pytest.mark.parametrize("case", AUDITED)
 def test_no_full_length_activation_on_a_device(runs, case):
     """Every floating-point buffer in the compiled step that spans the whole sequence is the
