@@ -35,6 +35,11 @@ class ShardedModel:
         )
         if self.context_degree > 1:
             context_attention.check(cfg.model)
+            if cfg.lora.rank:
+                raise ConfigError(
+                    f"lora.rank={cfg.lora.rank} on --mesh context={self.context_degree}: LoRA "
+                    "adapters on a context-split sequence are not proven yet: use context=1"
+                )
         check_batch(cfg.train.batch_size, cfg.train.micro_batches, batch_degree(mesh))
         stages = mesh.shape[parallel.PIPELINE]
         self.schedule = None  # the micro-batches are accumulated one after another

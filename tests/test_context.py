@@ -316,6 +316,12 @@ def test_a_layout_context_cannot_split_is_refused(model, text, message):
         _sharded(tiny_config(**{"seq_len": SEQ, **model}), text)
 
 
+def test_lora_on_a_context_mesh_is_refused():
+    cfg = config.replace(tiny_config(seq_len=SEQ), lora=dict(rank=4))
+    with pytest.raises(ConfigError, match="not proven yet: use context=1"):
+        _sharded(cfg, "context=2")
+
+
 def test_unknown_context_attention_is_refused():
     with pytest.raises(ConfigError, match="context_attention='ulysses': use one of"):
         tiny_config(context_attention="ulysses")
