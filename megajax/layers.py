@@ -371,7 +371,9 @@ class Attention(nnx.Module):
     is reduce-scattered back to the rows. A causal model (GPT) masks future keys; `padding`
     masks the keys after each sequence's length (BERT); `segments` keep packed documents
     apart. model.positions="rope" turns q and k by their positions, head by head (megajax/rope.py,
-    scaled as model.rope_scaling says).
+    scaled as model.rope_scaling says). With the sequence split over `context` the core is
+    megajax/context_attention.py's: K and V, at key/value-slot width, travel between the
+    context ranks, and masks follow each slot's original position (Attend.order).
     """
 
     def __init__(self, cfg, *, out_std: float, rngs):
