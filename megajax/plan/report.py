@@ -26,7 +26,8 @@ def report(plan: dict) -> str:
     sp = "on" if plan["config"]["sequence_parallel"] else "off"
     lines = [
         f"dry run: mesh pipeline={plan['mesh']['pipeline']} data={plan['mesh']['data']} "
-        f"expert={plan['mesh']['expert']} model={plan['mesh']['model']}, "
+        f"expert={plan['mesh']['expert']} context={plan['mesh']['context']} "
+        f"model={plan['mesh']['model']}, "
         f"compiled in {plan['compile_seconds']:.1f}s on {plan['platform']}",
         f"parameters: {p['total']:,} total, {p['per_device']:,} per device "
         f"(analytic {p['per_device_analytic']:,})",
@@ -84,6 +85,23 @@ def report(plan: dict) -> str:
             f"{gb(done['bytes'])} compiled (predicted {want['count']}, {gb(want['bytes'])}); "
             f"{1e3 * moe['alltoall_seconds']:.1f} ms on the target's links in "
             f"{plan['config']['compute_dtype']}",
+        ]
+    cp = plan["context"]
+    if cp:
+        want = cp["predicted"]
+        lines += [
+            "",
+            f"context: C={cp['degree']}, model.context_attention={cp['core']}; attention core "
+            f"{cp['attention_flops']:.3e} FLOPs per step at the whole length",
+            f"  K/V all-gathers over context: {cp['all_gathers_compiled']} compiled "
+            f"(predicted {want['all_gather'][0]}), their reduce-scatters "
+            f"{cp['reduce_scatters_compiled']} (predicted {want['reduce_scatter'][0]}), "
+            f"{gb(cp['bytes_compiled'])} of results compiled",
+            f"  per device per step: all-gather {gb(cp['allgather_bytes'])} through its link "
+            f"({1e3 * cp['seconds']:.1f} ms on the target's "
+            f"{'intra' if cp['in_node'] else 'inter'}-node links); a ring would send "
+            f"{gb(cp['ring_bytes'])} at kv width ({gb(cp['ring_repeated_bytes'])} with K/V "
+            "repeated to the query heads)",
         ]
     pp = plan["pipeline"]
     if pp:
@@ -151,6 +169,7 @@ def report(plan: dict) -> str:
                 else ""
             )
             + (f", all-to-all {ms['alltoall_s']}" if r["alltoall_s"] else "")
+            + (f", K/V exchange {ms['context_s']}" if r.get("context_s") else "")
             + f") | MFU {100 * r['mfu']:.0f}% | {r['hardware_tflops_per_device']:.0f} "
             f"hardware TFLOP/s per device | weak scaling "
             f"{100 * r['weak_scaling_efficiency']:.0f}%"
