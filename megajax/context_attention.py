@@ -9,7 +9,9 @@ may see; model.context_attention says how they travel:
   whole gathered sequence. Autodiff makes the backward pass one reduce-scatter of their
   gradient. Each rank receives (C - 1) / C of the layer's K and V: 2 b s h_kv bytes per element
   size, the same whatever C; it holds the whole sequence's K and V while the layer runs;
-- "ring": blocks of K and V passed round the ranks (megajax/ring_attention.py).
+- "ring": blocks of K and V passed round the ranks, C - 1 collective-permutes per layer, an
+  online softmax over the blocks, never the whole sequence's K/V on a rank
+  (megajax/ring_attention.py; no attention dropout).
 Both cores take the same arguments, inside a shard_map manual over the mesh: local chunks of
 q, k, v and their original positions, packed-document segments and key padding.
 
@@ -38,6 +40,7 @@ from jax.extend.random import threefry2x32_p
 
 from megajax import parallel
 from megajax.config import ConfigError
+from megajax.ring_attention import ring_attention
 
 CORES = ("allgather", "ring")
 # The name of the gathered K/V: selective recomputation (RECOMPUTE) keeps it and recomputes
@@ -109,8 +112,15 @@ def gathered_attention(
 
 def check(cfg) -> None:
     """Refuse what a context-split run cannot do exactly: a core that is not available, or
-    dropout with JAX's partitionable Threefry turned off (bernoulli_at follows its bits)."""
+    attention dropout under the ring core, or dropout with JAX's partitionable Threefry turned off
+    (bernoulli_at follows its bits)."""
     core(cfg.context_attention)
+    if cfg.context_attention == "ring" and cfg.dropout > 0:
+        raise ConfigError(
+            f"model.context_attention=ring has no attention dropout (model.dropout="
+            f"{cfg.dropout}): set model.dropout=0, or use model.context_attention=allgather, "
+            "whose dropout is the unsplit run's"
+        )
     if cfg.dropout > 0 and not jax.config.jax_threefry_partitionable:
         raise ConfigError(
             f"model.dropout={cfg.dropout} on a context mesh draws its bits as JAX's "
@@ -124,9 +134,7 @@ def core(name: str):
     if name == "allgather":
         return gathered_attention
     if name == "ring":
-        raise ConfigError(
-            "model.context_attention=ring: ring attention is not available yet: use allgather"
-        )
+        return ring_attention
     raise ConfigError(f"model.context_attention={name!r}: use one of {', '.join(CORES)}")
 
 
@@ -144,9 +152,6 @@ def attention(q, k, v, *, positions, segments, padding, causal, key, rate, name)
     given = {k: x for k, x in optional.items() if x is not None}
 
     def local(q, k, v, pos, key, **given):
-        if name == "ring":  # its contract: k and v repeated to the query heads
-            group = q.shape[2] // k.shape[2]
-            k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
         seg, valid = given.get("seg"), given.get("valid")
         return attend(
             q, k, v, q_pos=pos, k_pos=pos, causal=causal, axis=axis, q_seg=seg, k_seg=seg,
@@ -158,6 +163,11 @@ def attention(q, k, v, *, positions, segments, padding, causal, key, rate, name)
         lambda q, k, v, pos, key, given: local(q, k, v, pos, key, **given),
         in_specs=(heads, heads, heads, row, key_spec, {k: row for k in given}),
         out_specs=heads,
+        # The ring's custom_vjp, vmapped over pipeline stages (spmd_axis_name), mixes values
+        # that vary over the stages with ones that do not, which JAX 0.10's check of varying
+        # axes refuses inside the transformation; the ring sums nothing over an axis, so the
+        # check guards nothing there.
+        check_vma=name != "ring",
     )
     return run(q, k, v, positions, key, given)
 

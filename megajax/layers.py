@@ -493,7 +493,10 @@ class Attention(nnx.Module):
         else:
             k, v = self._repeat(k), self._repeat(v)
             core = self._fused if self.implementation != "einsum" else self._einsum_attention
-        if self.recompute_core:
+        # The ring core (context_attention="ring") recomputes block by block in its own
+        # backward pass and keeps no scores: checkpointing it would only run the ring twice.
+        ring = policy is not None and self.context_attention == "ring"
+        if self.recompute_core and not ring:
             core = jax.checkpoint(core, prevent_cse=False, policy=policy)
         out = core(q, k, v, attend, key).reshape(b, s, -1)
         out = constrain(out, "batch", "length", "heads")

@@ -24,7 +24,7 @@ from megajax.sharded_model import ShardedModel
 from megajax.trainer import Trainer
 
 STEPS, SEQ, VOCAB = 3, 48, 1100
-CORES = ["allgather"]
+CORES = ["allgather", "ring"]
 # Each property once: learned positions with tensor and sequence parallelism and selective
 # recomputation; RoPE with grouped-query attention (2 kv heads for 16 query heads) beside
 # data parallelism; packed documents; pipeline stages (the one-device reference accumulates
@@ -43,7 +43,9 @@ CASES = {
 def _config(kind, core, model):
     make = {"gpt": tiny_config, "packed": tiny_config, "llama": llama_config}.get(kind)
     model, train = model if isinstance(model, tuple) else (model, {})
-    fields = dict(seq_len=SEQ, dropout=0.1, context_attention=core, **model)
+    # The ring core has no attention dropout (megajax/ring_attention.py): it runs without.
+    dropout = 0.1 if core == "allgather" else 0.0
+    fields = dict(seq_len=SEQ, dropout=dropout, context_attention=core, **model)
     cfg = bert_config(vocab_size=VOCAB, **fields) if kind == "bert" else make(**fields)
     if kind == "packed":
         cfg = config.replace(cfg, data=dict(format="chat"))
@@ -196,6 +198,23 @@ def test_kv_all_gathered_once_per_layer_forward_and_reduce_scattered_backward(ru
             assert squeezed in params or not {SEQ, SEQ // c} & set(squeezed), x
 
 
+@pytest.mark.parametrize("case", AUDITED)
+def test_ring_passes_kv_blocks_c_minus_1_times_per_layer_each_way(runs, case):
+    """The ring core moves K and V (stacked, at this shard's kv-slot width) by C - 1
+    collective-permutes per layer forward, and 2 (C - 1) backward (the blocks again and their
+    dK/dV sums, megajax/ring_attention.py), as the compiled loops run them; nothing
+    K/V-shaped is all-gathered."""
+    run = runs(case, "ring")
+    m, mesh_shape = run.trainer.cfg.model, dict(run.trainer.mesh.shape)
+    c, t = mesh_shape["context"], mesh_shape["model"]
+    block = (2, 8 // mesh_shape["data"], SEQ // c, m.kv_slots(t) // t, m.head_dim)
+    found = [x for x in hlo.collectives(run.hlo, mesh_shape) if x.shapes == (block,)]
+    assert {(x.kind, x.axes) for x in found} == {("collective-permute", ("context",))}, found
+    assert sum(x.runs for x in found) == 3 * (c - 1) * m.num_layers, found
+    kv, _ = _kv_exchanges(run)
+    assert not [x for x in kv if x[0] == "all-gather"], kv
+
+
 def test_sequence_parallel_collectives_run_on_each_context_chunk(runs):
     """The plan's existing collectives over `model` are unchanged, on each rank's chunk: per
     layer forward 2 all-gathers of (b, s / C, h) and 2 reduce-scatters to (b, s / (C T), h);
@@ -235,18 +254,25 @@ def test_no_full_length_activation_on_a_device(runs, case):
         assert m.hidden not in shape and m.mlp_hidden not in shape, shape
 
 
-def test_dry_run_predicts_the_kv_exchange_and_the_memory():
-    """The plan's K/V all-gathers and reduce-scatters are the compiled step's, and its
-    activation estimate (length / C, scores (s / C, s), the gathered K/V) its temporaries."""
+@pytest.mark.parametrize("core", CORES)
+def test_dry_run_predicts_the_kv_exchange_and_the_memory(core):
+    """The plan's K/V all-gathers and reduce-scatters (the ring's collective-permutes) are the
+    compiled step's, and its activation estimate (length / C, scores (s / C, s) or the ring's
+    block (s / C, s / C), the gathered K/V) its temporaries."""
     from megajax.plan.compiled import make_plan
 
-    cfg = llama_config(seq_len=SEQ, dropout=0.0)
+    cfg = llama_config(seq_len=SEQ, dropout=0.0, context_attention=core)
     plan = make_plan(cfg, mesh.make("context=4,model=2", devices=jax.devices()[:8]))
     cp, layers = plan["context"], cfg.model.num_layers
     want = cp["predicted"]
-    assert (cp["all_gathers_compiled"], cp["reduce_scatters_compiled"]) == (layers, layers)
-    assert (want["all_gather"][0], want["reduce_scatter"][0]) == (layers, layers)
-    assert cp["bytes_compiled"] == 4 * (want["all_gather"][1] + want["reduce_scatter"][1])
+    if core == "ring":
+        assert cp["permutes_compiled"] == want["collective_permute"][0] == 3 * 3 * layers
+        assert (cp["all_gathers_compiled"], cp["reduce_scatters_compiled"]) == (0, 0)
+        assert cp["bytes_compiled"] == 4 * want["collective_permute"][1]
+    else:
+        assert (cp["all_gathers_compiled"], cp["reduce_scatters_compiled"]) == (layers, layers)
+        assert (want["all_gather"][0], want["reduce_scatter"][0]) == (layers, layers)
+        assert cp["bytes_compiled"] == 4 * (want["all_gather"][1] + want["reduce_scatter"][1])
     compiled = plan["memory"]["compiled"]["temporaries"]
     analytic = plan["memory"]["analytic_as_compiled"]["temporaries"]
     assert abs(analytic - compiled) < 0.25 * compiled, (analytic, compiled)
@@ -307,7 +333,7 @@ def test_generation_refuses_a_context_mesh():
     [
         (dict(seq_len=36), "context=4", "not divisible by 2 x the context degree 4"),
         (dict(sequence_parallel=True, seq_len=36), "context=2,model=4", "context x model = 8"),
-        (dict(context_attention="ring"), "context=2", "ring attention is not available yet"),
+        (dict(context_attention="ring", dropout=0.1), "context=2", "ring has no attention drop"),
         (dict(attention="xla", dropout=0.0), "context=2", "set model.attention=einsum"),
     ],
 )

@@ -6,7 +6,8 @@ sequence parallelism also splits the residual stream's (layer norms, dropout mas
 column-parallel matmuls' inputs); selective recomputation keeps no (batch, heads, length,
 length) tensor; full recomputation keeps each layer's input only. Context parallelism (C =
 the context degree) splits every activation's length by C; attention's scores are then
-(length / C, length), and each layer keeps its gathered K/V, whole length at kv width.
+(length / C, length), and each layer keeps its gathered K/V, whole length at kv width; the
+ring core's scores are one block's, (length / C, length / C), and it keeps no gathered K/V.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ from megajax.config import LoRAConfig, ModelConfig
 
 def _core_bytes(m: ModelConfig, *, batch: int, model_degree: int, context_degree: int = 1) -> float:
     """Attention's core, (b, heads / T, s / C, s) tensors: float32 probabilities, and the
-    probabilities cast for the values matmul, or with dropout its mask and dropped ones."""
+    probabilities cast for the values matmul, or with dropout its mask and dropped ones. The
+    ring core (model.context_attention="ring") holds one key block's, (b, heads / T, s / C,
+    s / C), at a time."""
     e = jnp.dtype(m.compute_dtype).itemsize
-    scores = batch * (m.num_heads // model_degree) * m.seq_len // context_degree * m.seq_len
+    ring = context_degree > 1 and m.context_attention == "ring"
+    keys = m.seq_len // context_degree if ring else m.seq_len
+    scores = batch * (m.num_heads // model_degree) * m.seq_len // context_degree * keys
     return 4 * scores + (scores + e * scores if m.dropout > 0 else e * scores)
 
 
@@ -59,8 +64,14 @@ def layer_activation_bytes(
     else:
         total = 2 * 3 * 4 * n / r  # two layer norms
         total += e * n * (2 / r + 4 / t + 6 * mlp / t)
-        total += _core_bytes(m, batch=batch, model_degree=t, context_degree=c)
-    if c > 1:  # the gathered K/V, kept (selective recomputation too) for the backward pass
+        if c > 1 and m.context_attention == "ring":  # its custom VJP keeps the stacked K/V
+            # repeated to the query heads and two float32 numbers per query row and head
+            rows = batch * m.num_heads // t * m.seq_len // c
+            total += e * 2 * rows * m.head_dim + 8 * rows
+        else:
+            total += _core_bytes(m, batch=batch, model_degree=t, context_degree=c)
+    if c > 1 and m.context_attention == "allgather":  # the gathered K/V, kept (selective
+        # recomputation too) for the backward pass; the ring keeps its own block alone
         total += e * batch * m.seq_len * 2 * m.kv_slots(t) // t * m.head_dim
     if m.dropout > 0:
         total += 2 * n / r  # residual dropout masks

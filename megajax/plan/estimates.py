@@ -380,8 +380,15 @@ def expected_collectives(
     if context_degree > 1:
         kv = context_kv(cfg, data_degree=data_degree, model_degree=model_degree,
                         context_degree=context_degree, stages=stages)  # fmt: skip
-        found["context: K/V all-gathers (b, s, 2, kv, d)"] = kv["all_gather"]
-        found["context: K/V gradient reduce-scatters (b, s / C, 2, kv, d)"] = kv["reduce_scatter"]
+        if cfg.model.context_attention == "ring":
+            found["context: K/V block collective-permutes (2, b, s / C, heads, d)"] = kv[
+                "collective_permute"
+            ]
+        else:
+            found["context: K/V all-gathers (b, s, 2, kv, d)"] = kv["all_gather"]
+            found["context: K/V gradient reduce-scatters (b, s / C, 2, kv, d)"] = kv[
+                "reduce_scatter"
+            ]
     if expert_degree > 1:
         rows = moe_alltoall(cfg, data_degree=data_degree, expert_degree=expert_degree, itemsize=1)
         found["expert: all-to-alls of rows"] = (rows["count"], rows["bytes"])
@@ -396,11 +403,9 @@ def context_kv(
     "allgather": per layer run, one all-gather of the (b, s, 2, kv slots / T, head_dim) K/V
     forward (again when model.remat="full" recomputes the layer) and one reduce-scatter of
     its gradient backward; each moves (C - 1) / C of the gathered tensor through a device's
-    link. "ring" (computed, for comparison): C - 1 steps of (b, s / C, 2, kv, head_dim)
-    blocks forward, and backward the blocks again with their gradients, 2 (C - 1); its
-    core's contract takes K and V repeated to the query heads, so as specified its blocks are
-    heads / kv heads wider (`ring_repeated_bytes`). Bytes in the compute dtype (`itemsize`:
-    another)."""
+    link. "ring": C - 1 collective-permutes of (2, b, s / C, kv slots / T, head_dim) K/V blocks
+    forward, and backward the blocks again and their float32 dK/dV sums, 2 (C - 1). "bytes":
+    the configured core's. Bytes in the compute dtype (`itemsize`: another)."""
     m, tr = cfg.model, cfg.train
     c, t = context_degree, model_degree
     e = itemsize or jnp.dtype(m.compute_dtype).itemsize
@@ -414,13 +419,17 @@ def context_kv(
     gathers = runs * (2 if m.remat == "full" else 1)
     sent = (gathers + runs) * whole * (c - 1) / c * e
     block = whole // c
-    ring = 3 * runs * (c - 1) * block * e
+    # The ring's permutes: (C - 1) per layer run forward (again when recomputed), 2 (C - 1)
+    # backward (the blocks again, then their float32 dK/dV sums), (2, b, s / C, kv, head_dim).
+    permutes = (gathers + 2 * runs) * (c - 1)
+    ring = (gathers + runs) * (c - 1) * block * e + runs * (c - 1) * block * 4
     return {
         "all_gather": (gathers, gathers * whole),
         "reduce_scatter": (runs, runs * block),
+        "collective_permute": (permutes, permutes * block),
         "allgather_bytes": sent,
         "ring_bytes": ring,
-        "ring_repeated_bytes": ring * (m.num_heads // t) // slots,
+        "bytes": sent if m.context_attention == "allgather" else ring,
     }
 
 
@@ -513,7 +522,7 @@ def roofline(
         kv = context_kv(cfg, data_degree=data_degree * expert_degree, model_degree=model_degree,
                         context_degree=c, stages=stages)  # fmt: skip
         in_node = c * model_degree <= tgt.node_size
-        context_s = kv["allgather_bytes"] / (tgt.intra_node_bw if in_node else tgt.inter_node_bw)
+        context_s = kv["bytes"] / (tgt.intra_node_bw if in_node else tgt.inter_node_bw)
     alltoall = moe_alltoall(cfg, data_degree=data_degree, expert_degree=expert_degree)
     x = expert_degree
     link = tgt.intra_node_bw if x * model_degree <= tgt.node_size else tgt.inter_node_bw

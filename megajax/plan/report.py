@@ -95,13 +95,13 @@ def report(plan: dict) -> str:
             f"{cp['attention_flops']:.3e} FLOPs per step at the whole length",
             f"  K/V all-gathers over context: {cp['all_gathers_compiled']} compiled "
             f"(predicted {want['all_gather'][0]}), their reduce-scatters "
-            f"{cp['reduce_scatters_compiled']} (predicted {want['reduce_scatter'][0]}), "
-            f"{gb(cp['bytes_compiled'])} of results compiled",
-            f"  per device per step: all-gather {gb(cp['allgather_bytes'])} through its link "
-            f"({1e3 * cp['seconds']:.1f} ms on the target's "
-            f"{'intra' if cp['in_node'] else 'inter'}-node links); a ring would send "
-            f"{gb(cp['ring_bytes'])} at kv width ({gb(cp['ring_repeated_bytes'])} with K/V "
-            "repeated to the query heads)",
+            f"{cp['reduce_scatters_compiled']} (predicted {want['reduce_scatter'][0]}); "
+            f"K/V block collective-permutes {cp['permutes_compiled']} (a ring's: predicted "
+            f"{want['collective_permute'][0]}); {gb(cp['bytes_compiled'])} of results compiled",
+            f"  per device per step: all-gather {gb(cp['allgather_bytes'])} through its link, a "
+            f"ring {gb(cp['ring_bytes'])}; {cp['core']}: "
+            f"{1e3 * cp['seconds']:.1f} ms on the target's "
+            f"{'intra' if cp['in_node'] else 'inter'}-node links",
         ]
     pp = plan["pipeline"]
     if pp:
