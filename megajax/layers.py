@@ -11,9 +11,11 @@ each column-parallel one.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
+import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -37,11 +39,58 @@ def _ones(*axes: str | None):
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; `key=None` (evaluation) or rate 0 leaves x unchanged."""
+    """Inverted dropout; `key=None` (evaluation) or rate 0 leaves x unchanged. x leads with
+    the batch; in one batch shard's trace (parallel.per_batch_shard), x holds that shard's
+    rows and its bits are the whole batch's at those rows (rows_bernoulli)."""
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    shard = parallel.batch_shard()
+    if shard is not None:
+        first = jax.lax.axis_index(shard) * x.shape[0]
+        keep = rows_bernoulli(key, 1.0 - rate, x.shape, first)
+    else:
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def rows_bernoulli(key: jax.Array, p: float, shape: tuple[int, ...], first) -> jax.Array:
+    """Rows first .. first + shape[0] - 1 of jax.random.bernoulli(key, p, whole), `whole` being
+    `shape` with more rows, computed for these rows alone: partitionable threefry (JAX's
+    default) draws each element's bits from its row-major index in the whole array, so the
+    bits are threefry of (key, first * row size + the local index) as a 64-bit count. The same
+    work per element as the whole array's draw; tests/test_grad_reduce.py checks it equals
+    jax.random's."""
+    row = math.prod(shape[1:])
+    local = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(1, len(shape))):
+        local = local + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)
+        stride *= shape[d]
+    rows = jax.lax.broadcasted_iota(jnp.uint32, shape, 0) + jnp.asarray(first, jnp.uint32)
+    hi, lo = _mul_add_u64(rows, row, local)
+    data = jax.random.key_data(key)
+    bits1, bits2 = jax.extend.random.threefry2x32_p.bind(data[0], data[1], hi, lo)
+    # jax.random.uniform's float32 from 32 bits: 23 mantissa bits under exponent 0, minus 1.
+    one = jnp.uint32(np.float32(1.0).view(np.uint32))
+    mantissa = jax.lax.shift_right_logical(bits1 ^ bits2, jnp.uint32(9)) | one
+    uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - jnp.float32(1.0)
+    return jnp.maximum(jnp.float32(0.0), uniform) < jnp.float32(p)
+
+
+def _mul_add_u64(a: jax.Array, b: int, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The (high, low) uint32 words of a * b + c for uint32 arrays a, c and an int b < 2**32,
+    by 16-bit halves (JAX computes in 32 bits unless x64 is on)."""
+    half = jnp.uint32(0xFFFF)
+    a_lo, a_hi = a & half, jax.lax.shift_right_logical(a, jnp.uint32(16))
+    b_lo, b_hi = jnp.uint32(b & 0xFFFF), jnp.uint32(b >> 16)
+    hi, lo = a_hi * b_hi, a_lo * b_lo
+    for middle in (a_hi * b_lo, a_lo * b_hi, None):
+        add = c if middle is None else jax.lax.shift_left(middle, jnp.uint32(16))
+        if middle is not None:
+            hi = hi + jax.lax.shift_right_logical(middle, jnp.uint32(16))
+        total = lo + add
+        hi, lo = hi + (total < lo).astype(jnp.uint32), total
+    return hi, lo
 
 
 class LayerNorm(nnx.Module):
@@ -106,8 +155,14 @@ def _drop(x, keep, rate):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _gathered_matmul(x, kernels, keeps, dims, rate=0.0, whole=None):
+    """_summed_matmul with the batch axes in force where the forward pass is traced: its
+    backward pass, traced later, must sum the kernels' gradients over those."""
+    return _summed_matmul(x, kernels, keeps, dims, rate, whole, parallel.batch_axes())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _summed_matmul(x, kernels, keeps, dims, rate, whole, batch_axes):
     """Inside shard_map: x all-gathered over `model` along `dims`, times each of `kernels` (a
     LoRA adapter's A beside its layer's kernel shares the gather), each under dropout where
     `keeps` holds a mask for it. As Megatron-LM does, the backward pass gathers x again rather
@@ -122,11 +177,11 @@ def _gathered_matmul(x, kernels, keeps, dims, rate=0.0, whole=None):
     return tuple(_times(gathered, k, m, rate) for k, m in zip(kernels, keeps, strict=True))
 
 
-def _gathered_matmul_fwd(x, kernels, keeps, dims, rate, whole):
-    return _gathered_matmul(x, kernels, keeps, dims, rate, whole), (x, kernels, keeps)
+def _summed_matmul_fwd(x, kernels, keeps, dims, rate, whole, batch_axes):
+    return _summed_matmul(x, kernels, keeps, dims, rate, whole, batch_axes), (x, kernels, keeps)
 
 
-def _gathered_matmul_bwd(dims, rate, whole, saved, dys):
+def _summed_matmul_bwd(dims, rate, whole, batch_axes, saved, dys):
     x, kernels, keeps = saved
     gathered = parallel.gather_over_model(x, dims)
     batch_dims = tuple(range(gathered.ndim - 1))
@@ -137,7 +192,7 @@ def _gathered_matmul_bwd(dims, rate, whole, saved, dys):
         # A kernel the same on every `data` shard (and an adapter's A, the same on every
         # `model` shard too) has the sum of theirs as its gradient, in float32. A frozen
         # kernel's gradient is never used, and XLA drops it.
-        axes = parallel.batch_axes() + ((parallel.MODEL,) if whole and whole[i] else ())
+        axes = batch_axes + ((parallel.MODEL,) if whole and whole[i] else ())
         dkernels.append(jax.lax.psum(dkernel.astype(jnp.float32), axes).astype(kernel.dtype))
         term = jnp.einsum("...o,io->...i", dy, kernel)
         dx = dx + (term if keep is None else _drop(term, keep, rate))
@@ -147,7 +202,7 @@ def _gathered_matmul_bwd(dims, rate, whole, saved, dys):
     return dx, tuple(dkernels), no_gradient
 
 
-_gathered_matmul.defvjp(_gathered_matmul_fwd, _gathered_matmul_bwd)
+_summed_matmul.defvjp(_summed_matmul_fwd, _summed_matmul_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
