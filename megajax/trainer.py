@@ -244,7 +244,7 @@ class Trainer(ShardedModel):
         summed once per parameter in optim.grad_reduce_dtype: one all-reduce, or with
         optim.distributed one reduce-scatter onto the master shards (psum_scatter in a
         shard_map, a true reduce-scatter). Dropout draws each row the bits the automatic path
-        draws (layers.rows_bernoulli). Gradients of weights replicated over `model` (norms,
+        draws (dropout.rows_bernoulli). Gradients of weights replicated over `model` (norms,
         the kv weight split by rows) are still summed over `model` where the partitioner
         places that sum, inside the loop."""
         axes = parallel.batch_axes()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import device_mesh, llama_config, real_batch, tiny_config
 
-from megajax import config, hlo, layers
+from megajax import config, dropout, hlo
 from megajax.config import ConfigError
 from megajax.trainer import Trainer
 
@@ -179,7 +179,7 @@ def test_losses_gradients_and_params_equal_the_default_path(trained, kind, distr
 def test_a_shards_dropout_bits_are_the_whole_batchs_rows(first):
     key = jax.random.fold_in(jax.random.key(3), 7)
     whole = jax.random.bernoulli(key, 0.9, (8, 3, 5, 7))
-    rows = layers.rows_bernoulli(key, 0.9, (2, 3, 5, 7), first)
+    rows = dropout.rows_bernoulli(key, 0.9, (2, 3, 5, 7), first)
     np.testing.assert_array_equal(rows, whole[first : first + 2])
 
 
@@ -187,7 +187,7 @@ def test_sixty_four_bit_counts_past_two_to_the_32():
     a = np.array([0, 1, 2**32 - 1, 123456789, 4_000_000_000], np.uint32)
     c = np.array([5, 2**32 - 1, 7, 0, 99], np.uint32)
     b = 2**32 - 5
-    hi, lo = layers._mul_add_u64(jax.numpy.asarray(a), b, jax.numpy.asarray(c))
+    hi, lo = dropout._mul_add_u64(jax.numpy.asarray(a), b, jax.numpy.asarray(c))
     got = [(int(h) << 32) + int(w) for h, w in zip(np.asarray(hi), np.asarray(lo), strict=True)]
     assert got == [int(x) * b + int(y) for x, y in zip(a, c, strict=True)]
 
