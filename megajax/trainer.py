@@ -160,9 +160,10 @@ class Trainer(ShardedModel):
         With the distributed optimizer the weights are gathered once, before the micro-batch
         loop, and each micro-batch's gradients are reduce-scattered onto the master shards and
         accumulated there in float32. With optim.grad_reduce="step" each device accumulates
-        its own rows' gradients and they are summed once, after the loop (_reduced_once). With float16 the gradients are of the scaled loss,
-        divided by the scale here. The step skips its update when they are not finite; a
-        subclass may override this method to inject such a fault at a chosen step.
+        its own rows' gradients and they are summed once, after the loop (_reduced_once).
+        With float16 the gradients are of the scaled loss, divided by the scale here. The step
+        skips its update when they are not finite; a subclass may override this method to
+        inject such a fault at a chosen step.
         """
         params, frozen = self.split(self.compute_params(state["params"]))
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state["step"])
