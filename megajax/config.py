@@ -66,6 +66,8 @@ MOE_ROUTERS = ("topk_softmax", "softmax_topk")
 FORMATS = ("text", "chat")
 ROPE_SCALINGS = ("none", "llama3", "yarn")
 CONTEXT_ATTENTIONS = ("allgather", "ring")
+GRAD_REDUCES = ("micro_batch", "step")
+GRAD_REDUCE_DTYPES = ("float32", "compute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,6 +434,15 @@ class OptimConfig:
     # Megatron-LM's distributed optimizer (ZeRO stage 1): float32 master weights and Adam
     # moments split over `data`, gradients reduce-scattered, weights gathered once per step.
     distributed: bool = False
+    # When the gradients are summed over the batch axes (`data`, `expert`): "micro_batch", as
+    # each micro-batch's backward pass makes them; or "step", once per step after the
+    # micro-batch loop (reduce-scattered onto the master shards with `distributed`), each
+    # device accumulating its own rows' gradients in float32 until then. "step" covers
+    # decoders (arch=gpt) without experts, LoRA, packed documents or pipeline stages.
+    grad_reduce: str = "micro_batch"
+    # The dtype of that sum under grad_reduce="step" (Megatron-LM's two behaviours):
+    # "float32" (its --accumulate-allreduce-grads-in-fp32) or "compute" (model.compute_dtype).
+    grad_reduce_dtype: str = "float32"
     # Dynamic loss scaling, used when model.compute_dtype is float16 (Megatron-LM's defaults):
     # the scale doubles after loss_scale_window clean steps and halves once `hysteresis`
     # overflowing steps have been seen, never below min_loss_scale.
@@ -450,6 +461,14 @@ class OptimConfig:
 
     def __post_init__(self):
         check_ranges("optim", self)
+        for name, allowed in (
+            ("grad_reduce", GRAD_REDUCES),
+            ("grad_reduce_dtype", GRAD_REDUCE_DTYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"optim.{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}"
+                )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
-from jax.extend.random import threefry2x32_p
 
 from megajax import parallel
 from megajax.config import ConfigError
+from megajax.dropout import bernoulli_at
 from megajax.ring_attention import ring_attention
 
 CORES = ("allgather", "ring")
@@ -188,33 +188,6 @@ def keep_mask(key, rate: float, q_pos, k_pos, *, heads: int, axis: str):
     return bernoulli_at(key, 1.0 - rate, shape, index)
 
 
-def bernoulli_at(key, p: float, shape, index):
-    """The elements at `index` (one integer array per dimension, broadcast together) of
-    jax.random.bernoulli(key, p, shape), bit for bit: JAX's partitionable Threefry (on by
-    default) hashes each element's row-major index in `shape`, and jax.random.uniform turns 23
-    of the bits into a float in [0, 1). So a reordered sequence (the causal load balance) or a
-    shard's piece of a larger matrix draws the unsplit run's bits."""
-    hi, lo = flat_index(shape, index)
-    data = jax.random.key_data(key)
-    bits1, bits2 = threefry2x32_p.bind(data[0], data[1], hi, lo)
-    bits = bits1 ^ bits2
-    one = np.array(1.0, np.float32).view(np.uint32)  # exponent 0: [1, 2), minus 1
-    uniform = jax.lax.bitcast_convert_type((bits >> 9) | one, jnp.float32) - 1.0
-    return uniform < jnp.float32(p)
-
-
-def flat_index(shape, index):
-    """(high, low) 32-bit halves of the row-major index in `shape` of the elements at `index`
-    (one integer array per dimension), computed in 64 bits held as four 16-bit limbs: x64 is
-    off, and a long context's s^2 passes 2^32."""
-    flat = None
-    for size, at in zip(shape, index, strict=True):
-        limbs = _limbs(jnp.asarray(at).astype(jnp.uint32))
-        flat = limbs if flat is None else _plus(_times(flat, size), limbs)
-    lo, hi = flat[0] | (flat[1] << 16), flat[2] | (flat[3] << 16)
-    return tuple(jnp.broadcast_arrays(hi, lo))
-
-
 def _axis_index(axes):
     if axes is None:
         return 0
@@ -226,39 +199,6 @@ def _axis_size(axes):
         return 1
     names = (axes,) if isinstance(axes, str) else axes
     return int(np.prod([jax.lax.axis_size(a) for a in names]))
-
-
-# A 64-bit unsigned integer as four uint32 arrays of 16 bits each, lowest first: XLA has no
-# 64-bit integers here (x64 is off), and products of 16-bit limbs fit 32 bits.
-
-
-def _limbs(x):
-    zero = jnp.zeros_like(x)
-    return [x & 0xFFFF, x >> 16, zero, zero]
-
-
-def _times(limbs, m: int):
-    """limbs * m for a static m < 2^32 (mod 2^64)."""
-    low, high = m & 0xFFFF, m >> 16
-    return _plus(_times16(limbs, low), [jnp.zeros_like(limbs[0])] + _times16(limbs, high)[:3])
-
-
-def _times16(limbs, m: int):
-    out, carry = [], 0
-    for limb in limbs:
-        t = limb * jnp.uint32(m) + carry
-        out.append(t & 0xFFFF)
-        carry = t >> 16
-    return out
-
-
-def _plus(a, b):
-    out, carry = [], 0
-    for x, y in zip(a, b, strict=True):  # broadcasting: a and b may differ in shape
-        t = x + y + carry
-        out.append(t & 0xFFFF)
-        carry = t >> 16
-    return out
 
 
 @functools.lru_cache

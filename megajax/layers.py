@@ -20,6 +20,7 @@ from flax import nnx
 
 from megajax import context_attention, parallel
 from megajax.config import ConfigError
+from megajax.dropout import dropout, kept
 from megajax.parallel import constrain
 from megajax.rope import rope
 
@@ -34,23 +35,6 @@ def _zeros(*axes: str | None):
 
 def _ones(*axes: str | None):
     return nnx.with_partitioning(nnx.initializers.ones_init(), axes)
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array | None, order=None) -> jax.Array:
-    """Inverted dropout; `key=None` (evaluation) or rate 0 leaves x unchanged. x (batch,
-    length, ...) whose sequence is reordered (`order` (batch, length): each slot's original
-    position) drops what it would drop in the original order."""
-    if key is None or rate == 0.0:
-        return x
-    if order is None:
-        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    else:
-        index = [
-            jnp.arange(n).reshape((-1,) + (1,) * (x.ndim - 1 - i)) for i, n in enumerate(x.shape)
-        ]
-        index[1] = order.reshape(order.shape + (1,) * (x.ndim - 2))
-        keep = context_attention.bernoulli_at(key, 1.0 - rate, x.shape, index)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -115,8 +99,14 @@ def _drop(x, keep, rate):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _gathered_matmul(x, kernels, keeps, dims, rate=0.0, whole=None):
+    """_summed_matmul with the batch axes in force where the forward pass is traced: its
+    backward pass, traced later, must sum the kernels' gradients over those."""
+    return _summed_matmul(x, kernels, keeps, dims, rate, whole, parallel.gradient_axes())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _summed_matmul(x, kernels, keeps, dims, rate, whole, batch_axes):
     """Inside shard_map: x all-gathered over `model` along `dims`, times each of `kernels` (a
     LoRA adapter's A beside its layer's kernel shares the gather), each under dropout where
     `keeps` holds a mask for it. As Megatron-LM does, the backward pass gathers x again rather
@@ -131,11 +121,11 @@ def _gathered_matmul(x, kernels, keeps, dims, rate=0.0, whole=None):
     return tuple(_times(gathered, k, m, rate) for k, m in zip(kernels, keeps, strict=True))
 
 
-def _gathered_matmul_fwd(x, kernels, keeps, dims, rate, whole):
-    return _gathered_matmul(x, kernels, keeps, dims, rate, whole), (x, kernels, keeps)
+def _summed_matmul_fwd(x, kernels, keeps, dims, rate, whole, batch_axes):
+    return _summed_matmul(x, kernels, keeps, dims, rate, whole, batch_axes), (x, kernels, keeps)
 
 
-def _gathered_matmul_bwd(dims, rate, whole, saved, dys):
+def _summed_matmul_bwd(dims, rate, whole, batch_axes, saved, dys):
     x, kernels, keeps = saved
     gathered = parallel.gather_over_model(x, dims)
     batch_dims = tuple(range(gathered.ndim - 1))
@@ -146,7 +136,7 @@ def _gathered_matmul_bwd(dims, rate, whole, saved, dys):
         # A kernel the same on every `data` shard (and an adapter's A, the same on every
         # `model` shard too) has the sum of theirs as its gradient, in float32. A frozen
         # kernel's gradient is never used, and XLA drops it.
-        axes = parallel.gradient_axes() + ((parallel.MODEL,) if whole and whole[i] else ())
+        axes = batch_axes + ((parallel.MODEL,) if whole and whole[i] else ())
         dkernels.append(jax.lax.psum(dkernel.astype(jnp.float32), axes).astype(kernel.dtype))
         term = jnp.einsum("...o,io->...i", dy, kernel)
         dx = dx + (term if keep is None else _drop(term, keep, rate))
@@ -156,7 +146,7 @@ def _gathered_matmul_bwd(dims, rate, whole, saved, dys):
     return dx, tuple(dkernels), no_gradient
 
 
-_gathered_matmul.defvjp(_gathered_matmul_fwd, _gathered_matmul_bwd)
+_summed_matmul.defvjp(_summed_matmul_fwd, _summed_matmul_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -564,7 +554,7 @@ class Attention(nnx.Module):
         keep = None
         if key is not None and rate > 0:
             scores = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # (batch, heads, q, k)
-            keep = jax.random.bernoulli(key, 1.0 - rate, scores)
+            keep = kept(key, rate, scores)
         return context_attention.softmax_attention(q, k, v, mask, keep=keep, rate=rate)
 
 

@@ -64,7 +64,7 @@ class Adapter(nnx.Module):
 
     def keep_mask(self, shape, key):
         """Where the adapter's dropout (PEFT's lora_dropout) keeps its input, the bits
-        layers.dropout draws; None without dropout (rate 0, or key None)."""
+        dropout.dropout draws; None without dropout (rate 0, or key None)."""
         if key is None or self.rate == 0.0:
             return None
         return jax.random.bernoulli(key, 1.0 - self.rate, shape)

@@ -32,7 +32,10 @@ Changing the plan is a change to the table alone.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
+from flax import nnx
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
@@ -98,9 +101,35 @@ def model_degree() -> int:
 
 def batch_axes() -> tuple[str, ...]:
     """The mesh axes that split the batch: those a replicated weight's gradient is summed
-    over."""
+    over (none inside `batch_manual`, where each device keeps its own rows' gradients)."""
     axes = _active()["batch"]
-    return axes if isinstance(axes, tuple) else (axes,)
+    return axes if isinstance(axes, tuple) else tuple(a for a in (axes,) if a is not None)
+
+
+# The vmap axis over the batch shards while per_batch_shard is in force (innermost last).
+_shard_axis: list[str] = []
+
+
+@contextlib.contextmanager
+def per_batch_shard(axis_name: str):
+    """Trace model code inside this block as one batch shard's: the body of a jax.vmap over
+    the batch shards (axis `axis_name`, laid out over the batch axes by spmd_axis_name). The
+    table's `batch` row is None, since each call holds only its shard's rows, so that the
+    layers' own shard_maps over `model` leave the batch alone and sum no gradient over it;
+    `dropout.dropout` draws each row the bits the whole batch would give it (batch_shard)."""
+    table = tuple((name, None if name == "batch" else axis) for name, axis in _active().items())
+    _shard_axis.append(axis_name)
+    try:
+        with nnx.logical_axis_rules(table):
+            yield
+    finally:
+        _shard_axis.pop()
+
+
+def batch_shard() -> str | None:
+    """The vmap axis over the batch shards of the code being traced (per_batch_shard), or
+    None."""
+    return _shard_axis[-1] if _shard_axis else None
 
 
 def length_axes() -> tuple[str, ...]:

@@ -61,7 +61,7 @@ def ring_attention(
     positions <= its own); q_seg, k_seg (batch, len): packed-document ids (a query attends
     keys of its own document, ids > 0); k_valid (batch, k_len): key padding. dropout_rate > 0
     with a key raises ValueError (no attention dropout); without a key (evaluation) it means
-    no dropout, as layers.dropout.
+    no dropout, as megajax.dropout does.
     Returns (batch, q_len, heads, head_dim) in q.dtype.
     """
     if dropout_rate > 0 and key is not None:

@@ -3,6 +3,7 @@ top of the model's graph and layout (sharded_model.py)."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -13,8 +14,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from megajax import lora, loss_scale, optim, parallel
-from megajax.config import Config
+from megajax.config import Config, ConfigError
 from megajax.sharded_model import ShardedModel, process_rows
+
+_SHARDS = "batch_shard"  # the vmap axis over the batch shards (optim.grad_reduce="step")
 
 
 class Trainer(ShardedModel):
@@ -33,6 +36,8 @@ class Trainer(ShardedModel):
 
     def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
         super().__init__(cfg, mesh)
+        if cfg.optim.grad_reduce == "step":
+            _check_reduce_once(cfg, self.schedule)
         self.tx = optim.make(cfg.optim)
         self.lr = optim.schedule(cfg.optim)
         train_specs, frozen_specs = self.split(self.compute_specs)
@@ -154,9 +159,11 @@ class Trainer(ShardedModel):
 
         With the distributed optimizer the weights are gathered once, before the micro-batch
         loop, and each micro-batch's gradients are reduce-scattered onto the master shards and
-        accumulated there in float32. With float16 the gradients are of the scaled loss,
-        divided by the scale here. The step skips its update when they are not finite; a
-        subclass may override this method to inject such a fault at a chosen step.
+        accumulated there in float32. With optim.grad_reduce="step" each device accumulates
+        its own rows' gradients and they are summed once, after the loop (_reduced_once).
+        With float16 the gradients are of the scaled loss, divided by the scale here. The step
+        skips its update when they are not finite; a subclass may override this method to
+        inject such a fault at a chosen step.
         """
         params, frozen = self.split(self.compute_params(state["params"]))
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state["step"])
@@ -193,7 +200,9 @@ class Trainer(ShardedModel):
             return (sums, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         first = jax.tree.map(lambda x: x[0], batch)
-        if self.schedule is not None:
+        if self.cfg.optim.grad_reduce == "step":
+            sums, grad_sum = self._reduced_once(params, batch, key, shares, scale)
+        elif self.schedule is not None:
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(micro))
             (_, sums), grad_sum = jax.value_and_grad(self._pipelined, has_aux=True)(
                 params, batch, keys, objective, shares
@@ -222,6 +231,114 @@ class Trainer(ShardedModel):
         if "weights" in batch:
             means["scored_tokens"] = counts.sum()
         return means, grads
+
+    def _reduced_once(self, params, batch, key, shares, scale):
+        """(sums of the metrics, sums of the gradients) over the micro-batches, the gradients
+        summed over the batch axes once, after the loop (optim.grad_reduce="step").
+
+        Each parameter is broadcast to a leading axis of one copy per batch shard, laid out
+        over the batch axes (parallel.batch_axes()): each device holds the copy of its own
+        shard, as it held the parameter, with no communication. The loss is a jax.vmap over
+        the shards (spmd_axis_name: the batch axes) of one shard's loss on its rows
+        (parallel.per_batch_shard), averaged; so the gradient of each copy is its shard's
+        share of the step's gradient, left on its devices: autodiff has nothing to sum over
+        the batch axes. The shares are accumulated in float32 over the micro-batches, then
+        summed once per parameter in optim.grad_reduce_dtype: one all-reduce, or with
+        optim.distributed one reduce-scatter onto the master shards (psum_scatter in a
+        shard_map, a true reduce-scatter). Dropout draws each row the bits the automatic path
+        draws (dropout.rows_bernoulli). Gradients of weights replicated over `model` (norms,
+        the kv weight split by rows) are still summed over `model` where the partitioner
+        places that sum, inside the loop."""
+        axes = parallel.batch_axes()
+        shards = math.prod(self.mesh.shape[a] for a in axes)
+        micro = self.micro_shape[0]
+        reduce_dtype = (
+            jnp.float32
+            if self.cfg.optim.grad_reduce_dtype == "float32"
+            else jnp.dtype(self.cfg.model.compute_dtype)
+        )
+        compute = self.split(self.compute_sharding)[0]
+        masters = jax.tree.map(lambda s: s.spec, self.train_sharding)
+
+        def per_shard(spec):  # a (shards, ...) array, its copies on their batch shards
+            return lambda x: jax.lax.with_sharding_constraint(x, P(axes, *spec))
+
+        def to_shards(x, sharding):
+            return per_shard(sharding.spec)(jnp.broadcast_to(x, (shards, *x.shape)))
+
+        copies = jax.tree.map(to_shards, params, compute)
+        # (micro, batch, ...) -> (micro, shards, batch / shards, ...): row blocks as laid out.
+        rows = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                x.reshape(micro, shards, -1, *x.shape[2:]), P(None, axes)
+            ),
+            batch,
+        )
+
+        def shard_loss(p, micro_batch, k):
+            with parallel.per_batch_shard(_SHARDS):
+                return self.loss(p, micro_batch, k)
+
+        def objective(copies, micro_batch, k, share):
+            values, metrics = jax.vmap(
+                shard_loss, in_axes=(0, 0, None), axis_name=_SHARDS, spmd_axis_name=axes
+            )(copies, micro_batch, k)
+            # Equal shards of rows: the batch's mean is the mean of the shards' means. The
+            # metrics stay per shard until after the loop, so that no micro-batch sums them
+            # over the batch axes (the loss's own value is not used: XLA drops its sum).
+            weighted = values * share
+            loss = weighted.mean() if scale is None else weighted.mean() * scale
+            return loss, {"loss": weighted, **metrics}
+
+        def step(carry, xs):
+            sums, grad_sum = carry
+            i, micro_batch = xs
+            (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+                copies, micro_batch, jax.random.fold_in(key, i), shares[i]
+            )
+            sums = jax.tree.map(jnp.add, sums, metrics)
+            grad_sum = jax.tree.map(
+                lambda a, g, c: per_shard(c.spec)(a + g.astype(jnp.float32)),
+                grad_sum,
+                grads,
+                compute,
+            )
+            return (sums, grad_sum), None
+
+        first = jax.tree.map(lambda x: x[0], rows)
+        _, shapes = jax.eval_shape(objective, copies, first, key, shares[0])
+        zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        zeros = jax.tree.map(
+            lambda c, sh: per_shard(sh.spec)(jnp.zeros(c.shape, jnp.float32)), copies, compute
+        )
+        (sums, grad_sum), _ = jax.lax.scan(step, (zero_sums, zeros), (jnp.arange(micro), rows))
+        sums = jax.tree.map(lambda v: v.mean(0), sums)
+
+        def reduce(g, master):
+            # g: this device's (1, ...) share of its gradient block. The dimension that the
+            # master shard splits over (some of) the batch axes takes a reduce-scatter over
+            # those, the others a sum; a parameter the master leaves whole over them, an
+            # all-reduce.
+            g = g[0].astype(reduce_dtype)
+            spec = tuple(master) + (None,) * (g.ndim - len(master))
+            split = [i for i, a in enumerate(spec) if _mesh_axes(a) & set(axes)]
+            over = tuple(a for a in axes if split and a in _mesh_axes(spec[split[0]]))
+            rest = tuple(a for a in axes if a not in over)
+            if over:
+                g = jax.lax.psum_scatter(g, over, scatter_dimension=split[0], tiled=True)
+            if rest:
+                g = jax.lax.psum(g, rest)
+            return g.astype(jnp.float32)
+
+        # Manual over every axis (the blocks as laid out, nothing moves but the sums): a
+        # shard_map manual over the batch axes alone would also do, but XLA:CPU (jax 0.10)
+        # aborts compiling its 16-bit sums.
+        grads = jax.shard_map(
+            lambda grads: jax.tree.map(reduce, grads, masters),
+            in_specs=(jax.tree.map(lambda c: P(axes, *c.spec), compute),),
+            out_specs=masters,
+        )(grad_sum)
+        return sums, grads
 
     @staticmethod
     def _to_master(x, sharding):
@@ -307,3 +424,28 @@ class Trainer(ShardedModel):
 
 def _is_spec(x) -> bool:
     return isinstance(x, P)
+
+
+def _mesh_axes(entry) -> set[str]:
+    """The mesh axes a PartitionSpec entry names (None, an axis, or a tuple of them)."""
+    if entry is None:
+        return set()
+    return set(entry) if isinstance(entry, tuple) else {entry}
+
+
+def _check_reduce_once(cfg: Config, schedule) -> None:
+    """Refuse what optim.grad_reduce="step" does not cover yet, saying what to change."""
+    m = cfg.model
+    refused = [
+        (schedule is not None, "pipeline stages (a pipeline degree above 1)"),
+        (m.arch != "gpt", f"model.arch={m.arch} (its masked means are per device)"),
+        (m.moe, "Mixture-of-Experts layers (model.moe_experts)"),
+        (cfg.lora.rank > 0, "LoRA (lora.rank)"),
+        (cfg.data.documents, "packed documents or conversations (token-weighted means)"),
+    ]
+    for hit, what in refused:
+        if hit:
+            raise ConfigError(
+                f'optim.grad_reduce="step" does not cover {what} yet: use '
+                'optim.grad_reduce="micro_batch"'
+            )

@@ -3,7 +3,7 @@ run's losses and gradients, moves K and V by one all-gather per layer (and its r
 backward), and never holds a full-length activation.
 
 Each case trains its model for STEPS steps with dropout on (residual and attention: both
-exact, context_attention.bernoulli_at) on one device and on a context mesh. The first step's
+exact, dropout.bernoulli_at) on one device and on a context mesh. The first step's
 gradients are read from Adam's first moment (tests/test_parallel_equivalence.py). The length,
 48, is no other size of these models, so that the audit can tell a full-length buffer by its
 shape. CORES lists the attention cores under test: a new core is one more entry.
@@ -18,7 +18,7 @@ import optax
 import pytest
 from conftest import bert_batch, bert_config, llama_config, real_batch, tiny_config
 
-from megajax import config, context_attention, hlo, mesh
+from megajax import config, context_attention, dropout, hlo, mesh
 from megajax.config import ConfigError
 from megajax.sharded_model import ShardedModel
 from megajax.trainer import Trainer
@@ -286,10 +286,10 @@ def test_dropout_bits_at_an_index_are_jax_bernoullis():
     shape = (2, 3, 8, 8)
     whole = np.asarray(jax.random.bernoulli(key, 0.9, shape))
     index = np.indices(shape)
-    assert np.array_equal(np.asarray(context_attention.bernoulli_at(key, 0.9, shape, index)), whole)
+    assert np.array_equal(np.asarray(dropout.bernoulli_at(key, 0.9, shape, index)), whole)
     # a reordered piece: rows 5, 1 of the third dimension, every other column
     rows, cols = np.array([5, 1]), np.arange(0, 8, 2)
-    piece = context_attention.bernoulli_at(
+    piece = dropout.bernoulli_at(
         key, 0.9, shape, (np.arange(2)[:, None, None, None], np.arange(3)[None, :, None, None],
                           rows[None, None, :, None], cols[None, None, None, :])
     )  # fmt: skip
@@ -299,7 +299,7 @@ def test_dropout_bits_at_an_index_are_jax_bernoullis():
 def test_flat_index_is_exact_past_32_bits():
     shape = (4, 32, 131072, 131072)  # a long context's score matrix: 2^41 elements
     at = [np.array([3, 1]), np.array([31, 0]), np.array([131071, 5]), np.array([131070, 9])]
-    hi, lo = context_attention.flat_index(shape, at)
+    hi, lo = dropout.flat_index(shape, at)
     got = (np.asarray(hi).astype(np.uint64) << np.uint64(32)) | np.asarray(lo).astype(np.uint64)
     want = [int(np.ravel_multi_index(tuple(int(a[i]) for a in at), shape)) for i in range(2)]
     assert got.tolist() == want

@@ -1,0 +1,199 @@
+"""optim.grad_reduce="step": every gradient is summed over the batch axes once per step, after
+the micro-batch loop, in float32 by default; with the distributed optimizer as a true
+reduce-scatter onto the master shards. The losses, gradients and parameters are those of the
+default path, which sums each micro-batch's gradients as its backward pass makes them.
+
+Read from the compiled HLO of a 2 x 4 (data x model) mesh: a GPT-2 with sequence parallelism
+and a Llama whose kv weight is split by rows (2 key/value heads on 4 model shards)."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from conftest import device_mesh, llama_config, real_batch, tiny_config
+
+from megajax import config, dropout, hlo, parallel
+from megajax.config import ConfigError
+from megajax.trainer import Trainer
+
+DATA, MODEL = 2, 4
+STEPS = 3
+MODELS = {
+    "gpt-sp": lambda: tiny_config(dropout=0.1, sequence_parallel=True),
+    "llama-kv-rows": lambda: llama_config(dropout=0.1),
+}
+
+
+def _cfg(kind, *, reduce, micro=4, distributed=False, **model):
+    cfg = MODELS[kind]()
+    return config.replace(
+        cfg,
+        model=model,
+        # two rows per data shard and micro-batch at most: 16 rows for 8 micro-batches
+        train=dict(micro_batches=micro, batch_size=max(8, 2 * DATA * micro)),
+        optim=dict(grad_reduce=reduce, distributed=distributed),
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """(kind, reduce, micro, distributed, model overrides) -> (trainer, compiled step)."""
+    cache = {}
+
+    def get(kind, reduce, micro=4, distributed=False, **model):
+        key = (kind, reduce, micro, distributed, tuple(sorted(model.items())))
+        if key not in cache:
+            cfg = _cfg(kind, reduce=reduce, micro=micro, distributed=distributed, **model)
+            trainer = Trainer(cfg, device_mesh(DATA, MODEL))
+            cache[key] = trainer, trainer.compile_train_step()[0]
+        return cache[key]
+
+    return get
+
+
+def _batch_reductions(trainer, step):
+    """(kind, elements per run, bytes per element, runs) of each all-reduce and
+    reduce-scatter over `data` in a compiled step (or HLO text): the gradients' sums (and,
+    with the distributed optimizer, the gradient norm's scalar pieces)."""
+    text = step if isinstance(step, str) else step.as_text()
+    return [
+        (c.kind, c.elements, c.bytes // max(c.elements, 1), c.runs)
+        for c in hlo.collectives(text, dict(trainer.mesh.shape))
+        if "data" in c.axes and c.kind in ("all-reduce", "reduce-scatter")
+    ]
+
+
+def _parameter_elements(trainer):
+    """Elements of every parameter as one device computes with it (split over `model`)."""
+    params = trainer.abstract_state()["params"]
+    return sum(
+        math.prod(s.shard_shape(p.shape))
+        for p, s in zip(
+            jax.tree.leaves(params), jax.tree.leaves(trainer.compute_sharding), strict=True
+        )
+    )
+
+
+def _counts(found):
+    return sum(runs for *_, runs in found), sum(n * runs for _, n, _, runs in found)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_gradients_summed_over_data_once_per_step_whatever_the_micro_batches(compiled, kind):
+    """(collectives run, elements summed) over `data` per step: the same at 1 and 8
+    micro-batches, every parameter's gradient summed exactly once; the default path runs its
+    sums once per micro-batch."""
+    counts = {}
+    for reduce in ("micro_batch", "step"):
+        for micro in (1, 8):
+            trainer, step = compiled(kind, reduce, micro)
+            counts[reduce, micro] = _counts(_batch_reductions(trainer, step))
+    elements = _parameter_elements(trainer)
+    assert counts["step", 1] == counts["step", 8], counts
+    # Each parameter's gradient once, plus the step's loss (a scalar that XLA combines in).
+    assert elements <= counts["step", 8][1] <= elements + 2, (counts, elements)
+    assert counts["micro_batch", 8][0] > counts["micro_batch", 1][0], counts
+    assert counts["micro_batch", 8][1] >= 8 * elements, (counts, elements)
+
+
+def test_distributed_optimizer_reduce_scatters_each_gradient_once(compiled):
+    """Under sequence parallelism and the distributed optimizer, each split parameter's
+    gradient is one true reduce-scatter over `data` after the loop, onto its master shard;
+    the parameters left whole over `data` share one all-reduce. The default path all-reduces
+    each micro-batch's gradients whole and slices them (no reduce-scatter at all)."""
+    trainer, step = compiled("gpt-sp", "step", 4, True)
+    found = _batch_reductions(trainer, step)
+    scatters = [f for f in found if f[0] == "reduce-scatter"]
+    split = [
+        leaf
+        for leaf in jax.tree.leaves(trainer.state_sharding["params"])
+        if "data" in jax.tree.leaves(tuple(leaf.spec))
+    ]
+    assert len(scatters) == len(split) and all(runs == 1 for *_, runs in scatters), found
+    assert all(runs == 1 for *_, runs in found), found
+    old_trainer, old_step = compiled("gpt-sp", "micro_batch", 4, True)
+    old = _batch_reductions(old_trainer, old_step)
+    assert not [f for f in old if f[0] == "reduce-scatter"]
+    assert max(runs for *_, runs in old) >= 4  # inside the loop (and the layer scan)
+
+
+@pytest.mark.parametrize("switch,itemsize", [("float32", 4), ("compute", 2)])
+def test_bfloat16_gradients_summed_in_float32_unless_told(switch, itemsize):
+    """Read from the program as lowered, before XLA optimizes it: XLA:CPU itself promotes
+    every 16-bit all-reduce to float32 (its AllReducePromotion pass), so on CPU the optimized
+    program sums in float32 either way; a GPU's sums keep the dtype lowered here."""
+    cfg = _cfg("gpt-sp", reduce="step", micro=2, compute_dtype="bfloat16")
+    cfg = config.replace(cfg, optim=dict(grad_reduce_dtype=switch))
+    trainer = Trainer(cfg, device_mesh(DATA, MODEL))
+    with trainer.context():
+        lowered = jax.jit(trainer._train_step).lower(
+            trainer.abstract_state(), trainer.abstract_batch(micro=True)
+        )
+    found = _batch_reductions(trainer, lowered.as_text(dialect="hlo"))
+    assert sorted(kind for kind, *_ in found) == ["all-reduce"] * len(found)
+    elements = _parameter_elements(trainer)
+    assert _counts(found)[1] == elements, found
+    assert {size for *_, size, _ in found} == {itemsize}, found
+
+
+@pytest.fixture(scope="module")
+def trained(compiled, shakespeare_tokens):
+    """(kind, reduce, distributed) -> (losses and gradient norms per step, final params)."""
+    cache = {}
+
+    def get(kind, reduce, distributed):
+        key = (kind, reduce, distributed)
+        if key not in cache:
+            trainer, step = compiled(kind, reduce, 4, distributed)
+            m = trainer.cfg.model
+            state, metrics = trainer.init_state(), []
+            for i in range(STEPS):
+                rows = trainer.cfg.train.batch_size
+                shape = dict(batch_size=rows, seq_len=m.seq_len, vocab_size=m.vocab_size)
+                x, y = real_batch(shakespeare_tokens, step=i, **shape)
+                state, out = step(state, trainer.put_batch({"inputs": x, "targets": y}))
+                metrics.append([float(out["loss"]), float(out["grad_norm"])])
+            cache[key] = np.array(metrics), jax.device_get(state["params"])
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["replicated", "distributed"])
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_losses_gradients_and_params_equal_the_default_path(trained, kind, distributed):
+    """Dropout on, 4 micro-batches, 3 steps: the loss and gradient norm of every step and the
+    parameters after the last (which the clipped gradients of all three moved) match."""
+    ref_metrics, ref_params = trained(kind, "micro_batch", False)
+    metrics, params = trained(kind, "step", distributed)
+    assert MODELS[kind]().model.dropout > 0
+    np.testing.assert_allclose(metrics, ref_metrics, rtol=2e-4)
+    assert ref_metrics[-1, 0] != ref_metrics[0, 0]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params, ref_params
+    )
+
+
+def test_a_shards_dropout_bits_are_the_whole_batchs_rows():
+    """Each batch shard's trace (a vmap over the shards, parallel.per_batch_shard) drops what
+    the whole batch's dropout drops at its rows."""
+    key = jax.random.fold_in(jax.random.key(3), 7)
+    x = jax.numpy.ones((8, 3, 5, 7))
+
+    def one_shard(rows):
+        with parallel.per_batch_shard("shards"):
+            return dropout.dropout(rows, 0.1, key)
+
+    shards = jax.vmap(one_shard, axis_name="shards")(x.reshape(4, 2, 3, 5, 7))
+    np.testing.assert_array_equal(shards.reshape(x.shape), dropout.dropout(x, 0.1, key))
+
+
+def test_switch_values_and_what_it_does_not_cover_are_refused():
+    with pytest.raises(ConfigError, match="optim.grad_reduce="):
+        config.replace(tiny_config(), optim=dict(grad_reduce="once"))
+    with pytest.raises(ConfigError, match="optim.grad_reduce_dtype="):
+        config.replace(tiny_config(), optim=dict(grad_reduce_dtype="bfloat16"))
+    moe = config.replace(tiny_config(moe_experts=4), optim=dict(grad_reduce="step"))
+    with pytest.raises(ConfigError, match="Mixture-of-Experts"):
+        Trainer(moe, device_mesh(DATA, MODEL))
