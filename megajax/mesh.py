@@ -1,8 +1,9 @@
-"""The one place that builds the (pipeline, data, expert, model) device mesh and checks it
-against the model. The mesh always has all four axes; a degree left out is 1, so every two-axis
-string (`data=2,model=4`) builds the same programs as before the pipeline and expert axes
-existed. `expert` splits the batch like `data` outside Mixture-of-Experts layers and the
-experts inside them (parallel.py)."""
+"""The one place that builds the (pipeline, data, fsdp, expert, model) device mesh and checks it
+against the model. The mesh always has all five axes; a degree left out is 1, so every two-axis
+string (`data=2,model=4`) builds the same programs as before the pipeline, fsdp and expert axes
+existed. `fsdp` splits the batch like `data` and, unlike it, every parameter at rest (fully
+sharded data parallelism; parallel.py); `expert` splits the batch like `data` outside
+Mixture-of-Experts layers and the experts inside them."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from megajax.config import ConfigError, ModelConfig
 
 # The mesh axes, outermost (across nodes) first. This module imports JAX only to build a mesh,
 # so that a command line checks its flags, and says what is wrong, before JAX loads.
-PIPELINE, DATA, EXPERT, MODEL = "pipeline", "data", "expert", "model"
-AXES = (PIPELINE, DATA, EXPERT, MODEL)
+PIPELINE, DATA, FSDP, EXPERT, MODEL = "pipeline", "data", "fsdp", "expert", "model"
+AXES = (PIPELINE, DATA, FSDP, EXPERT, MODEL)
 
 
 def fake_cpu_devices(count: int) -> None:
@@ -31,14 +32,15 @@ def fake_cpu_devices(count: int) -> None:
 
 
 def parse(text: str) -> dict[str, int]:
-    """'data=2,model=4' -> {'pipeline': 1, 'data': 2, 'expert': 1, 'model': 4}; a missing axis
-    is 1, -1 means 'the rest'."""
+    """'data=2,model=4' -> {'pipeline': 1, 'data': 2, 'fsdp': 1, 'expert': 1, 'model': 4}; a
+    missing axis is 1, -1 means 'the rest'."""
     degrees = {axis: 1 for axis in AXES}
     for part in filter(None, text.replace(" ", "").split(",")):
         name, sep, value = part.partition("=")
         if not sep or name not in AXES:
             raise ConfigError(
-                f"--mesh {text!r}: expected pipeline=P,data=D,expert=E,model=M (got {part!r})"
+                f"--mesh {text!r}: expected pipeline=P,data=D,fsdp=F,expert=E,model=M "
+                f"(got {part!r})"
             )
         try:
             degrees[name] = int(value)
@@ -49,8 +51,8 @@ def parse(text: str) -> dict[str, int]:
     return degrees
 
 
-def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int, int]:
-    """(pipeline, data, expert, model): fill in a -1 degree and check that the product of the
+def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, ...]:
+    """(pipeline, data, fsdp, expert, model): fill in a -1 degree and check that the product of the
     degrees equals the device count."""
     free = [axis for axis, d in degrees.items() if d == -1]
     if len(free) > 1:
@@ -62,10 +64,9 @@ def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int, i
                 f"--mesh: {num_devices} devices do not divide by the fixed degrees ({fixed})"
             )
         degrees = {**degrees, free[0]: num_devices // fixed}
-    pipeline, data, expert, model = (degrees[axis] for axis in AXES)
-    total = pipeline * data * expert * model
+    total = math.prod(degrees[axis] for axis in AXES)
     if total != num_devices:
-        named = [a for a in AXES if a not in (PIPELINE, EXPERT) or degrees[a] > 1]
+        named = [a for a in AXES if a in (DATA, MODEL) or degrees[a] > 1]
         shown = ",".join(f"{a}={degrees[a]}" for a in named)
         raise ConfigError(
             f"--mesh {shown} needs {total} devices but "
@@ -73,7 +74,7 @@ def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int, i
             "(or use -1 for one of them), "
             f"or pass --cpu_devices {total} to fake them"
         )
-    return pipeline, data, expert, model
+    return tuple(degrees[axis] for axis in AXES)
 
 
 def check_model(cfg: ModelConfig, model_degree: int, expert_degree: int = 1) -> None:
@@ -119,7 +120,7 @@ def check_model(cfg: ModelConfig, model_degree: int, expert_degree: int = 1) -> 
 
 
 def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
-    """`data_degree`: the shards the batch is split into (data times expert)."""
+    """`data_degree`: the shards the batch is split into (data times fsdp times expert)."""
     if batch_size % micro_batches:
         raise ConfigError(
             f"train.batch_size={batch_size} does not divide into {micro_batches} micro-batches"
@@ -127,19 +128,20 @@ def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
     if (batch_size // micro_batches) % data_degree:
         raise ConfigError(
             f"micro-batch size {batch_size // micro_batches} is not divisible by the data degree "
-            f"{data_degree} (data x expert, the axes that split the batch): make "
+            f"{data_degree} (data x fsdp x expert, the axes that split the batch): make "
             "train.batch_size / train.micro_batches a multiple of it"
         )
 
 
 def make(text: str, devices=None):
-    """Build the (pipeline, data, expert, model) mesh from a --mesh string over all (or the
-    given) devices.
+    """Build the (pipeline, data, fsdp, expert, model) mesh from a --mesh string over all (or
+    the given) devices.
 
     Devices are laid out process by process, so a model group lies inside one process (one
     host) whenever the model degree divides its device count: the per-layer all-reduces then
-    stay on the fast intra-node links, and next to them the experts' all-to-alls; `data` and,
-    outermost, `pipeline` (point-to-point transfers between stages only) cross hosts.
+    stay on the fast intra-node links, and next to them the experts' all-to-alls, then the
+    fsdp groups' per-layer gathers; `data` (one gradient reduction per step) and, outermost,
+    `pipeline` (point-to-point transfers between stages only) cross hosts.
     """
     import jax
     import numpy as np
