@@ -19,9 +19,23 @@ from megajax.config import ConfigError
 from megajax.trainer import Trainer
 
 STEPS = 3
+MOE = dict(moe_experts=4, moe_top_k=2, moe_ffn_hidden=32, moe_shared_experts=1)
 MODELS = {
     "gpt": lambda: tiny_config(dropout=0.1),
     "llama": lambda: llama_config(dropout=0.1),
+    # a Mixtral in miniature (tests/test_moe.py's), its experts split over `expert`
+    "mixtral": lambda: llama_config(dropout=0.1, **MOE),
+    # LoRA adapters (the only trainable parameters) under sequence parallelism
+    "gpt-lora-sp": lambda: config.replace(
+        tiny_config(dropout=0.1, sequence_parallel=True), lora=dict(rank=4)
+    ),
+}
+# (fsdp mesh, the data-parallel mesh it must equal)
+MESHES = {
+    "gpt": ("fsdp=4,model=2", "data=4,model=2"),
+    "llama": ("fsdp=4,model=2", "data=4,model=2"),
+    "mixtral": ("fsdp=2,expert=2,model=2", "data=2,expert=2,model=2"),
+    "gpt-lora-sp": ("data=2,fsdp=2,model=2", "data=4,model=2"),
 }
 
 
@@ -68,8 +82,10 @@ def _assert_same_metrics(ours, reference):
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_fsdp_losses_equal_data_parallel_losses(runs, kind):
-    trainer, _, ours, _ = runs(kind, "fsdp=4,model=2")
-    _, _, reference, _ = runs(kind, "data=4,model=2")
+    """Losses, gradient norms (and a MoE model's router losses) of 3 steps with dropout."""
+    fsdp, data = MESHES[kind]
+    trainer, _, ours, _ = runs(kind, fsdp)
+    _, _, reference, _ = runs(kind, data)
     assert trainer.cfg.model.dropout > 0
     _assert_same_metrics(ours, reference)
 

@@ -33,12 +33,18 @@ def scan_layers(graphdef, state, x, *, attend, keys, remat: str):
         layer_state = parallel.gathered_variables(layer_state)
         return nnx.merge(graphdef, layer_state).forward(x, attend=attend, key=layer_key)
 
-    if remat == "full":
-        layer = jax.checkpoint(layer, prevent_cse=False)
-    elif parallel.fsdp_degree() > 1:  # keep all but the gathered weights: gathered again
-        layer = jax.checkpoint(layer, prevent_cse=False, policy=parallel.keep_all_but_gathered)
-    x, stats = jax.lax.scan(layer, x, (state, keys))
+    x, stats = jax.lax.scan(rematted(layer, remat), x, (state, keys))
     return x, jax.tree.map(lambda v: v.sum(0), stats)
+
+
+def rematted(layer, remat: str):
+    """A layer's function as its backward pass recomputes it: remat="full" keeps only its
+    inputs; split over `fsdp`, it keeps all but its gathered weights (gathered again)."""
+    if remat == "full":
+        return jax.checkpoint(layer, prevent_cse=False)
+    if parallel.fsdp_degree() > 1:
+        return jax.checkpoint(layer, prevent_cse=False, policy=parallel.keep_all_but_gathered)
+    return layer
 
 
 def run_in_pipeline(blocks, x, *, attend, key, remat: str, num_layers: int, schedule):
