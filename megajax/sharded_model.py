@@ -46,6 +46,15 @@ class ShardedModel:
                 "model.moe_every > 1: MoE layers between dense ones do not run in pipeline "
                 "stages yet: use pipeline=1, or model.moe_every=1"
             )
+        if mesh.shape[parallel.FSDP] > 1 and cfg.model.remat == "selective":
+            # The layer's remat policy that drops the gathered weights (scan_layers) would
+            # override the nested checkpoints that selective recomputation is made of, and
+            # keep the attention scores they drop.
+            raise ConfigError(
+                "model.remat=selective does not combine with an fsdp axis yet: use "
+                "--set model.remat=full (fsdp's gathers then repeat with the recomputed "
+                "forward) or model.remat=none"
+            )
         if stages > 1:  # they flow through the pipeline stages together
             pipeline_arithmetic.check(
                 num_layers=cfg.model.num_layers,

@@ -1,5 +1,5 @@
-"""Sharded train state and the jitted train step for a (pipeline, data, expert, model) mesh, on
-top of the model's graph and layout (sharded_model.py)."""
+"""Sharded train state and the jitted train step for a (pipeline, data, fsdp, expert, model)
+mesh, on top of the model's graph and layout (sharded_model.py)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ STEPS = 3
 MOE = dict(moe_experts=4, moe_top_k=2, moe_ffn_hidden=32, moe_shared_experts=1)
 MODELS = {
     "gpt": lambda: tiny_config(dropout=0.1),
-    "llama": lambda: llama_config(dropout=0.1),
+    "llama": lambda: llama_config(dropout=0.1, remat="full"),  # recomputed layers gather again
     # a Mixtral in miniature (tests/test_moe.py's), its experts split over `expert`
     "mixtral": lambda: llama_config(dropout=0.1, **MOE),
     # LoRA adapters (the only trainable parameters) under sequence parallelism
@@ -244,3 +244,5 @@ def test_fsdp_splits_the_batch_and_checks_it():
     assert mesh.resolve(mesh.parse("data=2,fsdp=4,model=1"), 8) == (1, 2, 4, 1, 1)
     with pytest.raises(ConfigError, match=r"data degree 8 \(data x fsdp x expert"):
         Trainer(config.replace(_cfg("gpt"), train=dict(batch_size=4)), mesh.make("fsdp=8"))
+    with pytest.raises(ConfigError, match="model.remat=selective does not combine with an fsdp"):
+        Trainer(config.replace(_cfg("gpt"), model=dict(remat="selective")), mesh.make("fsdp=8"))
