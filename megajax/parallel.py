@@ -36,6 +36,7 @@ layer's whole copy is alive, and its gradient is reduced back onto the fsdp shar
 from __future__ import annotations
 
 import jax
+from flax import nnx
 from flax.core import spmd
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
@@ -134,24 +135,26 @@ def gather_over_model(x: jax.Array, dims) -> jax.Array:
     return x
 
 
-def at_rest(shape: tuple[int, ...], compute: P, names, fsdp_degree: int) -> P:
-    """The layout a parameter is held in: its compute spec (the table's) with `fsdp` on the
-    first dimension that the spec leaves whole, that `names` (its logical axes) do not call
-    `layers` or `stage` and that `fsdp_degree` divides; the compute spec itself when no
-    dimension qualifies (a bias whose length fsdp does not divide stays whole, a few bytes)."""
-    if fsdp_degree == 1:
+def at_rest(shape: tuple[int, ...], compute: P, names, degrees: dict[str, int]) -> P:
+    """The layout a parameter is held in on a mesh of these axis `degrees`: its compute spec
+    (the table's) with `fsdp` on the first dimension that the spec leaves whole, that `names`
+    (its logical axes) do not call `layers` or `stage` and that the fsdp degree divides; else
+    within the first dimension the spec splits over one axis whose shards it divides; the
+    compute spec itself when no dimension qualifies (a vector whose length fsdp does not
+    divide stays whole, a few bytes)."""
+    f = degrees.get(FSDP, 1)
+    if f == 1:
         return compute
     dims = tuple(compute) + (None,) * (len(shape) - len(compute))
     names = tuple(names or ()) + (None,) * (len(shape) - len(names or ()))
-    mesh = jax.sharding.get_abstract_mesh()
     for i, (size, axis, name) in enumerate(zip(shape, dims, names, strict=True)):
-        if axis is None and name not in UNSPLIT_BY_FSDP and size % fsdp_degree == 0:
+        if axis is None and name not in UNSPLIT_BY_FSDP and size % f == 0:
             return P(*dims[:i], FSDP, *dims[i + 1 :])
     # Else a dimension the table splits over one mesh axis, further split within each of its
     # shards (a column-parallel layer's bias: `model`, then `fsdp`).
     for i, (size, axis, name) in enumerate(zip(shape, dims, names, strict=True)):
         if isinstance(axis, str) and name not in UNSPLIT_BY_FSDP:
-            if size % (fsdp_degree * dict(mesh.shape).get(axis, 1)) == 0:
+            if size % (f * degrees.get(axis, 1)) == 0:
                 return P(*dims[:i], (axis, FSDP), *dims[i + 1 :])
     return compute
 
@@ -192,7 +195,6 @@ def gathered_variables(state, *, stacked: bool = True):
     """gathered() on each parameter of an nnx State, reading its logical names from its
     Variable's metadata; with `stacked=False` only those outside the stacked layers (which
     the layer scan gathers one layer at a time)."""
-    from flax import nnx
 
     def gather(v):
         names = v.get_metadata().get("out_sharding")

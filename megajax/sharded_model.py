@@ -81,9 +81,8 @@ class ShardedModel:
         # where the parameters are held: split over `fsdp` (parallel.at_rest; the same layout
         # without that axis), and by a Trainer with the distributed optimizer further over
         # `data`.
-        fsdp = mesh.shape[parallel.FSDP]
         self.rest_specs = jax.tree.map(
-            lambda a, spec, names: parallel.at_rest(a.shape, spec, names, fsdp),
+            lambda a, spec, names: parallel.at_rest(a.shape, spec, names, dict(mesh.shape)),
             self._abstract_params,
             self.compute_specs,
             self.logical_axes,

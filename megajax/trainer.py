@@ -131,16 +131,13 @@ class Trainer(ShardedModel):
         stay so (the forward pass gathers them where it reads them), cast to
         model.compute_dtype on their shards, so that the gathers move compute_dtype bytes;
         their gradients then reach the fsdp shards in compute_dtype too."""
+        if not self.cfg.optim.distributed and self.mesh.shape[parallel.FSDP] == 1:
+            return params
         dtype = jnp.dtype(self.cfg.model.compute_dtype)
-        if not self.cfg.optim.distributed:
-            if self.mesh.shape[parallel.FSDP] == 1:
-                return params
-            train, frozen = self.split(params)
-            cast = lambda p, rest: jax.lax.with_sharding_constraint(p.astype(dtype), rest)  # noqa: E731
-            return lora.join(jax.tree.map(cast, train, self.train_sharding), frozen)
 
         def gather(p, master, compute):
-            # Cast on the shard, then gather: the all-gather moves compute_dtype bytes.
+            # Cast on the shard, then gather (over `data`; with fsdp alone the shard is already
+            # laid out as the forward pass reads it): the all-gather moves compute_dtype bytes.
             cast = jax.lax.with_sharding_constraint(p.astype(dtype), master)
             return jax.lax.with_sharding_constraint(cast, compute)
 
