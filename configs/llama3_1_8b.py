@@ -5,8 +5,9 @@ beyond the 8,192 positions it was first trained at (wavelengths past 8,192 stret
 those under 2,048 kept, a smooth blend between).
 
 The model serves 131,072 positions; it trains here on 8,192-token sequences, Llama 3's: a
-131,072-token sequence per device group needs the sequence split through attention (a
-`context` mesh axis), which megajax does not have yet (docs/models.md, RoPE scaling).
+131,072-token sequence needs the sequence split through attention, `--mesh context=16,model=8
+--set model.seq_len=131072 --set model.context_attention=ring` (docs/context.md: 35.8 GB per
+device in the dry run).
 
 Needs Llama 3.1's tokenizer.json in data/llama3 and a corpus prepared with it
 (megajax/recipes.py); or start from Hugging Face weights with --hf_checkpoint DIR.

@@ -65,6 +65,7 @@ MLPS = ("gelu", "swiglu")
 MOE_ROUTERS = ("topk_softmax", "softmax_topk")
 FORMATS = ("text", "chat")
 ROPE_SCALINGS = ("none", "llama3", "yarn")
+CONTEXT_ATTENTIONS = ("allgather", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +157,10 @@ class ModelConfig:
     # "einsum": softmax(q k^T) v written out, fp32 scores (any device, any dropout);
     # "xla" or "cudnn": jax.nn.dot_product_attention (cudnn: fused GPU kernel, no dropout).
     attention: str = "einsum"
+    # On a mesh with context > 1 (the sequence split over `context`), how attention reaches
+    # the other ranks' keys and values: "allgather" (one all-gather of K and V per layer, as
+    # Llama 3 trained) or "ring" (blocks passed round the ranks). megajax/context_attention.py.
+    context_attention: str = "allgather"
     # "pre": x + f(ln(x)) (GPT-2, and the paper's rearranged BERT, its Figure 7); "post":
     # ln(x + f(x)) (the original BERT, whose embeddings also end in a layer norm).
     layernorm_placement: str = "pre"
@@ -230,6 +235,7 @@ class ModelConfig:
             ("positions", POSITIONS),
             ("mlp", MLPS),
             ("moe_router", MOE_ROUTERS),
+            ("context_attention", CONTEXT_ATTENTIONS),
         ):
             if getattr(self, name) not in allowed:
                 was_bool = name == "remat" and str(self.remat).lower() in ("true", "false")
@@ -587,7 +593,8 @@ class Config:
 # Face's, or a megajax run's) keeps its config's compute options, and an explicit --set of a
 # training option wins over the checkpoint's (GPT-2's resid_pdrop, BERT's hidden_dropout_prob).
 COMPUTE_OPTIONS = (
-    "remat", "sequence_parallel", "compute_dtype", "make_vocab_size_divisible_by", "attention"
+    "remat", "sequence_parallel", "compute_dtype", "make_vocab_size_divisible_by", "attention",
+    "context_attention",
 )  # fmt: skip
 TRAINING_OPTIONS = ("dropout", "init_std", "layernorm_eps")
 

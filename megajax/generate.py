@@ -50,6 +50,13 @@ class Generator:
                 f"text generation needs a GPT (model.arch=gpt), not model.arch="
                 f"{sharded.cfg.model.arch}: a BERT does not predict the next token"
             )
+        context = sharded.mesh.shape[parallel.CONTEXT]
+        if context > 1:
+            raise ConfigError(
+                f"--mesh context={context} splits a training step's sequence; decoding reads "
+                "one token at a time from a KV cache: decode on a mesh without context "
+                "(context=1), e.g. --mesh data=D,model=M"
+            )
         self.sharded, self.params = sharded, params
         self.seq_len, self.vocab_size = sharded.cfg.model.seq_len, sharded.cfg.model.vocab_size
         self.data_degree = math.prod(sharded.mesh.shape[a] for a in parallel.BATCH)

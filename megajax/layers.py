@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from megajax import parallel
+from megajax import context_attention, parallel
 from megajax.config import ConfigError
 from megajax.parallel import constrain
 from megajax.rope import rope
@@ -36,11 +36,20 @@ def _ones(*axes: str | None):
     return nnx.with_partitioning(nnx.initializers.ones_init(), axes)
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; `key=None` (evaluation) or rate 0 leaves x unchanged."""
+def dropout(x: jax.Array, rate: float, key: jax.Array | None, order=None) -> jax.Array:
+    """Inverted dropout; `key=None` (evaluation) or rate 0 leaves x unchanged. x (batch,
+    length, ...) whose sequence is reordered (`order` (batch, length): each slot's original
+    position) drops what it would drop in the original order."""
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    if order is None:
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    else:
+        index = [
+            jnp.arange(n).reshape((-1,) + (1,) * (x.ndim - 1 - i)) for i, n in enumerate(x.shape)
+        ]
+        index[1] = order.reshape(order.shape + (1,) * (x.ndim - 2))
+        keep = context_attention.bernoulli_at(key, 1.0 - rate, x.shape, index)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -137,7 +146,7 @@ def _gathered_matmul_bwd(dims, rate, whole, saved, dys):
         # A kernel the same on every `data` shard (and an adapter's A, the same on every
         # `model` shard too) has the sum of theirs as its gradient, in float32. A frozen
         # kernel's gradient is never used, and XLA drops it.
-        axes = parallel.batch_axes() + ((parallel.MODEL,) if whole and whole[i] else ())
+        axes = parallel.gradient_axes() + ((parallel.MODEL,) if whole and whole[i] else ())
         dkernels.append(jax.lax.psum(dkernel.astype(jnp.float32), axes).astype(kernel.dtype))
         term = jnp.einsum("...o,io->...i", dy, kernel)
         dx = dx + (term if keep is None else _drop(term, keep, rate))
@@ -200,7 +209,7 @@ class Dense(nnx.Module):
         then reduce-scatters the input's gradient). A LoRA adapter's x A comes from the same
         input on every shard, times B's columns; `key`: its dropout."""
         in_spec = parallel.spec(*in_axes)
-        if self.lora is None and parallel.MODEL not in in_spec:
+        if self.lora is None and not parallel.model_dims(in_spec):
             return self(constrain(x, *in_axes))
         dims = tuple(parallel.model_dims(in_spec))
         adapter, adapter_specs = self._adapter_args(x, key, parallel.spec("batch", "length"))
@@ -224,7 +233,7 @@ class Dense(nnx.Module):
         partial sums x_s A_s B join the layer's before that one collective; `key`: its
         dropout."""
         out_spec = parallel.spec(*out)
-        if self.lora is None and parallel.MODEL not in out_spec:
+        if self.lora is None and not parallel.model_dims(out_spec):
             return constrain(self(x), *out)
         in_spec = parallel.spec("batch", "length", self.axes[0])
         adapter, adapter_specs = self._adapter_args(x, key, in_spec)
@@ -337,6 +346,9 @@ class Attend(NamedTuple):
     padding: jax.Array | None = None
     segments: jax.Array | None = None
     positions: jax.Array | None = None
+    # Each slot's position in the original sequence, when the sequence is reordered (context
+    # parallelism's causal load balance): causal masks and dropout bits follow it.
+    order: jax.Array | None = None
 
 
 def same_document(segments: jax.Array) -> jax.Array:
@@ -359,7 +371,9 @@ class Attention(nnx.Module):
     is reduce-scattered back to the rows. A causal model (GPT) masks future keys; `padding`
     masks the keys after each sequence's length (BERT); `segments` keep packed documents
     apart. model.positions="rope" turns q and k by their positions, head by head (megajax/rope.py,
-    scaled as model.rope_scaling says).
+    scaled as model.rope_scaling says). With the sequence split over `context` the core is
+    megajax/context_attention.py's: K and V, at key/value-slot width, travel between the
+    context ranks, and masks follow each slot's original position (Attend.order).
     """
 
     def __init__(self, cfg, *, out_std: float, rngs):
@@ -371,6 +385,7 @@ class Attention(nnx.Module):
         self.dropout_rate = cfg.dropout
         self.implementation = cfg.attention
         self.causal = cfg.arch == "gpt"
+        self.context_attention = cfg.context_attention
         # Selective recomputation: the core (scores, softmax, dropout, values) is recomputed in
         # the backward pass, so no (batch, heads, length, length) tensor is kept for it.
         self.recompute_core = cfg.remat == "selective"
@@ -439,7 +454,7 @@ class Attention(nnx.Module):
                 y, low = column_matmuls(x, (kernel,), dims, keep, a, q.lora)
                 if by_rows:  # B whole on every shard, each taking its head's columns: its
                     # gradient is summed over `data` and `model` in one collective
-                    axes = (*parallel.batch_axes(), parallel.MODEL)
+                    axes = (*parallel.gradient_axes(), parallel.MODEL)
                     b_kv = jax.lax.pcast(b_kv, axes, to="varying")
                     b_kv = jax.lax.dynamic_slice_in_dim(b_kv, start, width, axis=1)
                 r = a_q.shape[1]
@@ -470,13 +485,32 @@ class Attention(nnx.Module):
         keys = [None] * 2 if key is None else [jax.random.fold_in(key, i) for i in (1, 2)]
         positions = jnp.arange(s)[None] if attend.positions is None else attend.positions
         q, k, v = self._project(x, positions, "batch", "residual_length", "embed", key=keys[0])
-        k, v = self._repeat(k), self._repeat(v)
-        core = self._fused if self.implementation != "einsum" else self._einsum_attention
-        if self.recompute_core:
-            core = jax.checkpoint(core, prevent_cse=False)
+        policy = None
+        if parallel.length_axes():  # the sequence split over `context`: K and V travel
+            original = jnp.arange(s)[None] if attend.order is None else attend.order
+            core = functools.partial(self._context_attention, positions=original)
+            policy = context_attention.RECOMPUTE  # keeps the gathered K/V
+        else:
+            k, v = self._repeat(k), self._repeat(v)
+            core = self._fused if self.implementation != "einsum" else self._einsum_attention
+        # The ring core (context_attention="ring") recomputes block by block in its own
+        # backward pass and keeps no scores: checkpointing it would only run the ring twice.
+        ring = policy is not None and self.context_attention == "ring"
+        if self.recompute_core and not ring:
+            core = jax.checkpoint(core, prevent_cse=False, policy=policy)
         out = core(q, k, v, attend, key).reshape(b, s, -1)
         out = constrain(out, "batch", "length", "heads")
         return self.proj.row_parallel(out, "batch", "residual_length", "embed", key=keys[1])
+
+    def _context_attention(self, q, k, v, attend, key, *, positions):
+        """Attention with the sequence split over `context` (megajax/context_attention.py):
+        k and v at key/value-slot width, masks and dropout bits from each slot's original
+        position in the sequence, `positions` (batch or 1, length)."""
+        positions = constrain(jnp.broadcast_to(positions, q.shape[:2]), "batch", "length")
+        return context_attention.attention(
+            q, k, v, positions=positions, segments=attend.segments, padding=attend.padding,
+            causal=self.causal, key=key, rate=self.dropout_rate, name=self.context_attention,
+        )  # fmt: skip
 
     def _fused(self, q, k, v, attend, key):
         """jax.nn.dot_product_attention told the mask's kind, not given a dense mask, so that a
@@ -526,14 +560,12 @@ class Attention(nnx.Module):
 
     def _masked_attention(self, q, k, v, mask, key):
         """The core under a mask broadcastable to (batch, heads, query, key)."""
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores / jnp.sqrt(self.head_dim).astype(jnp.float32)
-        # Masked by adding a (query, key) bias rather than a select: adding 0 leaves a score
-        # exact, and the backward pass needs no (batch, heads, query, key) zeros to select from.
-        scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = dropout(probs, self.dropout_rate, key).astype(q.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        rate = self.dropout_rate
+        keep = None
+        if key is not None and rate > 0:
+            scores = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # (batch, heads, q, k)
+            keep = jax.random.bernoulli(key, 1.0 - rate, scores)
+        return context_attention.softmax_attention(q, k, v, mask, keep=keep, rate=rate)
 
 
 def gelu(x: jax.Array, activation: str) -> jax.Array:
@@ -603,13 +635,14 @@ class Block(nnx.Module):
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
         rate = self.dropout_rate
         x = constrain(x, "batch", "residual_length", "embed")
+        drop = functools.partial(dropout, rate=rate, order=attend.order)
         if self.post_ln:
-            x = self.ln_1(x + dropout(self.attn(x, attend=attend, key=keys[0]), rate, keys[1]))
+            x = self.ln_1(x + drop(self.attn(x, attend=attend, key=keys[0]), key=keys[1]))
             y, stats = self._feed_forward(x, keys[2])
-            return self.ln_2(x + dropout(y, rate, keys[2])), stats
-        x = x + dropout(self.attn(self.ln_1(x), attend=attend, key=keys[0]), rate, keys[1])
+            return self.ln_2(x + drop(y, key=keys[2])), stats
+        x = x + drop(self.attn(self.ln_1(x), attend=attend, key=keys[0]), key=keys[1])
         y, stats = self._feed_forward(self.ln_2(x), keys[2])
-        return x + dropout(y, rate, keys[2]), stats
+        return x + drop(y, key=keys[2]), stats
 
     def _feed_forward(self, x, key) -> tuple[jax.Array, dict]:
         y = self.mlp(x, key=key)

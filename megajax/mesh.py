@@ -1,9 +1,10 @@
-"""The one place that builds the (pipeline, data, fsdp, expert, model) device mesh and checks it
-against the model. The mesh always has all five axes; a degree left out is 1, so every two-axis
-string (`data=2,model=4`) builds the same programs as before the pipeline, fsdp and expert axes
-existed. `fsdp` splits the batch like `data` and, unlike it, every parameter at rest (fully
-sharded data parallelism; parallel.py); `expert` splits the batch like `data` outside
-Mixture-of-Experts layers and the experts inside them."""
+"""The one place that builds the (pipeline, data, fsdp, expert, context, model) device mesh and
+checks it against the model. The mesh always has all six axes; a degree left out is 1, so every
+two-axis string (`data=2,model=4`) builds the same programs as before the pipeline, fsdp, expert
+and context axes existed. `fsdp` splits the batch like `data` and, unlike it, every parameter
+at rest (fully sharded data parallelism); `expert` splits the batch like `data` outside
+Mixture-of-Experts layers and the experts inside them; `context` splits every activation's
+sequence (parallel.py, context_attention.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ from megajax.config import ConfigError, ModelConfig
 
 # The mesh axes, outermost (across nodes) first. This module imports JAX only to build a mesh,
 # so that a command line checks its flags, and says what is wrong, before JAX loads.
-PIPELINE, DATA, FSDP, EXPERT, MODEL = "pipeline", "data", "fsdp", "expert", "model"
-AXES = (PIPELINE, DATA, FSDP, EXPERT, MODEL)
+PIPELINE, DATA, FSDP, EXPERT, CONTEXT, MODEL = (
+    "pipeline",
+    "data",
+    "fsdp",
+    "expert",
+    "context",
+    "model",
+)
+AXES = (PIPELINE, DATA, FSDP, EXPERT, CONTEXT, MODEL)
 
 
 def fake_cpu_devices(count: int) -> None:
@@ -32,14 +40,14 @@ def fake_cpu_devices(count: int) -> None:
 
 
 def parse(text: str) -> dict[str, int]:
-    """'data=2,model=4' -> {'pipeline': 1, 'data': 2, 'fsdp': 1, 'expert': 1, 'model': 4}; a
-    missing axis is 1, -1 means 'the rest'."""
+    """'data=2,model=4' -> {'pipeline': 1, 'data': 2, 'fsdp': 1, 'expert': 1, 'context': 1,
+    'model': 4}; a missing axis is 1, -1 means 'the rest'."""
     degrees = {axis: 1 for axis in AXES}
     for part in filter(None, text.replace(" ", "").split(",")):
         name, sep, value = part.partition("=")
         if not sep or name not in AXES:
             raise ConfigError(
-                f"--mesh {text!r}: expected pipeline=P,data=D,fsdp=F,expert=E,model=M "
+                f"--mesh {text!r}: expected pipeline=P,data=D,fsdp=F,expert=E,context=C,model=M "
                 f"(got {part!r})"
             )
         try:
@@ -52,8 +60,8 @@ def parse(text: str) -> dict[str, int]:
 
 
 def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, ...]:
-    """(pipeline, data, fsdp, expert, model): fill in a -1 degree and check that the product of the
-    degrees equals the device count."""
+    """(pipeline, data, fsdp, expert, context, model): fill in a -1 degree and check that the
+    product of the degrees equals the device count."""
     free = [axis for axis, d in degrees.items() if d == -1]
     if len(free) > 1:
         raise ConfigError("--mesh: at most one axis may be -1")
@@ -77,9 +85,13 @@ def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, ...]:
     return tuple(degrees[axis] for axis in AXES)
 
 
-def check_model(cfg: ModelConfig, model_degree: int, expert_degree: int = 1) -> None:
-    """Refuse a model that the `model` and `expert` degrees cannot split the way the plan
-    says."""
+def check_model(
+    cfg: ModelConfig, model_degree: int, expert_degree: int = 1, context_degree: int = 1
+) -> None:
+    """Refuse a model that the `model`, `expert` and `context` degrees cannot split the way
+    the plan says."""
+    if context_degree > 1:
+        check_context(cfg, context_degree, model_degree)
     if expert_degree > 1 and not cfg.moe:
         raise ConfigError(
             f"--mesh expert={expert_degree} splits the experts of a Mixture-of-Experts model, "
@@ -119,6 +131,36 @@ def check_model(cfg: ModelConfig, model_degree: int, expert_degree: int = 1) -> 
         )
 
 
+def check_context(cfg: ModelConfig, context_degree: int, model_degree: int) -> None:
+    """Refuse what context parallelism cannot split: a sequence that does not cut into 2 C
+    equal chunks (the causal load balance gives each context rank two), or into C T under
+    sequence parallelism; a fused attention kernel; a Mixture-of-Experts model (its capacity
+    is per whole sequence)."""
+    c = context_degree
+    if cfg.seq_len % (2 * c):
+        raise ConfigError(
+            f"model.seq_len={cfg.seq_len} is not divisible by 2 x the context degree {c}: "
+            f"each context rank holds two of {2 * c} equal chunks of the sequence, so choose "
+            "a context degree whose double divides it"
+        )
+    if cfg.sequence_parallel and cfg.seq_len % (c * model_degree):
+        raise ConfigError(
+            f"model.seq_len={cfg.seq_len} is not divisible by context x model = "
+            f"{c * model_degree}, which model.sequence_parallel splits the residual stream by: "
+            "change a degree, or turn it off"
+        )
+    if cfg.attention != "einsum":
+        raise ConfigError(
+            f"model.attention={cfg.attention} on --mesh context={c}: the context-split "
+            "attention core is written out (einsum): set model.attention=einsum"
+        )
+    if cfg.moe:
+        raise ConfigError(
+            f"--mesh context={c}: Mixture-of-Experts layers (model.moe_experts) do not run "
+            "on a context-split sequence yet: use context=1"
+        )
+
+
 def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
     """`data_degree`: the shards the batch is split into (data times fsdp times expert)."""
     if batch_size % micro_batches:
@@ -134,14 +176,15 @@ def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
 
 
 def make(text: str, devices=None):
-    """Build the (pipeline, data, fsdp, expert, model) mesh from a --mesh string over all (or
-    the given) devices.
+    """Build the (pipeline, data, fsdp, expert, context, model) mesh from a --mesh string over
+    all (or the given) devices.
 
     Devices are laid out process by process, so a model group lies inside one process (one
     host) whenever the model degree divides its device count: the per-layer all-reduces then
-    stay on the fast intra-node links, and next to them the experts' all-to-alls, then the
-    fsdp groups' per-layer gathers; `data` (one gradient reduction per step) and, outermost,
-    `pipeline` (point-to-point transfers between stages only) cross hosts.
+    stay on the fast intra-node links, and next to them the context axis's key/value
+    all-gathers and the experts' all-to-alls, then the fsdp groups' per-layer weight gathers;
+    `data` (one gradient reduction per step) and, outermost, `pipeline` (point-to-point
+    transfers between stages only) cross hosts.
     """
     import jax
     import numpy as np

@@ -22,6 +22,11 @@ Model code names only logical axes. With T = the `model` degree:
   `model`: each all-reduce after a row-parallel matmul becomes a reduce-scatter, and each
   column-parallel matmul all-gathers its input first (`layers.Dense.row_parallel` and
   `column_parallel` read the table and emit them as true collectives).
+- `length` (every activation's sequence) splits over `context` on a mesh with context > 1
+  (context parallelism): weights are replicated there and their gradients summed over it, as
+  over `data`; attention gathers the other ranks' keys and values (context_attention.py).
+  With sequence parallelism the residual stream splits over (context, model): each context
+  rank's chunk further split over `model`.
 Changing the plan is a change to the table alone.
 
 Fully sharded data parallelism (ZeRO-3) is the one rule outside the table, because it splits
@@ -42,6 +47,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from megajax.mesh import (  # noqa: F401 (the mesh axes the table maps onto)
+    CONTEXT,
     DATA,
     EXPERT,
     FSDP,
@@ -60,9 +66,15 @@ UNSPLIT_BY_FSDP = ("layers", "stage")
 
 
 def rules(
-    *, sequence_parallel: bool = False, kv_by_rows: bool = False
+    *, sequence_parallel: bool = False, kv_by_rows: bool = False, context: bool = False
 ) -> tuple[tuple[str, str | None], ...]:
-    """The plan's table; `sequence_parallel` and `kv_by_rows` decide a row each."""
+    """The plan's table; `sequence_parallel` and `kv_by_rows` decide a row each, `context`
+    (a mesh with context > 1) the two length rows. Without it the table is the one every
+    mesh without a context axis compiled with, so those programs do not change."""
+    length = CONTEXT if context else None
+    residual = length
+    if sequence_parallel:
+        residual = (CONTEXT, MODEL) if context else MODEL
     return (
         ("batch", BATCH),
         ("experts", EXPERT),
@@ -73,8 +85,8 @@ def rules(
         ("kv_embed", MODEL if kv_by_rows else None),
         ("mlp", MODEL),
         ("embed", None),
-        ("length", None),
-        ("residual_length", MODEL if sequence_parallel else None),
+        ("length", length),
+        ("residual_length", residual),
         ("position", None),
         ("layers", PIPELINE),
         ("stage", PIPELINE),
@@ -108,14 +120,31 @@ def batch_axes() -> tuple[str, ...]:
     return axes if isinstance(axes, tuple) else (axes,)
 
 
+def length_axes() -> tuple[str, ...]:
+    """The mesh axes that split the sequence (`context`, or none)."""
+    axes = _active()["length"]
+    return () if axes is None else (axes,) if isinstance(axes, str) else axes
+
+
+def gradient_axes() -> tuple[str, ...]:
+    """The mesh axes a replicated weight's gradient is summed over: those that split the
+    batch and those that split the sequence."""
+    return batch_axes() + length_axes()
+
+
 def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
     """Pin an activation's layout so the compiler emits the plan's collectives, no others."""
     return jax.lax.with_sharding_constraint(x, spec(*logical))
 
 
 def model_dims(p: P) -> list[int]:
-    """The dimensions that a PartitionSpec splits over `model`."""
-    return [i for i, axis in enumerate(p) if axis == MODEL]
+    """The dimensions that a PartitionSpec splits over `model` (alone, or innermost under
+    `context`: each context chunk split over `model`)."""
+    return [
+        i
+        for i, axis in enumerate(p)
+        if axis == MODEL or (isinstance(axis, tuple) and MODEL in axis)
+    ]
 
 
 def sum_over_model(x: jax.Array, out_spec: P) -> jax.Array:

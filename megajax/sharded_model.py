@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megajax import lora, models, moe, parallel, pipeline_arithmetic
+from megajax import context_attention, lora, models, moe, parallel, pipeline_arithmetic
 from megajax.config import Config, ConfigError
 from megajax.mesh import check_batch, check_model
 
@@ -30,7 +30,17 @@ class ShardedModel:
 
     def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
         self.cfg, self.mesh = cfg, mesh
-        check_model(cfg.model, mesh.shape[parallel.MODEL], mesh.shape[parallel.EXPERT])
+        self.context_degree = mesh.shape[parallel.CONTEXT]
+        check_model(
+            cfg.model, mesh.shape[parallel.MODEL], mesh.shape[parallel.EXPERT], self.context_degree
+        )
+        if self.context_degree > 1:
+            context_attention.check(cfg.model)
+            if cfg.lora.rank:
+                raise ConfigError(
+                    f"lora.rank={cfg.lora.rank} on --mesh context={self.context_degree}: LoRA "
+                    "adapters on a context-split sequence are not proven yet: use context=1"
+                )
         check_batch(cfg.train.batch_size, cfg.train.micro_batches, batch_degree(mesh))
         stages = mesh.shape[parallel.PIPELINE]
         self.schedule = None  # the micro-batches are accumulated one after another
@@ -110,7 +120,9 @@ class ShardedModel:
         """The mesh and the logical-axis table, active while tracing model code."""
         m, model_degree = self.cfg.model, self.mesh.shape[parallel.MODEL]
         table = parallel.rules(
-            sequence_parallel=m.sequence_parallel, kv_by_rows=m.kv_by_rows(model_degree)
+            sequence_parallel=m.sequence_parallel,
+            kv_by_rows=m.kv_by_rows(model_degree),
+            context=self.context_degree > 1,
         )
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(table):
             yield
@@ -186,9 +198,14 @@ class ShardedModel:
 
     def loss(self, params, batch: dict, key):
         """(objective, metrics) of a batch of samples (a dict of models.batch_fields arrays).
-        Parameters held split over `fsdp` outside the stacked layers (embeddings, head, final
-        norm) are gathered here, for the whole forward and backward pass; the layers' are
-        gathered one layer at a time inside the layer scan."""
+        On a context-split mesh a decoder's batch is first put in the causal load balance's
+        order (context_attention.balance). Parameters held split over `fsdp` outside the
+        stacked layers (embeddings, head, final norm) are gathered here, for the whole forward
+        and backward pass; the layers' are gathered one layer at a time inside the layer
+        scan."""
+        m = self.cfg.model
+        if self.context_degree > 1 and m.arch == "gpt":
+            batch = context_attention.balance(batch, seq_len=m.seq_len, context=self.context_degree)
         graphdef, state = nnx.split(self.model(params))
         model = nnx.merge(graphdef, parallel.gathered_variables(state, stacked=False))
         return self.objective(model, batch, key)

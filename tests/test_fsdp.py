@@ -241,7 +241,7 @@ def test_checkpoint_moves_between_fsdp_and_the_distributed_optimizer(
 
 
 def test_fsdp_splits_the_batch_and_checks_it():
-    assert mesh.resolve(mesh.parse("data=2,fsdp=4,model=1"), 8) == (1, 2, 4, 1, 1)
+    assert mesh.resolve(mesh.parse("data=2,fsdp=4,model=1"), 8) == (1, 2, 4, 1, 1, 1)
     with pytest.raises(ConfigError, match=r"data degree 8 \(data x fsdp x expert"):
         Trainer(config.replace(_cfg("gpt"), train=dict(batch_size=4)), mesh.make("fsdp=8"))
     with pytest.raises(ConfigError, match="model.remat=selective does not combine with an fsdp"):

@@ -43,9 +43,10 @@ class GPT(nnx.Module):
         which attention keeps apart, and `positions`, each token's within its document."""
         return self.hidden_and_stats(ids, key=key, segments=segments, positions=positions)[0]
 
-    def hidden_and_stats(self, ids, *, key=None, segments=None, positions=None):
+    def hidden_and_stats(self, ids, *, key=None, segments=None, positions=None, order=None):
         """The final hidden states and the layers' router statistics (moe.MoE; {} when
-        dense), summed over the layers."""
+        dense), summed over the layers. `order` (batch, length): each slot's position in the
+        original sequence, when the batch comes reordered (layers.Attend)."""
         cfg, (_, s) = self.cfg, ids.shape
         dtype = jnp.dtype(cfg.compute_dtype)
         embed_key, layers_key = (None, None) if key is None else jax.random.split(key)
@@ -53,8 +54,9 @@ class GPT(nnx.Module):
         if cfg.positions == "learned":
             table = self.wpe[:s] if positions is None else jnp.take(self.wpe[...], positions, 0)
             x = x + table.astype(dtype)
-        x = dropout(constrain(x, "batch", "residual_length", "embed"), cfg.dropout, embed_key)
-        attend = Attend(segments=segments, positions=positions)
+        x = constrain(x, "batch", "residual_length", "embed")
+        x = dropout(x, cfg.dropout, embed_key, order)
+        attend = Attend(segments=segments, positions=positions, order=order)
         x, stats = run_stack(
             self.h, x, attend=attend, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers,
             sparse=self.h_moe,
@@ -99,10 +101,12 @@ class GPT(nnx.Module):
             inputs, targets, key=key, segments=segments, positions=positions
         )[0]
 
-    def token_losses_and_stats(self, inputs, targets, *, key=None, segments=None, positions=None):
+    def token_losses_and_stats(
+        self, inputs, targets, *, key=None, segments=None, positions=None, order=None
+    ):
         """token_losses, and the router statistics of hidden_and_stats."""
         hidden, stats = self.hidden_and_stats(
-            inputs, key=key, segments=segments, positions=positions
+            inputs, key=key, segments=segments, positions=positions, order=order
         )
         losses = loss.cross_entropy(hidden, self.lm_head, targets, vocab_size=self.cfg.vocab_size)
         return losses, stats
@@ -130,6 +134,7 @@ def objective(model: GPT, batch: dict, key) -> tuple[jax.Array, dict]:
         key=key,
         segments=batch.get("segments"),
         positions=batch.get("positions"),
+        order=batch.get("order"),
     )
     if "weights" not in batch:
         value = losses.mean()

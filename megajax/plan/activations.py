@@ -4,7 +4,10 @@ micro-batch, and the paper's per-layer formulas (Korthikanti et al. 2022, Table 
 With T = the model degree, tensor parallelism splits the attention and MLP tensors by T;
 sequence parallelism also splits the residual stream's (layer norms, dropout masks, the
 column-parallel matmuls' inputs); selective recomputation keeps no (batch, heads, length,
-length) tensor; full recomputation keeps each layer's input only.
+length) tensor; full recomputation keeps each layer's input only. Context parallelism (C =
+the context degree) splits every activation's length by C; attention's scores are then
+(length / C, length), and each layer keeps its gathered K/V, whole length at kv width; the
+ring core's scores are one block's, (length / C, length / C), and it keeps no gathered K/V.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import jax.numpy as jnp
 from megajax.config import LoRAConfig, ModelConfig
 
 
-def _core_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
-    """Attention's core, (b, heads / T, s, s) tensors: float32 probabilities, and the
-    probabilities cast for the values matmul, or with dropout its mask and dropped ones."""
+def _core_bytes(m: ModelConfig, *, batch: int, model_degree: int, context_degree: int = 1) -> float:
+    """Attention's core, (b, heads / T, s / C, s) tensors: float32 probabilities, and the
+    probabilities cast for the values matmul, or with dropout its mask and dropped ones. The
+    ring core (model.context_attention="ring") holds one key block's, (b, heads / T, s / C,
+    s / C), at a time."""
     e = jnp.dtype(m.compute_dtype).itemsize
-    scores = batch * (m.num_heads // model_degree) * m.seq_len**2
+    ring = context_degree > 1 and m.context_attention == "ring"
+    keys = m.seq_len // context_degree if ring else m.seq_len
+    scores = batch * (m.num_heads // model_degree) * m.seq_len // context_degree * keys
     return 4 * scores + (scores + e * scores if m.dropout > 0 else e * scores)
 
 
@@ -32,6 +39,7 @@ def layer_activation_bytes(
     model_degree: int,
     lora: LoRAConfig | None = None,
     expert_degree: int = 1,
+    context_degree: int = 1,
 ) -> float:
     """Bytes one transformer layer keeps for its backward pass, per device, as this code saves
     them (read off jax's saved residuals): per layer norm three float32 (b, s, h) tensors; in
@@ -46,9 +54,9 @@ def layer_activation_bytes(
     if m.moe:
         return _mean_moe_layer(m, batch, model_degree, lora, expert_degree)
     e = jnp.dtype(m.compute_dtype).itemsize
-    t = model_degree
+    t, c = model_degree, context_degree
     r = t if m.sequence_parallel else 1  # the residual stream's split
-    n = batch * m.seq_len * m.hidden  # one (b, s, h) tensor
+    n = batch * m.seq_len // c * m.hidden  # one (b, s / C, h) tensor
     mlp = m.mlp_hidden / m.hidden  # (b, s, 4h) / (b, s, h)
     if m.remat == "selective":  # the paper's list: no core, and layer norms and GeLU redone
         act = (3 if m.mlp == "swiglu" else 2) * mlp  # the activation's input and output
@@ -56,7 +64,15 @@ def layer_activation_bytes(
     else:
         total = 2 * 3 * 4 * n / r  # two layer norms
         total += e * n * (2 / r + 4 / t + 6 * mlp / t)
-        total += _core_bytes(m, batch=batch, model_degree=t)
+        if c > 1 and m.context_attention == "ring":  # its custom VJP keeps the stacked K/V
+            # repeated to the query heads and two float32 numbers per query row and head
+            rows = batch * m.num_heads // t * m.seq_len // c
+            total += e * 2 * rows * m.head_dim + 8 * rows
+        else:
+            total += _core_bytes(m, batch=batch, model_degree=t, context_degree=c)
+    if c > 1 and m.context_attention == "allgather":  # the gathered K/V, kept (selective
+        # recomputation too) for the backward pass; the ring keeps its own block alone
+        total += e * batch * m.seq_len * 2 * m.kv_slots(t) // t * m.head_dim
     if m.dropout > 0:
         total += 2 * n / r  # residual dropout masks
     if e != 4:  # the layer's matmul weights in the compute dtype
@@ -140,43 +156,51 @@ def stack_activation_bytes(
     model_degree: int,
     lora: LoRAConfig | None = None,
     expert_degree: int = 1,
+    context_degree: int = 1,
 ) -> float:
     """All layers' saved activations, with one layer's working set when it is recomputed."""
-    e = jnp.dtype(m.compute_dtype).itemsize
+    e, c = jnp.dtype(m.compute_dtype).itemsize, context_degree
     layer = layer_activation_bytes(
-        m, batch=batch, model_degree=model_degree, lora=lora, expert_degree=expert_degree
-    )
+        m, batch=batch, model_degree=model_degree, lora=lora, expert_degree=expert_degree,
+        context_degree=c,
+    )  # fmt: skip
     if m.remat == "full":  # the layers' inputs, then one layer at a time
         r = model_degree if m.sequence_parallel else 1
-        return m.num_layers * batch * m.seq_len * m.hidden * e / r + layer
+        return m.num_layers * batch * m.seq_len // c * m.hidden * e / r + layer
     if m.remat == "selective":  # plus one layer's attention core, recomputed
-        return m.num_layers * layer + _core_bytes(m, batch=batch, model_degree=model_degree)
+        core = _core_bytes(m, batch=batch, model_degree=model_degree, context_degree=c)
+        return m.num_layers * layer + core
     return m.num_layers * layer
 
 
-def head_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
+def head_activation_bytes(
+    m: ModelConfig, *, batch: int, model_degree: int, context_degree: int = 1
+) -> float:
     """The vocabulary-sharded logits (float32 shifted logits, exponentials, padding mask) and
     the embedding output and final layer norm around the stack; for BERT also the masked-LM
     transform (dense output, GeLU, layer norm) before the logits."""
     e = jnp.dtype(m.compute_dtype).itemsize
     if m.arch == "bert_multiple_choice":
         batch *= m.num_choices
-    n = batch * m.seq_len * m.hidden
+    s = m.seq_len // context_degree
+    n = batch * s * m.hidden
     total = n * (e + 3 * 4)
     if m.arch != "bert_multiple_choice":
-        total += 9 * batch * m.seq_len * m.padded_vocab_size(model_degree) // model_degree
+        total += 9 * batch * s * m.padded_vocab_size(model_degree) // model_degree
     if m.arch == "bert":
         total += n * (3 * e + 3 * 4)
     return total
 
 
-def paper_layer_activation_bytes(m: ModelConfig, *, batch: int, model_degree: int) -> float:
+def paper_layer_activation_bytes(
+    m: ModelConfig, *, batch: int, model_degree: int, context_degree: int = 1
+) -> float:
     """The paper's bytes per layer at 16-bit activations (its Table 2), for model.remat and
     model.sequence_parallel: sbh(10 + 24/t + 5as/(ht)) with tensor parallelism (t = 1: none),
     (sbh/t)(34 + 5as/h) adding sequence parallelism, the 5as/h term gone with selective
     recomputation, 2sbh (2sbh/t with sequence parallelism) with full recomputation."""
     s, h, a, t = m.seq_len, m.hidden, m.num_heads, model_degree
-    sbh = s * batch * h
+    sbh = s * batch * h / context_degree  # context parallelism: each term's s by C
     if m.remat == "full":
         return 2 * sbh / (t if m.sequence_parallel else 1)
     core = 0 if m.remat == "selective" else 5 * a * s / h
@@ -194,6 +218,7 @@ def pipelined_activation_bytes(
     repeats: int,
     micro: int,
     lora: LoRAConfig | None = None,
+    context_degree: int = 1,
 ) -> dict:
     """Bytes a device keeps for the backward pass of a pipelined step
     (models/pipeline_schedule.py), for `micro` micro-batches of `batch` sequences per device:
@@ -203,20 +228,23 @@ def pipelined_activation_bytes(
     - the micro-batches' embedding output, the stages' copy of it and the finished outputs,
       (m, b, s, h) each, and as many cotangents in the backward pass;
     - the heads, run on all micro-batches at once (vmapped)."""
-    e = jnp.dtype(m.compute_dtype).itemsize
+    e, c = jnp.dtype(m.compute_dtype).itemsize, context_degree
     ticks = repeats * micro + stages - 1
     chunk = dataclasses.replace(m, num_layers=m.num_layers // (stages * repeats))
-    stack = ticks * stack_activation_bytes(chunk, batch=batch, model_degree=model_degree, lora=lora)
+    at = dict(batch=batch, model_degree=model_degree, context_degree=c)
+    stack = ticks * stack_activation_bytes(chunk, lora=lora, **at)
     if m.remat != "none":  # one layer's working set at a time, not one per tick
         working = (
-            layer_activation_bytes(m, batch=batch, model_degree=model_degree, lora=lora)
+            layer_activation_bytes(m, lora=lora, **at)
             if m.remat == "full"
-            else _core_bytes(m, batch=batch, model_degree=model_degree)
+            else _core_bytes(m, **at)
         )
         stack -= (ticks - 1) * working
     r = model_degree if m.sequence_parallel else 1  # the stages' inputs split over `model`
-    buffers = 2 * 3 * micro * batch * m.seq_len * m.hidden * e / r
-    head = head_activation_bytes(m, batch=micro * batch, model_degree=model_degree)
+    buffers = 2 * 3 * micro * batch * m.seq_len // c * m.hidden * e / r
+    head = head_activation_bytes(
+        m, batch=micro * batch, model_degree=model_degree, context_degree=c
+    )
     return {
         "stack": stack,
         "buffers": buffers,

@@ -15,6 +15,7 @@ from megajax.plan import activations
 from megajax.plan.estimates import (
     PAPER_WEAK_SCALING,
     allreduce_elements,
+    context_kv,
     estimate_memory,
     expected_collectives,
     flops_per_step,
@@ -57,6 +58,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     expert = device_mesh.shape[parallel.EXPERT]
     fsdp = device_mesh.shape[parallel.FSDP]
     stages = device_mesh.shape[parallel.PIPELINE]
+    context = device_mesh.shape[parallel.CONTEXT]
     trainer = Trainer(cfg, device_mesh)
     abstract = trainer.abstract_state()
     per_device = sum(  # as the forward pass holds them: split over `model` (and `fsdp`)
@@ -88,8 +90,8 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     at = dict(
         data_degree=data, model_degree=model, stages=stages, expert_degree=expert, fsdp_degree=fsdp
     )
-    est = estimate_memory(cfg, master_params=master, **at)
-    expected = expected_collectives(cfg, **at)
+    est = estimate_memory(cfg, master_params=master, context_degree=context, **at)
+    expected = expected_collectives(cfg, context_degree=context, **at)
 
     model_elements = sum(
         c.runs * allreduce_elements(c.kind, c.elements, model)
@@ -106,13 +108,14 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
             model_elements=model_elements,
             stages=stages,
             fsdp_degree=fsdp,
+            context_degree=context,
         )
     }
     # The paper's largest run: 512 accelerators, this model degree, the same global batch.
     # Each device then holds data / scaled of the activations (and of their all-reduces); its
     # gradient bytes do not change, only the ring's factor and the fabric do.
     scaled = 512 // model
-    if scaled != data and stages == 1 and expert == 1 and fsdp == 1:
+    if scaled != data and stages == 1 and expert == 1 and context == 1 and fsdp == 1:
         plans[f"data={scaled} (512 devices)"] = roofline(
             cfg,
             tgt,
@@ -143,7 +146,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     if platform == "cpu":
         f32 = dataclasses.replace(cfg.model, compute_dtype="float32")
         f32_cfg = dataclasses.replace(cfg, model=f32)
-        as_compiled = estimate_memory(f32_cfg, master_params=master, **at)
+        as_compiled = estimate_memory(f32_cfg, master_params=master, context_degree=context, **at)
         if cfg.model.compute_dtype != "float32" and not cfg.optim.distributed and fsdp == 1:
             layers = 1 if remat == "full" else cfg.model.num_layers // stages
             cast_weights = 4 * layers * activations.layer_matmul_weights(cfg.model, model)
@@ -162,7 +165,17 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     return {
         "config": dataclasses.asdict(cfg.model),
         "lora": dataclasses.asdict(cfg.lora),
-        "mesh": {"pipeline": stages, "data": data, "fsdp": fsdp, "expert": expert, "model": model},
+        "mesh": {
+            "pipeline": stages,
+            "data": data,
+            "fsdp": fsdp,
+            "expert": expert,
+            "context": context,
+            "model": model,
+        },  # fmt: skip
+        "context": context_summary(
+            cfg, found, data=data, model=model, context=context, stages=stages, tgt=tgt
+        ),  # fmt: skip
         "pipeline": pipeline_summary(cfg, stages=stages, data=data, model=model, found=found),
         # Elements of the all-reduces over `model` that move as many bytes (the roofline's).
         "model_allreduce_elements": model_elements,
@@ -214,6 +227,37 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         "roofline": {"target": tgt.name, **plans},
         # The 2019 paper's measured efficiencies are of its V100 runs, without pipelining.
         "paper_weak_scaling": PAPER_WEAK_SCALING if target_name == "v100" and stages == 1 else None,
+    }
+
+
+def context_summary(cfg: Config, found, *, data, model, context, stages, tgt) -> dict | None:
+    """Context parallelism's figures: the K/V all-gathers and reduce-scatters over `context`
+    found in the compiled program beside context_kv's prediction, the ring's computed bytes,
+    the attention core's FLOPs at the whole length, and the exchange's time on the target."""
+    if context == 1:
+        return None
+    m = cfg.model
+    kv = [c for c in found if c.axes == (parallel.CONTEXT,) and len(c.shapes[0]) == 5]
+    kv = [c for c in kv if c.shapes[0][-1] == m.head_dim]
+    itemsize = 4 if jax.devices()[0].platform == "cpu" else None  # XLA:CPU moves bf16 as f32
+    at = dict(data_degree=data, model_degree=model, context_degree=context, stages=stages)
+    predicted = context_kv(cfg, itemsize=itemsize, **at)
+    on_target = context_kv(cfg, **at)
+    in_node = context * model <= tgt.node_size
+    link = tgt.intra_node_bw if in_node else tgt.inter_node_bw
+    return {
+        "degree": context,
+        "core": m.context_attention,
+        "all_gathers_compiled": sum(c.runs for c in kv if c.kind == "all-gather"),
+        "permutes_compiled": sum(c.runs for c in kv if c.kind == "collective-permute"),
+        "reduce_scatters_compiled": sum(c.runs for c in kv if c.kind == "reduce-scatter"),
+        "bytes_compiled": sum(c.runs * c.bytes for c in kv),
+        "predicted": predicted,
+        "allgather_bytes": on_target["allgather_bytes"],
+        "ring_bytes": on_target["ring_bytes"],
+        "seconds": on_target["bytes"] / link,
+        "in_node": in_node,
+        "attention_flops": flops_per_step(cfg)["attention"],
     }
 
 

@@ -180,6 +180,7 @@ def estimate_memory(
     stages: int = 1,
     expert_degree: int = 1,
     fsdp_degree: int = 1,
+    context_degree: int = 1,
 ) -> MemoryEstimate:
     """Per-device bytes. With optim.distributed, `master_params` is the per-device count of the
     float32 master weights of the trainable parameters (those split over `data` and those left
@@ -192,14 +193,18 @@ def estimate_memory(
     lora.rank > 0 only the adapters train: the other weights are held as they are (float32),
     with neither gradients nor moments. With pipeline stages, the micro-batches are in flight
     together (activations.pipelined_activation_bytes). `expert_degree` splits a MoE model's
-    experts, and the batch with `data`."""
+    experts, and the batch with `data`. `context_degree` splits every activation's length
+    (activations.py); the batch arrives whole on every context rank."""
     m, tr = cfg.model, cfg.train
+    c = context_degree
     p = trainable_params_per_device(cfg, model_degree, stages, expert_degree)
     frozen = params_per_device(m, model_degree, stages) if cfg.lora.rank else 0
     shards = data_degree * fsdp_degree * expert_degree  # the batch's
     batch = tr.batch_size // tr.micro_batches // shards  # one micro-batch on one device
     sequences = batch * (m.num_choices if m.arch == "bert_multiple_choice" else 1)
-    head = activations.head_activation_bytes(m, batch=batch, model_degree=model_degree)
+    head = activations.head_activation_bytes(
+        m, batch=batch, model_degree=model_degree, context_degree=c
+    )
 
     def stack(remat):
         m_remat = dataclasses.replace(m, remat=remat)
@@ -207,6 +212,7 @@ def estimate_memory(
             return activations.pipelined_activation_bytes(
                 m_remat, batch=sequences, model_degree=model_degree, stages=stages,
                 repeats=tr.pipeline_repeats, micro=tr.micro_batches, lora=cfg.lora,
+                context_degree=c,
             )["total"] - head  # fmt: skip
         return activations.stack_activation_bytes(
             m_remat,
@@ -214,9 +220,12 @@ def estimate_memory(
             model_degree=model_degree,
             lora=cfg.lora,
             expert_degree=expert_degree,
+            context_degree=c,
         )
 
-    paper = activations.paper_layer_activation_bytes(m, batch=sequences, model_degree=model_degree)
+    paper = activations.paper_layer_activation_bytes(
+        m, batch=sequences, model_degree=model_degree, context_degree=c
+    )
     fields = models.batch_fields(m, documents=cfg.data.documents)
     sample = sum(math.prod(shape) for shape in fields.values())
     counters = 2 * 4 + (3 * 4 if m.compute_dtype == "float16" else 0)  # + the loss scaler
@@ -309,7 +318,14 @@ def flops_per_step(cfg: Config) -> dict[str, float]:
     if m.moe:  # a token's share of the layers' FLOPs, forward only
         layer = (m.flops_per_token() - m.head_flops_per_token()) / 3 / m.num_layers
     recomputed = {"none": 0, "selective": core, "full": layer}[m.remat]
-    return {"model": model, "hardware": model + m.num_layers * recomputed * tokens}
+    # The attention core's share of `model` (q k^T and the values at the whole length, forward
+    # and backward; causal masking skips none of it here).
+    attention = 3 * core * m.num_layers * tokens
+    return {
+        "model": model,
+        "hardware": model + m.num_layers * recomputed * tokens,
+        "attention": attention,
+    }
 
 
 def expected_collectives(
@@ -320,6 +336,7 @@ def expected_collectives(
     stages: int = 1,
     expert_degree: int = 1,
     fsdp_degree: int = 1,
+    context_degree: int = 1,
 ) -> dict:
     """Collectives the paper's plan implies per step: (count, elements) by mesh axis. With
     pipeline stages a device runs L / (v P) layers per tick, on one micro-batch, for every
@@ -338,7 +355,8 @@ def expected_collectives(
         outside, batched = 2 if lm else 1, micro
     b *= 1 if lm else m.num_choices  # sequences per device
     found = {}
-    n = b * m.seq_len * m.hidden
+    s = m.seq_len // context_degree  # the local length
+    n = b * s * m.hidden
     if model_degree > 1 and m.sequence_parallel:
         # Per layer 2 all-gathers and 2 reduce-scatters forward; backward the reduce-scatters'
         # transposes (2 all-gathers), the gathers' (2 reduce-scatters) and 2 gathers again of
@@ -362,7 +380,7 @@ def expected_collectives(
         found["model: activations (b, s, h)"] = (acts, (per_layer * runs + batched * outside) * n)
     if model_degree > 1:
         if lm:
-            found["model: cross-entropy (b, s)"] = (3 * micro, 3 * micro * b * m.seq_len)
+            found["model: cross-entropy (b, s)"] = (3 * micro, 3 * micro * b * s)
         if m.kv_by_rows(model_degree):  # the kv weight gathered per layer, its gradient
             kv, again = m.hidden * 2 * m.kv_heads * m.head_dim, 2 if m.remat == "full" else 1
             found["model: kv weight all-gathers"] = (again * runs, again * runs * kv)
@@ -383,10 +401,60 @@ def expected_collectives(
         outside = outside_params(m, model_degree)
         found["fsdp: weight all-gathers"] = (None, 2 * runs * layer + outside)
         found["fsdp: gradient reduce-scatters"] = (None, runs * layer + micro * outside)
+    if context_degree > 1:
+        kv = context_kv(cfg, data_degree=data_degree, model_degree=model_degree,
+                        context_degree=context_degree, stages=stages)  # fmt: skip
+        if cfg.model.context_attention == "ring":
+            found["context: K/V block collective-permutes (2, b, s / C, heads, d)"] = kv[
+                "collective_permute"
+            ]
+        else:
+            found["context: K/V all-gathers (b, s, 2, kv, d)"] = kv["all_gather"]
+            found["context: K/V gradient reduce-scatters (b, s / C, 2, kv, d)"] = kv[
+                "reduce_scatter"
+            ]
     if expert_degree > 1:
         rows = moe_alltoall(cfg, data_degree=data_degree, expert_degree=expert_degree, itemsize=1)
         found["expert: all-to-alls of rows"] = (rows["count"], rows["bytes"])
     return found
+
+
+def context_kv(
+    cfg: Config, *, data_degree: int, model_degree: int, context_degree: int, stages: int = 1,
+    itemsize=None,
+) -> dict:  # fmt: skip
+    """K and V's exchange over `context` in one step on one device (context_attention.py).
+    "allgather": per layer run, one all-gather of the (b, s, 2, kv slots / T, head_dim) K/V
+    forward (again when model.remat="full" recomputes the layer) and one reduce-scatter of
+    its gradient backward; each moves (C - 1) / C of the gathered tensor through a device's
+    link. "ring": C - 1 collective-permutes of (2, b, s / C, kv slots / T, head_dim) K/V blocks
+    forward, and backward the blocks again and their float32 dK/dV sums, 2 (C - 1). "bytes":
+    the configured core's. Bytes in the compute dtype (`itemsize`: another)."""
+    m, tr = cfg.model, cfg.train
+    c, t = context_degree, model_degree
+    e = itemsize or jnp.dtype(m.compute_dtype).itemsize
+    b = tr.batch_size // tr.micro_batches // data_degree
+    runs = tr.micro_batches * m.num_layers // stages
+    if stages > 1:
+        ticks = pipeline_arithmetic.ticks(stages, tr.pipeline_repeats, tr.micro_batches)
+        runs = ticks * (m.num_layers // (stages * tr.pipeline_repeats))
+    slots = m.kv_slots(t) // t
+    whole = b * m.seq_len * 2 * slots * m.head_dim  # one gathered K/V, elements
+    gathers = runs * (2 if m.remat == "full" else 1)
+    sent = (gathers + runs) * whole * (c - 1) / c * e
+    block = whole // c
+    # The ring's permutes: (C - 1) per layer run forward (again when recomputed), 2 (C - 1)
+    # backward (the blocks again, then their float32 dK/dV sums), (2, b, s / C, kv, head_dim).
+    permutes = (gathers + 2 * runs) * (c - 1)
+    ring = (gathers + runs) * (c - 1) * block * e + runs * (c - 1) * block * 4
+    return {
+        "all_gather": (gathers, gathers * whole),
+        "reduce_scatter": (runs, runs * block),
+        "collective_permute": (permutes, permutes * block),
+        "allgather_bytes": sent,
+        "ring_bytes": ring,
+        "bytes": sent if m.context_attention == "allgather" else ring,
+    }
 
 
 def pipeline_transfer_bytes(cfg: Config, data_degree: int, model_degree: int, stages: int):
@@ -446,6 +514,7 @@ def roofline(
     stages: int = 1,
     expert_degree: int = 1,
     fsdp_degree: int = 1,
+    context_degree: int = 1,
 ) -> dict:
     """Step time = compute at peak + model all-reduces (intra-node) + gradient all-reduce
     (inter-node once the mesh leaves a node), nothing overlapped: an optimistic compute term
@@ -464,9 +533,12 @@ def roofline(
     micro-batches' (m b s h) buffers, and with circular repeats the layers' weights sent to the
     stages that run them (and their gradients back). A MoE model on `expert_degree` > 1 adds
     its all-to-alls (moe_alltoall); its batch is split over data and expert, and the gradients
-    are reduced over both (the experts' over data alone: counted as the others)."""
+    are reduced over both (the experts' over data alone: counted as the others). A context
+    degree C > 1 adds the K/V all-gathers and their reduce-scatters (context_kv), over the
+    intra-node links while C T fits a node, and sums the gradients over context too."""
     m, tr = cfg.model, cfg.train
-    devices = stages * data_degree * fsdp_degree * expert_degree * model_degree
+    c = context_degree
+    devices = stages * data_degree * fsdp_degree * expert_degree * c * model_degree
     fl = flops_per_step(cfg)
     compute = fl["hardware"] / devices / tgt.peak_flops
     e = jnp.dtype(m.compute_dtype).itemsize
@@ -475,7 +547,7 @@ def roofline(
     # float32 gradients
     grad_bytes = 4 * trainable_params_per_device(cfg, model_degree, stages, expert_degree)
     data_bw = tgt.inter_node_bw if devices > tgt.node_size else tgt.intra_node_bw
-    data_s = allreduce_seconds(grad_bytes, data_degree * expert_degree, data_bw)
+    data_s = allreduce_seconds(grad_bytes, data_degree * expert_degree * c, data_bw)
     fsdp_s = 0.0
     if fsdp_degree > 1:
         f = fsdp_degree
@@ -483,6 +555,12 @@ def roofline(
         moved = tr.micro_batches * (3 * layer + 2 * outside_params(m, model_degree))
         fsdp_bw = tgt.intra_node_bw if devices <= tgt.node_size else tgt.inter_node_bw
         fsdp_s = e * moved * (f - 1) / f / fsdp_bw
+    context_s = 0.0
+    if c > 1:
+        kv = context_kv(cfg, data_degree=data_degree * expert_degree, model_degree=model_degree,
+                        context_degree=c, stages=stages)  # fmt: skip
+        in_node = c * model_degree <= tgt.node_size
+        context_s = kv["bytes"] / (tgt.intra_node_bw if in_node else tgt.inter_node_bw)
     alltoall = moe_alltoall(cfg, data_degree=data_degree, expert_degree=expert_degree)
     x = expert_degree
     link = tgt.intra_node_bw if x * model_degree <= tgt.node_size else tgt.inter_node_bw
@@ -505,7 +583,7 @@ def roofline(
         if v > 1:  # float32 layer weights to the stages that run them, gradients back
             layer_params = stage_layer_params(m, model_degree, stages)
             p2p_s += 2 * 4 * layer_params * (v - 1) / v / p2p_bw
-    step = compute + model_s + data_s + bubble_s + p2p_s + alltoall_s + fsdp_s
+    step = compute + model_s + data_s + bubble_s + p2p_s + alltoall_s + fsdp_s + context_s
     return {
         "compute_s": compute,
         "model_allreduce_s": model_s,
@@ -514,6 +592,7 @@ def roofline(
         "bubble_s": bubble_s,
         "pipeline_s": p2p_s,
         "alltoall_s": alltoall_s,
+        "context_s": context_s,
         "step_s": step,
         "mfu": fl["model"] / devices / step / tgt.peak_flops,
         "weak_scaling_efficiency": compute / step,

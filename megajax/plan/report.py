@@ -27,6 +27,7 @@ def report(plan: dict) -> str:
     lines = [
         f"dry run: mesh pipeline={plan['mesh']['pipeline']} data={plan['mesh']['data']} "
         f"fsdp={plan['mesh']['fsdp']} expert={plan['mesh']['expert']} "
+        f"context={plan['mesh']['context']} "
         f"model={plan['mesh']['model']}, "
         f"compiled in {plan['compile_seconds']:.1f}s on {plan['platform']}",
         f"parameters: {p['total']:,} total, {p['per_device']:,} per device "
@@ -85,6 +86,23 @@ def report(plan: dict) -> str:
             f"{gb(done['bytes'])} compiled (predicted {want['count']}, {gb(want['bytes'])}); "
             f"{1e3 * moe['alltoall_seconds']:.1f} ms on the target's links in "
             f"{plan['config']['compute_dtype']}",
+        ]
+    cp = plan["context"]
+    if cp:
+        want = cp["predicted"]
+        lines += [
+            "",
+            f"context: C={cp['degree']}, model.context_attention={cp['core']}; attention core "
+            f"{cp['attention_flops']:.3e} FLOPs per step at the whole length",
+            f"  K/V all-gathers over context: {cp['all_gathers_compiled']} compiled "
+            f"(predicted {want['all_gather'][0]}), their reduce-scatters "
+            f"{cp['reduce_scatters_compiled']} (predicted {want['reduce_scatter'][0]}); "
+            f"K/V block collective-permutes {cp['permutes_compiled']} (a ring's: predicted "
+            f"{want['collective_permute'][0]}); {gb(cp['bytes_compiled'])} of results compiled",
+            f"  per device per step: all-gather {gb(cp['allgather_bytes'])} through its link, a "
+            f"ring {gb(cp['ring_bytes'])}; {cp['core']}: "
+            f"{1e3 * cp['seconds']:.1f} ms on the target's "
+            f"{'intra' if cp['in_node'] else 'inter'}-node links",
         ]
     pp = plan["pipeline"]
     if pp:
@@ -159,7 +177,8 @@ def report(plan: dict) -> str:
                 else ""
             )
             + (f", all-to-all {ms['alltoall_s']}" if r["alltoall_s"] else "")
-            + (f", fsdp gathers and reduce-scatters {ms['fsdp_s']}" if r["fsdp_s"] else "")
+            + (f", fsdp gathers and reduce-scatters {ms['fsdp_s']}" if r.get("fsdp_s") else "")
+            + (f", K/V exchange {ms['context_s']}" if r.get("context_s") else "")
             + f") | MFU {100 * r['mfu']:.0f}% | {r['hardware_tflops_per_device']:.0f} "
             f"hardware TFLOP/s per device | weak scaling "
             f"{100 * r['weak_scaling_efficiency']:.0f}%"
