@@ -26,6 +26,8 @@ MODELS = {
     # a Mixtral in miniature (tests/test_moe.py's), its experts split over `expert`
     "mixtral": lambda: llama_config(dropout=0.1, **MOE),
     # LoRA adapters (the only trainable parameters) under sequence parallelism
+    # the sequence split over `context` too
+    "gpt-context": lambda: tiny_config(dropout=0.1),
     "gpt-lora-sp": lambda: config.replace(
         tiny_config(dropout=0.1, sequence_parallel=True), lora=dict(rank=4)
     ),
@@ -35,6 +37,7 @@ MESHES = {
     "gpt": ("fsdp=4,model=2", "data=4,model=2"),
     "llama": ("fsdp=4,model=2", "data=4,model=2"),
     "mixtral": ("fsdp=2,expert=2,model=2", "data=2,expert=2,model=2"),
+    "gpt-context": ("context=2,fsdp=2,model=2", "context=2,data=2,model=2"),
     "gpt-lora-sp": ("data=2,fsdp=2,model=2", "data=4,model=2"),
 }
 
