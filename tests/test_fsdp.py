@@ -25,9 +25,9 @@ MODELS = {
     "llama": lambda: llama_config(dropout=0.1, remat="full"),  # recomputed layers gather again
     # a Mixtral in miniature (tests/test_moe.py's), its experts split over `expert`
     "mixtral": lambda: llama_config(dropout=0.1, **MOE),
-    # LoRA adapters (the only trainable parameters) under sequence parallelism
     # the sequence split over `context` too
     "gpt-context": lambda: tiny_config(dropout=0.1),
+    # LoRA adapters (the only trainable parameters) under sequence parallelism
     "gpt-lora-sp": lambda: config.replace(
         tiny_config(dropout=0.1, sequence_parallel=True), lora=dict(rank=4)
     ),
