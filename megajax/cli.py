@@ -68,9 +68,9 @@ def add_flags(parser: argparse.ArgumentParser, *, config_required: bool) -> None
     parser.add_argument(
         "--mesh",
         default="data=-1,model=1",
-        help="degrees of the (pipeline, data, expert, model) mesh, e.g. data=2,model=4, "
-        "pipeline=2,data=2,model=2 or data=2,expert=2,model=2 (a missing degree is 1); -1 = "
-        "all remaining devices",
+        help="degrees of the (pipeline, data, fsdp, expert, context, model) mesh, e.g. "
+        "data=2,model=4, pipeline=2,data=2,model=2, data=2,fsdp=4, data=2,expert=2,model=2 or "
+        "context=4,model=2 (a missing degree is 1); -1 = all remaining devices",
     )
     parser.add_argument(
         "--cpu_devices", type=int, default=0, help="fake this many CPU devices (per process)"

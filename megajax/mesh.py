@@ -1,9 +1,10 @@
-"""The one place that builds the (pipeline, data, expert, context, model) device mesh and checks
-it against the model. The mesh always has all five axes; a degree left out is 1, so every
-two-axis string (`data=2,model=4`) builds the same programs as before the pipeline, expert and
-context axes existed. `expert` splits the batch like `data` outside Mixture-of-Experts layers
-and the experts inside them; `context` splits every activation's sequence (parallel.py,
-context_attention.py)."""
+"""The one place that builds the (pipeline, data, fsdp, expert, context, model) device mesh and
+checks it against the model. The mesh always has all six axes; a degree left out is 1, so every
+two-axis string (`data=2,model=4`) builds the same programs as before the pipeline, fsdp, expert
+and context axes existed. `fsdp` splits the batch like `data` and, unlike it, every parameter
+at rest (fully sharded data parallelism); `expert` splits the batch like `data` outside
+Mixture-of-Experts layers and the experts inside them; `context` splits every activation's
+sequence (parallel.py, context_attention.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ from megajax.config import ConfigError, ModelConfig
 
 # The mesh axes, outermost (across nodes) first. This module imports JAX only to build a mesh,
 # so that a command line checks its flags, and says what is wrong, before JAX loads.
-PIPELINE, DATA, EXPERT, CONTEXT, MODEL = "pipeline", "data", "expert", "context", "model"
-AXES = (PIPELINE, DATA, EXPERT, CONTEXT, MODEL)
+PIPELINE, DATA, FSDP, EXPERT, CONTEXT, MODEL = (
+    "pipeline",
+    "data",
+    "fsdp",
+    "expert",
+    "context",
+    "model",
+)
+AXES = (PIPELINE, DATA, FSDP, EXPERT, CONTEXT, MODEL)
 
 
 def fake_cpu_devices(count: int) -> None:
@@ -32,14 +40,14 @@ def fake_cpu_devices(count: int) -> None:
 
 
 def parse(text: str) -> dict[str, int]:
-    """'data=2,model=4' -> {'pipeline': 1, 'data': 2, 'expert': 1, 'context': 1, 'model': 4};
-    a missing axis is 1, -1 means 'the rest'."""
+    """'data=2,model=4' -> {'pipeline': 1, 'data': 2, 'fsdp': 1, 'expert': 1, 'context': 1,
+    'model': 4}; a missing axis is 1, -1 means 'the rest'."""
     degrees = {axis: 1 for axis in AXES}
     for part in filter(None, text.replace(" ", "").split(",")):
         name, sep, value = part.partition("=")
         if not sep or name not in AXES:
             raise ConfigError(
-                f"--mesh {text!r}: expected pipeline=P,data=D,expert=E,context=C,model=M "
+                f"--mesh {text!r}: expected pipeline=P,data=D,fsdp=F,expert=E,context=C,model=M "
                 f"(got {part!r})"
             )
         try:
@@ -51,8 +59,8 @@ def parse(text: str) -> dict[str, int]:
     return degrees
 
 
-def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int, int, int]:
-    """(pipeline, data, expert, context, model): fill in a -1 degree and check that the
+def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, ...]:
+    """(pipeline, data, fsdp, expert, context, model): fill in a -1 degree and check that the
     product of the degrees equals the device count."""
     free = [axis for axis, d in degrees.items() if d == -1]
     if len(free) > 1:
@@ -66,7 +74,7 @@ def resolve(degrees: dict[str, int], num_devices: int) -> tuple[int, int, int, i
         degrees = {**degrees, free[0]: num_devices // fixed}
     total = math.prod(degrees[axis] for axis in AXES)
     if total != num_devices:
-        named = [a for a in AXES if a not in (PIPELINE, EXPERT, CONTEXT) or degrees[a] > 1]
+        named = [a for a in AXES if a in (DATA, MODEL) or degrees[a] > 1]
         shown = ",".join(f"{a}={degrees[a]}" for a in named)
         raise ConfigError(
             f"--mesh {shown} needs {total} devices but "
@@ -154,7 +162,7 @@ def check_context(cfg: ModelConfig, context_degree: int, model_degree: int) -> N
 
 
 def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
-    """`data_degree`: the shards the batch is split into (data times expert)."""
+    """`data_degree`: the shards the batch is split into (data times fsdp times expert)."""
     if batch_size % micro_batches:
         raise ConfigError(
             f"train.batch_size={batch_size} does not divide into {micro_batches} micro-batches"
@@ -162,20 +170,21 @@ def check_batch(batch_size: int, micro_batches: int, data_degree: int) -> None:
     if (batch_size // micro_batches) % data_degree:
         raise ConfigError(
             f"micro-batch size {batch_size // micro_batches} is not divisible by the data degree "
-            f"{data_degree} (data x expert, the axes that split the batch): make "
+            f"{data_degree} (data x fsdp x expert, the axes that split the batch): make "
             "train.batch_size / train.micro_batches a multiple of it"
         )
 
 
 def make(text: str, devices=None):
-    """Build the (pipeline, data, expert, context, model) mesh from a --mesh string over all (or the
-    given) devices.
+    """Build the (pipeline, data, fsdp, expert, context, model) mesh from a --mesh string over
+    all (or the given) devices.
 
     Devices are laid out process by process, so a model group lies inside one process (one
     host) whenever the model degree divides its device count: the per-layer all-reduces then
     stay on the fast intra-node links, and next to them the context axis's key/value
-    all-gathers and the experts' all-to-alls; `data` and, outermost, `pipeline`
-    (point-to-point transfers between stages only) cross hosts.
+    all-gathers and the experts' all-to-alls, then the fsdp groups' per-layer weight gathers;
+    `data` (one gradient reduction per step) and, outermost, `pipeline` (point-to-point
+    transfers between stages only) cross hosts.
     """
     import jax
     import numpy as np

@@ -8,8 +8,8 @@ Model code names only logical axes. With T = the `model` degree:
 - `mlp` splits fc1's columns and fc2's rows;
 - `vocab` splits the word embedding by rows; the tied LM head then yields vocabulary-sharded
   logits, which the cross-entropy reduces without gathering them;
-- `batch` splits the data over `data` and `expert`; everything else is replicated on every
-  model shard;
+- `batch` splits the data over `data`, `fsdp` and `expert`; everything else is replicated on
+  every model shard;
 - `experts` splits a Mixture-of-Experts layer's experts over `expert`: there the tokens travel
   to their experts' shards and back by all-to-all (megajax/moe.py), and everywhere else
   `expert` is one more data-parallel axis; `expert_mlp` splits each expert's inner width over
@@ -28,6 +28,14 @@ Model code names only logical axes. With T = the `model` degree:
   With sequence parallelism the residual stream splits over (context, model): each context
   rank's chunk further split over `model`.
 Changing the plan is a change to the table alone.
+
+Fully sharded data parallelism (ZeRO-3) is the one rule outside the table, because it splits
+parameters and never activations (an activation's `embed` stays whole where a weight's is
+split): `at_rest` adds `fsdp` to one dimension of every parameter, the first that the table
+leaves whole, that is not the stacked `layers` axis and that the fsdp degree divides. The
+parameters, their Adam moments and float32 masters are held so; `gathered` undoes the split
+where the forward pass reads a weight (each layer's inside the layer scan), so only that
+layer's whole copy is alive, and its gradient is reduced back onto the fsdp shards there.
 """
 
 from __future__ import annotations
@@ -37,18 +45,26 @@ import contextlib
 import jax
 from flax import nnx
 from flax.core import spmd
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from megajax.mesh import (  # noqa: F401 (the mesh axes the table maps onto)
     CONTEXT,
     DATA,
     EXPERT,
+    FSDP,
     MODEL,
     PIPELINE,
 )
 
-# The mesh axes that split the batch, outside the Mixture-of-Experts layers.
-BATCH = (DATA, EXPERT)
+# The mesh axes that split the batch, outside the Mixture-of-Experts layers, in the mesh's
+# order (a batch shard's index is its devices' position in the mesh).
+BATCH = (DATA, FSDP, EXPERT)
+# The name gathered() gives a gathered weight, so that the layer's remat policy drops it: the
+# backward pass gathers it again rather than keep every layer's whole copy.
+GATHERED = "fsdp_gathered"
+# Logical axes that fsdp never splits: the layer scan slices the stacked layers one at a time.
+UNSPLIT_BY_FSDP = ("layers", "stage")
 
 
 def rules(
@@ -174,3 +190,75 @@ def gather_over_model(x: jax.Array, dims) -> jax.Array:
     for dim in dims:
         x = jax.lax.all_gather(x, MODEL, axis=dim, tiled=True)
     return x
+
+
+def at_rest(shape: tuple[int, ...], compute: P, names, degrees: dict[str, int]) -> P:
+    """The layout a parameter is held in on a mesh of these axis `degrees`: its compute spec
+    (the table's) with `fsdp` on the first dimension that the spec leaves whole, that `names`
+    (its logical axes) do not call `layers` or `stage` and that the fsdp degree divides; else
+    within the first dimension the spec splits over one axis whose shards it divides; the
+    compute spec itself when no dimension qualifies (a vector whose length fsdp does not
+    divide stays whole, a few bytes)."""
+    f = degrees.get(FSDP, 1)
+    if f == 1:
+        return compute
+    dims = tuple(compute) + (None,) * (len(shape) - len(compute))
+    names = tuple(names or ()) + (None,) * (len(shape) - len(names or ()))
+    for i, (size, axis, name) in enumerate(zip(shape, dims, names, strict=True)):
+        if axis is None and name not in UNSPLIT_BY_FSDP and size % f == 0:
+            return P(*dims[:i], FSDP, *dims[i + 1 :])
+    # Else a dimension the table splits over one mesh axis, further split within each of its
+    # shards (a column-parallel layer's bias: `model`, then `fsdp`).
+    for i, (size, axis, name) in enumerate(zip(shape, dims, names, strict=True)):
+        if isinstance(axis, str) and name not in UNSPLIT_BY_FSDP:
+            if size % (f * degrees.get(axis, 1)) == 0:
+                return P(*dims[:i], (axis, FSDP), *dims[i + 1 :])
+    return compute
+
+
+def fsdp_degree() -> int:
+    """The `fsdp` degree of the mesh being traced under (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get(FSDP, 1)
+
+
+def gathered(x: jax.Array, names) -> jax.Array:
+    """A parameter held split over `fsdp` (at_rest), constrained to the layout the table gives
+    its logical `names` (the last x.ndim of them: a layer's slice of a stacked weight drops
+    `layers`): one all-gather over `fsdp` where it is read; its transpose, in the backward pass,
+    sums the batch shards' gradients onto the fsdp shards (a reduce-scatter). Without an fsdp
+    axis, x itself, so that the program is the one built without it."""
+    if fsdp_degree() == 1 or names is None:
+        return x
+    names = tuple(names)[len(names) - x.ndim :]
+    return checkpoint_name(jax.lax.with_sharding_constraint(x, spec(*names)), GATHERED)
+
+
+def keep_all_but_gathered(prim, *_, **params) -> bool:
+    """A remat policy (jax.checkpoint's `policy`) that saves every value of a layer for its
+    backward pass but the weights gathered over `fsdp`, which the backward pass gathers again
+    from the shards. A gathered weight is the `GATHERED`-named output of a sharding constraint
+    whose layout names no batch axis (an activation's always splits the batch over `fsdp`);
+    both must be unsaved, or the constraint's output is saved in the name's place."""
+    if prim.name == "name":
+        return params.get("name") != GATHERED
+    if prim.name == "sharding_constraint":
+        axes = jax.tree.leaves(tuple(getattr(params["sharding"], "spec", ())))
+        return FSDP in axes
+    return True
+
+
+def gathered_variables(state, *, stacked: bool = True):
+    """gathered() on each parameter of an nnx State, reading its logical names from its
+    Variable's metadata; with `stacked=False` only those outside the stacked layers (which
+    the layer scan gathers one layer at a time)."""
+
+    def gather(v):
+        names = v.get_metadata().get("out_sharding")
+        if not stacked and names and names[0] in UNSPLIT_BY_FSDP:
+            return v
+        return v.replace(gathered(v[...], names))
+
+    if fsdp_degree() == 1:
+        return state
+    return jax.tree.map(gather, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

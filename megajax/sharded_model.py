@@ -5,6 +5,7 @@ step; evaluation, generation, the server and conversion need nothing more than t
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,15 @@ class ShardedModel:
                 "model.moe_every > 1: MoE layers between dense ones do not run in pipeline "
                 "stages yet: use pipeline=1, or model.moe_every=1"
             )
+        if mesh.shape[parallel.FSDP] > 1 and cfg.model.remat == "selective":
+            # The layer's remat policy that drops the gathered weights (scan_layers) would
+            # override the nested checkpoints that selective recomputation is made of, and
+            # keep the attention scores they drop.
+            raise ConfigError(
+                "model.remat=selective does not combine with an fsdp axis yet: use "
+                "--set model.remat=full (fsdp's gathers then repeat with the recomputed "
+                "forward) or model.remat=none"
+            )
         if stages > 1:  # they flow through the pipeline stages together
             pipeline_arithmetic.check(
                 num_layers=cfg.model.num_layers,
@@ -69,15 +79,32 @@ class ShardedModel:
             self.graphdef, self._abstract_variables = nnx.split(abstract)
             self.compute_specs = nnx.to_pure_dict(nnx.get_partition_spec(self._abstract_variables))
             self._abstract_params = nnx.to_pure_dict(self._abstract_variables)
-        # The forward pass's layout, and where the parameters are held (a Trainer with the
-        # distributed optimizer holds them further split over `data`).
+            # Each parameter's logical axis names, as its Variable's metadata holds them.
+            self.logical_axes = nnx.to_pure_dict(
+                jax.tree.map(
+                    lambda v: v.get_metadata().get("out_sharding"),
+                    self._abstract_variables,
+                    is_leaf=lambda x: isinstance(x, nnx.Variable),
+                )
+            )
+        # The forward pass's layout (each weight whole over `fsdp` where it is read), and
+        # where the parameters are held: split over `fsdp` (parallel.at_rest; the same layout
+        # without that axis), and by a Trainer with the distributed optimizer further over
+        # `data`.
+        self.rest_specs = jax.tree.map(
+            lambda a, spec, names: parallel.at_rest(a.shape, spec, names, dict(mesh.shape)),
+            self._abstract_params,
+            self.compute_specs,
+            self.logical_axes,
+        )
         self.compute_sharding = jax.tree.map(self._named, self.compute_specs, is_leaf=_is_spec)
-        self.param_sharding = self.compute_sharding
+        self.rest_sharding = jax.tree.map(self._named, self.rest_specs, is_leaf=_is_spec)
+        self.param_sharding = self.rest_sharding
         micro = (cfg.train.micro_batches, cfg.train.batch_size // cfg.train.micro_batches)
         self.micro_shape = micro
         self.fields = models.batch_fields(cfg.model, documents=cfg.data.documents)
         self.objective = models.objective(cfg.model)
-        # Samples are split over `data` and `expert` by rows.
+        # Samples are split over `data`, `fsdp` and `expert` by rows.
         self.eval_sharding = {
             k: self._named(P(parallel.BATCH, *[None] * len(s))) for k, s in self.fields.items()
         }
@@ -107,8 +134,13 @@ class ShardedModel:
         return lora.attach(model, self.cfg.lora, seed=seed)
 
     def _initial_params(self):
-        """The parameters as train.seed initialises them (trace under context())."""
-        return nnx.to_pure_dict(nnx.split(self._new_model(self.cfg.train.seed))[1])
+        """The parameters as train.seed initialises them (trace under context()). Split over
+        `fsdp`, they take their layout from the caller's out_shardings alone: the table's
+        layout, which Flax would otherwise pin each one to as it creates it, is whole over
+        `fsdp`, and each device would draw the whole weight before keeping its slice."""
+        eager = self.mesh.shape[parallel.FSDP] == 1
+        with nnx.use_eager_sharding(eager):
+            return nnx.to_pure_dict(nnx.split(self._new_model(self.cfg.train.seed))[1])
 
     def fresh_params(self, keys=None):
         """Freshly initialised parameters (train.seed), created shard by shard; with `keys`,
@@ -167,11 +199,16 @@ class ShardedModel:
     def loss(self, params, batch: dict, key):
         """(objective, metrics) of a batch of samples (a dict of models.batch_fields arrays).
         On a context-split mesh a decoder's batch is first put in the causal load balance's
-        order (context_attention.balance)."""
+        order (context_attention.balance). Parameters held split over `fsdp` outside the
+        stacked layers (embeddings, head, final norm) are gathered here, for the whole forward
+        and backward pass; the layers' are gathered one layer at a time inside the layer
+        scan."""
         m = self.cfg.model
         if self.context_degree > 1 and m.arch == "gpt":
             batch = context_attention.balance(batch, seq_len=m.seq_len, context=self.context_degree)
-        return self.objective(self.model(params), batch, key)
+        graphdef, state = nnx.split(self.model(params))
+        model = nnx.merge(graphdef, parallel.gathered_variables(state, stacked=False))
+        return self.objective(model, batch, key)
 
     def compute_params(self, params):
         """The parameters as the forward pass reads them: here, as they are held."""
@@ -237,17 +274,18 @@ def _is_spec(x) -> bool:
 
 
 def batch_degree(mesh) -> int:
-    """How many shards the batch is split into: the data times the expert degree."""
-    return mesh.shape[parallel.DATA] * mesh.shape[parallel.EXPERT]
+    """How many shards the batch is split into: the data, fsdp and expert degrees' product."""
+    return math.prod(mesh.shape[a] for a in parallel.BATCH)
 
 
 def process_rows(mesh, batch: int) -> np.ndarray:
-    """Indices of the rows of a (batch, ...) array split over `data` and `expert` that live on
-    this process's devices: a contiguous range, as make_array_from_process_local_data needs."""
+    """Indices of the rows of a (batch, ...) array split over the batch axes (parallel.BATCH)
+    that live on this process's devices: a contiguous range, as
+    make_array_from_process_local_data needs."""
     per_shard = batch // batch_degree(mesh)
     me = jax.process_index()
     axes = [mesh.axis_names.index(a) for a in parallel.BATCH]
-    by_data = np.moveaxis(mesh.devices, axes, [0, 1]).reshape(batch_degree(mesh), -1)
+    by_data = np.moveaxis(mesh.devices, axes, range(len(axes))).reshape(batch_degree(mesh), -1)
     shards = [i for i, grp in enumerate(by_data) if any(d.process_index == me for d in grp.flat)]
     rows = np.concatenate([np.arange(i * per_shard, (i + 1) * per_shard) for i in shards])
     if np.any(np.diff(rows) != 1):

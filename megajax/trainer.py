@@ -1,5 +1,5 @@
-"""Sharded train state and the jitted train step for a (pipeline, data, expert, model) mesh, on
-top of the model's graph and layout (sharded_model.py)."""
+"""Sharded train state and the jitted train step for a (pipeline, data, fsdp, expert, model)
+mesh, on top of the model's graph and layout (sharded_model.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from megajax import lora, loss_scale, optim, parallel
@@ -25,8 +24,9 @@ class Trainer(ShardedModel):
 
     The state is a pytree {"params", "opt_state", "step", "skipped"} (and "scaler" with
     float16): params are a plain nested dict of float32 arrays, each sharded as
-    parallel.rules() says (and, with optim.distributed, further split over `data`); optimizer
-    moments share their parameter's sharding. Dropout keys derive from (train.seed, step), so a
+    parallel.rules() says, split over `fsdp` as parallel.at_rest says (and, with
+    optim.distributed, further split over `data`); optimizer moments share their parameter's
+    sharding. Dropout keys derive from (train.seed, step), so a
     step is reproducible alone.
 
     Only the trainable parameters (lora.trainable: all of them, or with lora.rank > 0 the LoRA
@@ -37,27 +37,20 @@ class Trainer(ShardedModel):
     def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
         super().__init__(cfg, mesh)
         if cfg.optim.grad_reduce == "step":
-            _check_reduce_once(cfg, self.schedule)
+            _check_reduce_once(cfg, self.schedule, mesh)
         self.tx = optim.make(cfg.optim)
         self.lr = optim.schedule(cfg.optim)
-        train_specs, frozen_specs = self.split(self.compute_specs)
+        train_specs, frozen_specs = self.split(self.rest_specs)
         train_shapes = self.split(self._abstract_params)[0]
         self.replicated_over_data = []
         with self.context():
             if cfg.optim.distributed:
                 # The float32 master weights (and so their moments) are further split over
                 # `data`.
-                logical = nnx.to_pure_dict(
-                    jax.tree.map(
-                        lambda v: v.get_metadata().get("out_sharding"),
-                        self._abstract_variables,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable),
-                    )
-                )
                 train_specs, self.replicated_over_data = optim.shard_over_data(
                     train_shapes,
                     train_specs,
-                    self.split(logical)[0],
+                    self.split(self.logical_axes)[0],
                     mesh.shape[parallel.DATA],
                     mesh.shape[parallel.EXPERT],
                 )
@@ -139,18 +132,22 @@ class Trainer(ShardedModel):
     def compute_params(self, params):
         """The parameters as the forward pass reads them. With the distributed optimizer: the
         trainable float32 master shards cast to model.compute_dtype and gathered over `data`
-        (frozen parameters are held as the forward pass reads them)."""
-        if not self.cfg.optim.distributed:
+        (frozen parameters are held as the forward pass reads them). Split over `fsdp`, they
+        stay so (the forward pass gathers them where it reads them), cast to
+        model.compute_dtype on their shards, so that the gathers move compute_dtype bytes;
+        their gradients then reach the fsdp shards in compute_dtype too."""
+        if not self.cfg.optim.distributed and self.mesh.shape[parallel.FSDP] == 1:
             return params
         dtype = jnp.dtype(self.cfg.model.compute_dtype)
 
         def gather(p, master, compute):
-            # Cast on the shard, then gather: the all-gather moves compute_dtype bytes.
+            # Cast on the shard, then gather (over `data`; with fsdp alone the shard is already
+            # laid out as the forward pass reads it): the all-gather moves compute_dtype bytes.
             cast = jax.lax.with_sharding_constraint(p.astype(dtype), master)
             return jax.lax.with_sharding_constraint(cast, compute)
 
         train, frozen = self.split(params)
-        compute = self.split(self.compute_sharding)[0]
+        compute = self.split(self.rest_sharding)[0]
         return lora.join(jax.tree.map(gather, train, self.train_sharding, compute), frozen)
 
     def gradients(self, state, batch):
@@ -159,16 +156,19 @@ class Trainer(ShardedModel):
 
         With the distributed optimizer the weights are gathered once, before the micro-batch
         loop, and each micro-batch's gradients are reduce-scattered onto the master shards and
-        accumulated there in float32. With optim.grad_reduce="step" each device accumulates
-        its own rows' gradients and they are summed once, after the loop (_reduced_once).
-        With float16 the gradients are of the scaled loss, divided by the scale here. The step
-        skips its update when they are not finite; a subclass may override this method to
-        inject such a fault at a chosen step.
+        accumulated there in float32; split over `fsdp`, the weights are gathered layer by
+        layer inside each micro-batch's pass and their gradients accumulated on the fsdp
+        shards. With optim.grad_reduce="step" each device accumulates its own rows' gradients
+        and they are summed once, after the loop (_reduced_once). With float16 the gradients
+        are of the scaled loss, divided by the scale here. The step skips its update when they
+        are not finite; a subclass may override this method to inject such a fault at a
+        chosen step.
         """
         params, frozen = self.split(self.compute_params(state["params"]))
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state["step"])
         scale = state["scaler"]["scale"] if self.loss_scaled else None
-        distributed = self.cfg.optim.distributed
+        # Gradients go onto the float32 master shards: the distributed optimizer's, or fsdp's.
+        distributed = self.cfg.optim.distributed or self.mesh.shape[parallel.FSDP] > 1
         micro = self.micro_shape[0]
         # A token-weighted objective (samples with "weights": conversations, packed documents)
         # gives each micro-batch's mean its share of the step's scored tokens, so that the
@@ -433,11 +433,16 @@ def _mesh_axes(entry) -> set[str]:
     return set(entry) if isinstance(entry, tuple) else {entry}
 
 
-def _check_reduce_once(cfg: Config, schedule) -> None:
+def _check_reduce_once(cfg: Config, schedule, mesh) -> None:
     """Refuse what optim.grad_reduce="step" does not cover yet, saying what to change."""
     m = cfg.model
     refused = [
         (schedule is not None, "pipeline stages (a pipeline degree above 1)"),
+        (
+            mesh.shape[parallel.FSDP] > 1,
+            "an fsdp axis (its gradients are reduce-scattered per layer)",
+        ),
+        (mesh.shape[parallel.CONTEXT] > 1, "a context axis"),
         (m.arch != "gpt", f"model.arch={m.arch} (its masked means are per device)"),
         (m.moe, "Mixture-of-Experts layers (model.moe_experts)"),
         (cfg.lora.rank > 0, "LoRA (lora.rank)"),

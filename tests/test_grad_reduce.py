@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import device_mesh, llama_config, real_batch, tiny_config
 
-from megajax import config, dropout, hlo, parallel
+from megajax import config, dropout, hlo, mesh, parallel
 from megajax.config import ConfigError
 from megajax.trainer import Trainer
 
@@ -197,3 +197,6 @@ def test_switch_values_and_what_it_does_not_cover_are_refused():
     moe = config.replace(tiny_config(moe_experts=4), optim=dict(grad_reduce="step"))
     with pytest.raises(ConfigError, match="Mixture-of-Experts"):
         Trainer(moe, device_mesh(DATA, MODEL))
+    step = config.replace(tiny_config(), optim=dict(grad_reduce="step"))
+    with pytest.raises(ConfigError, match="an fsdp axis"):
+        Trainer(step, mesh.make("fsdp=2,model=4", devices=jax.devices()[:8]))

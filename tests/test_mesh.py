@@ -12,30 +12,34 @@ from megajax.config import ConfigError
 
 
 def test_minus_one_takes_the_remaining_devices():
-    assert mesh.resolve(mesh.parse("data=-1,model=4"), 8) == (1, 2, 1, 1, 4)
-    assert mesh.resolve(mesh.parse("model=-1"), 8) == (1, 1, 1, 1, 8)
-    assert mesh.resolve(mesh.parse(""), 1) == (1, 1, 1, 1, 1)
-    assert mesh.resolve(mesh.parse("pipeline=2,data=-1,model=2"), 8) == (2, 2, 1, 1, 2)
-    assert mesh.resolve(mesh.parse("data=2,expert=-1,model=2"), 8) == (1, 2, 2, 1, 2)
-    assert mesh.resolve(mesh.parse("context=-1,model=2"), 8) == (1, 1, 1, 4, 2)
+    assert mesh.resolve(mesh.parse("data=-1,model=4"), 8) == (1, 2, 1, 1, 1, 4)
+    assert mesh.resolve(mesh.parse("model=-1"), 8) == (1, 1, 1, 1, 1, 8)
+    assert mesh.resolve(mesh.parse(""), 1) == (1, 1, 1, 1, 1, 1)
+    assert mesh.resolve(mesh.parse("pipeline=2,data=-1,model=2"), 8) == (2, 2, 1, 1, 1, 2)
+    assert mesh.resolve(mesh.parse("data=2,expert=-1,model=2"), 8) == (1, 2, 1, 2, 1, 2)
+    assert mesh.resolve(mesh.parse("context=-1,model=2"), 8) == (1, 1, 1, 1, 4, 2)
+    assert mesh.resolve(mesh.parse("data=2,fsdp=-1"), 8) == (1, 2, 4, 1, 1, 1)
 
 
 def test_pipeline_axis_is_outermost_and_model_innermost():
     import jax
 
     m = mesh.make("pipeline=2,data=2,model=2", devices=jax.devices()[:8])
-    assert m.axis_names == ("pipeline", "data", "expert", "context", "model")
+    assert m.axis_names == ("pipeline", "data", "fsdp", "expert", "context", "model")
     ids = np.vectorize(lambda d: d.id)(m.devices)
-    assert ids[0, 0, 0, 0].tolist() == [0, 1] and ids[1, 0, 0, 0, 0] == 4  # model neighbours
+    assert ids[0, 0, 0, 0, 0].tolist() == [0, 1] and ids[1, 0, 0, 0, 0, 0] == 4  # model neighbours
     two_axis = mesh.make("data=2,model=4", devices=jax.devices()[:8])
     assert dict(two_axis.shape) == {
-        "pipeline": 1, "data": 2, "expert": 1, "context": 1, "model": 4
+        "pipeline": 1, "data": 2, "fsdp": 1, "expert": 1, "context": 1, "model": 4
     }  # fmt: skip
     experts = np.vectorize(lambda d: d.id)(mesh.make("data=2,expert=2,model=2").devices)
-    assert experts[0, :, :, 0, 0].tolist() == [[0, 2], [4, 6]]  # expert inside data
+    assert experts[0, :, 0, :, 0, 0].tolist() == [[0, 2], [4, 6]]  # expert inside data
     # context between expert and model: a context group's ranks are model groups apart
     context = np.vectorize(lambda d: d.id)(mesh.make("data=2,context=2,model=2").devices)
-    assert context[0, 0, 0, :, :].tolist() == [[0, 1], [2, 3]]
+    assert context[0, 0, 0, 0, :, :].tolist() == [[0, 1], [2, 3]]
+    # fsdp inside data, outside expert: an fsdp group's ranks are expert x context x model apart
+    fsdp = np.vectorize(lambda d: d.id)(mesh.make("data=2,fsdp=2,model=2").devices)
+    assert fsdp[0, :, :, 0, 0, 0].tolist() == [[0, 2], [4, 6]]
 
 
 def test_mesh_that_does_not_match_the_devices_is_refused():

@@ -313,7 +313,7 @@ def test_bad_expert_layouts_are_refused():
         moe_config(moe_experts=2, moe_top_k=3)
     with pytest.raises(ConfigError, match="this model is dense"):
         Trainer(llama_config(), _on("data=2,expert=2,model=2"))
-    with pytest.raises(ConfigError, match=r"data degree 8 \(data x expert"):
+    with pytest.raises(ConfigError, match=r"data degree 8 \(data x fsdp x expert"):
         Trainer(config.replace(moe_config(), train=dict(micro_batches=2)), _on("data=2,expert=4"))
     with pytest.raises(ConfigError, match="moe_every > 1: .* pipeline stages"):
         staged = config.replace(moe_config(moe_every=2), train=dict(micro_batches=2))

@@ -10,7 +10,7 @@ import jax
 import pytest
 from conftest import TEST_XLA_FLAGS, device_mesh, subprocess_env, tiny_config
 
-from megajax import config
+from megajax import config, mesh
 from megajax.config import ModelConfig
 from megajax.plan import activations, estimates
 from megajax.plan.compiled import make_plan
@@ -136,6 +136,42 @@ def test_dry_run_of_the_8p3b_model_on_8_way_model_parallelism():
     roof = p["roofline"]["this mesh"]
     assert 0 < roof["weak_scaling_efficiency"] < 1 and 0 < roof["mfu"] < 1
     assert "the 2019 paper, measured on V100s: 8-way model parallel 77%" in report(p)
+
+
+def _fsdp_elements(p: dict, kind: str) -> int:
+    """Elements per step of the compiled collectives of `kind` over `fsdp`, scalars left out."""
+    return sum(
+        r["count"] * math.prod(shape)
+        for r in p["collectives"]
+        if r["kind"] == kind and r["axes"] == ["fsdp"]
+        for shape in r["shapes"]
+        if shape
+    )
+
+
+def test_dry_run_of_llama3_8b_on_fsdp_8_fits_an_h100():
+    """docs/fsdp.md's figure: Llama 3 8B on fsdp=8 (no tensor parallelism) at 8,192 tokens,
+    one sequence per device and micro-batch, full recomputation. Weights and Adam state are
+    an eighth per device, byte for byte as compiled; the fsdp all-gathers and reduce-scatters
+    of the compiled step are exactly the elements the plan predicts."""
+    cfg = config.replace(
+        config.load("configs/llama3_8b.py"),
+        model=dict(seq_len=8192, remat="full", sequence_parallel=False),
+        train=dict(micro_batches=64),
+    )
+    p = make_plan(cfg, mesh.make("fsdp=8"), target_name="h100")
+    assert p["params"]["per_device"] == p["params"]["per_device_analytic"]
+    assert p["params"]["per_device"] * 8 == p["params"]["total"]
+    compiled, analytic = p["memory"]["compiled"], p["memory"]["analytic_as_compiled"]
+    assert compiled["arguments"] == analytic["arguments"]
+    assert 0.85 < compiled["temporaries"] / analytic["temporaries"] < 1.15
+    assert p["memory"]["fits"] and p["memory"]["analytic"]["total"] < 0.8 * 80e9
+    expected = p["collectives_expected"]
+    assert "data: gradients" not in expected
+    gathers = _fsdp_elements(p, "all-gather")
+    assert gathers == expected["fsdp: weight all-gathers"][1]
+    assert _fsdp_elements(p, "all-reduce") == expected["fsdp: gradient reduce-scatters"][1]
+    assert "fsdp: each layer's weights all-gathered" in report(p)
 
 
 @pytest.mark.parametrize(

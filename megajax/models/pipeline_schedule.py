@@ -22,16 +22,29 @@ from megajax.pipeline_arithmetic import MICRO, stage_chunks
 
 def scan_layers(graphdef, state, x, *, attend, keys, remat: str):
     """Apply stacked layers (state leaves lead with the layer axis) in order, in one scan:
-    the output, and the layers' statistics (layers.Block.forward's) summed over them."""
+    the output, and the layers' statistics (layers.Block.forward's) summed over them. Weights
+    held split over `fsdp` are gathered one layer at a time (parallel.gathered_variables) and
+    gathered again in the backward pass (a remat policy that keeps everything else), so that
+    one layer's whole weights are alive at a time; their gradients are reduced onto the fsdp
+    shards per layer."""
 
     def layer(x, inputs):
         layer_state, layer_key = inputs
+        layer_state = parallel.gathered_variables(layer_state)
         return nnx.merge(graphdef, layer_state).forward(x, attend=attend, key=layer_key)
 
-    if remat == "full":
-        layer = jax.checkpoint(layer, prevent_cse=False)
-    x, stats = jax.lax.scan(layer, x, (state, keys))
+    x, stats = jax.lax.scan(rematted(layer, remat), x, (state, keys))
     return x, jax.tree.map(lambda v: v.sum(0), stats)
+
+
+def rematted(layer, remat: str):
+    """A layer's function as its backward pass recomputes it: remat="full" keeps only its
+    inputs; split over `fsdp`, it keeps all but its gathered weights (gathered again)."""
+    if remat == "full":
+        return jax.checkpoint(layer, prevent_cse=False)
+    if parallel.fsdp_degree() > 1:
+        return jax.checkpoint(layer, prevent_cse=False, policy=parallel.keep_all_but_gathered)
+    return layer
 
 
 def run_in_pipeline(blocks, x, *, attend, key, remat: str, num_layers: int, schedule):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from megajax import moe, pipeline_arithmetic
+from megajax import moe, parallel, pipeline_arithmetic
 from megajax.config import ModelConfig
 from megajax.layers import Attend, Block
-from megajax.models.pipeline_schedule import run_in_pipeline, scan_layers
+from megajax.models.pipeline_schedule import rematted, run_in_pipeline, scan_layers
 
 
 def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, *, sparse: bool | None = None) -> Block:
@@ -67,9 +67,12 @@ def run_stack(blocks: Block, x, *, attend: Attend, key, remat: str, num_layers: 
     def group(x, inputs):
         sparse_layer, dense_layers, group_keys = inputs
         first, rest = (None, None) if group_keys is None else (group_keys[0], group_keys[1:])
-        block = nnx.merge(sparse_graphdef, sparse_layer)
-        run = jax.checkpoint(block.forward, prevent_cse=False) if remat == "full" else block.forward
-        x, stats = run(x, attend=attend, key=first)
+
+        def sparse_forward(x, layer, key):
+            block = nnx.merge(sparse_graphdef, parallel.gathered_variables(layer))
+            return block.forward(x, attend=attend, key=key)
+
+        x, stats = rematted(sparse_forward, remat)(x, sparse_layer, first)
         x, _ = scan_layers(graphdef, dense_layers, x, attend=attend, keys=rest, remat=remat)
         return x, stats
 

@@ -56,15 +56,16 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     tgt = target(target_name)
     data, model = device_mesh.shape[parallel.DATA], device_mesh.shape[parallel.MODEL]
     expert = device_mesh.shape[parallel.EXPERT]
+    fsdp = device_mesh.shape[parallel.FSDP]
     stages = device_mesh.shape[parallel.PIPELINE]
     context = device_mesh.shape[parallel.CONTEXT]
     trainer = Trainer(cfg, device_mesh)
     abstract = trainer.abstract_state()
-    per_device = sum(  # as the forward pass holds them: split over `model` only
+    per_device = sum(  # as the forward pass holds them: split over `model` (and `fsdp`)
         math.prod(s.shard_shape(a.shape))
         for a, s in zip(
             jax.tree.leaves(abstract["params"]),
-            jax.tree.leaves(trainer.compute_sharding),
+            jax.tree.leaves(trainer.rest_sharding),
             strict=True,
         )
     )
@@ -79,14 +80,16 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         math.prod(s.shard_shape(a.shape))
         for a, s in zip(
             jax.tree.leaves(trainable),
-            jax.tree.leaves(trainer.split(trainer.compute_sharding)[0]),
+            jax.tree.leaves(trainer.split(trainer.rest_sharding)[0]),
             strict=True,
         )
     )
     compiled, compile_s = trainer.compile_train_step()
     stats = compiled.memory_analysis()
     found = hlo.collectives(compiled.as_text(), dict(device_mesh.shape))
-    at = dict(data_degree=data, model_degree=model, stages=stages, expert_degree=expert)
+    at = dict(
+        data_degree=data, model_degree=model, stages=stages, expert_degree=expert, fsdp_degree=fsdp
+    )
     est = estimate_memory(cfg, master_params=master, context_degree=context, **at)
     expected = expected_collectives(cfg, context_degree=context, **at)
 
@@ -104,6 +107,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
             model_degree=model,
             model_elements=model_elements,
             stages=stages,
+            fsdp_degree=fsdp,
             context_degree=context,
         )
     }
@@ -111,7 +115,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
     # Each device then holds data / scaled of the activations (and of their all-reduces); its
     # gradient bytes do not change, only the ring's factor and the fabric do.
     scaled = 512 // model
-    if scaled != data and stages == 1 and expert == 1 and context == 1:
+    if scaled != data and stages == 1 and expert == 1 and context == 1 and fsdp == 1:
         plans[f"data={scaled} (512 devices)"] = roofline(
             cfg,
             tgt,
@@ -143,7 +147,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         f32 = dataclasses.replace(cfg.model, compute_dtype="float32")
         f32_cfg = dataclasses.replace(cfg, model=f32)
         as_compiled = estimate_memory(f32_cfg, master_params=master, context_degree=context, **at)
-        if cfg.model.compute_dtype != "float32" and not cfg.optim.distributed:
+        if cfg.model.compute_dtype != "float32" and not cfg.optim.distributed and fsdp == 1:
             layers = 1 if remat == "full" else cfg.model.num_layers // stages
             cast_weights = 4 * layers * activations.layer_matmul_weights(cfg.model, model)
     notes = []
@@ -164,6 +168,7 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         "mesh": {
             "pipeline": stages,
             "data": data,
+            "fsdp": fsdp,
             "expert": expert,
             "context": context,
             "model": model,
@@ -179,14 +184,13 @@ def make_plan(cfg: Config, device_mesh, *, target_name: str = "h100") -> dict:
         "params": {
             "total": trainer.num_params,
             "per_device": per_device,
-            "per_device_analytic": params_per_device(cfg.model, model, stages, expert)
+            "per_device_analytic": params_per_device(cfg.model, model, stages, expert) // fsdp
             + (trainable_params_per_device(cfg, model, stages) if cfg.lora.rank else 0),
             # all of them, or with lora.rank > 0 the adapters
             "trainable": sum(math.prod(a.shape) for a in jax.tree.leaves(trainable)),
             "trainable_per_device": trainable_per_device,
-            "trainable_per_device_analytic": trainable_params_per_device(
-                cfg, model, stages, expert
-            ),
+            "trainable_per_device_analytic": trainable_params_per_device(cfg, model, stages, expert)
+            // fsdp,
         },
         "moe": moe_summary(cfg, trainer, abstract, found, data=data, expert=expert, tgt=tgt),
         "memory": {

@@ -179,11 +179,17 @@ def estimate_memory(
     master_params: int | None = None,
     stages: int = 1,
     expert_degree: int = 1,
+    fsdp_degree: int = 1,
     context_degree: int = 1,
 ) -> MemoryEstimate:
     """Per-device bytes. With optim.distributed, `master_params` is the per-device count of the
     float32 master weights of the trainable parameters (those split over `data` and those left
     whole); by default the trainable parameters per device over the data degree. With
+    `fsdp_degree` > 1 the weights, moments and float32 gradient sums are held split over fsdp
+    (`master_params` counts them, by default the trainable parameters over the fsdp degree);
+    the step adds a compute_dtype copy of those shards, the weights outside the layers
+    gathered whole for the step, and one layer's gathered weights and their whole gradient
+    before its reduce-scatter (ShardedModel.loss, models/pipeline_schedule.scan_layers). With
     lora.rank > 0 only the adapters train: the other weights are held as they are (float32),
     with neither gradients nor moments. With pipeline stages, the micro-batches are in flight
     together (activations.pipelined_activation_bytes). `expert_degree` splits a MoE model's
@@ -193,7 +199,7 @@ def estimate_memory(
     c = context_degree
     p = trainable_params_per_device(cfg, model_degree, stages, expert_degree)
     frozen = params_per_device(m, model_degree, stages) if cfg.lora.rank else 0
-    shards = data_degree * expert_degree  # the batch's
+    shards = data_degree * fsdp_degree * expert_degree  # the batch's
     batch = tr.batch_size // tr.micro_batches // shards  # one micro-batch on one device
     sequences = batch * (m.num_choices if m.arch == "bert_multiple_choice" else 1)
     head = activations.head_activation_bytes(
@@ -229,6 +235,12 @@ def estimate_memory(
         master = master_params if master_params is not None else p / data_degree
         # Gradients of the compute copy (compute_dtype), then float32 on the master shards.
         gradients, copy = e * p + 4 * master * accumulate, e * p
+    elif fsdp_degree > 1:
+        e = jnp.dtype(m.compute_dtype).itemsize
+        master = master_params if master_params is not None else p / fsdp_degree
+        layer = stage_layer_params(m, model_degree, stages, expert_degree) * stages
+        whole = outside_params(m, model_degree) + layer / m.num_layers
+        gradients, copy = 4 * master * accumulate + e * whole, e * (master + whole)
     else:
         master, gradients, copy = p, 4 * p * accumulate, 0
     if stages > 1:  # the layers' weights rearranged by stage, and their gradient so laid out
@@ -323,6 +335,7 @@ def expected_collectives(
     model_degree: int,
     stages: int = 1,
     expert_degree: int = 1,
+    fsdp_degree: int = 1,
     context_degree: int = 1,
 ) -> dict:
     """Collectives the paper's plan implies per step: (count, elements) by mesh axis. With
@@ -330,7 +343,7 @@ def expected_collectives(
     tick; the embedding and heads run on all micro-batches at once. A MoE model's all-to-alls
     over `expert` are moe_alltoall's (the tensor-parallel rows above assume dense layers)."""
     m, tr = cfg.model, cfg.train
-    shards = data_degree * expert_degree
+    shards = data_degree * fsdp_degree * expert_degree
     micro, b = tr.micro_batches, tr.batch_size // tr.micro_batches // shards
     runs = micro * m.num_layers  # layers a device runs per step
     lm = m.arch != "bert_multiple_choice"
@@ -374,9 +387,20 @@ def expected_collectives(
             found["model: kv gradient reduce-scatters"] = (runs, runs * kv // model_degree)
             if m.bias:
                 found["model: kv bias gradients"] = (runs, runs * 2 * m.kv_heads * m.head_dim)
-    if shards > 1:  # the trainable parameters' (with LoRA, the adapters')
+    if data_degree * expert_degree > 1:  # the trainable parameters' (with LoRA, the adapters')
         grads = trainable_params_per_device(cfg, model_degree, stages, expert_degree)
         found["data: gradients"] = (None, grads)
+    if fsdp_degree > 1:
+        # Per layer run, each weight gathered forward and again backward (every one of them
+        # under remat="full"; otherwise those the backward pass reads), its gradient
+        # reduce-scattered (elements of the whole, gathered tensors); outside the layers, each
+        # weight gathered once per step (the same on every micro-batch: XLA hoists it out of
+        # the loop) and its gradient reduced once per micro-batch.
+        layer = stage_layer_params(m, model_degree, stages, expert_degree) * stages
+        layer //= m.num_layers
+        outside = outside_params(m, model_degree)
+        found["fsdp: weight all-gathers"] = (None, 2 * runs * layer + outside)
+        found["fsdp: gradient reduce-scatters"] = (None, runs * layer + micro * outside)
     if context_degree > 1:
         kv = context_kv(cfg, data_degree=data_degree, model_degree=model_degree,
                         context_degree=context_degree, stages=stages)  # fmt: skip
@@ -489,11 +513,18 @@ def roofline(
     model_elements: float,
     stages: int = 1,
     expert_degree: int = 1,
+    fsdp_degree: int = 1,
     context_degree: int = 1,
 ) -> dict:
     """Step time = compute at peak + model all-reduces (intra-node) + gradient all-reduce
     (inter-node once the mesh leaves a node), nothing overlapped: an optimistic compute term
     and a pessimistic communication term. Weak-scaling efficiency = compute / step time.
+
+    With `fsdp_degree` F > 1 the batch is split F ways more, and the step adds fsdp's
+    collectives (`fsdp_s`, on the intra-node links while the mesh fits a node): per
+    micro-batch each layer's compute_dtype weights gathered twice (forward, backward) and its
+    gradient reduce-scattered, the weights outside the layers gathered and reduced once; each
+    ring step moves (F - 1) / F of the whole tensor.
 
     With P pipeline stages (across nodes once D T fills one), the step adds the bubble (each
     stage idles, or computes on zeros, P - 1 of its v m + P - 1 ticks), the embedding and
@@ -507,7 +538,7 @@ def roofline(
     intra-node links while C T fits a node, and sums the gradients over context too."""
     m, tr = cfg.model, cfg.train
     c = context_degree
-    devices = stages * data_degree * expert_degree * c * model_degree
+    devices = stages * data_degree * fsdp_degree * expert_degree * c * model_degree
     fl = flops_per_step(cfg)
     compute = fl["hardware"] / devices / tgt.peak_flops
     e = jnp.dtype(m.compute_dtype).itemsize
@@ -517,6 +548,13 @@ def roofline(
     grad_bytes = 4 * trainable_params_per_device(cfg, model_degree, stages, expert_degree)
     data_bw = tgt.inter_node_bw if devices > tgt.node_size else tgt.intra_node_bw
     data_s = allreduce_seconds(grad_bytes, data_degree * expert_degree * c, data_bw)
+    fsdp_s = 0.0
+    if fsdp_degree > 1:
+        f = fsdp_degree
+        layer = stage_layer_params(m, model_degree, stages, expert_degree)  # a stage's layers
+        moved = tr.micro_batches * (3 * layer + 2 * outside_params(m, model_degree))
+        fsdp_bw = tgt.intra_node_bw if devices <= tgt.node_size else tgt.inter_node_bw
+        fsdp_s = e * moved * (f - 1) / f / fsdp_bw
     context_s = 0.0
     if c > 1:
         kv = context_kv(cfg, data_degree=data_degree * expert_degree, model_degree=model_degree,
@@ -545,11 +583,12 @@ def roofline(
         if v > 1:  # float32 layer weights to the stages that run them, gradients back
             layer_params = stage_layer_params(m, model_degree, stages)
             p2p_s += 2 * 4 * layer_params * (v - 1) / v / p2p_bw
-    step = compute + model_s + data_s + bubble_s + p2p_s + alltoall_s + context_s
+    step = compute + model_s + data_s + bubble_s + p2p_s + alltoall_s + fsdp_s + context_s
     return {
         "compute_s": compute,
         "model_allreduce_s": model_s,
         "data_allreduce_s": data_s,
+        "fsdp_s": fsdp_s,
         "bubble_s": bubble_s,
         "pipeline_s": p2p_s,
         "alltoall_s": alltoall_s,

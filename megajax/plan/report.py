@@ -26,7 +26,8 @@ def report(plan: dict) -> str:
     sp = "on" if plan["config"]["sequence_parallel"] else "off"
     lines = [
         f"dry run: mesh pipeline={plan['mesh']['pipeline']} data={plan['mesh']['data']} "
-        f"expert={plan['mesh']['expert']} context={plan['mesh']['context']} "
+        f"fsdp={plan['mesh']['fsdp']} expert={plan['mesh']['expert']} "
+        f"context={plan['mesh']['context']} "
         f"model={plan['mesh']['model']}, "
         f"compiled in {plan['compile_seconds']:.1f}s on {plan['platform']}",
         f"parameters: {p['total']:,} total, {p['per_device']:,} per device "
@@ -144,6 +145,13 @@ def report(plan: dict) -> str:
             f"  expected by the plan: {what}: {count if count is not None else 'per parameter'}"
             f" collectives, {elements:,} elements"
         )
+    if plan["mesh"]["fsdp"] > 1:
+        lines.append(
+            "  fsdp: each layer's weights all-gathered over `fsdp` inside the layer loop, "
+            "forward and again backward (a shard's whole copy lives for one layer), its "
+            "gradients reduce-scattered there (XLA:CPU prints an all-reduce of the whole, then "
+            "a slice); the weights outside the layers gathered once"
+        )
     data_bytes = sum(r["bytes"] for r in plan["collectives"] if r["axes"] == [parallel.DATA])
     if "data: gradients" in plan["collectives_expected"]:
         once = 4 * plan["collectives_expected"]["data: gradients"][1]
@@ -169,6 +177,7 @@ def report(plan: dict) -> str:
                 else ""
             )
             + (f", all-to-all {ms['alltoall_s']}" if r["alltoall_s"] else "")
+            + (f", fsdp gathers and reduce-scatters {ms['fsdp_s']}" if r.get("fsdp_s") else "")
             + (f", K/V exchange {ms['context_s']}" if r.get("context_s") else "")
             + f") | MFU {100 * r['mfu']:.0f}% | {r['hardware_tflops_per_device']:.0f} "
             f"hardware TFLOP/s per device | weak scaling "
