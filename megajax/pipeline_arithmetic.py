@@ -26,6 +26,7 @@ MICRO = "micro_batch"  # the vmap axis of the train step's micro-batches (not a 
 class Schedule:
     stages: int  # P, the `pipeline` degree
     repeats: int = 1  # v, chunks per stage (train.pipeline_repeats)
+    kind: str = "gpipe"  # train.pipeline_schedule: "gpipe" or "1f1b"
 
 
 def ticks(stages: int, repeats: int, micro_batches: int) -> int:
@@ -79,6 +80,16 @@ def check(*, num_layers: int, stages: int, repeats: int, micro_batches: int) -> 
             f"{bubble_fraction(stages, repeats, micro_batches):.0%} of the step; use "
             f"train.micro_batches >= {4 * stages} to bring it under 20%",
             stacklevel=2,
+        )
+
+
+def check_1f1b(*, repeats: int) -> None:
+    """Refuse what the 1F1B schedule does not run yet."""
+    if repeats > 1:
+        raise ConfigError(
+            f"train.pipeline_schedule=1f1b with train.pipeline_repeats={repeats}: the "
+            f"interleaved 1F1B schedule is not built yet: use train.pipeline_repeats=1, or "
+            f"train.pipeline_schedule=gpipe for circular repeats"
         )
 
 

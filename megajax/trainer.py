@@ -193,7 +193,11 @@ class Trainer(ShardedModel):
             return (sums, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         first = jax.tree.map(lambda x: x[0], batch)
-        if self.schedule is not None:
+        if self.schedule is not None and self.schedule.kind == "1f1b":
+            sums, grad_sum = self._one_f_one_b(params, frozen, batch, key, shares, scale)
+            if distributed:
+                grad_sum = jax.tree.map(self._to_master, grad_sum, self.train_sharding)
+        elif self.schedule is not None:
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(micro))
             (_, sums), grad_sum = jax.value_and_grad(self._pipelined, has_aux=True)(
                 params, batch, keys, objective, shares

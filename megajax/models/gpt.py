@@ -46,20 +46,30 @@ class GPT(nnx.Module):
     def hidden_and_stats(self, ids, *, key=None, segments=None, positions=None):
         """The final hidden states and the layers' router statistics (moe.MoE; {} when
         dense), summed over the layers."""
+        x = self.embed(ids, key=key, positions=positions)
+        x, stats = self.layers(x, attend=Attend(segments=segments, positions=positions), key=key)
+        return self.ln_f(x), stats
+
+    def embed(self, ids, *, key=None, positions=None):
+        """The layers' input (batch, length, hidden): word (and learned position) embeddings
+        with dropout, whose key is the first half of `key` (the model's dropout key)."""
         cfg, (_, s) = self.cfg, ids.shape
         dtype = jnp.dtype(cfg.compute_dtype)
-        embed_key, layers_key = (None, None) if key is None else jax.random.split(key)
         x = self.wte(ids, dtype)
         if cfg.positions == "learned":
             table = self.wpe[:s] if positions is None else jnp.take(self.wpe[...], positions, 0)
             x = x + table.astype(dtype)
-        x = dropout(constrain(x, "batch", "residual_length", "embed"), cfg.dropout, embed_key)
-        attend = Attend(segments=segments, positions=positions)
-        x, stats = run_stack(
-            self.h, x, attend=attend, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers,
-            sparse=self.h_moe,
+        x = constrain(x, "batch", "residual_length", "embed")
+        return dropout(x, cfg.dropout, split_key(key)[0])
+
+    def layers(self, x, *, attend: Attend, key=None):
+        """The stacked layers on x, their dropout keyed by the second half of `key`: (x,
+        router statistics)."""
+        cfg = self.cfg
+        return run_stack(
+            self.h, x, attend=attend, key=split_key(key)[1], remat=cfg.remat,
+            num_layers=cfg.num_layers, sparse=self.h_moe,
         )  # fmt: skip
-        return self.ln_f(x), stats
 
     def extend(self, ids, cache: dict, *, start, positions, mask):
         """Final hidden states of new tokens `ids` (batch, new) at cache slots start ..
@@ -124,22 +134,42 @@ def objective(model: GPT, batch: dict, key) -> tuple[jax.Array, dict]:
     over the targets whose weight is 1. A MoE model adds its router losses times their
     coefficients (model.moe_aux_loss, moe_z_loss) and reports them, the cross-entropy alone
     ("lm_loss") and the choices its experts' capacity dropped; a dense one no metrics."""
-    losses, stats = model.token_losses_and_stats(
-        batch["inputs"],
-        batch["targets"],
-        key=key,
-        segments=batch.get("segments"),
-        positions=batch.get("positions"),
-    )
+    x, stats = model.layers(embed(model, batch, key), attend=attend(batch), key=key)
+    return head(model, x, batch, stats)
+
+
+# The objective cut at the stacked layers (models.Pieces), for a schedule that runs them itself.
+
+
+def embed(model: GPT, batch: dict, key) -> jax.Array:
+    """The layers' input for a batch."""
+    return model.embed(batch["inputs"], key=key, positions=batch.get("positions"))
+
+
+def attend(batch: dict) -> Attend:
+    """What the layers' attention reads besides the activations."""
+    return Attend(segments=batch.get("segments"), positions=batch.get("positions"))
+
+
+def head(model: GPT, x, batch: dict, stats=None) -> tuple[jax.Array, dict]:
+    """The objective of the layers' output x: final norm, LM head, cross-entropy (the router
+    losses of `stats` added for a MoE model)."""
+    hidden = model.ln_f(x)
+    cfg = model.cfg
+    losses = loss.cross_entropy(hidden, model.lm_head, batch["targets"], vocab_size=cfg.vocab_size)
     if "weights" not in batch:
         value = losses.mean()
     else:
         weights = batch["weights"].astype(jnp.float32)
         value = (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-    cfg = model.cfg
     if not cfg.moe:
         return value, {}
     router = moe.router_losses(stats, cfg.moe_experts)
     total = value + cfg.moe_aux_loss * router["moe_aux_loss"]
     total = total + cfg.moe_z_loss * router["moe_z_loss"]
     return total, {"lm_loss": value, **router}
+
+
+def split_key(key):
+    """(embedding's, layers') dropout keys of a model's key; (None, None) without dropout."""
+    return (None, None) if key is None else tuple(jax.random.split(key))

@@ -1,0 +1,177 @@
+"""The 1F1B pipeline schedule (Narayanan et al. 2021, arXiv 2104.04473, section 2.2) in one
+jitted step: each stage holds at most 2P - 1 micro-batches' stage inputs, whatever m.
+
+The step runs inside `shard_map`, manual over `pipeline` (auto over the other axes, so tensor
+and data parallelism inside a stage are the plan's as everywhere else): each pipeline rank is
+one stage and holds its L / P consecutive layers. One `lax.scan` over m + 2P - 2 ticks; at tick
+t, stage s
+- runs the forward of micro-batch f = t - s on its input (stage 0 embeds it first) and keeps
+  that input in a ring buffer of 2P - 1 slots;
+- runs the backward of micro-batch b = t - (2P - 2 - s): `jax.vjp` of the stage on the saved
+  input (the stage recomputed, with model.remat inside) and the cotangent that arrived from
+  stage s + 1. The last stage (b = f there) instead applies the head and the objective to its
+  own output and starts the backward from their gradient: the head runs on the last stage
+  only. Stage 0 takes the embedding's backward on from the cotangent of its input.
+- sends its output on (stage s -> s + 1) and its input's cotangent back (s -> s - 1): two
+  collective-permutes of one micro-batch's (b / D, length, hidden) share per tick.
+Weight gradients are summed over the ticks in float32. Each part runs under a `lax.cond` on the
+rank's stage and its micro-batch numbers, so bubble ticks compute nothing: the warm-up ticks
+cost a forward, the cool-down ticks a backward, and the step the time of (m + P - 1) forward
+and backward passes, GPipe's bubble (P - 1) / (m + P - 1).
+
+Why 2P - 1 slots: stage s keeps micro-batch i's input from tick i + s to tick i + 2P - 2 - s,
+so stage 0 holds 2P - 1 at once (Megatron-LM, whose forward and backward are separate time
+slots, counts P). The recomputing backward needs nothing else kept between ticks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from megajax import lora, parallel
+
+
+class StepFns(NamedTuple):
+    """The model's pieces as the schedule calls them; `params` are nested parameter dicts
+    (the stacked layers' leaves this stage's slice, (L / P, ...))."""
+
+    embed: Callable  # (params, micro_batch, key) -> the stack's input (b, length, hidden)
+    stage: Callable  # (stack_params, x, micro_batch, key, first_layer) -> the stage's output
+    head: Callable  # (params, x, micro_batch, share) -> (differentiated value, metrics)
+
+
+def ring_slots(stages: int) -> int:
+    """Stage inputs a stage keeps for its backward passes: 2P - 1."""
+    return 2 * stages - 1
+
+
+def run(fns: StepFns, trainable, frozen, batch, key, shares, scale, *, stages, stack="h"):
+    """(sums over the micro-batches of the head's metrics, float32 sums of the trainable
+    parameters' gradients) of m micro-batches `batch` ({field: (m, b, ...)}); `shares` (m,)
+    weigh them, `scale` (a scalar) multiplies the differentiated value (float16's loss scale).
+    `stack` names the parameters of the stacked layers, whose leading axis the plan splits
+    over `pipeline`; the others are replicated over it."""
+    axis = parallel.spec("stage")[0]
+    t_stack, t_rest = _part(trainable, stack)
+    f_stack, f_rest = _part(frozen, stack)
+    stacked = P(axis)
+    specs = (stacked, stacked, P(), P(), P(), P(), P(), P())
+    out = (P(), stacked, P())
+
+    def body(t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale):
+        return _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale,
+                         stages=stages, axis=axis, stack=stack)  # fmt: skip
+
+    shard = jax.shard_map(body, in_specs=specs, out_specs=out, axis_names={axis}, check_vma=False)
+    sums, g_stack, g_rest = shard(t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale)
+    return sums, lora.join(g_rest, {stack: g_stack} if g_stack else {})
+
+
+def _part(tree: dict, stack: str):
+    """(the stacked layers' subtree or {}, the rest)."""
+    return tree.get(stack, {}), {k: v for k, v in tree.items() if k != stack}
+
+
+def _zeros(shapes, dtype=None):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, dtype or s.dtype), shapes)
+
+
+def _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale, *, stages,
+              axis, stack):  # fmt: skip
+    """One stage's view (inside shard_map): the tick loop and its gradient sums."""
+    me = jax.lax.axis_index(axis)
+    first, last = me == 0, me == stages - 1
+    m, slots = shares.shape[0], ring_slots(stages)
+    per_stage = jax.tree.leaves(lora.join(t_stack, f_stack))[0].shape[0]
+
+    def params(t_rest):  # the whole model's, this stage's layers in place of the stack
+        return lora.join(lora.join(t_rest, f_rest), {stack: lora.join(t_stack, f_stack)})
+
+    def micro(i):
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), batch)
+
+    def key_of(i):
+        return None if key is None else jax.random.fold_in(key, i)
+
+    def embed(t_rest, i):
+        return fns.embed(params(t_rest), micro(i), key_of(i))
+
+    def stage(t_stack_, x, i):
+        layers = lora.join(t_stack_, f_stack)
+        return fns.stage(layers, x, micro(i), key_of(i), me * per_stage)
+
+    def head(t_rest, y, i):
+        return fns.head(params(t_rest), y, micro(i), shares[i])
+
+    x_shape = jax.eval_shape(embed, t_rest, 0)
+    head_shapes = jax.eval_shape(head, t_rest, x_shape, 0)
+    zero_x = jnp.zeros(x_shape.shape, x_shape.dtype)
+    f32 = lambda tree: _zeros(jax.eval_shape(lambda: tree), jnp.float32)  # noqa: E731
+    forward_pairs = [(s, s + 1) for s in range(stages - 1)]
+    backward_pairs = [(s + 1, s) for s in range(stages - 1)]
+
+    def backward(x_b, ct_in, i):
+        """Stage s's backward of micro-batch i from its saved input (recomputed), the last
+        stage's from its head: (metrics, rest gradient, stack gradient, input cotangent)."""
+        y, pull = jax.vjp(lambda w, x: stage(w, x, i), t_stack, x_b)
+
+        def with_head():
+            _, head_pull, metrics = jax.vjp(lambda w, y: head(w, y, i), t_rest, y, has_aux=True)
+            g_rest, ct = head_pull(jnp.asarray(scale, head_shapes[0].dtype))
+            return metrics, g_rest, ct.astype(y.dtype)
+
+        def without_head():
+            return _zeros(head_shapes[1]), _zeros(jax.eval_shape(lambda: t_rest)), ct_in
+
+        metrics, g_rest, ct = jax.lax.cond(last, with_head, without_head)
+        g_stack, dx = pull(ct)
+        return metrics, g_rest, g_stack, dx
+
+    backward_shapes = jax.eval_shape(backward, zero_x, zero_x, 0)
+
+    def tick(carry, t):
+        fwd_in, bwd_in, ring, g_stack, g_rest, sums = carry
+        f_tick, b_tick = t - me, t - (2 * stages - 2 - me)  # micro-batch numbers, unclipped
+        f_on, b_on = (f_tick >= 0) & (f_tick < m), (b_tick >= 0) & (b_tick < m)
+        f, b = jnp.clip(f_tick, 0, m - 1), jnp.clip(b_tick, 0, m - 1)
+
+        # Forward: stage 0 embeds micro-batch f, the others take what arrived.
+        x_f = jax.lax.cond(first & f_on, lambda: embed(t_rest, f).astype(zero_x.dtype),
+                           lambda: fwd_in)  # fmt: skip
+        # Slot f mod (2P - 1): the 2P - 2 micro-batches still awaiting their backward keep theirs.
+        ring = jax.lax.dynamic_update_index_in_dim(ring, x_f, jnp.mod(f_tick, slots), 0)
+        # The last stage's forward is its backward's recomputation: not run twice.
+        y_f = jax.lax.cond(f_on & ~last, lambda: stage(t_stack, x_f, f), lambda: zero_x)
+
+        # Backward of micro-batch b from its saved input (on the last stage, x_f itself).
+        x_b = jax.lax.dynamic_index_in_dim(ring, jnp.mod(b_tick, slots), keepdims=False)
+        metrics, g_head, g_layers, dx = jax.lax.cond(
+            b_on, lambda: backward(x_b, bwd_in, b), lambda: _zeros(backward_shapes)
+        )
+        # Stage 0 carries the cotangent of its input into the embedding.
+        g_embed = jax.lax.cond(
+            first & b_on,
+            lambda: jax.vjp(lambda w: embed(w, b).astype(dx.dtype), t_rest)[1](dx)[0],
+            lambda: _zeros(jax.eval_shape(lambda: t_rest)),
+        )
+        add = lambda acc, g: acc + g.astype(jnp.float32)  # noqa: E731
+        g_stack = jax.tree.map(add, g_stack, g_layers)
+        g_rest = jax.tree.map(add, jax.tree.map(add, g_rest, g_head), g_embed)
+        sums = jax.tree.map(jnp.add, sums, metrics)
+        # One collective-permute each way: outputs one stage on, cotangents one stage back.
+        fwd_in = jax.lax.ppermute(y_f, axis, forward_pairs)
+        bwd_in = jax.lax.ppermute(dx, axis, backward_pairs)
+        return (fwd_in, bwd_in, ring, g_stack, g_rest, sums), None
+
+    ring = jnp.zeros((slots, *x_shape.shape), x_shape.dtype)
+    carry = (zero_x, zero_x, ring, f32(t_stack), f32(t_rest), _zeros(head_shapes[1]))
+    carry, _ = jax.lax.scan(tick, carry, jnp.arange(m + 2 * stages - 2))
+    *_, g_stack, g_rest, sums = carry
+    # The head's gradient is the last stage's, the embedding's the first's (both, for a tied
+    # embedding): one all-reduce over `pipeline` gives every stage the sum.
+    return jax.lax.psum(sums, axis), g_stack, jax.lax.psum(g_rest, axis)
