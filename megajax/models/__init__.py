@@ -3,7 +3,8 @@ and the objective a train step minimises."""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from flax import nnx
 
