@@ -83,13 +83,14 @@ def check(*, num_layers: int, stages: int, repeats: int, micro_batches: int) -> 
         )
 
 
-def check_1f1b(*, repeats: int) -> None:
-    """Refuse what the 1F1B schedule does not run yet."""
-    if repeats > 1:
+def check_1f1b(*, stages: int, repeats: int, micro_batches: int) -> None:
+    """Refuse what the interleaved 1F1B schedule cannot order: its micro-batches go through the
+    chunk rounds in groups of P (as Megatron-LM's)."""
+    if repeats > 1 and micro_batches % stages:
         raise ConfigError(
-            f"train.pipeline_schedule=1f1b with train.pipeline_repeats={repeats}: the "
-            f"interleaved 1F1B schedule is not built yet: use train.pipeline_repeats=1, or "
-            f"train.pipeline_schedule=gpipe for circular repeats"
+            f"train.micro_batches={micro_batches} is not a multiple of the {stages} pipeline "
+            f"stages: the interleaved 1F1B schedule (train.pipeline_repeats={repeats}) runs them "
+            f"in groups of {stages}; set train.micro_batches to a multiple of {stages}"
         )
 
 

@@ -56,7 +56,11 @@ class ShardedModel:
             )
             kind = cfg.train.pipeline_schedule
             if kind == "1f1b":
-                pipeline_arithmetic.check_1f1b(repeats=cfg.train.pipeline_repeats)
+                pipeline_arithmetic.check_1f1b(
+                    stages=stages,
+                    repeats=cfg.train.pipeline_repeats,
+                    micro_batches=cfg.train.micro_batches,
+                )
                 models.pieces(cfg.model)  # a ConfigError for a model it cannot cut
             self.schedule = pipeline_arithmetic.Schedule(stages, cfg.train.pipeline_repeats, kind)
         self.padded_vocab = cfg.model.padded_vocab_size(mesh.shape[parallel.MODEL])
@@ -209,7 +213,7 @@ class ShardedModel:
         scale = jnp.float32(1.0) if scale is None else scale
         return pipeline_1f1b.run(
             fns, trainable, frozen, batch, key, shares, scale, stages=self.schedule.stages,
-            stack=pieces.stack,
+            repeats=self.schedule.repeats, stack=pieces.stack,
         )  # fmt: skip
 
     def abstract_eval_batch(self) -> dict:

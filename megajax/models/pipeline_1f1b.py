@@ -31,9 +31,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from megajax import lora, parallel
+from megajax.pipeline_arithmetic import stage_chunks
 
 
 class StepFns(NamedTuple):
@@ -45,30 +47,43 @@ class StepFns(NamedTuple):
     head: Callable  # (params, x, micro_batch, share) -> (differentiated value, metrics)
 
 
-def ring_slots(stages: int) -> int:
-    """Stage inputs a stage keeps for its backward passes: 2P - 1."""
-    return 2 * stages - 1
+def ring_slots(stages: int, repeats: int = 1) -> int:
+    """Stage inputs a stage keeps for its backward passes: 2 v P - 1."""
+    return 2 * repeats * stages - 1
 
 
-def run(fns: StepFns, trainable, frozen, batch, key, shares, scale, *, stages, stack="h"):
+def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1, stack="h"):
     """(sums over the micro-batches of the head's metrics, float32 sums of the trainable
     parameters' gradients) of m micro-batches `batch` ({field: (m, b, ...)}); `shares` (m,)
     weigh them, `scale` (a scalar) multiplies the differentiated value (float16's loss scale).
     `stack` names the parameters of the stacked layers, whose leading axis the plan splits
-    over `pipeline`; the others are replicated over it."""
+    over `pipeline`; the others are replicated over it. With v = `repeats` > 1 the layers are
+    first put in stage order (chunk r P + s to stage s), which moves them over `pipeline`."""
     axis = parallel.spec("stage")[0]
     t_stack, t_rest = _part(trainable, stack)
     f_stack, f_rest = _part(frozen, stack)
+    order = stage_chunks(stages, repeats).reshape(-1)  # stage-major: stage s's v chunks
+
+    def by_stage(w, order):  # (L, ...) in chunks, reordered
+        if repeats == 1:
+            return w
+        chunks = w.reshape(stages * repeats, -1, *w.shape[1:])
+        return jnp.take(chunks, order, axis=0).reshape(w.shape)
+
     stacked = P(axis)
     specs = (stacked, stacked, P(), P(), P(), P(), P(), P())
     out = (P(), stacked, P())
 
     def body(t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale):
         return _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale,
-                         stages=stages, axis=axis, stack=stack)  # fmt: skip
+                         stages=stages, repeats=repeats, axis=axis, stack=stack)  # fmt: skip
 
     shard = jax.shard_map(body, in_specs=specs, out_specs=out, axis_names={axis}, check_vma=False)
-    sums, g_stack, g_rest = shard(t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale)
+    in_order = lambda tree: jax.tree.map(lambda w: by_stage(w, order), tree)  # noqa: E731
+    sums, g_stack, g_rest = shard(
+        in_order(t_stack), in_order(f_stack), t_rest, f_rest, batch, key, shares, scale
+    )
+    g_stack = jax.tree.map(lambda g: by_stage(g, np.argsort(order)), g_stack)
     return sums, lora.join(g_rest, {stack: g_stack} if g_stack else {})
 
 
@@ -81,13 +96,26 @@ def _zeros(shapes, dtype=None):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, dtype or s.dtype), shapes)
 
 
+def ticks(stages: int, repeats: int, micro_batches: int) -> int:
+    """Scan steps of the schedule: v m + v P + P - 2 (m + 2P - 2 for v = 1)."""
+    return repeats * micro_batches + repeats * stages + stages - 2
+
+
 def _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale, *, stages,
-              axis, stack):  # fmt: skip
-    """One stage's view (inside shard_map): the tick loop and its gradient sums."""
+              repeats, axis, stack):  # fmt: skip
+    """One stage's view (inside shard_map): the tick loop and its gradient sums.
+
+    Work is numbered as Megatron-LM's interleaved schedule orders it: the micro-batches go in
+    groups of P, each group through chunk round 0, then round 1, ... (v P forward passes per
+    group). Forward pass w (round r = (w mod vP) // P of micro-batch (w // vP) P + w mod P) runs
+    on stage s at tick w + s; backward pass u (the same numbering, rounds reversed) at tick
+    u + (P - 1 - s) + (v P - 1), so the last chunk's backward of a micro-batch runs on the tick
+    of its forward, and each cotangent reaches the previous chunk one tick later."""
     me = jax.lax.axis_index(axis)
     first, last = me == 0, me == stages - 1
-    m, slots = shares.shape[0], ring_slots(stages)
-    per_stage = jax.tree.leaves(lora.join(t_stack, f_stack))[0].shape[0]
+    v, group = repeats, repeats * stages
+    m, slots = shares.shape[0], ring_slots(stages, repeats)
+    per_chunk = jax.tree.leaves(lora.join(t_stack, f_stack))[0].shape[0] // v
 
     def params(t_rest):  # the whole model's, this stage's layers in place of the stack
         return lora.join(lora.join(t_rest, f_rest), {stack: lora.join(t_stack, f_stack)})
@@ -101,24 +129,35 @@ def _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale, 
     def embed(t_rest, i):
         return fns.embed(params(t_rest), micro(i), key_of(i))
 
-    def stage(t_stack_, x, i):
-        layers = lora.join(t_stack_, f_stack)
-        return fns.stage(layers, x, micro(i), key_of(i), me * per_stage)
+    def stage(t_stack_, x, i, r):
+        """This stage's chunk of round r on micro-batch i (the chunk's slice of the layers)."""
+        chunk = lambda w: jax.lax.dynamic_slice_in_dim(w, r * per_chunk, per_chunk)  # noqa: E731
+        layers = jax.tree.map(chunk, lora.join(t_stack_, f_stack))
+        return fns.stage(layers, x, micro(i), key_of(i), (r * stages + me) * per_chunk)
 
     def head(t_rest, y, i):
         return fns.head(params(t_rest), y, micro(i), shares[i])
+
+    def pass_of(n):
+        """(micro-batch, round, in range) of pass number n (unclipped)."""
+        on = (n >= 0) & (n < v * m)
+        n = jnp.clip(n, 0, v * m - 1)
+        return (n // group) * stages + n % stages, (n % group) // stages, on
 
     x_shape = jax.eval_shape(embed, t_rest, 0)
     head_shapes = jax.eval_shape(head, t_rest, x_shape, 0)
     zero_x = jnp.zeros(x_shape.shape, x_shape.dtype)
     f32 = lambda tree: _zeros(jax.eval_shape(lambda: tree), jnp.float32)  # noqa: E731
-    forward_pairs = [(s, s + 1) for s in range(stages - 1)]
-    backward_pairs = [(s + 1, s) for s in range(stages - 1)]
+    # With v > 1 the last stage's output goes round to stage 0 (the next round's chunk), and
+    # stage 0's cotangent back to the last stage: the permutes close the ring.
+    ring_pairs = [(s, s + 1) for s in range(stages - 1 if v == 1 else stages)]
+    forward_pairs = [(a, b % stages) for a, b in ring_pairs]
+    backward_pairs = [(b % stages, a) for a, b in ring_pairs]
 
-    def backward(x_b, ct_in, i):
-        """Stage s's backward of micro-batch i from its saved input (recomputed), the last
-        stage's from its head: (metrics, rest gradient, stack gradient, input cotangent)."""
-        y, pull = jax.vjp(lambda w, x: stage(w, x, i), t_stack, x_b)
+    def backward(x_b, ct_in, i, r):
+        """Stage s's backward of micro-batch i, round r, from its saved input (recomputed);
+        the last chunk's from the head: (metrics, rest gradient, stack gradient, cotangent)."""
+        y, pull = jax.vjp(lambda w, x: stage(w, x, i, r), t_stack, x_b)
 
         def with_head():
             _, head_pull, metrics = jax.vjp(lambda w, y: head(w, y, i), t_rest, y, has_aux=True)
@@ -128,34 +167,43 @@ def _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale, 
         def without_head():
             return _zeros(head_shapes[1]), _zeros(jax.eval_shape(lambda: t_rest)), ct_in
 
-        metrics, g_rest, ct = jax.lax.cond(last, with_head, without_head)
+        metrics, g_rest, ct = jax.lax.cond(last & (r == v - 1), with_head, without_head)
         g_stack, dx = pull(ct)
         return metrics, g_rest, g_stack, dx
 
-    backward_shapes = jax.eval_shape(backward, zero_x, zero_x, 0)
+    backward_shapes = jax.eval_shape(backward, zero_x, zero_x, 0, 0)
 
     def tick(carry, t):
         fwd_in, bwd_in, ring, g_stack, g_rest, sums = carry
-        f_tick, b_tick = t - me, t - (2 * stages - 2 - me)  # micro-batch numbers, unclipped
-        f_on, b_on = (f_tick >= 0) & (f_tick < m), (b_tick >= 0) & (b_tick < m)
-        f, b = jnp.clip(f_tick, 0, m - 1), jnp.clip(b_tick, 0, m - 1)
+        w = t - me  # this stage's forward pass
+        u = t - (stages - 1 - me) - (group - 1)  # and backward pass, rounds reversed
+        f, f_round, f_on = pass_of(w)
+        b, b_reversed, b_on = pass_of(u)
+        b_round = v - 1 - b_reversed
+        w_of_b = (u // group) * group + b_round * stages + u % stages  # its forward pass
 
-        # Forward: stage 0 embeds micro-batch f, the others take what arrived.
-        x_f = jax.lax.cond(first & f_on, lambda: embed(t_rest, f).astype(zero_x.dtype),
-                           lambda: fwd_in)  # fmt: skip
-        # Slot f mod (2P - 1): the 2P - 2 micro-batches still awaiting their backward keep theirs.
-        ring = jax.lax.dynamic_update_index_in_dim(ring, x_f, jnp.mod(f_tick, slots), 0)
-        # The last stage's forward is its backward's recomputation: not run twice.
-        y_f = jax.lax.cond(f_on & ~last, lambda: stage(t_stack, x_f, f), lambda: zero_x)
-
-        # Backward of micro-batch b from its saved input (on the last stage, x_f itself).
-        x_b = jax.lax.dynamic_index_in_dim(ring, jnp.mod(b_tick, slots), keepdims=False)
-        metrics, g_head, g_layers, dx = jax.lax.cond(
-            b_on, lambda: backward(x_b, bwd_in, b), lambda: _zeros(backward_shapes)
+        # Forward: stage 0 embeds micro-batch f in round 0; every other input arrived.
+        x_f = jax.lax.cond(
+            first & (f_round == 0) & f_on,
+            lambda: embed(t_rest, f).astype(zero_x.dtype),
+            lambda: fwd_in,
         )
-        # Stage 0 carries the cotangent of its input into the embedding.
+        # Slot w mod (2 v P - 1): the inputs still awaiting their backward keep theirs.
+        ring = jax.lax.dynamic_update_index_in_dim(ring, x_f, jnp.mod(w, slots), 0)
+        # The last chunk's forward is its backward's recomputation (same tick): not run twice.
+        last_chunk = last & (f_round == v - 1)
+        y_f = jax.lax.cond(
+            f_on & ~last_chunk, lambda: stage(t_stack, x_f, f, f_round), lambda: zero_x
+        )
+
+        # Backward from the saved input (for the last chunk, x_f itself).
+        x_b = jax.lax.dynamic_index_in_dim(ring, jnp.mod(w_of_b, slots), keepdims=False)
+        metrics, g_head, g_layers, dx = jax.lax.cond(
+            b_on, lambda: backward(x_b, bwd_in, b, b_round), lambda: _zeros(backward_shapes)
+        )
+        # Stage 0 carries the cotangent of round 0's input into the embedding.
         g_embed = jax.lax.cond(
-            first & b_on,
+            first & (b_round == 0) & b_on,
             lambda: jax.vjp(lambda w: embed(w, b).astype(dx.dtype), t_rest)[1](dx)[0],
             lambda: _zeros(jax.eval_shape(lambda: t_rest)),
         )
@@ -170,7 +218,7 @@ def _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale, 
 
     ring = jnp.zeros((slots, *x_shape.shape), x_shape.dtype)
     carry = (zero_x, zero_x, ring, f32(t_stack), f32(t_rest), _zeros(head_shapes[1]))
-    carry, _ = jax.lax.scan(tick, carry, jnp.arange(m + 2 * stages - 2))
+    carry, _ = jax.lax.scan(tick, carry, jnp.arange(ticks(stages, v, m)))
     *_, g_stack, g_rest, sums = carry
     # The head's gradient is the last stage's, the embedding's the first's (both, for a tied
     # embedding): one all-reduce over `pipeline` gives every stage the sum.
