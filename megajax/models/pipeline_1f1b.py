@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from megajax import lora, parallel
-from megajax.pipeline_arithmetic import stage_chunks
+from megajax.pipeline_arithmetic import saved_inputs, stage_chunks, ticks
 
 
 class StepFns(NamedTuple):
@@ -45,11 +45,6 @@ class StepFns(NamedTuple):
     embed: Callable  # (params, micro_batch, key) -> the stack's input (b, length, hidden)
     stage: Callable  # (stack_params, x, micro_batch, key, first_layer) -> the stage's output
     head: Callable  # (params, x, micro_batch, share) -> (differentiated value, metrics)
-
-
-def ring_slots(stages: int, repeats: int = 1) -> int:
-    """Stage inputs a stage keeps for its backward passes: 2 v P - 1."""
-    return 2 * repeats * stages - 1
 
 
 def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1, stack="h"):
@@ -96,11 +91,6 @@ def _zeros(shapes, dtype=None):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, dtype or s.dtype), shapes)
 
 
-def ticks(stages: int, repeats: int, micro_batches: int) -> int:
-    """Scan steps of the schedule: v m + v P + P - 2 (m + 2P - 2 for v = 1)."""
-    return repeats * micro_batches + repeats * stages + stages - 2
-
-
 def _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale, *, stages,
               repeats, axis, stack):  # fmt: skip
     """One stage's view (inside shard_map): the tick loop and its gradient sums.
@@ -114,7 +104,8 @@ def _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale, 
     me = jax.lax.axis_index(axis)
     first, last = me == 0, me == stages - 1
     v, group = repeats, repeats * stages
-    m, slots = shares.shape[0], ring_slots(stages, repeats)
+    m = shares.shape[0]
+    slots = saved_inputs(stages, repeats, m, "1f1b")
     per_chunk = jax.tree.leaves(lora.join(t_stack, f_stack))[0].shape[0] // v
 
     def params(t_rest):  # the whole model's, this stage's layers in place of the stack
@@ -218,7 +209,7 @@ def _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale, 
 
     ring = jnp.zeros((slots, *x_shape.shape), x_shape.dtype)
     carry = (zero_x, zero_x, ring, f32(t_stack), f32(t_rest), _zeros(head_shapes[1]))
-    carry, _ = jax.lax.scan(tick, carry, jnp.arange(ticks(stages, v, m)))
+    carry, _ = jax.lax.scan(tick, carry, jnp.arange(ticks(stages, v, m, "1f1b")))
     *_, g_stack, g_rest, sums = carry
     # The head's gradient is the last stage's, the embedding's the first's (both, for a tied
     # embedding): one all-reduce over `pipeline` gives every stage the sum.
