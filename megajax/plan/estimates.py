@@ -201,6 +201,7 @@ def estimate_memory(
             return activations.pipelined_activation_bytes(
                 m_remat, batch=sequences, model_degree=model_degree, stages=stages,
                 repeats=tr.pipeline_repeats, micro=tr.micro_batches, lora=cfg.lora,
+                schedule=tr.pipeline_schedule,
             )["total"] - head  # fmt: skip
         return activations.stack_activation_bytes(
             m_remat,
@@ -372,7 +373,10 @@ def pipeline_transfer_bytes(cfg: Config, data_degree: int, model_degree: int, st
     one = pipeline_arithmetic.transfer_bytes(
         batch, m.seq_len // r, m.hidden, jnp.dtype(m.compute_dtype).itemsize
     )
-    return pipeline_arithmetic.transfers(stages, tr.pipeline_repeats, tr.micro_batches) * one
+    count = pipeline_arithmetic.transfers(
+        stages, tr.pipeline_repeats, tr.micro_batches, tr.pipeline_schedule
+    )
+    return count * one
 
 
 def allreduce_elements(kind: str, elements: float, group: int) -> float:
@@ -451,14 +455,24 @@ def roofline(
         outside = m.head_flops_per_token()
         layers = fl["hardware"] - outside * tokens
         bubble_s = layers / devices / tgt.peak_flops * (stages - 1) / (v * micro)
-        compute += outside * tokens * (stages - 1) / devices / tgt.peak_flops
         node = data_degree * model_degree >= tgt.node_size  # a stage fills a node
         p2p_bw = tgt.inter_node_bw if node else tgt.intra_node_bw
         p2p_s = pipeline_transfer_bytes(cfg, data_degree, model_degree, stages) / p2p_bw
-        # Over `pipeline` also: the last stage's outputs to every stage's heads, and the
-        # gradient of the micro-batches entering stage 0 back to every stage's embedding.
-        buffers = tr.batch_size // data_degree * m.seq_len * m.hidden * e
-        p2p_s += 2 * allreduce_seconds(buffers, stages, p2p_bw)
+        if tr.pipeline_schedule == "1f1b":
+            # The head on the last stage only; every layer's forward run again in its
+            # backward tick (unless full recomputation already counts it); one all-reduce of
+            # the float32 gradients outside the layers over `pipeline`.
+            if m.remat != "full":
+                recompute = (fl["hardware"] - fl["model"]) / tokens if m.remat != "none" else 0
+                forward = (m.flops_per_token() - outside) / 3
+                compute += (forward - recompute) * tokens / devices / tgt.peak_flops
+            p2p_s += allreduce_seconds(4 * outside_params(m, model_degree), stages, p2p_bw)
+        else:
+            compute += outside * tokens * (stages - 1) / devices / tgt.peak_flops
+            # Over `pipeline` also: the last stage's outputs to every stage's heads, and the
+            # gradient of the micro-batches entering stage 0 back to every stage's embedding.
+            buffers = tr.batch_size // data_degree * m.seq_len * m.hidden * e
+            p2p_s += 2 * allreduce_seconds(buffers, stages, p2p_bw)
         if v > 1:  # float32 layer weights to the stages that run them, gradients back
             layer_params = stage_layer_params(m, model_degree, stages)
             p2p_s += 2 * 4 * layer_params * (v - 1) / v / p2p_bw
