@@ -459,13 +459,11 @@ def roofline(
         p2p_bw = tgt.inter_node_bw if node else tgt.intra_node_bw
         p2p_s = pipeline_transfer_bytes(cfg, data_degree, model_degree, stages) / p2p_bw
         if tr.pipeline_schedule == "1f1b":
-            # The head on the last stage only; every layer's forward run again in its
-            # backward tick (unless full recomputation already counts it); one all-reduce of
-            # the float32 gradients outside the layers over `pipeline`.
-            if m.remat != "full":
-                recompute = (fl["hardware"] - fl["model"]) / tokens if m.remat != "none" else 0
-                forward = (m.flops_per_token() - outside) / 3
-                compute += (forward - recompute) * tokens / devices / tgt.peak_flops
+            # The head on the last stage only; every layer's forward run once more, in its
+            # backward tick, on top of what model.remat recomputes; one all-reduce of the
+            # float32 gradients outside the layers over `pipeline`.
+            forward = (m.flops_per_token() - outside) / 3
+            compute += forward * tokens / devices / tgt.peak_flops
             p2p_s += allreduce_seconds(4 * outside_params(m, model_degree), stages, p2p_bw)
         else:
             compute += outside * tokens * (stages - 1) / devices / tgt.peak_flops
