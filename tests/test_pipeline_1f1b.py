@@ -23,6 +23,15 @@ def _1f1b(arch, repeats=1, **train):
     return config.replace(cfg, train=dict(pipeline_schedule="1f1b", **train))
 
 
+# The Llama runs with the memory switches on (its reference too): sequence parallelism,
+# selective recomputation inside the recomputed stage, the distributed optimizer.
+SWITCHES = {
+    "llama": dict(
+        model=dict(sequence_parallel=True, remat="selective"), optim=dict(distributed=True)
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def compiled():
     """(trainer, compiled train step) per (arch, (pipeline, data, model, repeats), schedule)."""
@@ -30,7 +39,11 @@ def compiled():
 
     def get(arch, layout, schedule="1f1b"):
         if (arch, layout, schedule) not in cache:
-            cfg = config.replace(_config(arch, layout[3]), train=dict(pipeline_schedule=schedule))
+            cfg = config.replace(
+                _config(arch, layout[3]),
+                train=dict(pipeline_schedule=schedule),
+                **SWITCHES.get(arch, {}),
+            )
             trainer = Trainer(cfg, _mesh(*layout[:3]))
             cache[arch, layout, schedule] = trainer, trainer.compile_train_step()[0]
         return cache[arch, layout, schedule]
@@ -54,7 +67,8 @@ def batches(shakespeare_tokens, bert_dataset):
 
 
 # Both meshes, v = 1 and 2, GPT-2 and the Llama (grouped-query attention, RoPE, SwiGLU, untied
-# head) in two cases; BERT's pieces (its pooler and binary head on the last stage) in a third.
+# head; SWITCHES) in two cases; BERT's pieces (its pooler and binary head on the last stage) in
+# a third.
 CASES = [
     pytest.param("gpt", (2, 2, 2, 1), id="gpt-2x2x2-v1"),
     pytest.param("llama", (4, 1, 2, 2), id="llama-4x1x2-v2", marks=pytest.mark.slow),
@@ -78,12 +92,15 @@ def test_losses_equal_the_one_stage_run(compiled, batches, arch, layout):
     ],
 )
 def test_permutes_over_pipeline_are_the_arithmetics(compiled, arch, layout):
-    """Two activation-sized collective-permutes per tick (outputs on, cotangents back)."""
+    """Two activation-sized collective-permutes per tick (outputs on, cotangents back), of
+    one micro-batch's share (its length split over `model` too with sequence parallelism)."""
     trainer, step_fn = compiled(arch, layout)
     p, d, _, v = layout
     found = hlo.collectives(step_fn.as_text(), dict(trainer.mesh.shape))
     over_pipeline = [c for c in found if c.kind == "collective-permute" and "pipeline" in c.axes]
-    share = (BATCH // MICRO // d, trainer.cfg.model.seq_len, trainer.cfg.model.hidden)
+    m = trainer.cfg.model
+    length = m.seq_len // (layout[2] if m.sequence_parallel else 1)  # split over `model`
+    share = (BATCH // MICRO // d, length, m.hidden)
     assert over_pipeline and all(c.shapes == (share,) for c in over_pipeline)
     runs = sum(c.runs for c in over_pipeline)
     assert (
