@@ -15,6 +15,8 @@ from test_pipeline import BATCH, MICRO, REFERENCE, RTOL, STEPS, VOCAB, _config, 
 
 from megajax import config, hlo, models, pipeline_arithmetic
 from megajax.config import ConfigError
+from megajax.plan import activations
+from megajax.plan import compiled as plan_compiled
 from megajax.trainer import Trainer
 
 
@@ -124,6 +126,26 @@ def test_head_runs_only_inside_the_last_stages_branch(compiled):
         logits = (rows * trainer.cfg.model.seq_len, vocab_rows)
         assert logits in [s for s, _ in found], (schedule, found)
         assert all(b == in_branch for _, b in found), (schedule, found)
+
+
+def test_dry_run_counts_the_compiled_transfers_and_a_flat_memory(compiled):
+    """The dry run's pipeline figures (megajax/plan/) for the compiled 1F1B step: the
+    collective-permutes it predicts are those compiled, and its activation estimate does not
+    grow with m where GPipe's does."""
+    trainer, step_fn = compiled("gpt", (2, 2, 2, 1))
+    found = hlo.collectives(step_fn.as_text(), dict(trainer.mesh.shape))
+    summary = plan_compiled.pipeline_summary(trainer.cfg, stages=2, data=2, model=2, found=found)
+    assert summary["schedule"] == "1f1b" and summary["in_flight_micro_batches"] == 3
+    assert summary["transfers_compiled"] == summary["transfers"] == 20
+    assert summary["transfer_bytes_compiled"] == summary["transfer_bytes"]  # float32 here
+
+    def estimate(schedule, micro):
+        return activations.pipelined_activation_bytes(
+            trainer.cfg.model, batch=1, model_degree=2, stages=2, repeats=1, micro=micro,
+            schedule=schedule,
+        )["total"]  # fmt: skip
+
+    assert estimate("1f1b", 2) == estimate("1f1b", 8) < estimate("gpipe", 2) < estimate("gpipe", 8)
 
 
 def test_temporary_memory_is_flat_in_the_micro_batches(compiled):
