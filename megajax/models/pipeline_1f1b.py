@@ -22,6 +22,10 @@ and backward passes, GPipe's bubble (P - 1) / (m + P - 1).
 Why 2P - 1 slots: stage s keeps micro-batch i's input from tick i + s to tick i + 2P - 2 - s,
 so stage 0 holds 2P - 1 at once (Megatron-LM, whose forward and backward are separate time
 slots, counts P). The recomputing backward needs nothing else kept between ticks.
+
+Interleaved (v = train.pipeline_repeats > 1 chunks per stage, chunk r P + s on stage s): the
+same loop over v m + v P + P - 2 ticks in Megatron-LM's order (_schedule), 2 v P - 1 slots; the
+permutes close the ring, the last stage feeding stage 0 the next round.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1,
         return _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale,
                          stages=stages, repeats=repeats, axis=axis, stack=stack)  # fmt: skip
 
+    # check_vma=False: the scan's carry starts replicated and turns stage-dependent through the
+    # conds on the stage index, which the varying-axes checker refuses as a type change.
     shard = jax.shard_map(body, in_specs=specs, out_specs=out, axis_names={axis}, check_vma=False)
     in_order = lambda tree: jax.tree.map(lambda w: by_stage(w, order), tree)  # noqa: E731
     sums, g_stack, g_rest = shard(
