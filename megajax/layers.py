@@ -44,6 +44,12 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def split_key(key):
+    """A model's dropout key as (the embedding's, the stacked layers'); (None, None) without
+    dropout."""
+    return (None, None) if key is None else tuple(jax.random.split(key))
+
+
 class LayerNorm(nnx.Module):
     """Layer norm computed in float32 whatever the compute dtype; replicated on model shards.
     `recompute`: keep only the input for the backward pass, not its float32 intermediates."""

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megajax import lora, models, moe, parallel, pipeline_arithmetic
+from megajax import layers, lora, models, moe, parallel, pipeline_arithmetic
 from megajax.config import Config, ConfigError
 from megajax.mesh import check_batch, check_model
 from megajax.models import pipeline_1f1b
@@ -196,14 +196,14 @@ class ShardedModel:
         def embed(params, batch, key):
             return pieces.embed(self.model(params), batch, key)
 
-        def stage(layers, x, batch, key, first_layer):
+        def stage(chunk, x, batch, key, first_layer):
             keys = None
-            if key is not None:  # the plain scan's per-layer keys, this stage's slice of them
-                keys = jax.random.split(pieces.layers_key(key), cfg.num_layers)
-                depth = jax.tree.leaves(layers)[0].shape[0]
+            if key is not None:  # the plain scan's per-layer keys, this chunk's slice of them
+                keys = jax.random.split(layers.split_key(key)[1], cfg.num_layers)
+                depth = jax.tree.leaves(chunk)[0].shape[0]
                 keys = jax.lax.dynamic_slice_in_dim(keys, first_layer, depth)
             attend = pieces.attend(batch)
-            return scan_layers(blocks, layers, x, attend=attend, keys=keys, remat=cfg.remat)[0]
+            return scan_layers(blocks, chunk, x, attend=attend, keys=keys, remat=cfg.remat)[0]
 
         def head(params, x, batch, share):
             value, metrics = pieces.head(self.model(params), x, batch)

@@ -41,12 +41,11 @@ def objective(cfg: ModelConfig):
 class Pieces(NamedTuple):
     """A model's objective cut where its stacked layers are, for a pipeline schedule that runs
     the layers itself (models/pipeline_1f1b.py): objective(model, batch, key) is
-    head(model, x, batch) of x = the layers (model.<stack>, keyed by layers_key(key), reading
-    attend(batch)) applied to embed(model, batch, key)."""
+    head(model, x, batch) of x = the layers (model.<stack>, their dropout keyed by
+    layers.split_key(key)[1], reading attend(batch)) applied to embed(model, batch, key)."""
 
     embed: Callable  # (model, batch, key) -> the layers' input (batch, length, hidden)
     attend: Callable  # batch -> layers.Attend
-    layers_key: Callable  # the model's dropout key (or None) -> the layers' (or None)
     head: Callable  # (model, x, batch) -> (value, metrics)
     stack: str = "h"  # the attribute (and parameter key) of the stacked Block
 
@@ -59,11 +58,9 @@ def pieces(cfg: ModelConfig) -> Pieces:
             "do not run in it yet: use train.pipeline_schedule=gpipe"
         )
     if cfg.arch == "gpt":
-        return Pieces(gpt.embed, gpt.attend, lambda k: gpt.split_key(k)[1], gpt.head)
+        return Pieces(gpt.embed, gpt.attend, gpt.head)
     if cfg.arch == "bert":
-        return Pieces(
-            bert.embed, bert.attend, lambda k: bert.split_key(k)[1], bert.pretraining_head
-        )
+        return Pieces(bert.embed, bert.attend, bert.pretraining_head)
     raise ConfigError(
         f"train.pipeline_schedule=1f1b: model.arch={cfg.arch} is not cut into pieces for it: "
         "use train.pipeline_schedule=gpipe"

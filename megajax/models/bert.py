@@ -21,6 +21,7 @@ from megajax.layers import (
     _zeros,
     dropout,
     gelu,
+    split_key,
 )
 from megajax.models.stack import run_stack, stacked_blocks
 from megajax.parallel import constrain
@@ -171,11 +172,6 @@ def pretraining_head(model: BERT, x, batch: dict, stats=None) -> tuple[jax.Array
         metrics |= {f"{cfg.binary_head}_loss": binary_loss, f"{cfg.binary_head}_accuracy": accuracy}
         total = total + binary_loss
     return total, metrics
-
-
-def split_key(key):
-    """(embedding's, layers') dropout keys of a model's key; (None, None) without dropout."""
-    return (None, None) if key is None else tuple(jax.random.split(key))
 
 
 def choice_logits(model: BERT, batch: dict, key=None) -> jax.Array:

@@ -14,7 +14,15 @@ from flax import nnx
 
 from megajax import loss, moe, parallel
 from megajax.config import ModelConfig
-from megajax.layers import Attend, VocabEmbedding, _normal, dropout, norm, padded_normal
+from megajax.layers import (
+    Attend,
+    VocabEmbedding,
+    _normal,
+    dropout,
+    norm,
+    padded_normal,
+    split_key,
+)
 from megajax.models.stack import extend_stack, layer_stacks, run_stack
 from megajax.parallel import constrain
 
@@ -168,8 +176,3 @@ def head(model: GPT, x, batch: dict, stats=None) -> tuple[jax.Array, dict]:
     total = value + cfg.moe_aux_loss * router["moe_aux_loss"]
     total = total + cfg.moe_z_loss * router["moe_z_loss"]
     return total, {"lm_loss": value, **router}
-
-
-def split_key(key):
-    """(embedding's, layers') dropout keys of a model's key; (None, None) without dropout."""
-    return (None, None) if key is None else tuple(jax.random.split(key))
