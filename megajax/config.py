@@ -58,6 +58,7 @@ PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu")
 BINARY_HEADS = ("sop", "nsp", "none")
 REMATS = ("none", "full", "selective")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -535,6 +536,10 @@ class TrainConfig:
     micro_batches: int = 1
     # v: chunks of layers per pipeline stage (circular schedule, arXiv 2104.04473); 1 is GPipe.
     pipeline_repeats: int = 1
+    # How the micro-batches go through the pipeline stages (docs/pipeline.md): "gpipe" (every
+    # micro-batch's forward, then autodiff's backward) or "1f1b" (one forward and one backward
+    # per tick: activations of at most 2P - 1 micro-batches held, whatever m).
+    pipeline_schedule: str = "gpipe"
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200  # steps between val_loss measurements; 0 disables
@@ -551,6 +556,11 @@ class TrainConfig:
         check_ranges("train", self)
         if self.on_nonfinite not in ("skip", "stop"):
             raise ConfigError(f"train.on_nonfinite={self.on_nonfinite!r}: use skip or stop")
+        if self.pipeline_schedule not in PIPELINE_SCHEDULES:
+            raise ConfigError(
+                f"train.pipeline_schedule={self.pipeline_schedule!r}: use one of "
+                f"{', '.join(PIPELINE_SCHEDULES)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,6 +142,42 @@ def _runs_per_computation(comps: dict[str, list[str]]) -> dict[str, int]:
     return runs
 
 
+def _in_branches(comps: dict[str, list[str]]) -> set[str]:
+    """The computations that a conditional's branch runs (the branches and what they call)."""
+    found, todo = set(), []
+    for lines in comps.values():
+        for line in lines:
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                todo += [c.strip().lstrip("%") for c in group.split(",")]
+            todo += re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
+    while todo:
+        name = todo.pop()
+        if name in found or name not in comps:
+            continue
+        found.add(name)
+        for line in comps[name]:
+            for key in ("body", "condition", "to_apply", "calls"):
+                todo += re.findall(key + r"=%?([\w.\-]+)", line)
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                todo += [c.strip().lstrip("%") for c in group.split(",")]
+    return found
+
+
+def dots(hlo: str) -> list[tuple[tuple[int, ...], bool]]:
+    """Every dot (matmul) in optimized HLO text: its result shape, and whether it runs only
+    inside a conditional's branch (so only where that branch is taken)."""
+    comps = _split_computations(hlo)
+    branches = _in_branches(comps)
+    found = []
+    for name, lines in comps.items():
+        for line in lines:
+            op = re.search(r"=\s*(\S+)\s+dot\(", line)
+            if op:
+                dims = _SHAPE.search(op.group(1)).group(2)
+                found.append((tuple(int(d) for d in dims.split(",") if d), name in branches))
+    return found
+
+
 def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[Collective]:
     """Every collective in optimized HLO text, with its mesh axes and executions per step."""
     comps = _split_computations(hlo)

@@ -37,6 +37,12 @@ def _ones(*axes: str | None):
     return nnx.with_partitioning(nnx.initializers.ones_init(), axes)
 
 
+def split_key(key):
+    """A model's dropout key as (the embedding's, the stacked layers'); (None, None) without
+    dropout."""
+    return (None, None) if key is None else tuple(jax.random.split(key))
+
+
 class LayerNorm(nnx.Module):
     """Layer norm computed in float32 whatever the compute dtype; replicated on model shards.
     `recompute`: keep only the input for the backward pass, not its float32 intermediates."""

@@ -7,6 +7,11 @@ and shifts the stages' outputs one stage on with a collective-permute. With circ
 each stage holds v chunks of L / (v P) layers, chunk c = r P + s on stage s, and a micro-batch
 goes round the P stages v times. m micro-batches then take v m + P - 1 ticks, of which P - 1
 per stage are bubble: the fraction (P - 1) / (v m + P - 1) of the step (arXiv 2104.04473).
+Every tick's activations are kept for autodiff's backward pass: memory grows with m.
+
+1F1B (models/pipeline_1f1b.py; interleaved with v > 1): each tick runs one forward and one
+backward pass per stage, the backward recomputing the stage from its saved input, so a stage
+keeps at most 2 v P - 1 stage inputs whatever m; same bubble, m + 2P - 2 ticks at v = 1.
 """
 
 from __future__ import annotations
@@ -26,25 +31,42 @@ MICRO = "micro_batch"  # the vmap axis of the train step's micro-batches (not a 
 class Schedule:
     stages: int  # P, the `pipeline` degree
     repeats: int = 1  # v, chunks per stage (train.pipeline_repeats)
+    kind: str = "gpipe"  # train.pipeline_schedule: "gpipe" or "1f1b"
 
 
-def ticks(stages: int, repeats: int, micro_batches: int) -> int:
-    """Scan steps of one forward pass: v m + P - 1."""
+def ticks(stages: int, repeats: int, micro_batches: int, schedule: str = "gpipe") -> int:
+    """Scan steps of one step's schedule: GPipe's forward pass v m + P - 1 (its backward pass
+    as many); 1F1B's, each a forward and a backward, v m + v P + P - 2 (m + 2P - 2 at v = 1)."""
+    if schedule == "1f1b":
+        return repeats * micro_batches + repeats * stages + stages - 2
     return repeats * micro_batches + stages - 1
 
 
 def bubble_fraction(stages: int, repeats: int, micro_batches: int) -> float:
-    """The share of each stage's ticks spent idle: (P - 1) / (v m + P - 1)."""
+    """The share of each stage's time spent idle: (P - 1) / (v m + P - 1), for both schedules
+    (1F1B's warm-up ticks run forward passes only, its cool-down ticks backward passes only)."""
     return (stages - 1) / ticks(stages, repeats, micro_batches)
 
 
-def transfers(stages: int, repeats: int, micro_batches: int) -> int:
-    """Collective-permutes of the stage activations per train step: one per tick and one more
-    to collect the last outputs in the forward pass, as many in the backward pass; none
-    without a pipeline."""
+def transfers(stages: int, repeats: int, micro_batches: int, schedule: str = "gpipe") -> int:
+    """Collective-permutes of the stage activations per train step; none without a pipeline.
+    GPipe: one per tick and one more to collect the last outputs in the forward pass, as many
+    in the backward pass. 1F1B: two per tick (outputs on, cotangents back)."""
     if stages == 1:
         return 0
+    if schedule == "1f1b":
+        return 2 * ticks(stages, repeats, micro_batches, schedule)
     return 2 * (ticks(stages, repeats, micro_batches) + 1)
+
+
+def saved_inputs(stages: int, repeats: int, micro_batches: int, schedule: str = "gpipe") -> int:
+    """Stage inputs (micro-batch activations, b / D x s x h each) a stage keeps for its backward
+    passes at once. GPipe: one per tick, v m + P - 1, each with the residuals of the stage's
+    layers that model.remat keeps. 1F1B: at most 2 v P - 1 whatever m (stage 0 keeps micro-batch
+    i's input from tick i to tick i + 2 v P - 2), and the stage is recomputed from them."""
+    if schedule == "1f1b":
+        return 2 * repeats * stages - 1
+    return ticks(stages, repeats, micro_batches)
 
 
 def transfer_bytes(micro_batch_per_device: int, seq_len: int, hidden: int, itemsize: int) -> int:
@@ -79,6 +101,17 @@ def check(*, num_layers: int, stages: int, repeats: int, micro_batches: int) -> 
             f"{bubble_fraction(stages, repeats, micro_batches):.0%} of the step; use "
             f"train.micro_batches >= {4 * stages} to bring it under 20%",
             stacklevel=2,
+        )
+
+
+def check_1f1b(*, stages: int, repeats: int, micro_batches: int) -> None:
+    """Refuse what the interleaved 1F1B schedule cannot order: its micro-batches go through the
+    chunk rounds in groups of P (as Megatron-LM's)."""
+    if repeats > 1 and micro_batches % stages:
+        raise ConfigError(
+            f"train.micro_batches={micro_batches} is not a multiple of the {stages} pipeline "
+            f"stages: the interleaved 1F1B schedule (train.pipeline_repeats={repeats}) runs them "
+            f"in groups of {stages}; set train.micro_batches to a multiple of {stages}"
         )
 
 

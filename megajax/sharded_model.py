@@ -14,9 +14,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megajax import context_attention, lora, models, moe, parallel, pipeline_arithmetic
+from megajax import context_attention, layers, lora, models, moe, parallel, pipeline_arithmetic
 from megajax.config import Config, ConfigError
 from megajax.mesh import check_batch, check_model
+from megajax.models import pipeline_1f1b
+from megajax.models.pipeline_schedule import scan_layers
 
 
 class ShardedModel:
@@ -72,7 +74,21 @@ class ShardedModel:
                 repeats=cfg.train.pipeline_repeats,
                 micro_batches=cfg.train.micro_batches,
             )
-            self.schedule = pipeline_arithmetic.Schedule(stages, cfg.train.pipeline_repeats)
+            kind = cfg.train.pipeline_schedule
+            if kind == "1f1b":
+                pipeline_arithmetic.check_1f1b(
+                    stages=stages,
+                    repeats=cfg.train.pipeline_repeats,
+                    micro_batches=cfg.train.micro_batches,
+                )
+                models.pieces(cfg.model)  # a ConfigError for a model it cannot cut
+                for axis in (parallel.FSDP, parallel.CONTEXT):
+                    if mesh.shape[axis] > 1:
+                        raise ConfigError(
+                            f"train.pipeline_schedule=1f1b does not run on a mesh with {axis} > 1 "
+                            "yet: use train.pipeline_schedule=gpipe there"
+                        )
+            self.schedule = pipeline_arithmetic.Schedule(stages, cfg.train.pipeline_repeats, kind)
         self.padded_vocab = cfg.model.padded_vocab_size(mesh.shape[parallel.MODEL])
         with self.context():
             abstract = nnx.eval_shape(lambda: self._new_model(0))
@@ -226,6 +242,39 @@ class ShardedModel:
         with pipeline_arithmetic.scheduled(self.schedule):
             values, metrics = per_micro(params, batch, keys, shares)
         return values.sum(), jax.tree.map(jnp.sum, metrics)
+
+    def _one_f_one_b(self, trainable, frozen, batch, key, shares, scale):
+        """(sums over the micro-batches of the objective's metrics, float32 sums of the
+        trainable parameters' gradients) by the 1F1B schedule (models/pipeline_1f1b.py): the
+        model cut into embedding, stacked layers and head (models.pieces). `shares` (micro,)
+        weigh the micro-batches; `scale` multiplies the differentiated loss (or None)."""
+        cfg = self.cfg.model
+        pieces = models.pieces(cfg)
+        whole = self.model(lora.join(trainable, frozen))
+        blocks = nnx.split(getattr(whole, pieces.stack))[0]
+
+        def embed(params, batch, key):
+            return pieces.embed(self.model(params), batch, key)
+
+        def stage(chunk, x, batch, key, first_layer):
+            keys = None
+            if key is not None:  # the plain scan's per-layer keys, this chunk's slice of them
+                keys = jax.random.split(layers.split_key(key)[1], cfg.num_layers)
+                depth = jax.tree.leaves(chunk)[0].shape[0]
+                keys = jax.lax.dynamic_slice_in_dim(keys, first_layer, depth)
+            attend = pieces.attend(batch)
+            return scan_layers(blocks, chunk, x, attend=attend, keys=keys, remat=cfg.remat)[0]
+
+        def head(params, x, batch, share):
+            value, metrics = pieces.head(self.model(params), x, batch)
+            return value * share, {"loss": value * share, **metrics}
+
+        fns = pipeline_1f1b.StepFns(embed, stage, head)
+        scale = jnp.float32(1.0) if scale is None else scale
+        return pipeline_1f1b.run(
+            fns, trainable, frozen, batch, key, shares, scale, stages=self.schedule.stages,
+            repeats=self.schedule.repeats, stack=pieces.stack,
+        )  # fmt: skip
 
     def abstract_eval_batch(self) -> dict:
         """Shapes and shardings of an eval batch, (train.batch_size, ...) per field."""

@@ -202,6 +202,10 @@ class Trainer(ShardedModel):
         first = jax.tree.map(lambda x: x[0], batch)
         if self.cfg.optim.grad_reduce == "step":
             sums, grad_sum = self._reduced_once(params, batch, key, shares, scale)
+        elif self.schedule is not None and self.schedule.kind == "1f1b":
+            sums, grad_sum = self._one_f_one_b(params, frozen, batch, key, shares, scale)
+            if distributed:
+                grad_sum = jax.tree.map(self._to_master, grad_sum, self.train_sharding)
         elif self.schedule is not None:
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(micro))
             (_, sums), grad_sum = jax.value_and_grad(self._pipelined, has_aux=True)(

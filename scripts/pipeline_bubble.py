@@ -7,6 +7,8 @@ Faked devices share the host's cores, so a bubble shows as work, not as idle tim
 computes on every tick (on zeros in the bubble). The step time is then proportional to the
 ticks, v m + P - 1, and the useful share of it is 1 - bubble. The figure printed is the time per
 micro-batch at m = P over the one at m = 4P, measured and as the formula predicts.
+`--schedule 1f1b` times the 1F1B schedule instead (its bubble ticks skip their work under a
+cond, so there the bubble is time spent waiting for the other stages).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
         "--vocab", type=int, default=1024, help="a small head keeps the stages' share"
     )
     parser.add_argument("--repeats", default="1,2", help="pipeline_repeats values to time")
+    parser.add_argument("--schedule", default="gpipe", choices=("gpipe", "1f1b"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; min is kept")
     args = parser.parse_args()
@@ -54,7 +57,13 @@ def main() -> None:
         for m in (p, 4 * p):
             batch = m * args.micro_size * data
             cfg = config.replace(
-                base, train=dict(batch_size=batch, micro_batches=m, pipeline_repeats=v)
+                base,
+                train=dict(
+                    batch_size=batch,
+                    micro_batches=m,
+                    pipeline_repeats=v,
+                    pipeline_schedule=args.schedule,
+                ),
             )
             trainer = Trainer(cfg, device_mesh)
             step, _ = trainer.compile_train_step()
@@ -74,11 +83,12 @@ def main() -> None:
             jax.block_until_ready(metrics)
             times.append((time.perf_counter() - start) / args.steps)
             run[2] = state
-    print(f"mesh pipeline={p},data={data},model={t}; {args.layers} layers; {args.micro_size} "
-          f"sequences per micro-batch and data shard; {jax.devices()[0].platform}")  # fmt: skip
+    print(f"{args.schedule}: mesh pipeline={p},data={data},model={t}; {args.layers} layers; "
+          f"{args.micro_size} sequences per micro-batch and data shard; "
+          f"{jax.devices()[0].platform}")  # fmt: skip
     print("  v   m  ticks  bubble(formula)  step s  s per micro-batch")
     for (v, m), (*_, times) in runs.items():
-        ticks = pipeline_arithmetic.ticks(p, v, m)
+        ticks = pipeline_arithmetic.ticks(p, v, m, args.schedule)
         bubble = pipeline_arithmetic.bubble_fraction(p, v, m)
         print(f"  {v}  {m:2d}  {ticks:5d}  {bubble:15.3f}  {min(times):6.3f}  {min(times) / m:.4f}")
     for v in sorted({v for v, _ in runs}):

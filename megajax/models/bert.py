@@ -21,6 +21,7 @@ from megajax.layers import (
     _zeros,
     dropout,
     gelu,
+    split_key,
 )
 from megajax.models.stack import run_stack, stacked_blocks
 from megajax.parallel import constrain
@@ -68,24 +69,35 @@ class BERT(nnx.Module):
     def __call__(self, tokens, token_types, padding_mask, *, key=None) -> jax.Array:
         """Hidden states (batch, length, hidden) of (batch, length) token ids, segment ids and
         padding masks (1 on real tokens); `key` turns dropout on."""
+        x = self.embed(tokens, token_types, key=key)
+        return self.finish(self.layers(x, padding_mask, key=key))
+
+    def embed(self, tokens, token_types, *, key=None) -> jax.Array:
+        """The layers' input: word, position and type embeddings (normalized in post-LN),
+        with dropout keyed by the first half of `key` (the model's dropout key)."""
         cfg, (_, s) = self.cfg, tokens.shape
         dtype = jnp.dtype(cfg.compute_dtype)
-        embed_key, layers_key = (None, None) if key is None else jax.random.split(key)
         types = jnp.take(self.wtt[...], token_types, axis=0)
         x = self.wte(tokens, dtype) + (self.wpe[:s] + types).astype(dtype)
         x = constrain(x, "batch", "residual_length", "embed")
         if self.ln_embed is not None:
             x = self.ln_embed(x)
-        x = dropout(x, cfg.dropout, embed_key)
-        padding = padding_mask.astype(bool)  # (batch, key), real tokens first
+        return dropout(x, cfg.dropout, split_key(key)[0])
+
+    def layers(self, x, padding_mask, *, key=None) -> jax.Array:
+        """The stacked layers on x, their dropout keyed by the second half of `key`."""
         x, _ = run_stack(
             self.h,
             x,
-            attend=Attend(padding=padding),
-            key=layers_key,
-            remat=cfg.remat,
-            num_layers=cfg.num_layers,
+            attend=attend({"padding_mask": padding_mask}),
+            key=split_key(key)[1],
+            remat=self.cfg.remat,
+            num_layers=self.cfg.num_layers,
         )
+        return x
+
+    def finish(self, x) -> jax.Array:
+        """The encoder's output: the layers' with the final norm of the pre-LN arrangement."""
         return x if self.ln_f is None else self.ln_f(x)
 
     def pooled(self, hidden: jax.Array) -> jax.Array:
@@ -122,8 +134,27 @@ def _classify(logits, labels):
 
 def pretraining_objective(model: BERT, batch: dict, key) -> tuple[jax.Array, dict]:
     """Masked-LM loss over the masked positions only, plus the binary head's loss."""
+    x = model.layers(embed(model, batch, key), batch["padding_mask"], key=key)
+    return pretraining_head(model, x, batch)
+
+
+# The pretraining objective cut at the stacked layers (models.Pieces).
+
+
+def embed(model: BERT, batch: dict, key) -> jax.Array:
+    """The layers' input for a batch."""
+    return model.embed(batch["tokens"], batch["token_types"], key=key)
+
+
+def attend(batch: dict) -> Attend:
+    """Attention keeps to the real tokens (padding comes last)."""
+    return Attend(padding=batch["padding_mask"].astype(bool))
+
+
+def pretraining_head(model: BERT, x, batch: dict, stats=None) -> tuple[jax.Array, dict]:
+    """The pretraining objective of the layers' output x (stats: unused, a dense model's)."""
     cfg = model.cfg
-    hidden = model(batch["tokens"], batch["token_types"], batch["padding_mask"], key=key)
+    hidden = model.finish(x)
     labels = batch["labels"]
     token_loss, correct = loss.cross_entropy_and_correct(
         model.mlm(hidden),

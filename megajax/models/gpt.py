@@ -14,7 +14,15 @@ from flax import nnx
 
 from megajax import loss, moe, parallel
 from megajax.config import ModelConfig
-from megajax.layers import Attend, VocabEmbedding, _normal, dropout, norm, padded_normal
+from megajax.layers import (
+    Attend,
+    VocabEmbedding,
+    _normal,
+    dropout,
+    norm,
+    padded_normal,
+    split_key,
+)
 from megajax.models.stack import extend_stack, layer_stacks, run_stack
 from megajax.parallel import constrain
 
@@ -47,21 +55,32 @@ class GPT(nnx.Module):
         """The final hidden states and the layers' router statistics (moe.MoE; {} when
         dense), summed over the layers. `order` (batch, length): each slot's position in the
         original sequence, when the batch comes reordered (layers.Attend)."""
+        x = self.embed(ids, key=key, positions=positions, order=order)
+        attend = Attend(segments=segments, positions=positions, order=order)
+        x, stats = self.layers(x, attend=attend, key=key)
+        return self.ln_f(x), stats
+
+    def embed(self, ids, *, key=None, positions=None, order=None):
+        """The layers' input (batch, length, hidden): word (and learned position) embeddings
+        with dropout, whose key is the first half of `key` (the model's dropout key); a
+        reordered sequence (`order`) drops what its original order drops."""
         cfg, (_, s) = self.cfg, ids.shape
         dtype = jnp.dtype(cfg.compute_dtype)
-        embed_key, layers_key = (None, None) if key is None else jax.random.split(key)
         x = self.wte(ids, dtype)
         if cfg.positions == "learned":
             table = self.wpe[:s] if positions is None else jnp.take(self.wpe[...], positions, 0)
             x = x + table.astype(dtype)
         x = constrain(x, "batch", "residual_length", "embed")
-        x = dropout(x, cfg.dropout, embed_key, order)
-        attend = Attend(segments=segments, positions=positions, order=order)
-        x, stats = run_stack(
-            self.h, x, attend=attend, key=layers_key, remat=cfg.remat, num_layers=cfg.num_layers,
-            sparse=self.h_moe,
+        return dropout(x, cfg.dropout, split_key(key)[0], order)
+
+    def layers(self, x, *, attend: Attend, key=None):
+        """The stacked layers on x, their dropout keyed by the second half of `key`: (x,
+        router statistics)."""
+        cfg = self.cfg
+        return run_stack(
+            self.h, x, attend=attend, key=split_key(key)[1], remat=cfg.remat,
+            num_layers=cfg.num_layers, sparse=self.h_moe,
         )  # fmt: skip
-        return self.ln_f(x), stats
 
     def extend(self, ids, cache: dict, *, start, positions, mask):
         """Final hidden states of new tokens `ids` (batch, new) at cache slots start ..
@@ -128,20 +147,38 @@ def objective(model: GPT, batch: dict, key) -> tuple[jax.Array, dict]:
     over the targets whose weight is 1. A MoE model adds its router losses times their
     coefficients (model.moe_aux_loss, moe_z_loss) and reports them, the cross-entropy alone
     ("lm_loss") and the choices its experts' capacity dropped; a dense one no metrics."""
-    losses, stats = model.token_losses_and_stats(
-        batch["inputs"],
-        batch["targets"],
-        key=key,
-        segments=batch.get("segments"),
-        positions=batch.get("positions"),
-        order=batch.get("order"),
+    x, stats = model.layers(embed(model, batch, key), attend=attend(batch), key=key)
+    return head(model, x, batch, stats)
+
+
+# The objective cut at the stacked layers (models.Pieces), for a schedule that runs them itself.
+
+
+def embed(model: GPT, batch: dict, key) -> jax.Array:
+    """The layers' input for a batch."""
+    return model.embed(
+        batch["inputs"], key=key, positions=batch.get("positions"), order=batch.get("order")
     )
+
+
+def attend(batch: dict) -> Attend:
+    """What the layers' attention reads besides the activations."""
+    return Attend(
+        segments=batch.get("segments"), positions=batch.get("positions"), order=batch.get("order")
+    )
+
+
+def head(model: GPT, x, batch: dict, stats=None) -> tuple[jax.Array, dict]:
+    """The objective of the layers' output x: final norm, LM head, cross-entropy (the router
+    losses of `stats` added for a MoE model)."""
+    hidden = model.ln_f(x)
+    cfg = model.cfg
+    losses = loss.cross_entropy(hidden, model.lm_head, batch["targets"], vocab_size=cfg.vocab_size)
     if "weights" not in batch:
         value = losses.mean()
     else:
         weights = batch["weights"].astype(jnp.float32)
         value = (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-    cfg = model.cfg
     if not cfg.moe:
         return value, {}
     router = moe.router_losses(stats, cfg.moe_experts)

@@ -219,16 +219,38 @@ def pipelined_activation_bytes(
     micro: int,
     lora: LoRAConfig | None = None,
     context_degree: int = 1,
+    schedule: str = "gpipe",
 ) -> dict:
-    """Bytes a device keeps for the backward pass of a pipelined step
-    (models/pipeline_schedule.py), for `micro` micro-batches of `batch` sequences per device:
+    """Bytes a device keeps for the backward pass of a pipelined step, for `micro`
+    micro-batches of `batch` sequences per device. GPipe (models/pipeline_schedule.py):
     - the stack: each of the v m + P - 1 ticks runs one chunk of L / (v P) layers and keeps
       what that chunk saves, bubble ticks included, so ticks / v micro-batches' worth of the
-      stage's layers are in flight (GPipe; a 1F1B schedule would hold at most P);
+      stage's layers are in flight;
     - the micro-batches' embedding output, the stages' copy of it and the finished outputs,
       (m, b, s, h) each, and as many cotangents in the backward pass;
-    - the heads, run on all micro-batches at once (vmapped)."""
+    - the heads, run on all micro-batches at once (vmapped).
+    1F1B (models/pipeline_1f1b.py): the ring of 2 v P - 1 saved stage inputs (b, s, h) and
+    what one chunk keeps for one micro-batch inside its backward tick; four (b, s, h) buffers
+    (the input and cotangent that arrive, the output and cotangent sent); one micro-batch's
+    head. Nothing depends on m."""
     e, c = jnp.dtype(m.compute_dtype).itemsize, context_degree
+    r = model_degree if m.sequence_parallel else 1  # the stages' inputs split over `model`
+    if schedule == "1f1b":
+        chunk = dataclasses.replace(m, num_layers=m.num_layers // (stages * repeats))
+        one = batch * m.seq_len * m.hidden * e / r
+        slots = 2 * repeats * stages - 1
+        stack = slots * one + stack_activation_bytes(
+            chunk, batch=batch, model_degree=model_degree, lora=lora
+        )
+        buffers = 4 * one
+        head = head_activation_bytes(m, batch=batch, model_degree=model_degree)
+        return {
+            "stack": stack,
+            "buffers": buffers,
+            "head": head,
+            "in_flight_micro_batches": slots,
+            "total": stack + buffers + head,
+        }
     ticks = repeats * micro + stages - 1
     chunk = dataclasses.replace(m, num_layers=m.num_layers // (stages * repeats))
     at = dict(batch=batch, model_degree=model_degree, context_degree=c)
@@ -240,7 +262,6 @@ def pipelined_activation_bytes(
             else _core_bytes(m, **at)
         )
         stack -= (ticks - 1) * working
-    r = model_degree if m.sequence_parallel else 1  # the stages' inputs split over `model`
     buffers = 2 * 3 * micro * batch * m.seq_len // c * m.hidden * e / r
     head = head_activation_bytes(
         m, batch=micro * batch, model_degree=model_degree, context_degree=c

@@ -300,25 +300,31 @@ def pipeline_summary(cfg: Config, *, stages: int, data: int, model: int, found) 
     if stages == 1:
         return None
     m, tr = cfg.model, cfg.train
-    v, micro = tr.pipeline_repeats, tr.micro_batches
+    v, micro, kind = tr.pipeline_repeats, tr.micro_batches, tr.pipeline_schedule
     batch = tr.batch_size // micro // data
     r = model if m.sequence_parallel else 1
-    stage_input = ((1, batch, m.seq_len // r, m.hidden),)  # one stage's micro-batch share
+    # One stage's micro-batch share: GPipe's carries the vmapped stage axis, 1F1B's (inside
+    # shard_map over `pipeline`) does not.
+    share = (batch, m.seq_len // r, m.hidden)
+    stage_input = (share,) if kind == "1f1b" else ((1, *share),)
     permutes = [c for c in found if c.kind == "collective-permute" and c.shapes == stage_input]
     # Anything else sent round the stages: with circular repeats the layers' weights, stored
     # in order, go to the stages that run them (and their gradients back) in every step.
     others = [c for c in found if c.kind == "collective-permute" and c.shapes != stage_input]
+    in_flight = activations.pipelined_activation_bytes(
+        cfg.model, batch=batch, model_degree=model, stages=stages, repeats=v, micro=micro,
+        schedule=kind,
+    )  # fmt: skip
     return {
+        "schedule": kind,
         "stages": stages,
         "repeats": v,
         "micro_batches": micro,
-        "ticks": pipeline_arithmetic.ticks(stages, v, micro),
+        "ticks": pipeline_arithmetic.ticks(stages, v, micro, kind),
         "bubble": pipeline_arithmetic.bubble_fraction(stages, v, micro),
-        "in_flight_micro_batches": pipeline_arithmetic.ticks(stages, v, micro) / v,
-        "in_flight_bytes": activations.pipelined_activation_bytes(
-            cfg.model, batch=batch, model_degree=model, stages=stages, repeats=v, micro=micro
-        )["total"],
-        "transfers": pipeline_arithmetic.transfers(stages, v, micro),
+        "in_flight_micro_batches": in_flight["in_flight_micro_batches"],
+        "in_flight_bytes": in_flight["total"],
+        "transfers": pipeline_arithmetic.transfers(stages, v, micro, kind),
         "transfer_bytes": pipeline_transfer_bytes(cfg, data, model, stages),
         "transfers_compiled": sum(c.runs for c in permutes),
         "transfer_bytes_compiled": sum(c.runs * c.bytes for c in permutes),

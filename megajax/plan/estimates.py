@@ -213,6 +213,7 @@ def estimate_memory(
                 m_remat, batch=sequences, model_degree=model_degree, stages=stages,
                 repeats=tr.pipeline_repeats, micro=tr.micro_batches, lora=cfg.lora,
                 context_degree=c,
+                schedule=tr.pipeline_schedule,
             )["total"] - head  # fmt: skip
         return activations.stack_activation_bytes(
             m_remat,
@@ -469,7 +470,10 @@ def pipeline_transfer_bytes(cfg: Config, data_degree: int, model_degree: int, st
     one = pipeline_arithmetic.transfer_bytes(
         batch, m.seq_len // r, m.hidden, jnp.dtype(m.compute_dtype).itemsize
     )
-    return pipeline_arithmetic.transfers(stages, tr.pipeline_repeats, tr.micro_batches) * one
+    count = pipeline_arithmetic.transfers(
+        stages, tr.pipeline_repeats, tr.micro_batches, tr.pipeline_schedule
+    )
+    return count * one
 
 
 def allreduce_elements(kind: str, elements: float, group: int) -> float:
@@ -572,14 +576,22 @@ def roofline(
         outside = m.head_flops_per_token()
         layers = fl["hardware"] - outside * tokens
         bubble_s = layers / devices / tgt.peak_flops * (stages - 1) / (v * micro)
-        compute += outside * tokens * (stages - 1) / devices / tgt.peak_flops
         node = data_degree * model_degree >= tgt.node_size  # a stage fills a node
         p2p_bw = tgt.inter_node_bw if node else tgt.intra_node_bw
         p2p_s = pipeline_transfer_bytes(cfg, data_degree, model_degree, stages) / p2p_bw
-        # Over `pipeline` also: the last stage's outputs to every stage's heads, and the
-        # gradient of the micro-batches entering stage 0 back to every stage's embedding.
-        buffers = tr.batch_size // data_degree * m.seq_len * m.hidden * e
-        p2p_s += 2 * allreduce_seconds(buffers, stages, p2p_bw)
+        if tr.pipeline_schedule == "1f1b":
+            # The head on the last stage only; every layer's forward run once more, in its
+            # backward tick, on top of what model.remat recomputes; one all-reduce of the
+            # float32 gradients outside the layers over `pipeline`.
+            forward = (m.flops_per_token() - outside) / 3
+            compute += forward * tokens / devices / tgt.peak_flops
+            p2p_s += allreduce_seconds(4 * outside_params(m, model_degree), stages, p2p_bw)
+        else:
+            compute += outside * tokens * (stages - 1) / devices / tgt.peak_flops
+            # Over `pipeline` also: the last stage's outputs to every stage's heads, and the
+            # gradient of the micro-batches entering stage 0 back to every stage's embedding.
+            buffers = tr.batch_size // data_degree * m.seq_len * m.hidden * e
+            p2p_s += 2 * allreduce_seconds(buffers, stages, p2p_bw)
         if v > 1:  # float32 layer weights to the stages that run them, gradients back
             layer_params = stage_layer_params(m, model_degree, stages)
             p2p_s += 2 * 4 * layer_params * (v - 1) / v / p2p_bw

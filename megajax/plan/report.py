@@ -108,12 +108,18 @@ def report(plan: dict) -> str:
     if pp:
         lines += [
             "",
-            f"pipeline: P={pp['stages']} stages, v={pp['repeats']} repeats, "
+            f"pipeline: {pp['schedule']}, P={pp['stages']} stages, v={pp['repeats']} repeats, "
             f"m={pp['micro_batches']} micro-batches: {pp['ticks']} ticks, bubble "
             f"{100 * pp['bubble']:.1f}% = (P-1)/(v m+P-1)",
-            f"  in flight per device: {pp['in_flight_micro_batches']:.1f} micro-batches of the "
-            f"stage's layers (GPipe: all m, and the bubble ticks), "
-            f"{gb(pp['in_flight_bytes'])} with the micro-batch buffers and heads",
+            (
+                f"  in flight per device: {pp['in_flight_micro_batches']:.1f} micro-batches of the "
+                f"stage's layers (GPipe: all m, and the bubble ticks), "
+                f"{gb(pp['in_flight_bytes'])} with the micro-batch buffers and heads"
+                if pp["schedule"] == "gpipe"
+                else f"  in flight per device: {pp['in_flight_micro_batches']} saved stage inputs "
+                f"(1F1B: 2 v P - 1, whatever m) and one micro-batch's chunk, "
+                f"{gb(pp['in_flight_bytes'])} with the buffers and the head"
+            ),
             f"  collective-permutes per step: {pp['transfers']} of "
             f"{gb(pp['transfer_bytes'] / max(pp['transfers'], 1))}, "
             f"{gb(pp['transfer_bytes'])} per device (compiled: {pp['transfers_compiled']}, "
