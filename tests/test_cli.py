@@ -90,7 +90,7 @@ BAD_INPUT = {
     ),
     "bad-axis": (
         ["--config", "configs/gpt2_tiny.py", "--mesh", "tensor=2"],
-        "expected pipeline=P,data=D,expert=E,model=M",
+        "expected pipeline=P,data=D,fsdp=F,expert=E,context=C,model=M",
     ),
 }
 

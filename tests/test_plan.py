@@ -275,4 +275,4 @@ def test_dry_run_of_a_pipelined_step_agrees_with_its_compiled_step(repeats):
     _check_against_compiled(p, tolerance=0.3)
     roof = p["roofline"]["this mesh"]
     assert roof["bubble_s"] > 0 and roof["pipeline_s"] > 0
-    assert "pipeline: P=2 stages" in report(p)
+    assert "pipeline: gpipe, P=2 stages" in report(p)

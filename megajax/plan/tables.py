@@ -3,7 +3,7 @@
 
 python -m megajax.plan.tables --cpu_devices 8                    # the paper's configs
 python -m megajax.plan.tables --cpu_devices 512 --paper_layout   # on its own layouts
-python -m megajax.plan.tables --cpu_devices 512 --pipeline_2021  # arXiv 2104.04473
+python -m megajax.plan.tables --cpu_devices 512 --pipeline_2021 [--schedule 1f1b]  # 2104.04473
 """
 
 from __future__ import annotations
@@ -116,25 +116,27 @@ PIPELINE_CONFIGS = (
 )
 
 
-def pipeline_table(devices) -> str:
-    """A markdown table of the 2021 paper's GPT configs on their layouts (A100 80GB). One
-    data-parallel replica is compiled on a (P, 1, 8) mesh with its share of the global batch,
-    one sequence per micro-batch: the per-device program of the full layout. Memory per GPU
-    is the analytic estimate at the paper's D, as the configs ship (full recomputation) and with
-    sequence parallelism and the distributed optimizer over D; the roofline adds the gradient
+def pipeline_table(devices, schedule: str = "gpipe") -> str:
+    """A markdown table of the 2021 paper's GPT configs on their layouts (A100 80GB), under
+    train.pipeline_schedule=`schedule`. One data-parallel replica is compiled on a (P, 1, 8)
+    mesh with its share of the global batch, one sequence per micro-batch: the per-device
+    program of the full layout (its optimizer state replicated over D, as the configs ship).
+    Memory per GPU is the compiled program's (XLA:CPU: bf16 held as float32) and the analytic
+    estimate at the paper's D, as the configs ship (full recomputation) and with sequence
+    parallelism and the distributed optimizer over D; the roofline adds the gradient
     all-reduce over D. Hardware teraFLOP/s per GPU count the recomputed forward, as the
     paper's do."""
     from megajax import config, mesh
 
     rows = [
-        "| config | P x D x T (GPUs) | params | m | bubble | memory / GPU: as shipped "
-        "| with SP and distributed optimizer | stage transfers / step / GPU | roofline step "
-        "| TFLOP/s per GPU: roofline | paper (measured) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | P x D x T (GPUs) | params | m | bubble | memory / GPU: compiled "
+        "| as shipped | with SP and distributed optimizer | stage transfers / step / GPU "
+        "| roofline step | TFLOP/s per GPU: roofline | paper (measured) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     a100 = TARGETS["a100"]
     for path, stages, data, measured in PIPELINE_CONFIGS:
-        full = config.load(path)
+        full = config.replace(config.load(path), train=dict(pipeline_schedule=schedule))
         share = full.train.batch_size // data
         cfg = config.replace(full, train=dict(batch_size=share, micro_batches=share))
         device_mesh = mesh.make(f"pipeline={stages},data=1,model=8", devices=devices[: 8 * stages])
@@ -144,7 +146,8 @@ def pipeline_table(devices) -> str:
             full, a100, data_degree=data, model_degree=8, model_elements=model_elements,
             stages=stages,
         )  # fmt: skip
-        cells = []
+        compiled = p["memory"]["compiled"]["total"]
+        cells = [f"{gb(compiled)} ({'fits' if compiled <= a100.memory_bytes else 'no'})"]
         # Selective recomputation would keep every tick's layer activations: full stays.
         switched = config.replace(
             full, model=dict(sequence_parallel=True), optim=dict(distributed=True)
@@ -157,7 +160,7 @@ def pipeline_table(devices) -> str:
         rows.append(
             f"| `{Path(path).stem}` | {stages} x {data} x 8 ({stages * data * 8}) "
             f"| {p['params']['total'] / 1e9:,.1f}B | {pp['micro_batches']} "
-            f"| {100 * pp['bubble']:.1f}% | {cells[0]} | {cells[1]} "
+            f"| {100 * pp['bubble']:.1f}% | {cells[0]} | {cells[1]} | {cells[2]} "
             f"| {gb(pp['transfer_bytes'])} | {roof['step_s']:.1f} s "
             f"| {roof['hardware_tflops_per_device']:.0f} | {measured} |"
         )
@@ -175,6 +178,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--pipeline_2021", action="store_true", help="arXiv 2104.04473's GPTs (512 devices)"
     )
+    parser.add_argument(
+        "--schedule", default="gpipe", choices=("gpipe", "1f1b"), help="with --pipeline_2021"
+    )
     return parser.parse_args(argv)
 
 
@@ -184,7 +190,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     mesh.fake_cpu_devices(args.cpu_devices)
     if args.pipeline_2021:
-        print(pipeline_table(jax.devices()))
+        print(pipeline_table(jax.devices(), args.schedule))
     elif args.paper_layout:
         print(paper_layout_table(jax.devices()))
     else:
