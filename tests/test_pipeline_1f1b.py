@@ -10,8 +10,18 @@ sequences of 32 tokens in 8 micro-batches, dropout on, 3 steps at the full learn
 
 import numpy as np
 import pytest
-from conftest import bert_batch, real_batch
-from test_pipeline import BATCH, MICRO, REFERENCE, RTOL, STEPS, VOCAB, _config, _mesh, _train
+from test_pipeline import (  # noqa: F401 (batches: test_pipeline's fixture, used here too)
+    BATCH,
+    MICRO,
+    REFERENCE,
+    RTOL,
+    STEPS,
+    VOCAB,
+    _config,
+    _mesh,
+    _train,
+    batches,
+)
 
 from megajax import config, hlo, models, pipeline_arithmetic
 from megajax.config import ConfigError
@@ -53,21 +63,6 @@ def compiled():
     return get
 
 
-@pytest.fixture(scope="module")
-def batches(shakespeare_tokens, bert_dataset):
-    def gpt(step):
-        inputs, targets = real_batch(
-            shakespeare_tokens, step=step, batch_size=BATCH, seq_len=32, vocab_size=VOCAB
-        )
-        return {"inputs": inputs, "targets": targets}
-
-    def bert(step):
-        return bert_batch(bert_dataset, step=step, batch_size=BATCH, seq_len=32, vocab_size=VOCAB)
-
-    made = {arch: [make(i) for i in range(STEPS)] for arch, make in (("gpt", gpt), ("bert", bert))}
-    return {**made, "llama": made["gpt"]}
-
-
 # Both meshes, v = 1 and 2, GPT-2 and the Llama (grouped-query attention, RoPE, SwiGLU, untied
 # head; SWITCHES) in two cases; BERT's pieces (its pooler and binary head on the last stage) in
 # a third.
@@ -79,7 +74,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("arch,layout", CASES)
-def test_losses_equal_the_one_stage_run(compiled, batches, arch, layout):
+def test_losses_equal_the_one_stage_run(compiled, batches, arch, layout):  # noqa: F811 (the imported fixture)
     _, reference = _train(*compiled(arch, REFERENCE, "gpipe"), batches[arch])
     trainer, step_fn = compiled(arch, layout)
     _, losses = _train(trainer, step_fn, batches[arch])
