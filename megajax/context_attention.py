@@ -195,10 +195,7 @@ def _axis_index(axes):
 
 
 def _axis_size(axes):
-    if axes is None:
-        return 1
-    names = (axes,) if isinstance(axes, str) else axes
-    return int(np.prod([jax.lax.axis_size(a) for a in names]))
+    return int(np.prod([jax.lax.axis_size(a) for a in parallel.entry_axes(axes)]))
 
 
 @functools.lru_cache

@@ -109,17 +109,27 @@ def spec(*logical: str | None) -> P:
     return P(*(None if name is None else table[name] for name in logical))
 
 
+def degree(axis: str) -> int:
+    """The degree of mesh axis `axis` on the mesh being traced under (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get(axis, 1)
+
+
 def model_degree() -> int:
     """The `model` degree of the mesh being traced under (1 without one)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else dict(mesh.shape).get(MODEL, 1)
+    return degree(MODEL)
+
+
+def entry_axes(entry) -> tuple[str, ...]:
+    """The mesh axes that a PartitionSpec entry (or a row of the table) names: None, an axis,
+    or a tuple of them."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def batch_axes() -> tuple[str, ...]:
     """The mesh axes that split the batch: those a replicated weight's gradient is summed
-    over (none inside `batch_manual`, where each device keeps its own rows' gradients)."""
-    axes = _active()["batch"]
-    return axes if isinstance(axes, tuple) else tuple(a for a in (axes,) if a is not None)
+    over (none inside `per_batch_shard`, where each device keeps its own rows' gradients)."""
+    return entry_axes(_active()["batch"])
 
 
 # The vmap axis over the batch shards while per_batch_shard is in force (innermost last).
@@ -150,8 +160,7 @@ def batch_shard() -> str | None:
 
 def length_axes() -> tuple[str, ...]:
     """The mesh axes that split the sequence (`context`, or none)."""
-    axes = _active()["length"]
-    return () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return entry_axes(_active()["length"])
 
 
 def gradient_axes() -> tuple[str, ...]:
@@ -218,8 +227,7 @@ def at_rest(shape: tuple[int, ...], compute: P, names, degrees: dict[str, int]) 
 
 def fsdp_degree() -> int:
     """The `fsdp` degree of the mesh being traced under (1 without one)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else dict(mesh.shape).get(FSDP, 1)
+    return degree(FSDP)
 
 
 def gathered(x: jax.Array, names) -> jax.Array:

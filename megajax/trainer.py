@@ -202,15 +202,14 @@ class Trainer(ShardedModel):
         first = jax.tree.map(lambda x: x[0], batch)
         if self.cfg.optim.grad_reduce == "step":
             sums, grad_sum = self._reduced_once(params, batch, key, shares, scale)
-        elif self.schedule is not None and self.schedule.kind == "1f1b":
-            sums, grad_sum = self._one_f_one_b(params, frozen, batch, key, shares, scale)
-            if distributed:
-                grad_sum = jax.tree.map(self._to_master, grad_sum, self.train_sharding)
         elif self.schedule is not None:
-            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(micro))
-            (_, sums), grad_sum = jax.value_and_grad(self._pipelined, has_aux=True)(
-                params, batch, keys, objective, shares
-            )
+            if self.schedule.kind == "1f1b":
+                sums, grad_sum = self._one_f_one_b(params, frozen, batch, key, shares, scale)
+            else:
+                keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(micro))
+                (_, sums), grad_sum = jax.value_and_grad(self._pipelined, has_aux=True)(
+                    params, batch, keys, objective, shares
+                )
             if distributed:
                 grad_sum = jax.tree.map(self._to_master, grad_sum, self.train_sharding)
         elif micro == 1:  # no accumulation loop: no zeroed gradient buffers, no adds into them
@@ -250,7 +249,7 @@ class Trainer(ShardedModel):
         summed once per parameter in optim.grad_reduce_dtype: one all-reduce, or with
         optim.distributed one reduce-scatter onto the master shards (psum_scatter in a
         shard_map, a true reduce-scatter). Dropout draws each row the bits the automatic path
-        draws (dropout.rows_bernoulli). Gradients of weights replicated over `model` (norms,
+        draws (dropout.kept). Gradients of weights replicated over `model` (norms,
         the kv weight split by rows) are still summed over `model` where the partitioner
         places that sum, inside the loop."""
         axes = parallel.batch_axes()
@@ -325,8 +324,8 @@ class Trainer(ShardedModel):
             # all-reduce.
             g = g[0].astype(reduce_dtype)
             spec = tuple(master) + (None,) * (g.ndim - len(master))
-            split = [i for i, a in enumerate(spec) if _mesh_axes(a) & set(axes)]
-            over = tuple(a for a in axes if split and a in _mesh_axes(spec[split[0]]))
+            split = [i for i, a in enumerate(spec) if set(parallel.entry_axes(a)) & set(axes)]
+            over = tuple(a for a in axes if split and a in parallel.entry_axes(spec[split[0]]))
             rest = tuple(a for a in axes if a not in over)
             if over:
                 g = jax.lax.psum_scatter(g, over, scatter_dimension=split[0], tiled=True)
@@ -428,13 +427,6 @@ class Trainer(ShardedModel):
 
 def _is_spec(x) -> bool:
     return isinstance(x, P)
-
-
-def _mesh_axes(entry) -> set[str]:
-    """The mesh axes a PartitionSpec entry names (None, an axis, or a tuple of them)."""
-    if entry is None:
-        return set()
-    return set(entry) if isinstance(entry, tuple) else {entry}
 
 
 def _check_reduce_once(cfg: Config, schedule, mesh) -> None:
