@@ -65,9 +65,10 @@ def layer_activation_bytes(
         total = 2 * 3 * 4 * n / r  # two layer norms
         total += e * n * (2 / r + 4 / t + 6 * mlp / t)
         if c > 1 and m.context_attention == "ring":  # its custom VJP keeps the stacked K/V
-            # repeated to the query heads and two float32 numbers per query row and head
+            # (at kv-slot width) and two float32 numbers per query row and head
             rows = batch * m.num_heads // t * m.seq_len // c
-            total += e * 2 * rows * m.head_dim + 8 * rows
+            kv_rows = batch * m.kv_slots(t) // t * m.seq_len // c
+            total += e * 2 * kv_rows * m.head_dim + 8 * rows
         else:
             total += _core_bytes(m, batch=batch, model_degree=t, context_degree=c)
     if c > 1 and m.context_attention == "allgather":  # the gathered K/V, kept (selective
