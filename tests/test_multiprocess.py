@@ -114,12 +114,14 @@ def test_a_frozen_process_stops_the_other_with_a_clear_message(tmp_path):
 
 def test_a_stalled_loop_stops_every_process_naming_it(tmp_path):
     # Process 1's loop stalls loading the data of step 3; its threads (heartbeat) live on.
-    procs = _launch(tmp_path, 100_000, "--step_timeout", "5",
+    # 10 s, so that the first step's compilation (allowed 3 x 10 s) stays inside it while
+    # another test process compiles beside this job.
+    procs = _launch(tmp_path, 100_000, "--step_timeout", "10",
                     env_extra={watchdog.FAULT: "stall@1:3"})  # fmt: skip
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 3, err[-2000:]
         line = [x for x in err.splitlines() if x.startswith("error: ")][-1]
-        assert "no training step finished for 5s after step 2" in line, line
+        assert "no training step finished for 10s after step 2" in line, line
         assert "stuck at process 1 of 2 (loading data for step 3)" in line, line
     assert max(_losses(tmp_path)) == 2
