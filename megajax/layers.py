@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from megajax import context_attention, parallel
 from megajax.config import ConfigError
@@ -57,7 +58,10 @@ class LayerNorm(nnx.Module):
         norm = functools.partial(_layer_norm, eps=self.eps)
         if self.recompute:
             norm = jax.checkpoint(norm, prevent_cse=False)
-        return norm(x, self.scale[...], None if self.bias is None else self.bias[...])
+        scale, bias = self.scale[...], None if self.bias is None else self.bias[...]
+        if parallel.model_copies(scale, 1):  # one per model shard: each on its chunk
+            return parallel.per_chunk(norm, x, scale, bias)
+        return norm(x, scale, bias)
 
 
 def _layer_norm(x, scale, bias, *, eps):
@@ -80,6 +84,8 @@ class RMSNorm(nnx.Module):
         norm = functools.partial(_rms_norm, eps=self.eps)
         if self.recompute:
             norm = jax.checkpoint(norm, prevent_cse=False)
+        if parallel.model_copies(self.scale[...], 1):  # one per model shard (LayerNorm)
+            return parallel.per_chunk(norm, x, self.scale[...])
         return norm(x, self.scale[...])
 
 
@@ -242,6 +248,8 @@ class Dense(nnx.Module):
                 kernels, keeps = (kernel.astype(x.dtype), a.astype(x.dtype)), (None, keep)
                 partial, low = _gathered_matmul(x, kernels, keeps, (), self.lora.rate)
                 partial = partial + self.lora.up(low, b)
+            if parallel.model_copies(bias, 1):  # this shard's own copy (_bias_spec)
+                bias = bias[0]
             return _add_bias(parallel.sum_over_model(partial, out_spec), bias)
 
         return jax.shard_map(
@@ -264,6 +272,8 @@ class Dense(nnx.Module):
         return (keep, *self.lora.factors()), (keep_spec, *self.lora.specs())
 
     def _bias_spec(self):
+        if self.bias is not None and parallel.model_copies(self.bias[...], 1):
+            return P(parallel.MODEL)  # one copy per model shard (parallel.model_copy_axis)
         return parallel.spec(None if self.bias is None else self.axes[1])
 
 
@@ -435,11 +445,15 @@ class Attention(nnx.Module):
 
         def local(x, wq, bq, wkv, bkv, *lora):  # lora: keep, q's A and B, kv's A and B
             start = 0
-            if by_rows:  # gathered whole; the backward pass reduce-scatters its gradient
-                wkv = _gathered_rows(wkv, x.dtype)
+            if by_rows:
+                # Gathered whole, the backward pass reduce-scattering its gradient; or this
+                # shard's own whole copy (parallel.model_copy_axis), its gradient left here.
+                copied = parallel.model_copies(wkv, 2)
+                wkv = wkv[0].astype(x.dtype) if copied else _gathered_rows(wkv, x.dtype)
                 t = jax.lax.axis_size(parallel.MODEL)
                 start = jax.lax.axis_index(parallel.MODEL) // (t // self.kv_heads) * width
                 wkv = jax.lax.dynamic_slice_in_dim(wkv, start, width, axis=1)
+                bkv = bkv[0] if parallel.model_copies(bkv, 1) else bkv
                 bkv = bkv if bkv.size == 0 else jax.lax.dynamic_slice_in_dim(bkv, start, width)
             kernel = jnp.concatenate([wq.astype(x.dtype), wkv.astype(x.dtype)], axis=1)
             if not lora:
@@ -464,10 +478,13 @@ class Attention(nnx.Module):
         if lora_args:
             lora_args, lora_specs = lora_args + kv.lora.factors(), lora_specs + kv.lora.specs()
         out = parallel.spec("batch", "length", "heads")
+        kv_spec = parallel.spec(*kv.axes)
+        if parallel.model_copies(kv.kernel[...], 2):
+            kv_spec = P(parallel.MODEL)
         return jax.shard_map(
             local,
             in_specs=(in_spec, parallel.spec(*q.axes), q._bias_spec())
-            + (parallel.spec(*kv.axes), kv._bias_spec(), *lora_specs),
+            + (kv_spec, kv._bias_spec(), *lora_specs),
             out_specs=(out, out),
         )(x, q.kernel[...], q._bias(), kv.kernel[...], kv._bias(), *lora_args)
 

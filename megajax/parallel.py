@@ -225,6 +225,44 @@ def at_rest(shape: tuple[int, ...], compute: P, names, degrees: dict[str, int]) 
     return compute
 
 
+def model_copy_axis(compute: P, names) -> int | None:
+    """Where a parameter takes its axis of one copy per `model` shard under
+    optim.grad_reduce="step" (after the stacked `layers` axis, else first), or None: for a
+    parameter whose gradient is a sum of the model shards' partial ones. Under sequence
+    parallelism that is each one the table leaves whole over `model` (norms, row-parallel
+    biases, position rows: each shard applies it to its own chunk of the sequence); and a
+    key/value weight split by rows and its bias (each shard reads them whole for its own
+    heads). Each shard then differentiates its own copy, so that the step sums the copies
+    once, after the micro-batch loop, rather than each micro-batch's backward pass over
+    `model`."""
+    names = tuple(names or ())
+    kv = "kv_embed" in names or "kv_heads" in names
+    by_rows = kv and MODEL in entry_axes(_active()["kv_embed"])
+    sequence_parallel = MODEL in entry_axes(_active()["residual_length"])
+    whole = not any(MODEL in entry_axes(e) for e in compute)
+    if degree(MODEL) == 1 or not (by_rows or (sequence_parallel and whole)):
+        return None
+    return 1 if names[:1] and names[0] in UNSPLIT_BY_FSDP else 0
+
+
+def model_copies(x: jax.Array, ndim: int) -> bool:
+    """Whether a parameter that has `ndim` dimensions arrives as one copy per `model` shard
+    (model_copy_axis) in front of them."""
+    return x.ndim == ndim + 1
+
+
+def per_chunk(f, x: jax.Array, *copies: jax.Array) -> jax.Array:
+    """f(x, *params) with each parameter held as one copy per `model` shard (model_copies):
+    copy i applies to the i-th of x's equal chunks along its length (dimension 1), as laid
+    out under sequence parallelism, so that no shard reads another's copy; f broadcasts
+    x's chunks (batch, chunks, length / chunks, ...) against (chunks, 1, ...) parameters."""
+    b, s, *rest = x.shape
+    chunks = copies[0].shape[0]
+    x = constrain(x.reshape(b, chunks, s // chunks, *rest), "batch", "residual_length")
+    y = f(x, *(None if c is None else c[:, None] for c in copies))
+    return y.reshape(b, s, *rest)
+
+
 def fsdp_degree() -> int:
     """The `fsdp` degree of the mesh being traced under (1 without one)."""
     return degree(FSDP)

@@ -249,27 +249,40 @@ class Trainer(ShardedModel):
         summed once per parameter in optim.grad_reduce_dtype: one all-reduce, or with
         optim.distributed one reduce-scatter onto the master shards (psum_scatter in a
         shard_map, a true reduce-scatter). Dropout draws each row the bits the automatic path
-        draws (dropout.kept). Gradients of weights replicated over `model` (norms,
-        the kv weight split by rows) are still summed over `model` where the partitioner
-        places that sum, inside the loop."""
+        draws (dropout.kept). A parameter whose gradient is a sum over the `model` shards
+        (parallel.model_copy_axis: norms and row-parallel biases under sequence parallelism,
+        the key/value weight split by rows) further takes one copy per model shard, which the
+        layers apply to that shard's part alone; its copies are summed over `model` in the
+        same collective, after the loop."""
         axes = parallel.batch_axes()
         shards = math.prod(self.mesh.shape[a] for a in axes)
+        model = self.mesh.shape[parallel.MODEL]
         micro = self.micro_shape[0]
         reduce_dtype = (
             jnp.float32
             if self.cfg.optim.grad_reduce_dtype == "float32"
             else jnp.dtype(self.cfg.model.compute_dtype)
         )
-        compute = self.split(self.compute_sharding)[0]
+        copy_at = jax.tree.map(
+            parallel.model_copy_axis,
+            self.split(self.compute_specs)[0],
+            self.split(self.logical_axes)[0],
+            is_leaf=_is_spec,
+        )
+        compute = jax.tree.map(
+            lambda c, at: _copied(c.spec, at), self.split(self.compute_sharding)[0], copy_at
+        )
         masters = jax.tree.map(lambda s: s.spec, self.train_sharding)
 
         def per_shard(spec):  # a (shards, ...) array, its copies on their batch shards
             return lambda x: jax.lax.with_sharding_constraint(x, P(axes, *spec))
 
-        def to_shards(x, sharding):
-            return per_shard(sharding.spec)(jnp.broadcast_to(x, (shards, *x.shape)))
+        def to_shards(x, spec, at):
+            if at is not None:  # one copy per model shard at `at`
+                x = jnp.broadcast_to(jnp.expand_dims(x, at), (*x.shape[:at], model, *x.shape[at:]))
+            return per_shard(spec)(jnp.broadcast_to(x, (shards, *x.shape)))
 
-        copies = jax.tree.map(to_shards, params, compute)
+        copies = jax.tree.map(to_shards, params, compute, copy_at, is_leaf=_is_spec)
         # (micro, batch, ...) -> (micro, shards, batch / shards, ...): row blocks as laid out.
         rows = jax.tree.map(
             lambda x: jax.lax.with_sharding_constraint(
@@ -301,10 +314,11 @@ class Trainer(ShardedModel):
             )
             sums = jax.tree.map(jnp.add, sums, metrics)
             grad_sum = jax.tree.map(
-                lambda a, g, c: per_shard(c.spec)(a + g.astype(jnp.float32)),
+                lambda a, g, spec: per_shard(spec)(a + g.astype(jnp.float32)),
                 grad_sum,
                 grads,
                 compute,
+                is_leaf=_is_spec,
             )
             return (sums, grad_sum), None
 
@@ -312,23 +326,29 @@ class Trainer(ShardedModel):
         _, shapes = jax.eval_shape(objective, copies, first, key, shares[0])
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         zeros = jax.tree.map(
-            lambda c, sh: per_shard(sh.spec)(jnp.zeros(c.shape, jnp.float32)), copies, compute
+            lambda c, spec: per_shard(spec)(jnp.zeros(c.shape, jnp.float32)),
+            copies,
+            compute,
+            is_leaf=_is_spec,
         )
         (sums, grad_sum), _ = jax.lax.scan(step, (zero_sums, zeros), (jnp.arange(micro), rows))
         sums = jax.tree.map(lambda v: v.mean(0), sums)
 
-        def reduce(g, master):
-            # g: this device's (1, ...) share of its gradient block. The dimension that the
-            # master shard splits over (some of) the batch axes takes a reduce-scatter over
-            # those, the others a sum; a parameter the master leaves whole over them, an
-            # all-reduce.
+        def reduce(g, master, at):
+            # g: this device's (1, ...) share of its gradient block (and its model shard's
+            # copy at `at`). Each dimension that the master shard splits over some of the
+            # summed axes takes a reduce-scatter over those, the axes left a sum; a
+            # parameter the master leaves whole over them, an all-reduce.
             g = g[0].astype(reduce_dtype)
-            spec = tuple(master) + (None,) * (g.ndim - len(master))
-            split = [i for i, a in enumerate(spec) if set(parallel.entry_axes(a)) & set(axes)]
-            over = tuple(a for a in axes if split and a in parallel.entry_axes(spec[split[0]]))
-            rest = tuple(a for a in axes if a not in over)
-            if over:
-                g = jax.lax.psum_scatter(g, over, scatter_dimension=split[0], tiled=True)
+            summed = axes
+            if at is not None:
+                g, summed = g.squeeze(at), (*axes, parallel.MODEL)
+            rest = summed
+            for i, entry in enumerate(tuple(master)):
+                over = tuple(a for a in parallel.entry_axes(entry) if a in summed)
+                if over:
+                    g = jax.lax.psum_scatter(g, over, scatter_dimension=i, tiled=True)
+                    rest = tuple(a for a in rest if a not in over)
             if rest:
                 g = jax.lax.psum(g, rest)
             return g.astype(jnp.float32)
@@ -337,8 +357,8 @@ class Trainer(ShardedModel):
         # shard_map manual over the batch axes alone would also do, but XLA:CPU (jax 0.10)
         # aborts compiling its 16-bit sums.
         grads = jax.shard_map(
-            lambda grads: jax.tree.map(reduce, grads, masters),
-            in_specs=(jax.tree.map(lambda c: P(axes, *c.spec), compute),),
+            lambda grads: jax.tree.map(reduce, grads, masters, copy_at, is_leaf=_is_spec),
+            in_specs=(jax.tree.map(lambda spec: P(axes, *spec), compute, is_leaf=_is_spec),),
             out_specs=masters,
         )(grad_sum)
         return sums, grads
@@ -427,6 +447,16 @@ class Trainer(ShardedModel):
 
 def _is_spec(x) -> bool:
     return isinstance(x, P)
+
+
+def _copied(spec: P, at: int | None) -> P:
+    """A parameter's compute spec, or with one copy per `model` shard at dimension `at`
+    (parallel.model_copy_axis) the spec of those copies: the copies over `model`, each whole."""
+    if at is None:
+        return spec
+    dims = [None if parallel.MODEL in parallel.entry_axes(e) else e for e in spec]
+    dims += [None] * (at - len(dims))
+    return P(*dims[:at], parallel.MODEL, *dims[at:])
 
 
 def _check_reduce_once(cfg: Config, schedule, mesh) -> None:

@@ -3,8 +3,8 @@ the micro-batch loop, in float32 by default; with the distributed optimizer as a
 reduce-scatter onto the master shards. The losses, gradients and parameters are those of the
 default path, which sums each micro-batch's gradients as its backward pass makes them.
 
-Read from the compiled HLO of a 2 x 4 (data x model) mesh: a GPT-2 with sequence parallelism
-and a Llama whose kv weight is split by rows (2 key/value heads on 4 model shards)."""
+Read from the compiled HLO of a 2 x 4 (data x model) mesh: a GPT-2 and a Llama whose kv weight
+is split by rows (2 key/value heads on 4 model shards), both with sequence parallelism."""
 
 import math
 
@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import device_mesh, llama_config, real_batch, tiny_config
+from jax.sharding import PartitionSpec as P
 
 from megajax import config, dropout, hlo, mesh, parallel
 from megajax.config import ConfigError
@@ -21,7 +22,7 @@ DATA, MODEL = 2, 4
 STEPS = 3
 MODELS = {
     "gpt-sp": lambda: tiny_config(dropout=0.1, sequence_parallel=True),
-    "llama-kv-rows": lambda: llama_config(dropout=0.1),
+    "llama-sp-kv-rows": lambda: llama_config(dropout=0.1, sequence_parallel=True),
 }
 
 
@@ -116,6 +117,76 @@ def test_distributed_optimizer_reduce_scatters_each_gradient_once(compiled):
     old = _batch_reductions(old_trainer, old_step)
     assert not [f for f in old if f[0] == "reduce-scatter"]
     assert max(runs for *_, runs in old) >= 4  # inside the loop (and the layer scan)
+
+
+def _gradient_shapes(trainer) -> set[tuple[int, ...]]:
+    """Each parameter's shape as one device computes with it (split over `model`), whole and
+    one layer's, leading 1s dropped: the shapes a gradient sum can have."""
+    shapes = set()
+    for p, s in zip(
+        jax.tree.leaves(trainer.abstract_state()["params"]),
+        jax.tree.leaves(trainer.compute_sharding),
+        strict=True,
+    ):
+        shard = s.shard_shape(p.shape)
+        shapes |= {_squeezed(shard), _squeezed(shard[1:])}
+    return shapes - {()}
+
+
+def _squeezed(shape) -> tuple[int, ...]:
+    return tuple(shape[next((i for i, d in enumerate(shape) if d != 1), len(shape)) :])
+
+
+def _model_gradient_sums(trainer, step):
+    """{"sums": (runs, elements), "gathers": (runs, elements)} of the all-reduces and
+    reduce-scatters, and of the all-gathers, over `model` in a compiled step whose every
+    result has a parameter's shape: the gradients' sums, and the gathers of weights or of
+    gradients (the activations' collectives have the micro-batch's rows and length in
+    theirs)."""
+    shapes = _gradient_shapes(trainer)
+    found = [
+        c
+        for c in hlo.collectives(step.as_text(), dict(trainer.mesh.shape))
+        if "model" in c.axes and c.shapes and all(_squeezed(s) in shapes for s in c.shapes)
+    ]
+    out = {}
+    for name, kinds in (("sums", ("all-reduce", "reduce-scatter")), ("gathers", ("all-gather",))):
+        mine = [c for c in found if c.kind in kinds]
+        out[name] = sum(c.runs for c in mine), sum(c.runs * c.elements for c in mine)
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_gradients_summed_over_model_once_per_step_whatever_the_micro_batches(compiled, kind):
+    """The gradients that are sums over the `model` shards (under sequence parallelism the
+    norms, row-parallel biases and position table; the kv weight split by rows): each shard
+    differentiates its own copy, summed once after the loop, so their sums over `model` are
+    the same at 1 and 8 micro-batches, each such parameter's once; the default path sums them
+    once per micro-batch (and layer)."""
+    counts = {}
+    for reduce in ("micro_batch", "step"):
+        for micro in (1, 8):
+            trainer, step = compiled(kind, reduce, micro)
+            counts[reduce, micro] = _model_gradient_sums(trainer, step)
+    with trainer.context():
+        copied = [
+            math.prod(s.shard_shape(p.shape))
+            for p, s, spec, names in zip(
+                jax.tree.leaves(trainer.abstract_state()["params"]),
+                jax.tree.leaves(trainer.compute_sharding),
+                jax.tree.leaves(trainer.compute_specs, is_leaf=lambda x: isinstance(x, P)),
+                jax.tree.leaves(trainer.logical_axes, is_leaf=lambda x: isinstance(x, tuple)),
+                strict=True,
+            )
+            if parallel.model_copy_axis(spec, names) is not None
+        ]
+    assert copied, "no parameter is summed over model"
+    # The same at 1 and 8: the sums, and the gathers (the kv weight's copies, made once).
+    assert counts["step", 1] == counts["step", 8], counts
+    # Each copied parameter's gradient once, where the model shards hold it (whole, or the
+    # rows of the kv weight).
+    assert counts["step", 8]["sums"][1] == sum(copied), (counts, copied)
+    assert counts["micro_batch", 8]["sums"][0] >= 8 * counts["step", 8]["sums"][0], counts
 
 
 @pytest.mark.parametrize("switch,itemsize", [("float32", 4), ("compute", 2)])

@@ -67,7 +67,10 @@ class GPT(nnx.Module):
         cfg, (_, s) = self.cfg, ids.shape
         dtype = jnp.dtype(cfg.compute_dtype)
         x = self.wte(ids, dtype)
-        if cfg.positions == "learned":
+        if cfg.positions == "learned" and parallel.model_copies(self.wpe[...], 2):
+            x = constrain(x, "batch", "residual_length", "embed")
+            x = parallel.per_chunk(_chunk_positions, x, self.wpe[...])
+        elif cfg.positions == "learned":
             table = self.wpe[:s] if positions is None else jnp.take(self.wpe[...], positions, 0)
             x = x + table.astype(dtype)
         x = constrain(x, "batch", "residual_length", "embed")
@@ -185,3 +188,13 @@ def head(model: GPT, x, batch: dict, stats=None) -> tuple[jax.Array, dict]:
     total = value + cfg.moe_aux_loss * router["moe_aux_loss"]
     total = total + cfg.moe_z_loss * router["moe_z_loss"]
     return total, {"lm_loss": value, **router}
+
+
+def _chunk_positions(x, tables):
+    """x (batch, chunks, length / chunks, hidden) plus the position rows of each chunk, chunk
+    i's from copy i of the table (tables: (chunks, 1, seq_len, hidden), parallel.per_chunk),
+    as a masked sum over the copies that keeps each on its own shard."""
+    chunks, size = x.shape[1], x.shape[2]
+    rows = tables[:, 0, : chunks * size].reshape(chunks, chunks, size, -1)
+    own = jnp.einsum("ijrh,ij->irh", rows, jnp.eye(chunks, dtype=rows.dtype))
+    return x + own.astype(x.dtype)
