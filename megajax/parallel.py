@@ -251,16 +251,20 @@ def model_copies(x: jax.Array, ndim: int) -> bool:
     return x.ndim == ndim + 1
 
 
-def per_chunk(f, x: jax.Array, *copies: jax.Array) -> jax.Array:
-    """f(x, *params) with each parameter held as one copy per `model` shard (model_copies):
-    copy i applies to the i-th of x's equal chunks along its length (dimension 1), as laid
-    out under sequence parallelism, so that no shard reads another's copy; f broadcasts
-    x's chunks (batch, chunks, length / chunks, ...) against (chunks, 1, ...) parameters."""
-    b, s, *rest = x.shape
+def per_chunk(f, x: jax.Array, *copies: jax.Array, along: tuple = ()) -> jax.Array:
+    """f(x, *copies, *along) with each parameter of `copies` held as one copy per `model`
+    shard (model_copies): copy i applies to the i-th of x's equal chunks along its length
+    (dimension 1), as laid out under sequence parallelism, so that no shard reads another's
+    copy. f takes x's chunks (batch, chunks, length / chunks, ...), the copies as (chunks,
+    1, ...) (None stays None) and the (batch, length, ...) arrays of `along` chunked as x."""
+
+    def chunked(a):
+        b, s, *rest = a.shape
+        return constrain(a.reshape(b, chunks, s // chunks, *rest), "batch", "residual_length")
+
     chunks = copies[0].shape[0]
-    x = constrain(x.reshape(b, chunks, s // chunks, *rest), "batch", "residual_length")
-    y = f(x, *(None if c is None else c[:, None] for c in copies))
-    return y.reshape(b, s, *rest)
+    spread = tuple(None if c is None else c[:, None] for c in copies)
+    return f(chunked(x), *spread, *map(chunked, along)).reshape(x.shape)
 
 
 def fsdp_degree() -> int:

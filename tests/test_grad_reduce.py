@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import device_mesh, llama_config, real_batch, tiny_config
 from jax.sharding import PartitionSpec as P
+from test_context import SEQ, _packed_rows
 
 from megajax import config, dropout, hlo, mesh, parallel
 from megajax.config import ConfigError
@@ -243,6 +244,33 @@ def test_losses_gradients_and_params_equal_the_default_path(trained, kind, distr
     assert ref_metrics[-1, 0] != ref_metrics[0, 0]
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params, ref_params
+    )
+
+
+def test_packed_documents_weigh_each_shard_by_its_scored_tokens(shakespeare_tokens):
+    """Packed documents (each its own positions; a prompt's first targets unscored) under
+    sequence parallelism: each batch shard's mean counts as many of its micro-batch's scored
+    tokens as it holds, so the losses and parameters after 2 steps (dropout on, 4
+    micro-batches) equal the default path's; the position table's copies read each token's
+    own position."""
+    rng = np.random.default_rng(0)
+    batches = [_packed_rows(shakespeare_tokens, rng, 16) for _ in range(2)]
+    counts = batches[0]["weights"].reshape(4, DATA, -1).sum(-1)  # (micro-batch, shard)
+    assert (counts[:, 0] != counts[:, 1]).any()  # shards of unequal weight
+    runs = {}
+    for reduce in ("micro_batch", "step"):
+        cfg = _cfg("gpt-sp", reduce=reduce, seq_len=SEQ)
+        trainer = Trainer(config.replace(cfg, data=dict(format="chat")), device_mesh(DATA, MODEL))
+        step, state, losses = trainer.compile_train_step()[0], trainer.init_state(), []
+        for batch in batches:
+            state, out = step(state, trainer.put_batch(batch))
+            losses.append(float(out["loss"]))
+        runs[reduce] = losses, jax.device_get(state["params"])
+    np.testing.assert_allclose(runs["step"][0], runs["micro_batch"][0], rtol=2e-4)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+        runs["step"][1],
+        runs["micro_batch"][1],
     )
 
 

@@ -69,7 +69,9 @@ class GPT(nnx.Module):
         x = self.wte(ids, dtype)
         if cfg.positions == "learned" and parallel.model_copies(self.wpe[...], 2):
             x = constrain(x, "batch", "residual_length", "embed")
-            x = parallel.per_chunk(_chunk_positions, x, self.wpe[...])
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(s), ids.shape)
+            x = parallel.per_chunk(_chunk_positions, x, self.wpe[...], along=(positions,))
         elif cfg.positions == "learned":
             table = self.wpe[:s] if positions is None else jnp.take(self.wpe[...], positions, 0)
             x = x + table.astype(dtype)
@@ -190,11 +192,11 @@ def head(model: GPT, x, batch: dict, stats=None) -> tuple[jax.Array, dict]:
     return total, {"lm_loss": value, **router}
 
 
-def _chunk_positions(x, tables):
-    """x (batch, chunks, length / chunks, hidden) plus the position rows of each chunk, chunk
-    i's from copy i of the table (tables: (chunks, 1, seq_len, hidden), parallel.per_chunk),
-    as a masked sum over the copies that keeps each on its own shard."""
-    chunks, size = x.shape[1], x.shape[2]
-    rows = tables[:, 0, : chunks * size].reshape(chunks, chunks, size, -1)
-    own = jnp.einsum("ijrh,ij->irh", rows, jnp.eye(chunks, dtype=rows.dtype))
-    return x + own.astype(x.dtype)
+def _chunk_positions(x, tables, positions):
+    """x (batch, chunks, length / chunks, hidden) plus the rows of its `positions` (batch,
+    chunks, length / chunks), chunk i's from copy i of the position table (tables: (chunks,
+    1, seq_len, hidden), parallel.per_chunk), each chunk reading its own copy."""
+    rows = jax.vmap(lambda t, p: jnp.take(t, p, axis=0), in_axes=(0, 1), out_axes=1)(
+        tables[:, 0], positions
+    )
+    return x + rows.astype(x.dtype)
