@@ -435,11 +435,12 @@ class OptimConfig:
     # Megatron-LM's distributed optimizer (ZeRO stage 1): float32 master weights and Adam
     # moments split over `data`, gradients reduce-scattered, weights gathered once per step.
     distributed: bool = False
-    # When the gradients are summed over the batch axes (`data`, `expert`): "micro_batch", as
-    # each micro-batch's backward pass makes them; or "step", once per step after the
-    # micro-batch loop (reduce-scattered onto the master shards with `distributed`), each
-    # device accumulating its own rows' gradients in float32 until then. "step" covers
-    # decoders (arch=gpt) without experts, LoRA, packed documents or pipeline stages.
+    # When the gradients are summed over the batch axes (`data`, `expert`), and those that
+    # are sums over the model shards over `model`: "micro_batch", as each micro-batch's
+    # backward pass makes them; or "step", once per step after the micro-batch loop
+    # (reduce-scattered onto the master shards with `distributed`), each device accumulating
+    # its own gradients in float32 until then. "step" covers decoders (arch=gpt) without
+    # experts, LoRA, pipeline stages, fsdp or context axes.
     grad_reduce: str = "micro_batch"
     # The dtype of that sum under grad_reduce="step" (Megatron-LM's two behaviours):
     # "float32" (its --accumulate-allreduce-grads-in-fp32) or "compute" (model.compute_dtype).
