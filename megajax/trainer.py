@@ -250,10 +250,10 @@ class Trainer(ShardedModel):
         optim.distributed one reduce-scatter onto the master shards (psum_scatter in a
         shard_map, a true reduce-scatter). Dropout draws each row the bits the automatic path
         draws (dropout.kept). A parameter whose gradient is a sum over the `model` shards
-        (parallel.model_copy_axis: norms and row-parallel biases under sequence parallelism,
-        the key/value weight split by rows) further takes one copy per model shard, which the
-        layers apply to that shard's part alone; its copies are summed over `model` in the
-        same collective, after the loop."""
+        (parallel.model_copy_axis: norms, row-parallel biases and the position table under
+        sequence parallelism, the key/value weight split by rows) further takes one copy per
+        model shard, which the layers apply to that shard's part alone; its copies are
+        summed over `model` in the same collective, after the loop."""
         axes = parallel.batch_axes()
         shards = math.prod(self.mesh.shape[a] for a in axes)
         model = self.mesh.shape[parallel.MODEL]
