@@ -440,7 +440,7 @@ class OptimConfig:
     # backward pass makes them; or "step", once per step after the micro-batch loop
     # (reduce-scattered onto the master shards with `distributed`), each device accumulating
     # its own gradients in float32 until then. "step" covers decoders (arch=gpt) without
-    # experts, LoRA, pipeline stages, fsdp or context axes.
+    # experts, pipeline stages, fsdp or context axes.
     grad_reduce: str = "micro_batch"
     # The dtype of that sum under grad_reduce="step" (Megatron-LM's two behaviours):
     # "float32" (its --accumulate-allreduce-grads-in-fp32) or "compute" (model.compute_dtype).

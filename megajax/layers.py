@@ -245,6 +245,7 @@ class Dense(nnx.Module):
                 partial = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
             else:
                 keep, a, b = adapter
+                b = b[0] if parallel.model_copies(b, 2) else b  # this shard's own copy
                 kernels, keeps = (kernel.astype(x.dtype), a.astype(x.dtype)), (None, keep)
                 partial, low = _gathered_matmul(x, kernels, keeps, (), self.lora.rate)
                 partial = partial + self.lora.up(low, b)
@@ -282,15 +283,17 @@ def column_matmuls(x, kernels, dims, keep=None, a=None, adapter=None):
     `kernels`, and with a LoRA adapter's A (whole on every shard) dropout(x) A last. x is
     taken as varying over `model`, so that each shard's terms of x's gradient are summed in the
     base layer's one collective (an all-reduce when x is whole, a reduce-scatter under sequence
-    parallelism) and those of A's gradient in its own gradient's reduction, not before."""
+    parallelism) and those of A's gradient in its own gradient's reduction, not before; or,
+    where A arrives as this shard's own copy (parallel.model_copy_axis), left on the shard."""
     if a is None:
         if dims:
             return _gathered_matmul(x, kernels, (None,) * len(kernels), dims)
         return tuple(jnp.einsum("...i,io->...o", x, k) for k in kernels)
-    a, keeps = a.astype(x.dtype), (None,) * len(kernels) + (keep,)
+    copied = parallel.model_copies(a, 2)
+    a, keeps = (a[0] if copied else a).astype(x.dtype), (None,) * len(kernels) + (keep,)
     if not dims:  # x is the same on every shard: its gradient, varying, is summed once
         x = jax.lax.pcast(x, parallel.MODEL, to="varying")
-    whole = (False,) * len(kernels) + (True,)
+    whole = (False,) * len(kernels) + (not copied,)
     return _gathered_matmul(x, (*kernels, a), keeps, dims, adapter.rate, whole)
 
 
@@ -460,14 +463,19 @@ class Attention(nnx.Module):
                 (y,) = column_matmuls(x, (kernel,), dims)
             else:
                 keep, a_q, b_q, a_kv, b_kv = lora
-                a = jnp.concatenate([a_q, a_kv], axis=1)  # (hidden, 2 rank): one matmul
+                # (hidden, 2 rank), or both shards' copies (1, hidden, 2 rank): one matmul
+                a = jnp.concatenate([a_q, a_kv], axis=-1)
                 y, low = column_matmuls(x, (kernel,), dims, keep, a, q.lora)
                 if by_rows:  # B whole on every shard, each taking its head's columns: its
-                    # gradient is summed over `data` and `model` in one collective
-                    axes = (*parallel.gradient_axes(), parallel.MODEL)
-                    b_kv = jax.lax.pcast(b_kv, axes, to="varying")
+                    # gradient is summed over `data` and `model` in one collective (or this
+                    # shard's own copy's, left on the shard)
+                    if parallel.model_copies(b_kv, 2):
+                        b_kv = b_kv[0]
+                    else:
+                        axes = (*parallel.gradient_axes(), parallel.MODEL)
+                        b_kv = jax.lax.pcast(b_kv, axes, to="varying")
                     b_kv = jax.lax.dynamic_slice_in_dim(b_kv, start, width, axis=1)
-                r = a_q.shape[1]
+                r = a_q.shape[-1]
                 low_q, low_kv = low[..., :r], low[..., r:]
                 y = y + jnp.concatenate([q.lora.up(low_q, b_q), kv.lora.up(low_kv, b_kv)], -1)
             y = _add_bias(y, jnp.concatenate([bq, bkv]))

@@ -19,9 +19,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from megajax import parallel
 from megajax.config import LoRAConfig
+from megajax.dropout import kept
 from megajax.layers import Dense, dropout
 
 ADAPTER = "lora"  # the adapter submodule's name in a Dense, and so in parameter paths
@@ -67,14 +69,18 @@ class Adapter(nnx.Module):
         dropout.dropout draws; None without dropout (rate 0, or key None)."""
         if key is None or self.rate == 0.0:
             return None
-        return jax.random.bernoulli(key, 1.0 - self.rate, shape)
+        return kept(key, self.rate, shape)
 
     def factors(self) -> tuple[jax.Array, jax.Array]:
         return self.a[...], self.b[...]
 
     def specs(self):
-        """PartitionSpecs of one layer's a and b."""
-        return parallel.spec(self.rows, None), parallel.spec(None, self.cols)
+        """PartitionSpecs of one layer's a and b; a factor held as one copy per `model` shard
+        (parallel.model_copies) has its copies over `model`."""
+        copies = P(parallel.MODEL)
+        a = copies if parallel.model_copies(self.a[...], 2) else parallel.spec(self.rows, None)
+        b = copies if parallel.model_copies(self.b[...], 2) else parallel.spec(None, self.cols)
+        return a, b
 
     def apply(self, x, a, b):
         """scale * x @ a @ b in x's dtype, x already dropped (shard_map bodies call it on their

@@ -225,22 +225,23 @@ def at_rest(shape: tuple[int, ...], compute: P, names, degrees: dict[str, int]) 
     return compute
 
 
-def model_copy_axis(compute: P, names) -> int | None:
+def model_copy_axis(compute: P, names, *, adapter: bool = False) -> int | None:
     """Where a parameter takes its axis of one copy per `model` shard under
     optim.grad_reduce="step" (after the stacked `layers` axis, else first), or None: for a
     parameter whose gradient is a sum of the model shards' partial ones. Under sequence
     parallelism that is each one the table leaves whole over `model` (norms, row-parallel
-    biases, position rows: each shard applies it to its own chunk of the sequence); and a
+    biases, position rows: each shard applies it to its own chunk of the sequence); a
     key/value weight split by rows and its bias (each shard reads them whole for its own
-    heads). Each shard then differentiates its own copy, so that the step sums the copies
-    once, after the micro-batch loop, rather than each micro-batch's backward pass over
-    `model`."""
+    heads); and a LoRA factor whole over `model` (`adapter`: a column-parallel layer's A, a
+    row-parallel one's B, each applied to the shard's own part of the layer). Each shard
+    then differentiates its own copy, so that the step sums the copies once, after the
+    micro-batch loop, rather than each micro-batch's backward pass over `model`."""
     names = tuple(names or ())
     kv = "kv_embed" in names or "kv_heads" in names
     by_rows = kv and MODEL in entry_axes(_active()["kv_embed"])
     sequence_parallel = MODEL in entry_axes(_active()["residual_length"])
     whole = not any(MODEL in entry_axes(e) for e in compute)
-    if degree(MODEL) == 1 or not (by_rows or (sequence_parallel and whole)):
+    if degree(MODEL) == 1 or not (by_rows or (whole and (sequence_parallel or adapter))):
         return None
     return 1 if names[:1] and names[0] in UNSPLIT_BY_FSDP else 0
 

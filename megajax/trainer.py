@@ -201,7 +201,7 @@ class Trainer(ShardedModel):
 
         first = jax.tree.map(lambda x: x[0], batch)
         if self.cfg.optim.grad_reduce == "step":
-            sums, grad_sum = self._reduced_once(params, batch, key, shares, scale)
+            sums, grad_sum = self._reduced_once(params, frozen, batch, key, shares, scale)
         elif self.schedule is not None:
             if self.schedule.kind == "1f1b":
                 sums, grad_sum = self._one_f_one_b(params, frozen, batch, key, shares, scale)
@@ -235,7 +235,7 @@ class Trainer(ShardedModel):
             means["scored_tokens"] = counts.sum()
         return means, grads
 
-    def _reduced_once(self, params, batch, key, shares, scale):
+    def _reduced_once(self, params, frozen, batch, key, shares, scale):
         """(sums of the metrics, sums of the gradients) over the micro-batches, the gradients
         summed over the batch axes once, after the loop (optim.grad_reduce="step").
 
@@ -263,12 +263,7 @@ class Trainer(ShardedModel):
             if self.cfg.optim.grad_reduce_dtype == "float32"
             else jnp.dtype(self.cfg.model.compute_dtype)
         )
-        copy_at = jax.tree.map(
-            parallel.model_copy_axis,
-            self.split(self.compute_specs)[0],
-            self.split(self.logical_axes)[0],
-            is_leaf=_is_spec,
-        )
+        copy_at = self.model_copy_axes()
         compute = jax.tree.map(
             lambda c, at: _copied(c.spec, at), self.split(self.compute_sharding)[0], copy_at
         )
@@ -291,9 +286,9 @@ class Trainer(ShardedModel):
             batch,
         )
 
-        def shard_loss(p, micro_batch, k):
+        def shard_loss(p, micro_batch, k):  # frozen parameters: the same on every shard
             with parallel.per_batch_shard(_SHARDS):
-                return self.loss(p, micro_batch, k)
+                return self.loss(lora.join(p, frozen), micro_batch, k)
 
         def objective(copies, micro_batch, k, share):
             values, metrics = jax.vmap(
@@ -367,6 +362,18 @@ class Trainer(ShardedModel):
             out_specs=masters,
         )(grad_sum)
         return sums, grads
+
+    def model_copy_axes(self):
+        """For each trainable parameter, where optim.grad_reduce="step" gives it one copy per
+        `model` shard (parallel.model_copy_axis), or None. Call under self.context()."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, spec, names: parallel.model_copy_axis(
+                spec, names, adapter=lora.ADAPTER in [getattr(k, "key", None) for k in path]
+            ),
+            self.split(self.compute_specs)[0],
+            self.split(self.logical_axes)[0],
+            is_leaf=_is_spec,
+        )
 
     @staticmethod
     def _to_master(x, sharding):
@@ -476,7 +483,6 @@ def _check_reduce_once(cfg: Config, schedule, mesh) -> None:
         (mesh.shape[parallel.CONTEXT] > 1, "a context axis"),
         (m.arch != "gpt", f"model.arch={m.arch} (its masked means are per device)"),
         (m.moe, "Mixture-of-Experts layers (model.moe_experts)"),
-        (cfg.lora.rank > 0, "LoRA (lora.rank)"),
     ]
     for hit, what in refused:
         if hit:

@@ -4,7 +4,8 @@ reduce-scatter onto the master shards. The losses, gradients and parameters are 
 default path, which sums each micro-batch's gradients as its backward pass makes them.
 
 Read from the compiled HLO of a 2 x 4 (data x model) mesh: a GPT-2 and a Llama whose kv weight
-is split by rows (2 key/value heads on 4 model shards), both with sequence parallelism."""
+is split by rows (2 key/value heads on 4 model shards), both with sequence parallelism; and LoRA
+on a GPT-2 without it and on that Llama."""
 
 import math
 
@@ -12,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 from conftest import device_mesh, llama_config, real_batch, tiny_config
-from jax.sharding import PartitionSpec as P
 from test_context import SEQ, _packed_rows
 
 from megajax import config, dropout, hlo, mesh, parallel
@@ -21,9 +21,16 @@ from megajax.trainer import Trainer
 
 DATA, MODEL = 2, 4
 STEPS = 3
+LORA = dict(rank=4, alpha=8.0, dropout=0.1, targets="qkv,proj,fc1,fc2")
 MODELS = {
     "gpt-sp": lambda: tiny_config(dropout=0.1, sequence_parallel=True),
     "llama-sp-kv-rows": lambda: llama_config(dropout=0.1, sequence_parallel=True),
+    # LoRA on every projection: the A of the column-parallel layers and the B of the
+    # row-parallel ones are whole on every model shard, with or without sequence parallelism.
+    "gpt-lora": lambda: config.replace(tiny_config(dropout=0.1), lora=LORA),
+    "llama-sp-kv-rows-lora": lambda: config.replace(
+        llama_config(dropout=0.1, sequence_parallel=True), lora=LORA
+    ),
 }
 
 
@@ -66,14 +73,22 @@ def _batch_reductions(trainer, step):
     ]
 
 
-def _parameter_elements(trainer):
-    """Elements of every parameter as one device computes with it (split over `model`)."""
-    params = trainer.abstract_state()["params"]
+def _parameter_elements(trainer, copied=False):
+    """Elements of every trainable parameter as one device computes with it (split over
+    `model`); `copied`: of those alone that take one copy per model shard."""
+    params = trainer.split(trainer.abstract_state()["params"])[0]
+    shardings = trainer.split(trainer.compute_sharding)[0]
+    with trainer.context():
+        at = trainer.model_copy_axes()
     return sum(
         math.prod(s.shard_shape(p.shape))
-        for p, s in zip(
-            jax.tree.leaves(params), jax.tree.leaves(trainer.compute_sharding), strict=True
+        for p, s, a in zip(
+            jax.tree.leaves(params),
+            jax.tree.leaves(shardings),
+            jax.tree.leaves(at, is_leaf=lambda x: x is None),
+            strict=True,
         )
+        if a is not None or not copied
     )
 
 
@@ -121,12 +136,12 @@ def test_distributed_optimizer_reduce_scatters_each_gradient_once(compiled):
 
 
 def _gradient_shapes(trainer) -> set[tuple[int, ...]]:
-    """Each parameter's shape as one device computes with it (split over `model`), whole and
-    one layer's, leading 1s dropped: the shapes a gradient sum can have."""
+    """Each trainable parameter's shape as one device computes with it (split over `model`),
+    whole and one layer's, leading 1s dropped: the shapes a gradient sum can have."""
     shapes = set()
     for p, s in zip(
-        jax.tree.leaves(trainer.abstract_state()["params"]),
-        jax.tree.leaves(trainer.compute_sharding),
+        jax.tree.leaves(trainer.split(trainer.abstract_state()["params"])[0]),
+        jax.tree.leaves(trainer.split(trainer.compute_sharding)[0]),
         strict=True,
     ):
         shard = s.shard_shape(p.shape)
@@ -140,15 +155,15 @@ def _squeezed(shape) -> tuple[int, ...]:
 
 def _model_gradient_sums(trainer, step):
     """{"sums": (runs, elements), "gathers": (runs, elements)} of the all-reduces and
-    reduce-scatters, and of the all-gathers, over `model` in a compiled step whose every
-    result has a parameter's shape: the gradients' sums, and the gathers of weights or of
-    gradients (the activations' collectives have the micro-batch's rows and length in
-    theirs)."""
+    reduce-scatters, and of the all-gathers, over `model` in a compiled step with a result of
+    a parameter's shape: the gradients' sums (a tuple all-reduce may hold the default path's
+    LoRA A of q and kv side by side), and the gathers of weights or of gradients (the
+    activations' collectives have the micro-batch's rows and length in theirs)."""
     shapes = _gradient_shapes(trainer)
     found = [
         c
         for c in hlo.collectives(step.as_text(), dict(trainer.mesh.shape))
-        if "model" in c.axes and c.shapes and all(_squeezed(s) in shapes for s in c.shapes)
+        if "model" in c.axes and any(_squeezed(s) in shapes for s in c.shapes)
     ]
     out = {}
     for name, kinds in (("sums", ("all-reduce", "reduce-scatter")), ("gathers", ("all-gather",))):
@@ -160,7 +175,8 @@ def _model_gradient_sums(trainer, step):
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_gradients_summed_over_model_once_per_step_whatever_the_micro_batches(compiled, kind):
     """The gradients that are sums over the `model` shards (under sequence parallelism the
-    norms, row-parallel biases and position table; the kv weight split by rows): each shard
+    norms, row-parallel biases and position table; the kv weight split by rows; LoRA factors
+    whole over `model`): each shard
     differentiates its own copy, summed once after the loop, so their sums over `model` are
     the same at 1 and 8 micro-batches, each such parameter's once; the default path sums them
     once per micro-batch (and layer)."""
@@ -169,24 +185,13 @@ def test_gradients_summed_over_model_once_per_step_whatever_the_micro_batches(co
         for micro in (1, 8):
             trainer, step = compiled(kind, reduce, micro)
             counts[reduce, micro] = _model_gradient_sums(trainer, step)
-    with trainer.context():
-        copied = [
-            math.prod(s.shard_shape(p.shape))
-            for p, s, spec, names in zip(
-                jax.tree.leaves(trainer.abstract_state()["params"]),
-                jax.tree.leaves(trainer.compute_sharding),
-                jax.tree.leaves(trainer.compute_specs, is_leaf=lambda x: isinstance(x, P)),
-                jax.tree.leaves(trainer.logical_axes, is_leaf=lambda x: isinstance(x, tuple)),
-                strict=True,
-            )
-            if parallel.model_copy_axis(spec, names) is not None
-        ]
+    copied = _parameter_elements(trainer, copied=True)
     assert copied, "no parameter is summed over model"
     # The same at 1 and 8: the sums, and the gathers (the kv weight's copies, made once).
     assert counts["step", 1] == counts["step", 8], counts
     # Each copied parameter's gradient once, where the model shards hold it (whole, or the
     # rows of the kv weight).
-    assert counts["step", 8]["sums"][1] == sum(copied), (counts, copied)
+    assert counts["step", 8]["sums"][1] == copied, (counts, copied)
     assert counts["micro_batch", 8]["sums"][0] >= 8 * counts["step", 8]["sums"][0], counts
 
 
