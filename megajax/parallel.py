@@ -137,9 +137,10 @@ _shard_axis: list[str] = []
 
 
 @contextlib.contextmanager
-def per_batch_shard(axis_name: str):
+def per_batch_shard(axis_name):
     """Trace model code inside this block as one batch shard's: the body of a jax.vmap over
-    the batch shards (axis `axis_name`, laid out over the batch axes by spmd_axis_name). The
+    the batch shards (axis `axis_name`, laid out over the batch axes by spmd_axis_name), or of
+    a shard_map manual over the batch axes (`axis_name` their tuple). The
     table's `batch` row is None, since each call holds only its shard's rows, so that the
     layers' own shard_maps over `model` leave the batch alone and sum no gradient over it;
     `dropout.dropout` draws each row the bits the whole batch would give it (batch_shard)."""
@@ -152,9 +153,9 @@ def per_batch_shard(axis_name: str):
         _shard_axis.pop()
 
 
-def batch_shard() -> str | None:
-    """The vmap axis over the batch shards of the code being traced (per_batch_shard), or
-    None."""
+def batch_shard():
+    """The axis (a vmap axis, or a tuple of manual mesh axes) over the batch shards of the code
+    being traced (per_batch_shard), or None."""
     return _shard_axis[-1] if _shard_axis else None
 
 

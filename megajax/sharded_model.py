@@ -243,11 +243,13 @@ class ShardedModel:
             values, metrics = per_micro(params, batch, keys, shares)
         return values.sum(), jax.tree.map(jnp.sum, metrics)
 
-    def _one_f_one_b(self, trainable, frozen, batch, key, shares, scale):
+    def _one_f_one_b(self, trainable, frozen, batch, key, shares, scale, reduce_once=None):
         """(sums over the micro-batches of the objective's metrics, float32 sums of the
         trainable parameters' gradients) by the 1F1B schedule (models/pipeline_1f1b.py): the
         model cut into embedding, stacked layers and head (models.pieces). `shares` (micro,)
-        weigh the micro-batches; `scale` multiplies the differentiated loss (or None)."""
+        weigh the micro-batches; `scale` multiplies the differentiated loss (or None);
+        `reduce_once`: the dtype of the gradients' one sum over the batch axes after the loop
+        (optim.grad_reduce="step"), or None (each tick's, as the partitioner places them)."""
         cfg = self.cfg.model
         pieces = models.pieces(cfg)
         whole = self.model(lora.join(trainable, frozen))
@@ -273,7 +275,7 @@ class ShardedModel:
         scale = jnp.float32(1.0) if scale is None else scale
         return pipeline_1f1b.run(
             fns, trainable, frozen, batch, key, shares, scale, stages=self.schedule.stages,
-            repeats=self.schedule.repeats, stack=pieces.stack,
+            repeats=self.schedule.repeats, stack=pieces.stack, reduce_once=reduce_once,
         )  # fmt: skip
 
     def abstract_eval_batch(self) -> dict:

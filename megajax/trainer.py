@@ -200,11 +200,14 @@ class Trainer(ShardedModel):
             return (sums, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         first = jax.tree.map(lambda x: x[0], batch)
-        if self.cfg.optim.grad_reduce == "step":
+        once = self.cfg.optim.grad_reduce == "step"
+        if once and self.schedule is None:
             sums, grad_sum = self._reduced_once(params, frozen, batch, key, shares, scale)
         elif self.schedule is not None:
             if self.schedule.kind == "1f1b":
-                sums, grad_sum = self._one_f_one_b(params, frozen, batch, key, shares, scale)
+                sums, grad_sum = self._one_f_one_b(
+                    params, frozen, batch, key, shares, scale, self._reduce_dtype if once else None
+                )
             else:
                 keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(micro))
                 (_, sums), grad_sum = jax.value_and_grad(self._pipelined, has_aux=True)(
@@ -258,11 +261,7 @@ class Trainer(ShardedModel):
         shards = math.prod(self.mesh.shape[a] for a in axes)
         model = self.mesh.shape[parallel.MODEL]
         micro = self.micro_shape[0]
-        reduce_dtype = (
-            jnp.float32
-            if self.cfg.optim.grad_reduce_dtype == "float32"
-            else jnp.dtype(self.cfg.model.compute_dtype)
-        )
+        reduce_dtype = self._reduce_dtype
         copy_at = self.model_copy_axes()
         compute = jax.tree.map(
             lambda c, at: _copied(c.spec, at), self.split(self.compute_sharding)[0], copy_at
@@ -362,6 +361,13 @@ class Trainer(ShardedModel):
             out_specs=masters,
         )(grad_sum)
         return sums, grads
+
+    @property
+    def _reduce_dtype(self):
+        """The dtype of the gradients' one sum under optim.grad_reduce="step"."""
+        if self.cfg.optim.grad_reduce_dtype == "float32":
+            return jnp.float32
+        return jnp.dtype(self.cfg.model.compute_dtype)
 
     def model_copy_axes(self):
         """For each trainable parameter, where optim.grad_reduce="step" gives it one copy per
@@ -475,7 +481,10 @@ def _check_reduce_once(cfg: Config, schedule, mesh) -> None:
     """Refuse what optim.grad_reduce="step" does not cover yet, saying what to change."""
     m = cfg.model
     refused = [
-        (schedule is not None, "pipeline stages (a pipeline degree above 1)"),
+        (
+            schedule is not None and schedule.kind != "1f1b",
+            "the GPipe schedule (use train.pipeline_schedule=1f1b)",
+        ),
         (
             mesh.shape[parallel.FSDP] > 1,
             "an fsdp axis (its gradients are reduce-scattered per layer)",

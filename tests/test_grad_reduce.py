@@ -279,6 +279,51 @@ def test_packed_documents_weigh_each_shard_by_its_scored_tokens(shakespeare_toke
     )
 
 
+PIPELINED = "pipeline=2,data=2,model=2"
+
+
+def _one_f_one_b(reduce, micro, distributed=False):
+    cfg = _cfg("gpt-sp", reduce=reduce, micro=micro, distributed=distributed, num_layers=4)
+    cfg = config.replace(cfg, train=dict(pipeline_schedule="1f1b"))
+    trainer = Trainer(cfg, mesh.make(PIPELINED, devices=jax.devices()[:8]))
+    return trainer, trainer.compile_train_step()[0]
+
+
+def test_one_f_one_b_sums_over_data_once_and_trains_the_default_paths_model(shakespeare_tokens):
+    """Under the 1F1B schedule (manual over the batch axes too: each device runs its own rows
+    through the ticks) the gradients are summed over `data` once per step at 4 and 8
+    micro-batches, where the default path sums each tick's; with the distributed optimizer
+    too, the losses and gradient norms of 3 steps (dropout on) and the parameters after them
+    equal the default path's."""
+    counts = {}
+    for micro in (4, 8):
+        trainer, step = _one_f_one_b("step", micro)
+        counts[micro] = _counts(_batch_reductions(trainer, step))
+    assert counts[4] == counts[8] and counts[4][0] <= 2, counts
+    # At most each gradient once (XLA sums the position table's on each model shard's half
+    # of it, which it gathers over `model` after).
+    assert counts[8][1] <= _parameter_elements(trainer) + 2, counts
+    default_trainer, default_step = _one_f_one_b("micro_batch", 4)
+    assert _counts(_batch_reductions(default_trainer, default_step))[0] > 4 * counts[4][0]
+    runs = {}
+    for reduce, distributed in (("micro_batch", False), ("step", True)):
+        trainer, step = _one_f_one_b(reduce, 4, distributed)
+        m, state, metrics = trainer.cfg.model, trainer.init_state(), []
+        for i in range(STEPS):
+            rows = trainer.cfg.train.batch_size
+            shape = dict(batch_size=rows, seq_len=m.seq_len, vocab_size=m.vocab_size)
+            x, y = real_batch(shakespeare_tokens, step=i, **shape)
+            state, out = step(state, trainer.put_batch({"inputs": x, "targets": y}))
+            metrics.append([float(out["loss"]), float(out["grad_norm"])])
+        runs[reduce] = np.array(metrics), jax.device_get(state["params"])
+    np.testing.assert_allclose(runs["step"][0], runs["micro_batch"][0], rtol=2e-4)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+        runs["step"][1],
+        runs["micro_batch"][1],
+    )
+
+
 def test_a_shards_dropout_bits_are_the_whole_batchs_rows():
     """Each batch shard's trace (a vmap over the shards, parallel.per_batch_shard) drops what
     the whole batch's dropout drops at its rows."""
@@ -304,3 +349,6 @@ def test_switch_values_and_what_it_does_not_cover_are_refused():
     step = config.replace(tiny_config(), optim=dict(grad_reduce="step"))
     with pytest.raises(ConfigError, match="an fsdp axis"):
         Trainer(step, mesh.make("fsdp=2,model=4", devices=jax.devices()[:8]))
+    gpipe = config.replace(step, model=dict(num_layers=4), train=dict(micro_batches=2))
+    with pytest.raises(ConfigError, match="pipeline_schedule=1f1b"):
+        Trainer(gpipe, mesh.make(PIPELINED, devices=jax.devices()[:8]))

@@ -51,14 +51,24 @@ class StepFns(NamedTuple):
     head: Callable  # (params, x, micro_batch, share) -> (differentiated value, metrics)
 
 
-def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1, stack="h"):
+def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1, stack="h",
+        reduce_once=None):  # fmt: skip
     """(sums over the micro-batches of the head's metrics, float32 sums of the trainable
     parameters' gradients) of m micro-batches `batch` ({field: (m, b, ...)}); `shares` (m,)
     weigh them, `scale` (a scalar) multiplies the differentiated value (float16's loss scale).
     `stack` names the parameters of the stacked layers, whose leading axis the plan splits
     over `pipeline`; the others are replicated over it. With v = `repeats` > 1 the layers are
-    first put in stage order (chunk r P + s to stage s), which moves them over `pipeline`."""
+    first put in stage order (chunk r P + s to stage s), which moves them over `pipeline`.
+
+    `reduce_once` (optim.grad_reduce="step"): the dtype in which the gradients are summed over
+    the batch axes once, after the loop. The schedule is then manual over the batch axes too:
+    each device runs its own rows (parallel.per_batch_shard), its gradients summed over the
+    ticks on the device and over the batch shards at the end (their mean: each shard's
+    objective is the mean over its rows, or for a token-weighted one weighs by its share of
+    the micro-batch's scored tokens). Without it the partitioner sums each tick's gradients
+    over the batch axes as the tick makes them."""
     axis = parallel.spec("stage")[0]
+    batch_axes = parallel.batch_axes() if reduce_once is not None else ()
     t_stack, t_rest = _part(trainable, stack)
     f_stack, f_rest = _part(frozen, stack)
     order = stage_chunks(stages, repeats).reshape(-1)  # stage-major: stage s's v chunks
@@ -70,22 +80,42 @@ def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1,
         return jnp.take(chunks, order, axis=0).reshape(w.shape)
 
     stacked = P(axis)
-    specs = (stacked, stacked, P(), P(), P(), P(), P(), P())
+    rows = P(None, batch_axes) if batch_axes else P()
+    specs = (stacked, stacked, P(), P(), rows, P(), P(), P())
     out = (P(), stacked, P())
 
     def body(t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale):
-        return _schedule(fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale,
-                         stages=stages, repeats=repeats, axis=axis, stack=stack)  # fmt: skip
+        run = lambda shares: _schedule(  # noqa: E731
+            fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale,
+            stages=stages, repeats=repeats, axis=axis, stack=stack,
+        )  # fmt: skip
+        if not batch_axes:
+            return run(shares)
+        return _reduced_once(run, batch, shares, batch_axes, reduce_once)
 
     # check_vma=False: the scan's carry starts replicated and turns stage-dependent through the
     # conds on the stage index, which the varying-axes checker refuses as a type change.
-    shard = jax.shard_map(body, in_specs=specs, out_specs=out, axis_names={axis}, check_vma=False)
+    manual = {axis, *batch_axes}
+    shard = jax.shard_map(body, in_specs=specs, out_specs=out, axis_names=manual, check_vma=False)
     in_order = lambda tree: jax.tree.map(lambda w: by_stage(w, order), tree)  # noqa: E731
     sums, g_stack, g_rest = shard(
         in_order(t_stack), in_order(f_stack), t_rest, f_rest, batch, key, shares, scale
     )
     g_stack = jax.tree.map(lambda g: by_stage(g, np.argsort(order)), g_stack)
     return sums, lora.join(g_rest, {stack: g_stack} if g_stack else {})
+
+
+def _reduced_once(run, batch, shares, axes, dtype):
+    """run(shares) on this device's rows of each micro-batch (manual over the batch `axes`),
+    then its metrics' and gradients' mean over the batch shards: one sum each, in `dtype`."""
+    n = jax.lax.psum(1, axes)
+    if "weights" in batch:  # this shard's share of each micro-batch's scored tokens
+        counts = batch["weights"].reshape(shares.shape[0], -1).sum(-1).astype(jnp.float32)
+        shares = shares * counts * n / jnp.maximum(jax.lax.psum(counts, axes), 1.0)
+    with parallel.per_batch_shard(axes):
+        sums, g_stack, g_rest = run(shares)
+    mean = lambda g: (jax.lax.psum(g.astype(dtype), axes) / n).astype(g.dtype)  # noqa: E731
+    return jax.tree.map(mean, (sums, g_stack, g_rest))
 
 
 def _part(tree: dict, stack: str):
