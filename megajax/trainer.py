@@ -204,10 +204,10 @@ class Trainer(ShardedModel):
         if once and self.schedule is None:
             sums, grad_sum = self._reduced_once(params, frozen, batch, key, shares, scale)
         elif self.schedule is not None:
-            if self.schedule.kind == "1f1b":
-                sums, grad_sum = self._one_f_one_b(
-                    params, frozen, batch, key, shares, scale, self._reduce_dtype if once else None
-                )
+            if self.schedule.kind == "1f1b" and once:
+                sums, grad_sum = self._one_f_one_b_once(params, frozen, batch, key, shares, scale)
+            elif self.schedule.kind == "1f1b":
+                sums, grad_sum = self._one_f_one_b(params, frozen, batch, key, shares, scale)
             else:
                 keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(micro))
                 (_, sums), grad_sum = jax.value_and_grad(self._pipelined, has_aux=True)(
@@ -361,6 +361,28 @@ class Trainer(ShardedModel):
             out_specs=masters,
         )(grad_sum)
         return sums, grads
+
+    def _one_f_one_b_once(self, params, frozen, batch, key, shares, scale):
+        """The 1F1B schedule with its gradients summed over the batch axes once, after the
+        ticks (optim.grad_reduce="step", models/pipeline_1f1b.py); the parameters whose
+        gradients are sums over the `model` shards (parallel.model_copy_axis) go in as one
+        copy per model shard, each differentiated on its own shard, and their copies' sum,
+        after the schedule, is their one sum over `model`."""
+        copy_at = self.model_copy_axes()
+        model = self.mesh.shape[parallel.MODEL]
+
+        def copies(x, sharding, at):
+            if at is None:
+                return x
+            x = jnp.broadcast_to(jnp.expand_dims(x, at), (*x.shape[:at], model, *x.shape[at:]))
+            return jax.lax.with_sharding_constraint(x, _copied(sharding.spec, at))
+
+        compute = self.split(self.compute_sharding)[0]
+        copied = jax.tree.map(copies, params, compute, copy_at)
+        sums, grads = self._one_f_one_b(
+            copied, frozen, batch, key, shares, scale, self._reduce_dtype
+        )
+        return sums, jax.tree.map(lambda g, at: g if at is None else g.sum(at), grads, copy_at)
 
     @property
     def _reduce_dtype(self):

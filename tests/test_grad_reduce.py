@@ -292,14 +292,18 @@ def _one_f_one_b(reduce, micro, distributed=False):
 def test_one_f_one_b_sums_over_data_once_and_trains_the_default_paths_model(shakespeare_tokens):
     """Under the 1F1B schedule (manual over the batch axes too: each device runs its own rows
     through the ticks) the gradients are summed over `data` once per step at 4 and 8
-    micro-batches, where the default path sums each tick's; with the distributed optimizer
+    micro-batches, where the default path sums each tick's, and so are the sums over `model`
+    of the norms and biases under sequence parallelism; with the distributed optimizer
     too, the losses and gradient norms of 3 steps (dropout on) and the parameters after them
     equal the default path's."""
-    counts = {}
+    counts, model_sums = {}, {}
     for micro in (4, 8):
         trainer, step = _one_f_one_b("step", micro)
         counts[micro] = _counts(_batch_reductions(trainer, step))
+        model_sums[micro] = _model_gradient_sums(trainer, step)["sums"]
     assert counts[4] == counts[8] and counts[4][0] <= 2, counts
+    # The norms' and biases' copies (sequence parallelism) summed over `model` once too.
+    assert model_sums[4] == model_sums[8], model_sums
     # At most each gradient once (XLA sums the position table's on each model shard's half
     # of it, which it gathers over `model` after).
     assert counts[8][1] <= _parameter_elements(trainer) + 2, counts
