@@ -111,3 +111,16 @@ def argmax(hidden, table, *, vocab_size: int, bias=None) -> jax.Array:
         vocab_size=vocab_size,
         out_specs=parallel.spec("batch", "length"),
     )
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum(values * weights) / sum(weights) (a denominator of at least 1): a loss or metric
+    over the scored positions or samples of a batch. In one batch shard's trace
+    (parallel.per_batch_shard) the shard's share of the whole batch's mean, times the number
+    of shards, the scored count summed over the shards (one scalar): the mean of the shards'
+    values is then the batch's, however the scored positions fall between them."""
+    total, count = (values * weights).sum(), weights.sum()
+    shard = parallel.batch_shard()
+    if shard is None:
+        return total / jnp.maximum(count, 1)
+    return total * jax.lax.psum(1, shard) / jnp.maximum(jax.lax.psum(count, shard), 1)

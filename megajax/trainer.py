@@ -293,15 +293,11 @@ class Trainer(ShardedModel):
             values, metrics = jax.vmap(
                 shard_loss, in_axes=(0, 0, None), axis_name=_SHARDS, spmd_axis_name=axes
             )(copies, micro_batch, k)
-            # Equal shards of rows: the batch's mean is the mean of the shards' means, or for
-            # a token-weighted objective their mean weighted by the shards' scored tokens. The
-            # metrics stay per shard until after the loop, so that no micro-batch sums them
-            # over the batch axes (the loss's own value is not used: XLA drops its sum).
+            # The batch's mean is the mean of the shards' values (equal shards of rows; a mean
+            # over scored positions is loss.weighted_mean's shard share). The metrics stay per
+            # shard until after the loop, so that no micro-batch sums them over the batch axes
+            # (the loss's own value is not used: XLA drops its sum).
             weighted = values * share
-            if "weights" in micro_batch:
-                counts = micro_batch["weights"].reshape(shards, -1).sum(-1)
-                counts = counts.astype(jnp.float32)
-                weighted = weighted * counts * shards / jnp.maximum(counts.sum(), 1.0)
             loss = weighted.mean() if scale is None else weighted.mean() * scale
             return loss, {"loss": weighted, **metrics}
 
@@ -512,7 +508,11 @@ def _check_reduce_once(cfg: Config, schedule, mesh) -> None:
             "an fsdp axis (its gradients are reduce-scattered per layer)",
         ),
         (mesh.shape[parallel.CONTEXT] > 1, "a context axis"),
-        (m.arch != "gpt", f"model.arch={m.arch} (its masked means are per device)"),
+        (
+            m.arch != "gpt" and m.sequence_parallel,
+            f"model.arch={m.arch} with sequence parallelism (its embeddings and heads read "
+            "parameters whole over `model`)",
+        ),
         (m.moe, "Mixture-of-Experts layers (model.moe_experts)"),
     ]
     for hit, what in refused:

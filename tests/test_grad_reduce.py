@@ -12,7 +12,14 @@ import math
 import jax
 import numpy as np
 import pytest
-from conftest import device_mesh, llama_config, real_batch, tiny_config
+from conftest import (
+    bert_batch,
+    bert_config,
+    device_mesh,
+    llama_config,
+    real_batch,
+    tiny_config,
+)
 from test_context import SEQ, _packed_rows
 
 from megajax import config, dropout, hlo, mesh, parallel
@@ -271,6 +278,34 @@ def test_packed_documents_weigh_each_shard_by_its_scored_tokens(shakespeare_toke
             state, out = step(state, trainer.put_batch(batch))
             losses.append(float(out["loss"]))
         runs[reduce] = losses, jax.device_get(state["params"])
+    np.testing.assert_allclose(runs["step"][0], runs["micro_batch"][0], rtol=2e-4)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+        runs["step"][1],
+        runs["micro_batch"][1],
+    )
+
+
+def test_bert_masked_means_weigh_each_shard_by_its_scored_positions(bert_dataset):
+    """BERT (masked LM over its masked positions, sentence order over its pairs): each batch
+    shard's means are its share of the micro-batch's (loss.weighted_mean), so the losses and
+    parameters after 2 steps (dropout on, 4 micro-batches) equal the default path's."""
+    runs = {}
+    for reduce in ("micro_batch", "step"):
+        cfg = bert_config(dropout=0.1)
+        cfg = config.replace(
+            cfg, train=dict(micro_batches=4, batch_size=16), optim=dict(grad_reduce=reduce)
+        )
+        trainer = Trainer(cfg, device_mesh(DATA, MODEL))
+        step, state, losses = trainer.compile_train_step()[0], trainer.init_state(), []
+        m = cfg.model
+        for i in range(2):
+            batch = bert_batch(
+                bert_dataset, step=i, batch_size=16, seq_len=m.seq_len, vocab_size=m.vocab_size
+            )
+            state, out = step(state, trainer.put_batch(batch))
+            losses.append([float(out["loss"]), float(out["grad_norm"])])
+        runs[reduce] = np.array(losses), jax.device_get(state["params"])
     np.testing.assert_allclose(runs["step"][0], runs["micro_batch"][0], rtol=2e-4)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),

@@ -119,7 +119,7 @@ def batch_fields(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _mean(values, weights):
-    return (values * weights).sum() / jnp.maximum(weights.sum(), 1)
+    return loss.weighted_mean(values, weights)
 
 
 def _classify(logits, labels):

@@ -182,8 +182,7 @@ def head(model: GPT, x, batch: dict, stats=None) -> tuple[jax.Array, dict]:
     if "weights" not in batch:
         value = losses.mean()
     else:
-        weights = batch["weights"].astype(jnp.float32)
-        value = (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+        value = loss.weighted_mean(losses, batch["weights"].astype(jnp.float32))
     if not cfg.moe:
         return value, {}
     router = moe.router_losses(stats, cfg.moe_experts)

@@ -64,8 +64,8 @@ def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1,
     the batch axes once, after the loop. The schedule is then manual over the batch axes too:
     each device runs its own rows (parallel.per_batch_shard), its gradients summed over the
     ticks on the device and over the batch shards at the end (their mean: each shard's
-    objective is the mean over its rows, or for a token-weighted one weighs by its share of
-    the micro-batch's scored tokens). Without it the partitioner sums each tick's gradients
+    objective is the mean over its rows, or its share of a mean over scored positions,
+    loss.weighted_mean). Without it the partitioner sums each tick's gradients
     over the batch axes as the tick makes them."""
     axis = parallel.spec("stage")[0]
     batch_axes = parallel.batch_axes() if reduce_once is not None else ()
@@ -85,13 +85,13 @@ def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1,
     out = (P(), stacked, P())
 
     def body(t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale):
-        run = lambda shares: _schedule(  # noqa: E731
+        run = lambda: _schedule(  # noqa: E731
             fns, t_stack, f_stack, t_rest, f_rest, batch, key, shares, scale,
             stages=stages, repeats=repeats, axis=axis, stack=stack,
         )  # fmt: skip
         if not batch_axes:
-            return run(shares)
-        return _reduced_once(run, batch, shares, batch_axes, reduce_once)
+            return run()
+        return _reduced_once(run, batch_axes, reduce_once)
 
     # check_vma=False: the scan's carry starts replicated and turns stage-dependent through the
     # conds on the stage index, which the varying-axes checker refuses as a type change.
@@ -105,15 +105,12 @@ def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1,
     return sums, lora.join(g_rest, {stack: g_stack} if g_stack else {})
 
 
-def _reduced_once(run, batch, shares, axes, dtype):
-    """run(shares) on this device's rows of each micro-batch (manual over the batch `axes`),
-    then its metrics' and gradients' mean over the batch shards: one sum each, in `dtype`."""
+def _reduced_once(run, axes, dtype):
+    """run() on this device's rows of each micro-batch (manual over the batch `axes`), then
+    its metrics' and gradients' mean over the batch shards: one sum each, in `dtype`."""
     n = jax.lax.psum(1, axes)
-    if "weights" in batch:  # this shard's share of each micro-batch's scored tokens
-        counts = batch["weights"].reshape(shares.shape[0], -1).sum(-1).astype(jnp.float32)
-        shares = shares * counts * n / jnp.maximum(jax.lax.psum(counts, axes), 1.0)
     with parallel.per_batch_shard(axes):
-        sums, g_stack, g_rest = run(shares)
+        sums, g_stack, g_rest = run()
     mean = lambda g: (jax.lax.psum(g.astype(dtype), axes) / n).astype(g.dtype)  # noqa: E731
     return jax.tree.map(mean, (sums, g_stack, g_rest))
 
