@@ -82,7 +82,7 @@ class ShardedModel:
                     micro_batches=cfg.train.micro_batches,
                 )
                 models.pieces(cfg.model)  # a ConfigError for a model it cannot cut
-                for axis in (parallel.FSDP, parallel.CONTEXT):
+                for axis in (parallel.CONTEXT,):
                     if mesh.shape[axis] > 1:
                         raise ConfigError(
                             f"train.pipeline_schedule=1f1b does not run on a mesh with {axis} > 1 "
@@ -265,6 +265,8 @@ class ShardedModel:
                 depth = jax.tree.leaves(chunk)[0].shape[0]
                 keys = jax.lax.dynamic_slice_in_dim(keys, first_layer, depth)
             attend = pieces.attend(batch)
+            # As Variables (their logical names: fsdp gathers each layer's by them).
+            chunk = nnx.split(nnx.merge(blocks, chunk))[1]
             return scan_layers(blocks, chunk, x, attend=attend, keys=keys, remat=cfg.remat)[0]
 
         def head(params, x, batch, share):

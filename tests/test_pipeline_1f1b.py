@@ -8,6 +8,7 @@ sequences of 32 tokens in 8 micro-batches, dropout on, 3 steps at the full learn
 (data=2, model=4) mesh accumulating the same micro-batches one after another as reference.
 """
 
+import jax
 import numpy as np
 import pytest
 from test_pipeline import (  # noqa: F401 (batches: test_pipeline's fixture, used here too)
@@ -23,11 +24,13 @@ from test_pipeline import (  # noqa: F401 (batches: test_pipeline's fixture, use
     batches,
 )
 
-from megajax import config, hlo, models, pipeline_arithmetic
+from megajax import config, hlo, mesh, models, pipeline_arithmetic
 from megajax.config import ConfigError
 from megajax.plan import activations
 from megajax.plan import compiled as plan_compiled
 from megajax.trainer import Trainer
+
+FSDP_MESH = "pipeline=2,fsdp=2,model=2"
 
 
 def _1f1b(arch, repeats=1, **train):
@@ -78,6 +81,26 @@ def test_losses_equal_the_one_stage_run(compiled, batches, arch, layout):  # noq
     _, reference = _train(*compiled(arch, REFERENCE, "gpipe"), batches[arch])
     trainer, step_fn = compiled(arch, layout)
     _, losses = _train(trainer, step_fn, batches[arch])
+    np.testing.assert_allclose(losses, reference, rtol=RTOL)
+
+
+def test_fsdp_inside_the_stages_equals_the_one_stage_run(compiled, batches):  # noqa: F811
+    """fsdp=2 inside each stage: each layer's weights gathered just in time in the stage's
+    forward and again in its recomputed backward, on every tick; the one-stage run's
+    losses."""
+    trainer = Trainer(_1f1b("gpt"), mesh.make(FSDP_MESH, devices=jax.devices()[:8]))
+    step_fn = trainer.compile_train_step()[0]
+    p, m = trainer.schedule.stages, MICRO
+    per_tick = trainer.cfg.model.num_layers // p * pipeline_arithmetic.ticks(p, 1, m, "1f1b")
+    gathers = [
+        c
+        for c in hlo.collectives(step_fn.as_text(), dict(trainer.mesh.shape))
+        if c.kind == "all-gather" and c.axes == ("fsdp",) and c.runs == per_tick
+    ]
+    layer_weights = len(jax.tree.leaves(trainer.abstract_state()["params"]["h"]))
+    assert len(gathers) >= 2 * layer_weights, (len(gathers), layer_weights)
+    _, losses = _train(trainer, step_fn, batches["gpt"])
+    _, reference = _train(*compiled("gpt", REFERENCE, "gpipe"), batches["gpt"])
     np.testing.assert_allclose(losses, reference, rtol=RTOL)
 
 
