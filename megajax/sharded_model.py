@@ -5,6 +5,7 @@ step; evaluation, generation, the server and conversion need nothing more than t
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import jax
@@ -82,12 +83,12 @@ class ShardedModel:
                     micro_batches=cfg.train.micro_batches,
                 )
                 models.pieces(cfg.model)  # a ConfigError for a model it cannot cut
-                for axis in (parallel.CONTEXT,):
-                    if mesh.shape[axis] > 1:
-                        raise ConfigError(
-                            f"train.pipeline_schedule=1f1b does not run on a mesh with {axis} > 1 "
-                            "yet: use train.pipeline_schedule=gpipe there"
-                        )
+                if mesh.shape[parallel.CONTEXT] > 1 and cfg.model.context_attention == "ring":
+                    raise ConfigError(
+                        "train.pipeline_schedule=1f1b runs the allgather context core only (the "
+                        "ring's permutes inside a stage's conditional tick abort on XLA:CPU): set "
+                        "model.context_attention=allgather, or train.pipeline_schedule=gpipe"
+                    )
             self.schedule = pipeline_arithmetic.Schedule(stages, cfg.train.pipeline_repeats, kind)
         self.padded_vocab = cfg.model.padded_vocab_size(mesh.shape[parallel.MODEL])
         with self.context():
@@ -252,6 +253,11 @@ class ShardedModel:
         (optim.grad_reduce="step"), or None (each tick's, as the partitioner places them)."""
         cfg = self.cfg.model
         pieces = models.pieces(cfg)
+        if self.context_degree > 1 and cfg.arch == "gpt":  # each micro-batch as loss() has it
+            balance = functools.partial(
+                context_attention.balance, seq_len=cfg.seq_len, context=self.context_degree
+            )
+            batch = jax.vmap(balance)(batch)
         whole = self.model(lora.join(trainable, frozen))
         blocks = nnx.split(getattr(whole, pieces.stack))[0]
 

@@ -29,14 +29,16 @@ CORES = ["allgather", "ring"]
 # Each property once: learned positions with tensor and sequence parallelism and selective
 # recomputation; RoPE with grouped-query attention (2 kv heads for 16 query heads) beside
 # data parallelism; packed documents; pipeline stages (the one-device reference accumulates
-# the same micro-batches); bidirectional BERT with its padding.
-# The pipeline case: 4 layers in 2 stages, 4 micro-batches of 2 sequences.
+# the same micro-batches), GPipe and 1F1B; bidirectional BERT with its padding.
+# The pipeline cases: 4 layers in 2 stages, 4 micro-batches of 2 sequences.
 PIPELINE = dict(num_layers=4), dict(micro_batches=4)
+ONE_F_ONE_B = dict(num_layers=4), dict(micro_batches=4, pipeline_schedule="1f1b")
 CASES = {
     "gpt-sp": ("gpt", "context=2,model=2", dict(sequence_parallel=True, remat="selective")),
     "llama-gqa": ("llama", "data=2,context=4", {}),
     "gpt-packed": ("packed", "context=4", {}),
     "gpt-pipeline": ("gpt", "pipeline=2,context=2,model=2", PIPELINE),
+    "gpt-1f1b": ("gpt", "pipeline=2,context=2,model=2", ONE_F_ONE_B),
     "bert": ("bert", "context=2,model=2", {}),
 }
 
@@ -135,9 +137,14 @@ def runs(shakespeare_tokens, bert_dataset):
     return get
 
 
-@pytest.mark.parametrize("core", CORES)
 @pytest.mark.parametrize(
-    "case", [c if c != "bert" else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
+    "case,core",
+    [
+        pytest.param(c, core, marks=[pytest.mark.slow] if c == "bert" else [])
+        for c in CASES
+        for core in CORES
+        if (c, core) != ("gpt-1f1b", "ring")  # refused: test_1f1b_refuses_the_ring
+    ],
 )
 def test_losses_and_gradients_equal_the_unsplit_run(runs, case, core):
     ours, ref = runs(case, core), runs(case, core, "data=1")
@@ -345,6 +352,13 @@ def test_generation_refuses_a_context_mesh():
 def test_a_layout_context_cannot_split_is_refused(model, text, message):
     with pytest.raises(ConfigError, match=message):
         _sharded(tiny_config(**{"seq_len": SEQ, **model}), text)
+
+
+def test_1f1b_refuses_the_ring():
+    cfg = tiny_config(seq_len=SEQ, num_layers=4, context_attention="ring", dropout=0.0)
+    cfg = config.replace(cfg, train=dict(micro_batches=2, pipeline_schedule="1f1b"))
+    with pytest.raises(ConfigError, match="runs the allgather context core only"):
+        _sharded(cfg, "pipeline=2,context=2")
 
 
 def test_lora_on_a_context_mesh_is_refused():
