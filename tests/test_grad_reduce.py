@@ -221,6 +221,18 @@ def test_bfloat16_gradients_summed_in_float32_unless_told(switch, itemsize):
     assert {size for *_, size, _ in found} == {itemsize}, found
 
 
+def _train(trainer, step, tokens):
+    """(loss and gradient norm of each of STEPS steps on real text, final parameters)."""
+    m, state, metrics = trainer.cfg.model, trainer.init_state(), []
+    for i in range(STEPS):
+        rows = trainer.cfg.train.batch_size
+        shape = dict(batch_size=rows, seq_len=m.seq_len, vocab_size=m.vocab_size)
+        x, y = real_batch(tokens, step=i, **shape)
+        state, out = step(state, trainer.put_batch({"inputs": x, "targets": y}))
+        metrics.append([float(out["loss"]), float(out["grad_norm"])])
+    return np.array(metrics), jax.device_get(state["params"])
+
+
 @pytest.fixture(scope="module")
 def trained(compiled, shakespeare_tokens):
     """(kind, reduce, distributed) -> (losses and gradient norms per step, final params)."""
@@ -229,16 +241,7 @@ def trained(compiled, shakespeare_tokens):
     def get(kind, reduce, distributed):
         key = (kind, reduce, distributed)
         if key not in cache:
-            trainer, step = compiled(kind, reduce, 4, distributed)
-            m = trainer.cfg.model
-            state, metrics = trainer.init_state(), []
-            for i in range(STEPS):
-                rows = trainer.cfg.train.batch_size
-                shape = dict(batch_size=rows, seq_len=m.seq_len, vocab_size=m.vocab_size)
-                x, y = real_batch(shakespeare_tokens, step=i, **shape)
-                state, out = step(state, trainer.put_batch({"inputs": x, "targets": y}))
-                metrics.append([float(out["loss"]), float(out["grad_norm"])])
-            cache[key] = np.array(metrics), jax.device_get(state["params"])
+            cache[key] = _train(*compiled(kind, reduce, 4, distributed), shakespeare_tokens)
         return cache[key]
 
     return get
@@ -256,6 +259,14 @@ def test_losses_gradients_and_params_equal_the_default_path(trained, kind, distr
     assert ref_metrics[-1, 0] != ref_metrics[0, 0]
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params, ref_params
+    )
+
+
+def _assert_same_training(ours, reference):
+    """(per-step metrics, final parameters) of two runs: equal to 2e-4."""
+    np.testing.assert_allclose(ours[0], reference[0], rtol=2e-4)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), ours[1], reference[1]
     )
 
 
@@ -278,12 +289,7 @@ def test_packed_documents_weigh_each_shard_by_its_scored_tokens(shakespeare_toke
             state, out = step(state, trainer.put_batch(batch))
             losses.append(float(out["loss"]))
         runs[reduce] = losses, jax.device_get(state["params"])
-    np.testing.assert_allclose(runs["step"][0], runs["micro_batch"][0], rtol=2e-4)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-        runs["step"][1],
-        runs["micro_batch"][1],
-    )
+    _assert_same_training(runs["step"], runs["micro_batch"])
 
 
 def test_bert_masked_means_weigh_each_shard_by_its_scored_positions(bert_dataset):
@@ -306,12 +312,7 @@ def test_bert_masked_means_weigh_each_shard_by_its_scored_positions(bert_dataset
             state, out = step(state, trainer.put_batch(batch))
             losses.append([float(out["loss"]), float(out["grad_norm"])])
         runs[reduce] = np.array(losses), jax.device_get(state["params"])
-    np.testing.assert_allclose(runs["step"][0], runs["micro_batch"][0], rtol=2e-4)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-        runs["step"][1],
-        runs["micro_batch"][1],
-    )
+    _assert_same_training(runs["step"], runs["micro_batch"])
 
 
 PIPELINED = "pipeline=2,data=2,model=2"
@@ -346,21 +347,8 @@ def test_one_f_one_b_sums_over_data_once_and_trains_the_default_paths_model(shak
     assert _counts(_batch_reductions(default_trainer, default_step))[0] > 4 * counts[4][0]
     runs = {}
     for reduce, distributed in (("micro_batch", False), ("step", True)):
-        trainer, step = _one_f_one_b(reduce, 4, distributed)
-        m, state, metrics = trainer.cfg.model, trainer.init_state(), []
-        for i in range(STEPS):
-            rows = trainer.cfg.train.batch_size
-            shape = dict(batch_size=rows, seq_len=m.seq_len, vocab_size=m.vocab_size)
-            x, y = real_batch(shakespeare_tokens, step=i, **shape)
-            state, out = step(state, trainer.put_batch({"inputs": x, "targets": y}))
-            metrics.append([float(out["loss"]), float(out["grad_norm"])])
-        runs[reduce] = np.array(metrics), jax.device_get(state["params"])
-    np.testing.assert_allclose(runs["step"][0], runs["micro_batch"][0], rtol=2e-4)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-        runs["step"][1],
-        runs["micro_batch"][1],
-    )
+        runs[reduce] = _train(*_one_f_one_b(reduce, 4, distributed), shakespeare_tokens)
+    _assert_same_training(runs["step"], runs["micro_batch"])
 
 
 def test_a_shards_dropout_bits_are_the_whole_batchs_rows():

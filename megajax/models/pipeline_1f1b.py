@@ -65,8 +65,8 @@ def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1,
     each device runs its own rows (parallel.per_batch_shard), its gradients summed over the
     ticks on the device and over the batch shards at the end (their mean: each shard's
     objective is the mean over its rows, or its share of a mean over scored positions,
-    loss.weighted_mean). Without it the partitioner sums each tick's gradients
-    over the batch axes as the tick makes them."""
+    loss.weighted_mean). Without it the partitioner sums each tick's gradients over the batch
+    axes as the tick makes them."""
     axis = parallel.spec("stage")[0]
     batch_axes = parallel.batch_axes() if reduce_once is not None else ()
     t_stack, t_rest = _part(trainable, stack)
