@@ -143,7 +143,7 @@ def attention(q, k, v, *, positions, segments, padding, causal, key, rate, name)
     head_dim), laid out as the plan says (length split over `context`, heads over `model`),
     by the core model.context_attention names (`name`), in a shard_map manual over the whole
     mesh. positions (batch, length): each token's original position; segments, padding:
-    layers.Attend's, or None."""
+    attention.Attend's, or None."""
     attend = core(name)
     row = parallel.spec("batch", "length")
     heads = parallel.spec("batch", "length", "heads", None)

@@ -23,8 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 from megajax import parallel
 from megajax.config import LoRAConfig
-from megajax.dropout import kept
-from megajax.layers import Dense, dropout
+from megajax.dropout import dropout, kept
+from megajax.layers import Dense
 
 ADAPTER = "lora"  # the adapter submodule's name in a Dense, and so in parameter paths
 # lora.targets names -> the Dense layers (paths inside a block) they adapt; "qkv" is the fused

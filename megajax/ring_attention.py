@@ -31,7 +31,7 @@ grouped-query attention sends its key/value heads only):
   every block received (the whole sequence's K/V on each rank) and its probabilities, and
   save the backward's C - 1 K/V transfers.
 
-A query row with no valid key at all gets what layers.Attention._masked_attention gives: the
+A query row with no valid key at all gets what attention.Attention._masked_attention gives: the
 masked scores are finfo(float32).min added to the scores, so the row averages every key's
 value uniformly (and its gradients are the reference's too). Attention dropout is not
 supported: the reference draws one (batch, heads, length, length) mask, and a rank knows

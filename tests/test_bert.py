@@ -15,7 +15,8 @@ from flax import nnx
 from scipy.special import erf
 
 from megajax import config
-from megajax.layers import Attend, Block
+from megajax.attention import Attend
+from megajax.block import Block
 from megajax.models import bert
 from megajax.trainer import Trainer
 

@@ -110,7 +110,7 @@ def test_gradients_are_reduced_for_the_adapters_alone(step_2x4):
     factors split over `model` over `data`, those whole on every model shard (A of QKV and
     fc1, B of the attention output and fc2) over `data` and `model` in the same collective."""
     cfg, trainer, _, found = step_2x4
-    # and the q and kv adapters' A side by side (layers.Attention: one matmul)
+    # and the q and kv adapters' A side by side (attention.Attention: one matmul)
     adapters = _adapter_shard_shapes(trainer) | {(cfg.model.hidden, 2 * cfg.lora.rank)}
     gradients = [c for c in found if "data" in c.axes]
     assert {c.axes for c in gradients} == {("data",), ("data", "model")}

@@ -19,8 +19,8 @@ from conftest import llama_config, real_batch
 from flax import nnx
 
 from megajax import config, hlo, mesh, moe, parallel
+from megajax.attention import Attend
 from megajax.config import ConfigError
-from megajax.layers import Attend
 from megajax.trainer import Trainer
 
 STEPS = 5

@@ -16,9 +16,9 @@ from conftest import bert_batch, bert_config, llama_config, real_batch, tiny_con
 from flax import nnx
 
 from megajax import config, hlo, mesh, pipeline_arithmetic
+from megajax.attention import Attend
 from megajax.checkpoint import Checkpointer
 from megajax.config import ConfigError
-from megajax.layers import Attend
 from megajax.models.pipeline_schedule import pipeline_stack, scan_layers
 from megajax.trainer import Trainer
 

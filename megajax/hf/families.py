@@ -111,7 +111,7 @@ def _by_head(pattern: str, parts: tuple[str, ...], heads: Callable[[ModelConfig]
 
 
 def _fused_qkv(pattern: str, parts=("query", "key", "value")) -> Rule:
-    """Query, key and value -> one head-interleaved qkv kernel or bias (layers.Attention)."""
+    """Query, key and value -> one head-interleaved qkv kernel or bias (attention.Attention)."""
     return _by_head(pattern, parts, lambda m: m.num_heads)
 
 

@@ -45,7 +45,7 @@ class Pieces(NamedTuple):
     layers.split_key(key)[1], reading attend(batch)) applied to embed(model, batch, key)."""
 
     embed: Callable  # (model, batch, key) -> the layers' input (batch, length, hidden)
-    attend: Callable  # batch -> layers.Attend
+    attend: Callable  # batch -> attention.Attend
     head: Callable  # (model, x, batch) -> (value, metrics)
     stack: str = "h"  # the attribute (and parameter key) of the stacked Block
 

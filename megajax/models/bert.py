@@ -11,18 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from megajax import loss
+from megajax.attention import Attend
 from megajax.config import ModelConfig
-from megajax.layers import (
-    Attend,
-    Dense,
-    LayerNorm,
-    VocabEmbedding,
-    _normal,
-    _zeros,
-    dropout,
-    gelu,
-    split_key,
-)
+from megajax.dropout import dropout
+from megajax.layers import Dense, LayerNorm, VocabEmbedding, _normal, _zeros, gelu, split_key
 from megajax.models.stack import run_stack, stacked_blocks
 from megajax.parallel import constrain
 

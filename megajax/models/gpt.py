@@ -13,16 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from megajax import loss, moe, parallel
+from megajax.attention import Attend
 from megajax.config import ModelConfig
-from megajax.layers import (
-    Attend,
-    VocabEmbedding,
-    _normal,
-    dropout,
-    norm,
-    padded_normal,
-    split_key,
-)
+from megajax.dropout import dropout
+from megajax.layers import VocabEmbedding, _normal, norm, padded_normal, split_key
 from megajax.models.stack import extend_stack, layer_stacks, run_stack
 from megajax.parallel import constrain
 
@@ -54,7 +48,7 @@ class GPT(nnx.Module):
     def hidden_and_stats(self, ids, *, key=None, segments=None, positions=None, order=None):
         """The final hidden states and the layers' router statistics (moe.MoE; {} when
         dense), summed over the layers. `order` (batch, length): each slot's position in the
-        original sequence, when the batch comes reordered (layers.Attend)."""
+        original sequence, when the batch comes reordered (attention.Attend)."""
         x = self.embed(ids, key=key, positions=positions, order=order)
         attend = Attend(segments=segments, positions=positions, order=order)
         x, stats = self.layers(x, attend=attend, key=key)

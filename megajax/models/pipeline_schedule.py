@@ -22,7 +22,7 @@ from megajax.pipeline_arithmetic import MICRO, stage_chunks
 
 def scan_layers(graphdef, state, x, *, attend, keys, remat: str):
     """Apply stacked layers (state leaves lead with the layer axis) in order, in one scan:
-    the output, and the layers' statistics (layers.Block.forward's) summed over them. Weights
+    the output, and the layers' statistics (block.Block.forward's) summed over them. Weights
     held split over `fsdp` are gathered one layer at a time (parallel.gathered_variables) and
     gathered again in the backward pass (a remat policy that keeps everything else), so that
     one layer's whole weights are alive at a time; their gradients are reduced onto the fsdp
@@ -49,7 +49,7 @@ def rematted(layer, remat: str):
 
 def run_in_pipeline(blocks, x, *, attend, key, remat: str, num_layers: int, schedule):
     """One micro-batch's view of the pipeline, called under `jax.vmap(axis_name=MICRO)`: the
-    micro-batches' inputs, attention masks (layers.Attend) and per-layer dropout keys (the ones
+    micro-batches' inputs, attention masks (attention.Attend) and per-layer dropout keys (the ones
     the plain scan would use) are gathered along the vmap axis, which costs no communication,
     and each micro-batch takes its own output back."""
     gather = lambda a: jax.tree.map(lambda x: jax.lax.all_gather(x, MICRO), a)  # noqa: E731
@@ -90,11 +90,11 @@ def _select(pred, a, b):
 
 def pipeline_stack(graphdef, state, xs, *, attend, keys, remat, stages, repeats, fill=0.0):
     """The layers applied to m micro-batches xs (m, batch, length, hidden) as the schedule
-    (stages P, repeats v) runs them. attend: layers.Attend of (m, batch, length) arrays (or
+    (stages P, repeats v) runs them. attend: attention.Attend of (m, batch, length) arrays (or
     None); keys: (m, layers) or None. The stage buffers start as `fill` (0; a test sets NaN):
     a stage's input on a bubble tick is replaced by zeros, so bubbles give finite values and
     zero gradients.
-    Returns (m, batch, length, hidden) and the layers' statistics (layers.Block.forward's)
+    Returns (m, batch, length, hidden) and the layers' statistics (block.Block.forward's)
     summed per micro-batch, (m, ...) each: a bubble tick's are left out."""
     m, num_layers = xs.shape[0], jax.tree.leaves(state)[0].shape[0]
     per_chunk = num_layers // (stages * repeats)

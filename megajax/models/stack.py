@@ -11,8 +11,9 @@ import jax
 from flax import nnx
 
 from megajax import moe, parallel, pipeline_arithmetic
+from megajax.attention import Attend
+from megajax.block import Block
 from megajax.config import ModelConfig
-from megajax.layers import Attend, Block
 from megajax.models.pipeline_schedule import rematted, run_in_pipeline, scan_layers
 
 
@@ -45,7 +46,7 @@ def layer_stacks(cfg: ModelConfig, rngs: nnx.Rngs) -> tuple[Block, Block | None]
 def run_stack(blocks: Block, x, *, attend: Attend, key, remat: str, num_layers: int, sparse=None):
     """Apply stacked blocks in order with one `lax.scan`: compile time does not grow with depth.
     remat="full" recomputes each layer from its input in the backward pass ("selective" is the
-    attention core's own, see layers.Attention). While the train step traces a pipeline
+    attention core's own, see attention.Attention). While the train step traces a pipeline
     schedule (megajax.pipeline_arithmetic.scheduled), the layers run as its stages instead.
     `sparse`: the MoE layers of a model whose dense ones are `blocks` (layer_stacks). Returns
     the output and the layers' summed statistics (a MoE router's; {} when dense)."""
