@@ -440,7 +440,7 @@ class OptimConfig:
     # backward pass makes them; or "step", once per step after the micro-batch loop
     # (reduce-scattered onto the master shards with `distributed`), each device accumulating
     # its own gradients in float32 until then. "step" covers models without experts, fsdp or
-    # context axes (BERT without sequence parallelism), and of the pipeline schedules 1F1B.
+    # context axes (BERT without sequence parallelism), with or without pipeline stages.
     grad_reduce: str = "micro_batch"
     # The dtype of that sum under grad_reduce="step" (Megatron-LM's two behaviours):
     # "float32" (its --accumulate-allreduce-grads-in-fp32) or "compute" (model.compute_dtype).

@@ -204,8 +204,10 @@ class Trainer(ShardedModel):
         if once and self.schedule is None:
             sums, grad_sum = self._reduced_once(params, frozen, batch, key, shares, scale)
         elif self.schedule is not None:
-            if self.schedule.kind == "1f1b" and once:
-                sums, grad_sum = self._one_f_one_b_once(params, frozen, batch, key, shares, scale)
+            if once:
+                sums, grad_sum = self._pipelined_once(
+                    params, frozen, batch, key, shares, scale, objective
+                )
             elif self.schedule.kind == "1f1b":
                 sums, grad_sum = self._one_f_one_b(params, frozen, batch, key, shares, scale)
             else:
@@ -358,12 +360,15 @@ class Trainer(ShardedModel):
         )(grad_sum)
         return sums, grads
 
-    def _one_f_one_b_once(self, params, frozen, batch, key, shares, scale):
-        """The 1F1B schedule with its gradients summed over the batch axes once, after the
-        ticks (optim.grad_reduce="step", models/pipeline_1f1b.py); the parameters whose
-        gradients are sums over the `model` shards (parallel.model_copy_axis) go in as one
-        copy per model shard, each differentiated on its own shard, and their copies' sum,
-        after the schedule, is their one sum over `model`."""
+    def _pipelined_once(self, params, frozen, batch, key, shares, scale, objective):
+        """A pipeline schedule with its gradients summed over the batch axes once, after the
+        schedule (optim.grad_reduce="step"): run manual over the batch axes, each device on
+        its own rows (parallel.per_batch_shard) keeping its gradients until one mean over the
+        shards at the end (1F1B: inside its schedule, models/pipeline_1f1b.py; GPipe: around
+        its forward and backward passes). The parameters whose gradients are sums over the
+        `model` shards (parallel.model_copy_axis) go in as one copy per model shard, each
+        differentiated on its own shard; their copies' sum, after the schedule, is their one
+        sum over `model`."""
         copy_at = self.model_copy_axes()
         model = self.mesh.shape[parallel.MODEL]
 
@@ -375,10 +380,38 @@ class Trainer(ShardedModel):
 
         compute = self.split(self.compute_sharding)[0]
         copied = jax.tree.map(copies, params, compute, copy_at)
-        sums, grads = self._one_f_one_b(
-            copied, frozen, batch, key, shares, scale, self._reduce_dtype
-        )
+        if self.schedule.kind == "1f1b":
+            sums, grads = self._one_f_one_b(
+                copied, frozen, batch, key, shares, scale, self._reduce_dtype
+            )
+        else:
+            sums, grads = self._gpipe_once(copied, batch, key, shares, objective)
         return sums, jax.tree.map(lambda g, at: g if at is None else g.sum(at), grads, copy_at)
+
+    def _gpipe_once(self, params, batch, key, shares, objective):
+        """GPipe's forward and backward passes on each device's own rows, in a shard_map
+        manual over the batch axes, then the mean over the batch shards of the metrics and
+        the float32 gradients: one sum each, in optim.grad_reduce_dtype."""
+        axes = parallel.batch_axes()
+        micro = self.micro_shape[0]
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(micro))
+        dtype = self._reduce_dtype
+
+        def body(params, batch):
+            n = jax.lax.psum(1, axes)
+            with parallel.per_batch_shard(axes):
+                (_, sums), grads = jax.value_and_grad(self._pipelined, has_aux=True)(
+                    params, batch, keys, objective, shares
+                )
+            mean = lambda g: jax.lax.psum(g.astype(dtype), axes).astype(jnp.float32) / n  # noqa: E731
+            return jax.tree.map(mean, sums), jax.tree.map(mean, grads)
+
+        rows = jax.tree.map(lambda _: P(None, axes), batch)
+        run = jax.shard_map(
+            body, in_specs=(P(), rows), out_specs=(P(), P()), axis_names=set(axes),
+            check_vma=False,
+        )  # fmt: skip
+        return run(params, batch)
 
     @property
     def _reduce_dtype(self):
@@ -499,10 +532,6 @@ def _check_reduce_once(cfg: Config, schedule, mesh) -> None:
     """Refuse what optim.grad_reduce="step" does not cover yet, saying what to change."""
     m = cfg.model
     refused = [
-        (
-            schedule is not None and schedule.kind != "1f1b",
-            "the GPipe schedule (use train.pipeline_schedule=1f1b)",
-        ),
         (
             mesh.shape[parallel.FSDP] > 1,
             "an fsdp axis (its gradients are reduce-scattered per layer)",

@@ -318,23 +318,26 @@ def test_bert_masked_means_weigh_each_shard_by_its_scored_positions(bert_dataset
 PIPELINED = "pipeline=2,data=2,model=2"
 
 
-def _one_f_one_b(reduce, micro, distributed=False):
+def _pipelined(schedule, reduce, micro, distributed=False):
     cfg = _cfg("gpt-sp", reduce=reduce, micro=micro, distributed=distributed, num_layers=4)
-    cfg = config.replace(cfg, train=dict(pipeline_schedule="1f1b"))
+    cfg = config.replace(cfg, train=dict(pipeline_schedule=schedule))
     trainer = Trainer(cfg, mesh.make(PIPELINED, devices=jax.devices()[:8]))
     return trainer, trainer.compile_train_step()[0]
 
 
-def test_one_f_one_b_sums_over_data_once_and_trains_the_default_paths_model(shakespeare_tokens):
-    """Under the 1F1B schedule (manual over the batch axes too: each device runs its own rows
-    through the ticks) the gradients are summed over `data` once per step at 4 and 8
-    micro-batches, where the default path sums each tick's, and so are the sums over `model`
-    of the norms and biases under sequence parallelism; with the distributed optimizer
-    too, the losses and gradient norms of 3 steps (dropout on) and the parameters after them
-    equal the default path's."""
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipelines_sum_over_data_once_and_train_the_default_paths_model(
+    shakespeare_tokens, schedule
+):
+    """Under either pipeline schedule (run manual over the batch axes: each device runs its
+    own rows through the schedule) the gradients are summed over `data` once per step at 4
+    and 8 micro-batches, where the default path sums each tick's, and so are the sums over
+    `model` of the norms and biases under sequence parallelism; with the distributed
+    optimizer too, the losses and gradient norms of 3 steps (dropout on) and the parameters
+    after them equal the default path's."""
     counts, model_sums = {}, {}
     for micro in (4, 8):
-        trainer, step = _one_f_one_b("step", micro)
+        trainer, step = _pipelined(schedule, "step", micro)
         counts[micro] = _counts(_batch_reductions(trainer, step))
         model_sums[micro] = _model_gradient_sums(trainer, step)["sums"]
     assert counts[4] == counts[8] and counts[4][0] <= 2, counts
@@ -343,11 +346,11 @@ def test_one_f_one_b_sums_over_data_once_and_trains_the_default_paths_model(shak
     # At most each gradient once (XLA sums the position table's on each model shard's half
     # of it, which it gathers over `model` after).
     assert counts[8][1] <= _parameter_elements(trainer) + 2, counts
-    default_trainer, default_step = _one_f_one_b("micro_batch", 4)
+    default_trainer, default_step = _pipelined(schedule, "micro_batch", 4)
     assert _counts(_batch_reductions(default_trainer, default_step))[0] > 4 * counts[4][0]
     runs = {}
     for reduce, distributed in (("micro_batch", False), ("step", True)):
-        runs[reduce] = _train(*_one_f_one_b(reduce, 4, distributed), shakespeare_tokens)
+        runs[reduce] = _train(*_pipelined(schedule, reduce, 4, distributed), shakespeare_tokens)
     _assert_same_training(runs["step"], runs["micro_batch"])
 
 
@@ -376,6 +379,3 @@ def test_switch_values_and_what_it_does_not_cover_are_refused():
     step = config.replace(tiny_config(), optim=dict(grad_reduce="step"))
     with pytest.raises(ConfigError, match="an fsdp axis"):
         Trainer(step, mesh.make("fsdp=2,model=4", devices=jax.devices()[:8]))
-    gpipe = config.replace(step, model=dict(num_layers=4), train=dict(micro_batches=2))
-    with pytest.raises(ConfigError, match="pipeline_schedule=1f1b"):
-        Trainer(gpipe, mesh.make(PIPELINED, devices=jax.devices()[:8]))
