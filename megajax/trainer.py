@@ -256,15 +256,15 @@ class Trainer(ShardedModel):
         shard_map, a true reduce-scatter). Dropout draws each row the bits the automatic path
         draws (dropout.kept). A parameter whose gradient is a sum over the `model` shards
         (parallel.model_copy_axis: norms, row-parallel biases and the position table under
-        sequence parallelism, the key/value weight split by rows) further takes one copy per
-        model shard, which the layers apply to that shard's part alone; its copies are
-        summed over `model` in the same collective, after the loop."""
+        sequence parallelism, the key/value weight split by rows, LoRA factors whole over
+        `model`) further takes one copy per model shard, which the layers apply to that
+        shard's part alone; its copies are summed over `model` in the same collective, after
+        the loop."""
         axes = parallel.batch_axes()
         shards = math.prod(self.mesh.shape[a] for a in axes)
-        model = self.mesh.shape[parallel.MODEL]
         micro = self.micro_shape[0]
         reduce_dtype = self._reduce_dtype
-        copy_at = self.model_copy_axes()
+        params, copy_at = self._with_model_copies(params)
         compute = jax.tree.map(
             lambda c, at: _copied(c.spec, at), self.split(self.compute_sharding)[0], copy_at
         )
@@ -273,12 +273,10 @@ class Trainer(ShardedModel):
         def per_shard(spec):  # a (shards, ...) array, its copies on their batch shards
             return lambda x: jax.lax.with_sharding_constraint(x, P(axes, *spec))
 
-        def to_shards(x, spec, at):
-            if at is not None:  # one copy per model shard at `at`
-                x = jnp.broadcast_to(jnp.expand_dims(x, at), (*x.shape[:at], model, *x.shape[at:]))
+        def to_shards(x, spec):
             return per_shard(spec)(jnp.broadcast_to(x, (shards, *x.shape)))
 
-        copies = jax.tree.map(to_shards, params, compute, copy_at, is_leaf=_is_spec)
+        copies = jax.tree.map(to_shards, params, compute, is_leaf=_is_spec)
         # (micro, batch, ...) -> (micro, shards, batch / shards, ...): row blocks as laid out.
         rows = jax.tree.map(
             lambda x: jax.lax.with_sharding_constraint(
@@ -369,17 +367,7 @@ class Trainer(ShardedModel):
         `model` shards (parallel.model_copy_axis) go in as one copy per model shard, each
         differentiated on its own shard; their copies' sum, after the schedule, is their one
         sum over `model`."""
-        copy_at = self.model_copy_axes()
-        model = self.mesh.shape[parallel.MODEL]
-
-        def copies(x, sharding, at):
-            if at is None:
-                return x
-            x = jnp.broadcast_to(jnp.expand_dims(x, at), (*x.shape[:at], model, *x.shape[at:]))
-            return jax.lax.with_sharding_constraint(x, _copied(sharding.spec, at))
-
-        compute = self.split(self.compute_sharding)[0]
-        copied = jax.tree.map(copies, params, compute, copy_at)
+        copied, copy_at = self._with_model_copies(params)
         if self.schedule.kind == "1f1b":
             sums, grads = self._one_f_one_b(
                 copied, frozen, batch, key, shares, scale, self._reduce_dtype
@@ -419,6 +407,21 @@ class Trainer(ShardedModel):
         if self.cfg.optim.grad_reduce_dtype == "float32":
             return jnp.float32
         return jnp.dtype(self.cfg.model.compute_dtype)
+
+    def _with_model_copies(self, params):
+        """(the trainable parameters, each that model_copy_axes names as one copy per `model`
+        shard laid out over `model`, each copy whole; those axes)."""
+        copy_at = self.model_copy_axes()
+        model = self.mesh.shape[parallel.MODEL]
+
+        def copies(x, sharding, at):
+            if at is None:
+                return x
+            x = jnp.broadcast_to(jnp.expand_dims(x, at), (*x.shape[:at], model, *x.shape[at:]))
+            return jax.lax.with_sharding_constraint(x, _copied(sharding.spec, at))
+
+        compute = self.split(self.compute_sharding)[0]
+        return jax.tree.map(copies, params, compute, copy_at), copy_at
 
     def model_copy_axes(self):
         """For each trainable parameter, where optim.grad_reduce="step" gives it one copy per
