@@ -247,8 +247,17 @@ def trained(compiled, shakespeare_tokens):
     return get
 
 
-@pytest.mark.parametrize("distributed", [False, True], ids=["replicated", "distributed"])
-@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize(
+    "kind,distributed",
+    [
+        pytest.param(
+            kind, distributed, id=f"{kind}-{'distributed' if distributed else 'replicated'}"
+        )
+        for kind in sorted(MODELS)
+        for distributed in (False, True)
+        if not (distributed and "lora" in kind)  # the reduce-scatter path: the cases without
+    ],
+)
 def test_losses_gradients_and_params_equal_the_default_path(trained, kind, distributed):
     """Dropout on, 4 micro-batches, 3 steps: the loss and gradient norm of every step and the
     parameters after the last (which the clipped gradients of all three moved) match."""
@@ -312,45 +321,6 @@ def test_bert_masked_means_weigh_each_shard_by_its_scored_positions(bert_dataset
             state, out = step(state, trainer.put_batch(batch))
             losses.append([float(out["loss"]), float(out["grad_norm"])])
         runs[reduce] = np.array(losses), jax.device_get(state["params"])
-    _assert_same_training(runs["step"], runs["micro_batch"])
-
-
-PIPELINED = "pipeline=2,data=2,model=2"
-
-
-def _pipelined(schedule, reduce, micro, distributed=False):
-    cfg = _cfg("gpt-sp", reduce=reduce, micro=micro, distributed=distributed, num_layers=4)
-    cfg = config.replace(cfg, train=dict(pipeline_schedule=schedule))
-    trainer = Trainer(cfg, mesh.make(PIPELINED, devices=jax.devices()[:8]))
-    return trainer, trainer.compile_train_step()[0]
-
-
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_pipelines_sum_over_data_once_and_train_the_default_paths_model(
-    shakespeare_tokens, schedule
-):
-    """Under either pipeline schedule (run manual over the batch axes: each device runs its
-    own rows through the schedule) the gradients are summed over `data` once per step at 4
-    and 8 micro-batches, where the default path sums each tick's, and so are the sums over
-    `model` of the norms and biases under sequence parallelism; with the distributed
-    optimizer too, the losses and gradient norms of 3 steps (dropout on) and the parameters
-    after them equal the default path's."""
-    counts, model_sums = {}, {}
-    for micro in (4, 8):
-        trainer, step = _pipelined(schedule, "step", micro)
-        counts[micro] = _counts(_batch_reductions(trainer, step))
-        model_sums[micro] = _model_gradient_sums(trainer, step)["sums"]
-    assert counts[4] == counts[8] and counts[4][0] <= 2, counts
-    # The norms' and biases' copies (sequence parallelism) summed over `model` once too.
-    assert model_sums[4] == model_sums[8], model_sums
-    # At most each gradient once (XLA sums the position table's on each model shard's half
-    # of it, which it gathers over `model` after).
-    assert counts[8][1] <= _parameter_elements(trainer) + 2, counts
-    default_trainer, default_step = _pipelined(schedule, "micro_batch", 4)
-    assert _counts(_batch_reductions(default_trainer, default_step))[0] > 4 * counts[4][0]
-    runs = {}
-    for reduce, distributed in (("micro_batch", False), ("step", True)):
-        runs[reduce] = _train(*_pipelined(schedule, reduce, 4, distributed), shakespeare_tokens)
     _assert_same_training(runs["step"], runs["micro_batch"])
 
 
