@@ -153,6 +153,16 @@ def per_batch_shard(axis_name):
         _shard_axis.pop()
 
 
+def mean_over_batch_shards(run, axes: tuple[str, ...], dtype):
+    """Inside a shard_map manual over the batch `axes`: run() traced as one batch shard's
+    (per_batch_shard), then the mean over the shards of every array it returns, one sum
+    each in `dtype` (optim.grad_reduce="step"'s one reduction), back in the array's dtype."""
+    n = jax.lax.psum(1, axes)
+    with per_batch_shard(axes):
+        out = run()
+    return jax.tree.map(lambda g: (jax.lax.psum(g.astype(dtype), axes) / n).astype(g.dtype), out)
+
+
 def batch_shard():
     """The axis (a vmap axis, or a tuple of manual mesh axes) over the batch shards of the code
     being traced (per_batch_shard), or None."""

@@ -386,13 +386,13 @@ class Trainer(ShardedModel):
         dtype = self._reduce_dtype
 
         def body(params, batch):
-            n = jax.lax.psum(1, axes)
-            with parallel.per_batch_shard(axes):
+            def run():
                 (_, sums), grads = jax.value_and_grad(self._pipelined, has_aux=True)(
                     params, batch, keys, objective, shares
                 )
-            mean = lambda g: jax.lax.psum(g.astype(dtype), axes).astype(jnp.float32) / n  # noqa: E731
-            return jax.tree.map(mean, sums), jax.tree.map(mean, grads)
+                return sums, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+
+            return parallel.mean_over_batch_shards(run, axes, dtype)
 
         rows = jax.tree.map(lambda _: P(None, axes), batch)
         run = jax.shard_map(

@@ -91,7 +91,7 @@ def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1,
         )  # fmt: skip
         if not batch_axes:
             return run()
-        return _reduced_once(run, batch_axes, reduce_once)
+        return parallel.mean_over_batch_shards(run, batch_axes, reduce_once)
 
     # check_vma=False: the scan's carry starts replicated and turns stage-dependent through the
     # conds on the stage index, which the varying-axes checker refuses as a type change.
@@ -103,16 +103,6 @@ def run(fns, trainable, frozen, batch, key, shares, scale, *, stages, repeats=1,
     )
     g_stack = jax.tree.map(lambda g: by_stage(g, np.argsort(order)), g_stack)
     return sums, lora.join(g_rest, {stack: g_stack} if g_stack else {})
-
-
-def _reduced_once(run, axes, dtype):
-    """run() on this device's rows of each micro-batch (manual over the batch `axes`), then
-    its metrics' and gradients' mean over the batch shards: one sum each, in `dtype`."""
-    n = jax.lax.psum(1, axes)
-    with parallel.per_batch_shard(axes):
-        sums, g_stack, g_rest = run()
-    mean = lambda g: (jax.lax.psum(g.astype(dtype), axes) / n).astype(g.dtype)  # noqa: E731
-    return jax.tree.map(mean, (sums, g_stack, g_rest))
 
 
 def _part(tree: dict, stack: str):
