@@ -110,10 +110,6 @@ def batch_fields(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return fields
 
 
-def _mean(values, weights):
-    return loss.weighted_mean(values, weights)
-
-
 def _classify(logits, labels):
     """Mean softmax cross-entropy and accuracy of (batch, classes) logits; labels IGNORE (-1)
     are not counted."""
@@ -121,7 +117,7 @@ def _classify(logits, labels):
     weights = (labels != IGNORE).astype(jnp.float32)
     picked = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[:, None], axis=1)[:, 0]
     correct = (logits.argmax(-1) == labels).astype(jnp.float32)
-    return _mean(-picked, weights), _mean(correct, weights)
+    return loss.weighted_mean(-picked, weights), loss.weighted_mean(correct, weights)
 
 
 def pretraining_objective(model: BERT, batch: dict, key) -> tuple[jax.Array, dict]:
@@ -156,7 +152,10 @@ def pretraining_head(model: BERT, x, batch: dict, stats=None) -> tuple[jax.Array
         bias=model.mlm.bias[...],
     )
     masked = (labels != IGNORE).astype(jnp.float32)
-    metrics = {"mlm_loss": _mean(token_loss, masked), "mlm_accuracy": _mean(correct, masked)}
+    metrics = {
+        "mlm_loss": loss.weighted_mean(token_loss, masked),
+        "mlm_accuracy": loss.weighted_mean(correct, masked),
+    }
     total = metrics["mlm_loss"]
     if model.binary is not None:
         logits = model.binary(model.pooled(hidden))
